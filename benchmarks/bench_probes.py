@@ -1,0 +1,178 @@
+"""Benchmark the probes at CIFAR-10 scale against scikit-learn; prints markdown for BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/bench_probes.py            # full size, median of 3 runs
+    .venv/bin/python benchmarks/bench_probes.py --scale 0.1 --runs 1   # smoke test
+
+k-NN: 50,000 x 256 train, 10,000 x 256 test, 10 classes of clustered gaussian features, cosine,
+k = 5..200 from one knn_probe call, against KNeighborsClassifier(algorithm="brute",
+metric="cosine") fitted and predicted once per k. Predictions must be identical. The floor is
+the bare float32 product 10,000x256 @ 256x50,000 that any exact search has to compute.
+Linear: linear_probe (30 epochs, Adam, lr 1e-3) against LogisticRegression (lbfgs) on the
+same standardised features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+import sklearn
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+
+from ddsweep.probes import knn_probe, knn_votes, linear_probe
+
+KS = (5, 10, 20, 50, 100, 200)
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T], runs: int) -> tuple[float, T]:
+    """Median wall time of `runs` calls and the last result."""
+    times, result = [], None
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    assert result is not None
+    return statistics.median(times), result
+
+
+def clustered_features(
+    n_train: int, n_test: int, dim: int, n_classes: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian blobs, 4 per class, overlapping enough that k-NN is far from 100%."""
+    gen = torch.Generator().manual_seed(seed)
+    modes = 4
+    centres = 0.015 * torch.randn(n_classes * modes, dim, generator=gen)
+    spread = 0.5 + torch.rand(n_classes * modes, 1, generator=gen)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mode = torch.randint(0, n_classes * modes, (n,), generator=gen)
+        x = centres[mode] + spread[mode] * torch.randn(n, dim, generator=gen) / dim**0.5
+        return x.float(), mode % n_classes
+
+    train_x, train_y = sample(n_train)
+    test_x, test_y = sample(n_test)
+    return train_x, train_y, test_x, test_y
+
+
+def machine() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next(
+        (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line),
+        platform.processor(),
+    )
+    return (
+        f"{os.cpu_count()}-core CPU `{model}`, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), scikit-learn {sklearn.__version__}, "
+        f"numpy {np.__version__}, Python {platform.python_version()}"
+    )
+
+
+def bench_knn(
+    data: tuple[torch.Tensor, ...], runs: int, sklearn_runs: int
+) -> tuple[list[str], dict[int, float]]:
+    train_x, train_y, test_x, test_y = data
+    ks = tuple(k for k in KS if k <= train_x.shape[0])
+    rows = []
+
+    floor, _ = timed(lambda: test_x @ train_x.T, runs)
+    ours, result = timed(lambda: knn_probe(train_x, train_y, test_x, test_y, ks=ks), runs)
+
+    votes = knn_votes(train_x, train_y, test_x, ks=ks)
+    xtr, ytr, xte = train_x.numpy(), train_y.numpy(), test_x.numpy()
+
+    def sklearn_all_k() -> dict[int, tuple[float, np.ndarray]]:
+        out = {}
+        for k in ks:
+            start = time.perf_counter()
+            model = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric="cosine")
+            pred = model.fit(xtr, ytr).predict(xte)
+            out[k] = (time.perf_counter() - start, pred)
+        return out
+
+    sk_runs = [sklearn_all_k() for _ in range(sklearn_runs)]
+    sk_total = statistics.median(sum(t for t, _ in run.values()) for run in sk_runs)
+    for k in ks:
+        mismatches = int((votes[k].argmax(1).numpy() != sk_runs[-1][k][1]).sum())
+        if mismatches:
+            sys.exit(f"k={k}: {mismatches} predictions differ from scikit-learn")
+        sk_k = statistics.median(run[k][0] for run in sk_runs)
+        rows.append(
+            f"| {k} | {result[k]['top1']:.4f} | {result[k]['top3']:.4f} | {sk_k:.2f} s | "
+            "identical |"
+        )
+
+    summary = [
+        "| what | time | |",
+        "|---|---|---|",
+        f"| bare matmul 10,000x256 @ 256x50,000 (float32, the floor) | {floor:.2f} s | 1.00x floor |",
+        f"| `knn_probe`, k = {', '.join(map(str, ks))} in one call | {ours:.2f} s | "
+        f"{ours / floor:.2f}x floor |",
+        f"| scikit-learn brute cosine, fit + predict once per k ({len(ks)} k) | {sk_total:.2f} s | "
+        f"{sk_total / floor:.2f}x floor |",
+        f"| speed-up over scikit-learn | **{sk_total / ours:.1f}x** | |",
+        "",
+        "| k | top1 | top3 | scikit-learn time for this k | predictions vs scikit-learn |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+    return summary, {"floor": floor, "ours": ours, "sklearn": sk_total}
+
+
+def bench_linear(data: tuple[torch.Tensor, ...], runs: int) -> list[str]:
+    train_x, train_y, test_x, test_y = data
+    ours, result = timed(lambda: linear_probe(train_x, train_y, test_x, test_y), runs)
+
+    scaler = StandardScaler().fit(train_x.numpy())
+    xtr, xte = scaler.transform(train_x.numpy()), scaler.transform(test_x.numpy())
+    start = time.perf_counter()
+    model = LogisticRegression(max_iter=5000).fit(xtr, train_y.numpy())
+    sk_time = time.perf_counter() - start
+    sk_top1 = model.score(xte, test_y.numpy())
+    n_iter = int(np.max(model.n_iter_))
+    return [
+        "| probe | time | test top1 | train top1 |",
+        "|---|---|---|---|",
+        f"| `linear_probe` (30 epochs, batch 256, Adam lr 1e-3) | {ours:.2f} s | "
+        f"{result['top1']:.4f} | {result['train_top1']:.4f} |",
+        f"| scikit-learn LogisticRegression (lbfgs, converged in {n_iter} iterations) | "
+        f"{sk_time:.2f} s | {sk_top1:.4f} | {model.score(xtr, train_y.numpy()):.4f} |",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of 50k/10k samples")
+    args = parser.parse_args()
+
+    n_train, n_test = int(50_000 * args.scale), int(10_000 * args.scale)
+    data = clustered_features(n_train, n_test, dim=256, n_classes=10)
+    load_before = os.getloadavg()[0]
+    knn_lines, _ = bench_knn(data, args.runs, args.runs)
+    linear_lines = bench_linear(data, args.runs)
+    load_after = os.getloadavg()[0]
+
+    print(f"Machine: {machine()}.")
+    print(f"Data: {n_train:,} x 256 train, {n_test:,} x 256 test, 10 classes, float32.")
+    print(f"Command: `{' '.join(['.venv/bin/python', *sys.argv])}`, median of {args.runs} runs.")
+    print(f"Load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}.")
+    print("\n### k-NN (cosine)\n")
+    print("\n".join(knn_lines))
+    print("\n### Linear probe\n")
+    print("\n".join(linear_lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Self-describing checkpoints: diffusers folders (EMA weights, raw weights beside them) plus the
+training state that resume needs. Nothing here unpickles arbitrary objects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from ddsweep.errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+
+Weights = Literal["ema", "raw"]
+WEIGHTS: tuple[str, ...] = ("ema", "raw")
+CHECKPOINTS = "checkpoints"  # MLflow artifact folder of a training run
+RESUME = "resume"  # artifact folder holding the latest optimizer state
+RAW = "raw"  # subfolder of a checkpoint with the non-EMA weights
+META = "ddsweep.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def epoch_dir(epoch: int) -> str:
+    """Artifact path of the checkpoint of `epoch`, e.g. checkpoints/epoch_0050."""
+    return f"{CHECKPOINTS}/epoch_{epoch:04d}"
+
+
+def save(folder: Path, ema: UNet2DModel, raw: UNet2DModel, meta: dict[str, Any]) -> None:
+    """Write a diffusers folder with the EMA weights, `raw/` with the raw ones, and meta."""
+    ema.save_pretrained(folder, safe_serialization=True)
+    raw.save_pretrained(folder / RAW, safe_serialization=True)
+    (folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def save_resume_state(
+    folder: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Write the optimizer state (tensors only) and the loop counters needed to resume."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save({"cpu_rng": torch.get_rng_state()}, folder / "rng.pt")
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def load_resume_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor]:
+    """(state, optimizer state dict, CPU RNG state) from a resume folder; weights_only loads."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        optim = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)["cpu_rng"]
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"cannot read the resume state in {folder}: {err}") from err
+    return state, optim, rng
+
+
+def load_unet(folder: Path | str, weights: Weights = "ema") -> UNet2DModel:
+    """A U-Net from a diffusers folder (ours or a downloaded one), safetensors only."""
+    from diffusers import UNet2DModel
+
+    folder = Path(folder)
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown --weights {weights!r}: use one of {', '.join(WEIGHTS)}")
+    sub = folder / RAW if weights == "raw" and (folder / RAW).is_dir() else folder
+    if weights == "raw" and sub == folder and (folder / META).exists():
+        raise UserError(f"{folder} has no raw/ weights beside its EMA weights")
+    if not (sub / "config.json").is_file():
+        raise UserError(
+            f"{sub} is not a diffusers UNet2DModel folder (no config.json): pass a folder "
+            "written by save_pretrained, e.g. a ddsweep checkpoint"
+        )
+    if not (sub / WEIGHTS_FILE).is_file():
+        raise UserError(
+            f"{sub} has no {WEIGHTS_FILE}: ddsweep loads safetensors only (never pickles); "
+            "convert with UNet2DModel.from_pretrained(...).save_pretrained(..., "
+            "safe_serialization=True) in a trusted environment"
+        )
+    try:
+        unet = UNet2DModel.from_pretrained(sub, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"cannot load the U-Net in {sub}: {err}".splitlines()[0]) from err
+    return unet.eval()
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """The ddsweep metadata of a checkpoint, or {} for a foreign diffusers folder."""
+    path = folder / META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def content_hash(folder: Path | str, weights: Weights = "ema") -> str:
+    """SHA-256 (16 hex) of the weights file itself: a cache key that cannot go stale."""
+    folder = Path(folder)
+    sub = folder / RAW if weights == "raw" and (folder / RAW).is_dir() else folder
+    h = hashlib.sha256()
+    with open(sub / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

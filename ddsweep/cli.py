@@ -1,0 +1,326 @@
+"""The command line: parse options, build a config, call one library function."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from ddsweep.errors import UserError
+
+
+class _Group(TyperGroup):
+    """Every mistake a user can make ends as one line on stderr and exit status 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        standalone_mode = kwargs.pop("standalone_mode", True)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[misc]
+        except click.exceptions.Abort:
+            typer.echo("ddsweep: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as err:
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"ddsweep: error: {err.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except UserError as err:
+            typer.echo(f"ddsweep: error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            typer.echo("ddsweep: interrupted; what was recorded is kept", err=True)
+            sys.exit(130)
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=_Group,
+    help="Which block of a diffusion U-Net, at which epoch and noise step, classifies best?",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Train DDPMs without labels, probe every U-Net block, sweep with Optuna, track in MLflow."""
+
+
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI [default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db]",
+        show_default=False,
+    ),
+]
+Experiment = Annotated[str, typer.Option(help="MLflow experiment name.")]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where datasets live or are downloaded to [default: DDSWEEP_DATA, else ./data]",
+        show_default=False,
+    ),
+]
+
+
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    """'32,64,64,64' -> (32, 64, 64, 64)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError as err:
+        raise UserError(
+            f"--channels {text!r}: give comma-separated widths, e.g. 32,64,64,64"
+        ) from err
+
+
+def _progress() -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+@app.command()
+def train(
+    dataset: Annotated[
+        str | None,
+        typer.Argument(
+            help="cifar10, stl10, flowers102, digits (bundled, offline) or folder:PATH.",
+            show_default=False,
+        ),
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="Image size [default: the dataset's: 32, 64, 64, 16]")
+    ] = None,
+    attention: Annotated[
+        bool, typer.Option(help="Attention in the second level and its mirror (the seed net).")
+    ] = True,
+    channels: Annotated[
+        str | None,
+        typer.Option(help="U-Net widths [default: 128,256,256,256; digits 32,64,64,64]"),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2000,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Batch size [default: the study's: 320 at 32 px, 20 at 64 px; digits 128]"
+        ),
+    ] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay (with warm-up).")] = 0.9999,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip; 0 turns it off.")] = 1.0,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Save a checkpoint every N epochs (and at 0 and the end).")
+    ] = 50,
+    sample_every: Annotated[
+        int,
+        typer.Option(
+            help="Log a sample grid every N epochs (and at the end); 0 = only at the end."
+        ),
+    ] = 50,
+    max_steps: Annotated[int, typer.Option(help="Stop after N optimiser steps; 0 = no limit.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")
+    ] = "auto",
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Continue this training run (MLflow run id) from its last checkpoint."),
+    ] = None,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "ddsweep",
+) -> None:
+    """Train one DDPM backbone without labels; one MLflow run with checkpoints and samples."""
+    from ddsweep import data, tracking
+    from ddsweep.model import ModelConfig
+    from ddsweep.train import TrainConfig, config_from_params, with_dataset_defaults
+    from ddsweep.train import train as run_training
+
+    tracking.setup(tracking_uri, experiment)
+    if resume is not None:
+        run = tracking.get_run(resume)
+        if run.data.tags.get(tracking.KIND_TAG) != "train":
+            raise UserError(f"run {resume} is not a `ddsweep train` run and cannot be resumed")
+        cfg = config_from_params(run.data.params)
+        if dataset is not None and dataset != cfg.dataset:
+            raise UserError(f"--resume {resume} trains {cfg.dataset}, not {dataset}; drop DATASET")
+    else:
+        if dataset is None:
+            raise UserError("missing DATASET: e.g. `ddsweep train digits` (or --resume RUN_ID)")
+        base = TrainConfig(
+            dataset=dataset,
+            model=ModelConfig(attention=attention),
+            epochs=epochs,
+            lr=lr,
+            ema_decay=ema_decay,
+            grad_clip=grad_clip,
+            checkpoint_every=checkpoint_every,
+            sample_every=sample_every,
+            max_steps=max_steps,
+            seed=seed,
+            device=device,
+            num_workers=num_workers,
+        )
+        data.dataset_info(dataset)
+        cfg = with_dataset_defaults(
+            base, resolution=resolution, channels=parse_channels(channels), batch_size=batch_size
+        )
+    from ddsweep.model import validate as validate_model
+    from ddsweep.train import validate as validate_train
+
+    validate_train(cfg)
+    validate_model(cfg.model)
+    with _progress() as progress:
+        run_id = run_training(
+            cfg,
+            data_dir=data_dir or data.default_data_dir(),
+            resume_run_id=resume,
+            progress=progress,
+        )
+    typer.echo(f"training run {run_id} finished; `mlflow ui` in this folder shows it")
+
+
+@app.command()
+def probe(
+    run: Annotated[
+        str | None, typer.Option(help="Training run (MLflow run id) whose checkpoint to probe.")
+    ] = None,
+    backbone: Annotated[
+        Path | None,
+        typer.Option(help="A local diffusers UNet2DModel folder to probe instead of a run."),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="Labelled data to probe [default: the dataset the backbone trained on]"),
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="Image size [default: the backbone's]")
+    ] = None,
+    attention: Annotated[
+        bool,
+        typer.Option(help="With neither --run nor --backbone: pick the latest run with/without."),
+    ] = True,
+    epoch: Annotated[
+        int | None, typer.Option(help="Checkpoint epoch of --run [default: the last saved]")
+    ] = None,
+    block: Annotated[
+        str, typer.Option(help="down1..down4, mid, up4..up1, pixels, or a named_modules() path.")
+    ] = "up4",
+    noise_step: Annotated[int, typer.Option(help="Noise the images to step t (0 = clean).")] = 0,
+    probe_kind: Annotated[str, typer.Option("--probe", help="linear or knn.")] = "linear",
+    k: Annotated[int, typer.Option(help="Neighbours for knn.")] = 50,
+    pool: Annotated[str, typer.Option(help="avg, flatten or avgN (e.g. avg2).")] = "avg",
+    weights: Annotated[str, typer.Option(help="ema or raw checkpoint weights.")] = "ema",
+    linear_epochs: Annotated[int, typer.Option(help="Linear probe epochs.")] = 30,
+    linear_lr: Annotated[float, typer.Option(help="Linear probe Adam learning rate.")] = 1e-3,
+    knn_metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
+    knn_weighting: Annotated[
+        str, typer.Option(help="uniform, distance, or temperature (DINO).")
+    ] = "uniform",
+    noise_seed: Annotated[int, typer.Option(help="Seed of the per-image noise.")] = 0,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "ddsweep",
+) -> None:
+    """Probe one block of one checkpoint (one grid point); logs one MLflow run."""
+    from ddsweep import data, evaluate, tracking
+    from ddsweep.features import FeatureCache
+
+    exp_id = tracking.setup(tracking_uri, experiment)
+    cfg = evaluate.ProbeConfig(
+        linear_epochs=linear_epochs,
+        linear_lr=linear_lr,
+        knn_metric=knn_metric,
+        knn_weighting=knn_weighting,
+        pool=pool,
+        weights=weights,
+        noise_seed=noise_seed,
+    )
+    evaluate.validate_probe_config(cfg)
+    bb, point = evaluate.resolve_point(
+        run=run,
+        backbone=backbone,
+        dataset=dataset,
+        resolution=resolution,
+        attention=attention,
+        epoch=epoch,
+        block=block,
+        noise_step=noise_step,
+        probe=probe_kind,
+        k=k,
+    )
+    metrics = evaluate.evaluate(bb, point, cfg, FeatureCache(), data_dir or data.default_data_dir())
+    run_id = tracking.log_run(
+        exp_id,
+        f"probe-{point.block}-e{point.epoch}-t{point.noise_step}-{point.probe}",
+        evaluate.point_params(point, cfg, bb),
+        metrics,
+        {tracking.KIND_TAG: "probe", "backbone_run": bb.run_id or "" if bb else ""},
+    )
+    _print_metrics(point, metrics, run_id)
+
+
+def _print_metrics(point: Any, metrics: dict[str, float], run_id: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{point.probe} probe of {point.block}, epoch {point.epoch}, t={point.noise_step}"
+    )
+    for col in ("dataset", "block", "epoch", "t", "probe", "top1", "top3", "extract s", "fit s"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        point.dataset,
+        point.block,
+        str(point.epoch),
+        str(point.noise_step),
+        point.probe + (f" k={point.k}" if point.probe == "knn" else ""),
+        f"{100 * metrics['top1']:.1f} %",
+        f"{100 * metrics['top3']:.1f} %",
+        f"{metrics['extract_s']:.1f}",
+        f"{metrics['fit_s']:.1f}",
+    )
+    Console().print(table)
+    typer.echo(f"logged as MLflow run {run_id}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+# MLflow's per-file download bars would drown our own progress output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Datasets by name: images as float tensors [3, R, R] in [-1, 1] with integer labels.
+
+Known names are `cifar10`, `stl10`, `flowers102` (read by torchvision from the data folder, and
+downloaded there when absent), `digits` (scikit-learn's bundled 8x8 digits: no network, for
+quick runs on a CPU) and `folder:PATH` (an ImageFolder tree PATH/{train,test}/<class>/<image>).
+
+Two views of every dataset: `training_set` feeds the diffusion model (labels unused, random
+horizontal flip), `labelled_split` feeds the probes (no augmentation). `split_fingerprint` names
+exactly which images and preprocessing a split holds, for cache keys and MLflow params.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision import datasets as tv_datasets
+from torchvision.transforms import v2
+
+from ddsweep.errors import UserError
+
+Split = Literal["train", "test"]
+Item = tuple[torch.Tensor, int]
+
+KNOWN_DATASETS: tuple[str, ...] = ("cifar10", "stl10", "flowers102", "digits")
+FOLDER_PREFIX = "folder:"
+
+SEED_CHANNELS: tuple[int, ...] = (128, 256, 256, 256)  # the DDPM CIFAR-10 U-Net
+SMALL_CHANNELS: tuple[int, ...] = (32, 64, 64, 64)  # fast enough for digits on a CPU
+
+# The fixed digits split: stratified 80/20, seed 0. Part of every digits fingerprint.
+DIGITS_TEST_SIZE = 0.2
+DIGITS_SEED = 0
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of ddsweep needs to know about a dataset before loading it."""
+
+    name: str
+    default_resolution: int
+    num_classes: int
+    default_channels: tuple[int, ...]
+
+
+_BUILTIN_INFO: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo("cifar10", 32, 10, SEED_CHANNELS),
+    "stl10": DatasetInfo("stl10", 64, 10, SEED_CHANNELS),
+    "flowers102": DatasetInfo("flowers102", 64, 102, SEED_CHANNELS),
+    "digits": DatasetInfo("digits", 16, 10, SMALL_CHANNELS),
+}
+
+# What to put where when a download fails; {data_dir} is filled in.
+_MANUAL_DOWNLOAD: dict[str, str] = {
+    "cifar10": "put cifar-10-python.tar.gz (or the extracted cifar-10-batches-py/) into "
+    "{data_dir}/ (https://www.cs.toronto.edu/~kriz/cifar.html)",
+    "stl10": "put stl10_binary.tar.gz (or the extracted stl10_binary/) into "
+    "{data_dir}/ (https://cs.stanford.edu/~acoates/stl10/)",
+    "flowers102": "put 102flowers.tgz (or its extracted jpg/), imagelabels.mat and setid.mat into "
+    "{data_dir}/flowers-102/ (https://www.robots.ox.ac.uk/~vgg/data/flowers/102/)",
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Facts about dataset `name` (a known name or folder:PATH); unknown names raise UserError."""
+    if name in _BUILTIN_INFO:
+        return _BUILTIN_INFO[name]
+    if name.startswith(FOLDER_PREFIX):
+        root, classes = _folder_layout(name)
+        return DatasetInfo(f"{FOLDER_PREFIX}{root}", 32, len(classes), SEED_CHANNELS)
+    known = ", ".join((*KNOWN_DATASETS, "folder:PATH"))
+    raise UserError(f"unknown dataset {name!r}: use one of {known}")
+
+
+def default_data_dir() -> Path:
+    """The data folder: $DDSWEEP_DATA if set, else ./data."""
+    return Path(os.environ.get("DDSWEEP_DATA") or "data").expanduser()
+
+
+def validate_resolution(resolution: int) -> None:
+    """Raise UserError unless `resolution` is a positive multiple of 8."""
+    if resolution <= 0 or resolution % 8 != 0:
+        raise UserError(
+            f"--resolution {resolution} is not a positive multiple of 8: "
+            "the U-Net halves it three times; use e.g. 32"
+        )
+
+
+def training_set(
+    name: str, resolution: int, data_dir: Path | str, *, flip: bool = True
+) -> Dataset[Item]:
+    """Images for training the diffusion model: items (image [3,R,R] in [-1,1], label int).
+
+    Labels are not used by training; STL-10 includes its unlabelled images (label -1).
+    """
+    validate_resolution(resolution)
+    info = dataset_info(name)
+    data_dir = Path(data_dir)
+    transform = _image_transform(resolution, flip=flip)
+    if info.name == "cifar10":
+        return _cifar10(data_dir, train=True, transform=transform)
+    if info.name == "stl10":
+        return _stl10(data_dir, "train+unlabeled", transform)
+    if info.name == "flowers102":
+        # train+val only: the test images must stay unseen by the backbone too, or probe
+        # accuracy on them would measure memorisation as well as features.
+        return ConcatDataset(
+            [_flowers102(data_dir, split, transform) for split in ("train", "val")]
+        )
+    if info.name == "digits":
+        images, labels = _digits_tensors(resolution)["train"]
+        return TensorImages(images, labels, flip=flip)
+    return _image_folder(info.name, "train", transform)
+
+
+def labelled_split(
+    name: str,
+    split: Split,
+    resolution: int,
+    data_dir: Path | str,
+    *,
+    flowers_add_val: bool = False,
+) -> Dataset[Item]:
+    """Labelled images for probing, without augmentation: items (image [3,R,R] in [-1,1], label).
+
+    `flowers_add_val` adds Flowers-102's validation images to its probe train split; other
+    datasets and the test split ignore it.
+    """
+    validate_resolution(resolution)
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split {split!r}: use train or test")
+    info = dataset_info(name)
+    data_dir = Path(data_dir)
+    transform = _image_transform(resolution, flip=False)
+    if info.name == "cifar10":
+        return _cifar10(data_dir, train=split == "train", transform=transform)
+    if info.name == "stl10":
+        return _stl10(data_dir, split, transform)
+    if info.name == "flowers102":
+        splits = _flowers_splits(split, flowers_add_val)
+        parts = [_flowers102(data_dir, part, transform) for part in splits]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    if info.name == "digits":
+        images, labels = _digits_tensors(resolution)[split]
+        return TensorImages(images, labels, flip=False)
+    return _image_folder(info.name, split, transform)
+
+
+def split_fingerprint(
+    name: str, split: Split, resolution: int, *, flowers_add_val: bool = False
+) -> str:
+    """A short stable string naming a probe split, e.g. "digits:test:16:seed0:80-20"."""
+    info = dataset_info(name)
+    if info.name == "flowers102":
+        return f"flowers102:{'+'.join(_flowers_splits(split, flowers_add_val))}:{resolution}"
+    if info.name == "digits":
+        train_pct = round(100 * (1 - DIGITS_TEST_SIZE))
+        return f"digits:{split}:{resolution}:seed{DIGITS_SEED}:{train_pct}-{100 - train_pct}"
+    if info.name.startswith(FOLDER_PREFIX):
+        # A folder can change under the same path: name its content too.
+        root = Path(info.name[len(FOLDER_PREFIX) :])
+        return f"{info.name}:{split}:{resolution}:{_tree_digest(root / split)}"
+    return f"{info.name}:{split}:{resolution}"
+
+
+class TensorImages(Dataset[Item]):
+    """In-memory images [N,3,R,R] in [-1,1] and labels [N], with optional random horizontal flip."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, flip: bool = False) -> None:
+        self.images = images
+        self.labels = labels
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Item:
+        image = self.images[index]
+        # torch's generator, so torch.manual_seed and DataLoader worker seeding apply.
+        if self.flip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, int(self.labels[index])
+
+
+def _image_transform(resolution: int, *, flip: bool) -> v2.Compose:
+    """PIL image of any mode and size -> float tensor [3,R,R] in [-1,1]."""
+    steps: list[Callable[..., object]] = [
+        v2.RGB(),
+        # Resize the short side, then crop: Flowers-102 images are not square.
+        v2.Resize(resolution),
+        v2.CenterCrop(resolution),
+    ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    ]
+    return v2.Compose(steps)
+
+
+def _flowers_splits(split: Split, add_val: bool) -> tuple[str, ...]:
+    """Flowers-102's own splits that make up our `split`."""
+    if split == "test":
+        return ("test",)
+    return ("train", "val") if add_val else ("train",)
+
+
+def _open_or_download(
+    name: str, data_dir: Path, make: Callable[[bool], Dataset[Item]]
+) -> Dataset[Item]:
+    """make(download=False); if the files are absent, make(download=True); offline: UserError."""
+    try:
+        return make(False)
+    except RuntimeError:
+        pass  # torchvision's "Dataset not found or corrupted": try to download it
+    try:
+        return make(True)
+    except (OSError, RuntimeError, tarfile.TarError) as error:
+        where = _MANUAL_DOWNLOAD[name].format(data_dir=data_dir)
+        raise UserError(
+            f"{name} is not in {data_dir} and could not be downloaded: {where}, "
+            "or point --data-dir or DDSWEEP_DATA at the folder that holds it"
+        ) from error
+
+
+def _cifar10(data_dir: Path, *, train: bool, transform: v2.Compose) -> Dataset[Item]:
+    """torchvision's CIFAR-10 train (50,000) or test (10,000) split."""
+    return _open_or_download(
+        "cifar10",
+        data_dir,
+        lambda download: tv_datasets.CIFAR10(
+            data_dir, train=train, transform=transform, download=download
+        ),
+    )
+
+
+def _stl10(data_dir: Path, split: str, transform: v2.Compose) -> Dataset[Item]:
+    """torchvision's STL-10: train (5,000), test (8,000) or train+unlabeled (105,000)."""
+    return _open_or_download(
+        "stl10",
+        data_dir,
+        lambda download: tv_datasets.STL10(
+            data_dir, split=split, transform=transform, download=download
+        ),
+    )
+
+
+def _flowers102(data_dir: Path, split: str, transform: v2.Compose) -> Dataset[Item]:
+    """torchvision's Flowers-102: train (1,020), val (1,020) or test (6,149)."""
+    return _open_or_download(
+        "flowers102",
+        data_dir,
+        lambda download: tv_datasets.Flowers102(
+            data_dir, split=split, transform=transform, download=download
+        ),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_tensors(resolution: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's digits, split 80/20: {split: (images [N,3,R,R] in [-1,1], labels [N])}."""
+    # Imported here: scikit-learn is slow to import and only digits needs it.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = torch.as_tensor(digits.images, dtype=torch.float32)  # [N, 8, 8], values 0..16
+    images = (pixels / 8.0 - 1.0).unsqueeze(1).expand(-1, 3, -1, -1)
+    # Bilinear without antialias: deterministic, and stays within [-1, 1].
+    images = F.interpolate(
+        images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False
+    ).contiguous()
+    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(
+        torch.arange(len(labels)).numpy(),
+        test_size=DIGITS_TEST_SIZE,
+        stratify=digits.target,
+        random_state=DIGITS_SEED,
+    )
+    return {
+        "train": (images[train_idx], labels[train_idx]),
+        "test": (images[test_idx], labels[test_idx]),
+    }
+
+
+def _folder_layout(name: str) -> tuple[Path, list[str]]:
+    """Resolve folder:PATH and check its layout: (absolute PATH, class names)."""
+    root = Path(name[len(FOLDER_PREFIX) :]).expanduser().resolve()
+    layout = f"{FOLDER_PREFIX}{root} must hold train/<class>/<images> and test/<class>/<images>"
+    classes: dict[str, list[str]] = {}
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UserError(f"{layout}, but {root / split} is not a folder")
+        classes[split] = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
+        if not classes[split]:
+            raise UserError(f"{layout}, but {root / split} has no class subfolders")
+    if classes["train"] != classes["test"]:
+        raise UserError(
+            f"{layout} with the same class subfolders, but train has {classes['train']} "
+            f"and test has {classes['test']}"
+        )
+    return root, classes["train"]
+
+
+def _image_folder(name: str, split: str, transform: v2.Compose) -> Dataset[Item]:
+    """torchvision's ImageFolder over PATH/split (its loader already converts to RGB)."""
+    root, _ = _folder_layout(name)
+    try:
+        return tv_datasets.ImageFolder(root / split, transform=transform)
+    except FileNotFoundError as error:  # a class folder without images
+        raise UserError(f"{name}: {error}; put at least one image in every class folder") from error
+
+
+def _tree_digest(folder: Path) -> str:
+    """8 hex digits naming the relative paths and sizes of every file under `folder`."""
+    digest = hashlib.sha1()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:8]

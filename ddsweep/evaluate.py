@@ -1,0 +1,374 @@
+"""One grid point: a backbone checkpoint, cached block features of the train and test splits,
+and a probe fitted on the first and scored on the second."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ddsweep import checkpoints, data, probes
+from ddsweep.errors import UserError
+from ddsweep.features import (
+    FeatureCache,
+    FeatureRequest,
+    cached_features,
+    validate_pool,
+)
+from ddsweep.model import PIXELS
+
+ProbeKind = Literal["linear", "knn"]
+PROBES: tuple[str, ...] = ("linear", "knn")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Probe settings shared by every point of a study (the sweep file's `probe:` section)."""
+
+    linear_epochs: int = 30
+    linear_lr: float = 1e-3
+    linear_batch_size: int = 256
+    knn_metric: str = "cosine"
+    knn_weighting: str = "uniform"
+    pool: str = "avg"
+    weights: str = "ema"
+    noise_seed: int = 0
+    flowers_add_val: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point; its fields are the study's axes and the MLflow params of a trial."""
+
+    dataset: str
+    resolution: int
+    attention: bool
+    epoch: int
+    block: str
+    noise_step: int
+    probe: str
+    k: int = 0  # knn only; 0 for linear
+
+
+def validate_probe_config(cfg: ProbeConfig) -> None:
+    """Raise UserError for settings no probe can use."""
+    validate_pool(cfg.pool)
+    if cfg.weights not in checkpoints.WEIGHTS:
+        raise UserError(
+            f"unknown weights {cfg.weights!r}: use one of {', '.join(checkpoints.WEIGHTS)}"
+        )
+    if cfg.knn_metric not in probes.METRICS:
+        raise UserError(
+            f"unknown knn metric {cfg.knn_metric!r}: use one of {', '.join(probes.METRICS)}"
+        )
+    if cfg.knn_weighting not in probes.WEIGHTINGS:
+        raise UserError(
+            f"unknown knn weighting {cfg.knn_weighting!r}: use one of {', '.join(probes.WEIGHTINGS)}"
+        )
+    if cfg.linear_epochs <= 0 or cfg.linear_lr <= 0 or cfg.linear_batch_size <= 0:
+        raise UserError("linear probe epochs, lr and batch size must be positive")
+
+
+# --- backbones ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A checkpoint folder to probe, and where it came from."""
+
+    folder: Path
+    run_id: str | None = None
+    epoch: int | None = None
+    dataset: str | None = None  # what it was trained on, when known
+
+    def label(self) -> str:
+        """Short description for tables and tags."""
+        return f"{self.run_id}@{self.epoch}" if self.run_id else str(self.folder)
+
+
+def checkpoint_store() -> Path:
+    """Local copies of run checkpoints: DDSWEEP_CHECKPOINTS, else ./.ddsweep/checkpoints."""
+    return Path(os.environ.get("DDSWEEP_CHECKPOINTS") or ".ddsweep/checkpoints")
+
+
+def saved_epochs(run_id: str) -> list[int]:
+    """The checkpoint epochs a training run has logged."""
+    from mlflow.tracking import MlflowClient
+
+    files = MlflowClient().list_artifacts(run_id, checkpoints.CHECKPOINTS)
+    out = []
+    for f in files:
+        name = f.path.rsplit("/", 1)[-1]
+        if f.is_dir and name.startswith("epoch_") and name[6:].isdigit():
+            out.append(int(name[6:]))
+    return sorted(out)
+
+
+def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> Backbone:
+    """The checkpoint of `epoch` of training run `run_id`, copied once into the local store."""
+    import mlflow
+
+    from ddsweep import tracking
+
+    run = tracking.get_run(run_id)
+    target = checkpoint_store() / run_id / f"epoch_{epoch:04d}"
+    if not (target / checkpoints.META).is_file():
+        available = epochs if epochs is not None else saved_epochs(run_id)
+        if epoch not in available:
+            have = ", ".join(map(str, available)) or "none"
+            raise UserError(
+                f"run {run_id} has no checkpoint for epoch {epoch} (saved epochs: {have})"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            got = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=checkpoints.epoch_dir(epoch), dst_path=str(tmp)
+            )
+            try:
+                os.replace(got, target)  # atomic: other workers see all or nothing
+            except OSError:
+                if not (target / checkpoints.META).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Backbone(target, run_id, epoch, run.data.tags.get("dataset"))
+
+
+# --- one point --------------------------------------------------------------------------------
+
+
+def split_features(
+    backbone: Backbone | None,
+    dataset: str,
+    resolution: int,
+    blocks: tuple[str, ...],
+    noise_step: int,
+    cfg: ProbeConfig,
+    cache: FeatureCache,
+    data_dir: Path,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], float]:
+    """{split: {block: (features, labels)}} for train and test, and the seconds spent extracting.
+
+    Every block missing from the cache is filled by one pass over each split. `backbone` may be
+    None when only `pixels` is asked for.
+    """
+    needs_net = any(b != PIXELS for b in blocks)
+    if needs_net and backbone is None:
+        raise UserError("a backbone is needed for U-Net blocks: pass --run or --backbone")
+    ckpt_hash = (
+        checkpoints.content_hash(backbone.folder, cfg.weights)  # type: ignore[union-attr, arg-type]
+        if needs_net
+        else "pixels"
+    )
+    unet_cache: list[torch.nn.Module] = []
+
+    def load() -> torch.nn.Module | None:
+        """The U-Net, loaded on first use only (a full cache hit never loads it)."""
+        if not needs_net:
+            return None  # pixels never run the network
+        if not unet_cache:
+            assert backbone is not None
+            unet = checkpoints.load_unet(backbone.folder, cfg.weights)  # type: ignore[arg-type]
+            if unet.config.sample_size != resolution:
+                raise UserError(
+                    f"the backbone was built for {unet.config.sample_size} px, not {resolution} px"
+                )
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            unet_cache.append(unet.to(device))
+        return unet_cache[0]
+
+    out = {}
+    seconds = 0.0
+    req = FeatureRequest(blocks, noise_step, cfg.noise_seed, cfg.pool)
+    for split in ("train", "test"):
+        ds = data.labelled_split(
+            dataset, split, resolution, data_dir, flowers_add_val=cfg.flowers_add_val
+        )
+        fp = data.split_fingerprint(dataset, split, resolution, flowers_add_val=cfg.flowers_add_val)
+        feats, secs = cached_features(
+            load,
+            ckpt_hash,
+            cfg.weights,
+            ds,
+            fp,
+            resolution,
+            req,
+            cache,
+            on_batch=on_batch,
+        )
+        out[split] = feats
+        seconds += secs
+    return out, seconds
+
+
+def run_probe(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    probe: str,
+    ks: tuple[int, ...],
+    cfg: ProbeConfig,
+) -> dict[int, dict[str, float]]:
+    """{k: metrics} for knn (one search for every k) or {0: metrics} for linear."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    (xtr, ytr), (xte, yte) = train, test
+    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
+    if probe == "linear":
+        m = probes.linear_probe(
+            xtr,
+            ytr,
+            xte,
+            yte,
+            epochs=cfg.linear_epochs,
+            lr=cfg.linear_lr,
+            batch_size=cfg.linear_batch_size,
+            seed=cfg.seed,
+        )
+        return {0: m}
+    if probe == "knn":
+        if not ks or min(ks) <= 0 or max(ks) > len(ytr):
+            raise UserError(f"knn needs 1 <= k <= {len(ytr)} (training images), got {ks}")
+        return probes.knn_probe(
+            xtr,
+            ytr,
+            xte,
+            yte,
+            ks=ks,
+            metric=cfg.knn_metric,  # type: ignore[arg-type]
+            weighting=cfg.knn_weighting,  # type: ignore[arg-type]
+        )
+    raise UserError(f"unknown probe {probe!r}: use one of {', '.join(PROBES)}")
+
+
+def evaluate(
+    backbone: Backbone | None,
+    point: Point,
+    cfg: ProbeConfig,
+    cache: FeatureCache,
+    data_dir: Path,
+    *,
+    fill_blocks: tuple[str, ...] = (),
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Metrics of one grid point: top1, top3 (fractions), train_top1 (linear), timings.
+
+    `fill_blocks` are extracted alongside on a cache miss, so later points of the same
+    checkpoint and noise step read them from the cache instead of running the network again.
+    """
+    blocks = tuple(dict.fromkeys((point.block, *fill_blocks)))
+    if point.block == PIXELS:
+        blocks = (PIXELS,)
+    feats, extract_s = split_features(
+        backbone,
+        point.dataset,
+        point.resolution,
+        blocks,
+        point.noise_step,
+        cfg,
+        cache,
+        data_dir,
+        on_batch=on_batch,
+    )
+    t0 = time.perf_counter()
+    ks = (point.k,) if point.probe == "knn" else ()
+    metrics = run_probe(
+        feats["train"][point.block], feats["test"][point.block], point.probe, ks, cfg
+    )
+    result = dict(metrics[point.k if point.probe == "knn" else 0])
+    result["fit_s"] = time.perf_counter() - t0
+    result["extract_s"] = extract_s
+    result["extracted"] = 1.0 if extract_s > 0 else 0.0
+    result["feature_dim"] = float(feats["train"][point.block][0].shape[1])
+    return result
+
+
+def point_params(point: Point, cfg: ProbeConfig, backbone: Backbone | None) -> dict[str, str]:
+    """MLflow params of one evaluation: the axes, the probe settings and the backbone."""
+    from ddsweep.tracking import flat_params
+
+    params = {**flat_params(point), **flat_params(cfg)}
+    params["backbone"] = backbone.label() if backbone else "none"
+    return params
+
+
+def _folder_config(folder: Path) -> tuple[int, bool]:
+    """(resolution, attention) read from a diffusers folder's config.json."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        return int(cfg["sample_size"]), any("Attn" in t for t in cfg["down_block_types"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"{folder} is not a diffusers UNet2DModel folder (config.json unreadable: {err})"
+        ) from err
+
+
+def resolve_point(
+    *,
+    run: str | None,
+    backbone: Path | None,
+    dataset: str | None,
+    resolution: int | None,
+    attention: bool,
+    epoch: int | None,
+    block: str,
+    noise_step: int,
+    probe: str,
+    k: int,
+) -> tuple[Backbone | None, Point]:
+    """Find the backbone the user means and the grid point to evaluate (CLI `probe`)."""
+    from ddsweep import diffusion, tracking
+
+    if probe not in PROBES:
+        raise UserError(f"unknown --probe {probe!r}: use one of {', '.join(PROBES)}")
+    if probe == "knn" and k <= 0:
+        raise UserError(f"--k must be positive, got {k}")
+    diffusion.validate_noise_step(noise_step)
+    if run and backbone:
+        raise UserError("give either --run or --backbone, not both")
+    bb: Backbone | None = None
+    if backbone is not None:
+        res, attn = _folder_config(backbone)
+        meta = checkpoints.read_meta(backbone)
+        trained_on = meta.get("dataset")
+        bb = Backbone(backbone, None, meta.get("epoch"), trained_on)
+        ep = int(meta.get("epoch", -1))
+    elif run is not None or block != PIXELS or dataset is None:
+        if run is None:
+            if dataset is None:
+                raise UserError("say what to probe: --run RUN_ID, --backbone PATH, or --dataset")
+            info = data.dataset_info(dataset)
+            run = tracking.latest_training_run(
+                dataset, resolution or info.default_resolution, attention
+            ).info.run_id
+        r = tracking.get_run(run)
+        if r.data.tags.get(tracking.KIND_TAG) != "train":
+            raise UserError(f"run {run} is not a `ddsweep train` run")
+        res = int(r.data.tags["resolution"])
+        attn = r.data.tags.get("attention") == "True"
+        epochs = saved_epochs(run)
+        ep = epoch if epoch is not None else (epochs[-1] if epochs else 0)
+        bb = fetch_backbone(run, ep, epochs)
+        trained_on = bb.dataset
+    else:  # pixels alone need no network
+        res, attn, ep, trained_on = resolution or 0, attention, 0, dataset
+    name = dataset or trained_on
+    if name is None:
+        raise UserError(f"{backbone} does not say what it was trained on: pass --dataset")
+    info = data.dataset_info(name)
+    res = res or resolution or info.default_resolution
+    if resolution is not None and resolution != res:
+        raise UserError(f"--resolution {resolution} does not match the backbone's {res} px")
+    point = Point(info.name, res, attn, ep, block, noise_step, probe, k if probe == "knn" else 0)
+    return bb, point

@@ -1,0 +1,351 @@
+"""Feature extraction: one forward pass fills every requested block, with a content-keyed cache.
+
+`extract` runs the frozen U-Net over a dataset once per batch, catching block outputs with forward
+hooks and stopping the pass as soon as the last requested block has fired. `FeatureCache` keeps
+the pooled features on disk, keyed by everything that determines them, so an entry cannot go stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ddsweep import diffusion
+from ddsweep.errors import UserError
+from ddsweep.model import PIXELS, resolve_block
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+    from torch.utils.data import Dataset
+
+POOLS_HELP = "avg (global average, C dims), flatten (C*H*W), or avgN (average to NxN, then flatten)"
+_AVG_N = re.compile(r"^avg(\d+)$")
+
+
+def validate_pool(pool: str) -> None:
+    """Raise UserError unless pool is avg, flatten or avgN."""
+    if pool in ("avg", "flatten"):
+        return
+    m = _AVG_N.match(pool)
+    if not m or int(m.group(1)) < 1:
+        raise UserError(f"unknown pooling {pool!r}: use {POOLS_HELP}")
+
+
+def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pool a block output [B,C,H,W] to [B,D] (any other rank is flattened)."""
+    if x.dim() != 4:
+        return x.flatten(1)
+    if pool == "avg":
+        return x.mean(dim=(2, 3))
+    if pool == "flatten":
+        return x.flatten(1)
+    m = _AVG_N.match(pool)
+    if m is None:
+        raise UserError(f"unknown pooling {pool!r}: use {POOLS_HELP}")
+    return F.adaptive_avg_pool2d(x, int(m.group(1))).flatten(1)
+
+
+def pixel_pool(pool: str) -> str:
+    """Pooling for the `pixels` baseline: the average colour is no baseline, so `avg` flattens."""
+    return "flatten" if pool == "avg" else pool
+
+
+def noise_for(indices: torch.Tensor, shape: Sequence[int], noise_seed: int) -> torch.Tensor:
+    """Gaussian noise [B,*shape], image i always drawn from the generator seeded (seed, i)."""
+    out = torch.empty(len(indices), *shape)
+    gen = torch.Generator()
+    for row, i in enumerate(indices.tolist()):
+        gen.manual_seed(noise_seed * 1_000_003 + int(i))
+        out[row] = torch.randn(*shape, generator=gen)
+    return out
+
+
+class _Filled(Exception):
+    """Raised from a hook to end a forward pass once every requested block has its output."""
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """What determines a feature tensor besides the weights and the images."""
+
+    blocks: tuple[str, ...]
+    noise_step: int = 0
+    noise_seed: int = 0
+    pool: str = "avg"
+
+
+def block_dims(
+    unet: UNet2DModel | None, req: FeatureRequest, image_shape: Sequence[int]
+) -> dict[str, int]:
+    """Feature dimension per block, from one tiny forward pass (none for pixels alone)."""
+    x = torch.zeros(2, *image_shape)  # batch 2: group norm refuses one value per group
+    if unet is None or all(b == PIXELS for b in req.blocks):
+        return {PIXELS: int(pool_features(x, pixel_pool(req.pool)).shape[1])}
+    device = next(unet.parameters()).device
+    feats = _forward_blocks(unet, x.to(device), torch.zeros(2, dtype=torch.long), req)
+    return {b: int(f.shape[1]) for b, f in feats.items()}
+
+
+def check_memory(dims: dict[str, int], n: int, available: int | None = None) -> int:
+    """Bytes the features of n images need; UserError when that would not fit in memory."""
+    need = sum(dims.values()) * n * 4
+    available = available if available is not None else available_memory()
+    if need > 0.7 * available:
+        biggest = max(dims, key=lambda b: dims[b])
+        raise UserError(
+            f"the features of {n} images need {need / 2**30:.1f} GiB "
+            f"({biggest}: {dims[biggest]} dims each) but only {available / 2**30:.1f} GiB is "
+            "free: use --pool avg or avgN (e.g. avg2), or fewer blocks per request"
+        )
+    return need
+
+
+def available_memory() -> int:
+    """Available RAM in bytes (MemAvailable on Linux; a generous guess elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * 2**30
+
+
+def _forward_blocks(
+    unet: UNet2DModel | None, x_t: torch.Tensor, t: torch.Tensor, req: FeatureRequest
+) -> dict[str, torch.Tensor]:
+    """Pooled outputs of the requested blocks for one noised batch x_t [B,C,H,W] at steps t."""
+    out: dict[str, torch.Tensor] = {}
+    wanted = [b for b in req.blocks if b != PIXELS]
+    if PIXELS in req.blocks:
+        out[PIXELS] = pool_features(x_t.float(), pixel_pool(req.pool)).cpu()
+    if not wanted or unet is None:
+        return out
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_module: torch.nn.Module, _inp: object, output: object) -> None:
+            h = output[0] if isinstance(output, tuple) else output  # down blocks: (h, residuals)
+            assert isinstance(h, torch.Tensor)
+            out[name] = pool_features(h.float(), req.pool).cpu()
+            if all(b in out for b in wanted):
+                raise _Filled
+
+        return fn
+
+    handles = [resolve_block(unet, b).register_forward_hook(hook(b)) for b in wanted]
+    try:
+        unet(x_t, t.to(x_t.device))
+    except _Filled:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [b for b in wanted if b not in out]
+    if missing:
+        raise UserError(f"block(s) {', '.join(missing)} produced no output in a forward pass")
+    return out
+
+
+@torch.no_grad()
+def extract(
+    unet: UNet2DModel | None,
+    dataset: Dataset[tuple[torch.Tensor, int]],
+    req: FeatureRequest,
+    *,
+    batch_size: int = 256,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({block: features [N,D]}, labels [N]) for every requested block, one pass per batch.
+
+    Images are noised to `req.noise_step` with the training schedule (q_sample), image i with
+    noise from the seed (noise_seed, i), and the model is called with that timestep; step 0 is
+    the clean image.
+    """
+    diffusion.validate_noise_step(req.noise_step)
+    validate_pool(req.pool)
+    if unet is not None:
+        for b in req.blocks:
+            if b != PIXELS:
+                resolve_block(unet, b)
+        unet.eval()
+        device = next(unet.parameters()).device
+    elif any(b != PIXELS for b in req.blocks):
+        raise UserError("U-Net blocks need a backbone: pass --run or --backbone")
+    else:
+        device = torch.device("cpu")
+    scheduler = diffusion.make_scheduler()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    chunks: dict[str, list[torch.Tensor]] = {b: [] for b in req.blocks}
+    labels: list[torch.Tensor] = []
+    start = 0
+    for x0, y in loader:
+        idx = torch.arange(start, start + len(x0))
+        start += len(x0)
+        t = torch.full((len(x0),), req.noise_step, dtype=torch.long)
+        if req.noise_step > 0:
+            noise = noise_for(idx, x0.shape[1:], req.noise_seed)
+            x_t = diffusion.q_sample(scheduler, x0, noise, t)
+        else:
+            x_t = x0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats = _forward_blocks(unet, x_t.to(device), t, req)
+        for b in req.blocks:
+            chunks[b].append(feats[b])
+        labels.append(torch.as_tensor(y))
+        if on_batch is not None:
+            on_batch(len(x0))
+    return {b: torch.cat(c) for b, c in chunks.items()}, torch.cat(labels)
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """DDSWEEP_CACHE, else ./.ddsweep/cache."""
+    return Path(os.environ.get("DDSWEEP_CACHE") or ".ddsweep/cache")
+
+
+def cache_cap_bytes() -> int | None:
+    """DDSWEEP_CACHE_MAX_GB as bytes, or None (no cap)."""
+    raw = os.environ.get("DDSWEEP_CACHE_MAX_GB")
+    if not raw:
+        return None
+    try:
+        return int(float(raw) * 2**30)
+    except ValueError as err:
+        raise UserError(f"DDSWEEP_CACHE_MAX_GB={raw!r} is not a number of gigabytes") from err
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything a feature tensor depends on; its hash names the cache entry."""
+
+    checkpoint: str  # content hash of the weights file
+    weights: str
+    split: str  # data.split_fingerprint: dataset, split, resolution, split rule
+    resolution: int
+    noise_step: int
+    noise_seed: int
+    pool: str
+    block: str
+
+    def digest(self) -> str:
+        """A stable file name for this key."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+
+class FeatureCache:
+    """Pooled features on disk as safetensors; atomic writes, LRU eviction under a size cap."""
+
+    def __init__(self, root: Path | None = None, max_bytes: int | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.max_bytes = max_bytes if max_bytes is not None else cache_cap_bytes()
+
+    def path(self, key: CacheKey) -> Path:
+        """The entry file of `key`."""
+        return self.root / f"{key.digest()}.safetensors"
+
+    def get(self, key: CacheKey) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(features float32 [N,D], labels [N]) or None on a miss; a hit refreshes its LRU age."""
+        from safetensors.torch import load_file
+
+        path = self.path(key)
+        try:
+            tensors = load_file(str(path))
+            os.utime(path)
+        except (OSError, ValueError, RuntimeError):  # absent, or evicted meanwhile
+            return None
+        return tensors["features"].float(), tensors["labels"]
+
+    def put(self, key: CacheKey, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Store an entry atomically (temp file + rename), float16 when the values fit; returns
+        the features as stored (as float32), so a miss hands out exactly what a hit will."""
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        fits = bool(features.abs().max() < 6e4) if features.numel() else True
+        stored = features.half() if fits else features.float()
+        meta = {k: str(v) for k, v in asdict(key).items()}
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(
+                {"features": stored.contiguous(), "labels": labels.contiguous()}, tmp, metadata=meta
+            )
+            os.replace(tmp, self.path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.evict()
+        return stored.float()
+
+    def evict(self) -> None:
+        """Delete least-recently-used entries until the cache is under its cap."""
+        if self.max_bytes is None:
+            return
+        entries = []
+        for p in self.root.glob("*.safetensors"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            total -= size
+
+
+def cached_features(
+    unet_loader: Callable[[], UNet2DModel | None],
+    checkpoint_hash: str,
+    weights: str,
+    dataset: Dataset[tuple[torch.Tensor, int]],
+    split: str,
+    resolution: int,
+    req: FeatureRequest,
+    cache: FeatureCache,
+    *,
+    batch_size: int = 256,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """({block: (features, labels)}, extraction seconds): cache hits are read, all misses are
+    filled by one `extract` over the split (0 seconds when everything was cached)."""
+    keys = {
+        b: CacheKey(
+            checkpoint_hash, weights, split, resolution, req.noise_step, req.noise_seed, req.pool, b
+        )
+        for b in req.blocks
+    }
+    found = {b: cache.get(k) for b, k in keys.items()}
+    out = {b: v for b, v in found.items() if v is not None}
+    missing = tuple(b for b in req.blocks if b not in out)
+    if not missing:
+        return out, 0.0
+    t0 = time.perf_counter()
+    unet = unet_loader()
+    sub = FeatureRequest(missing, req.noise_step, req.noise_seed, req.pool)
+    first_image = dataset[0][0]
+    check_memory(block_dims(unet, sub, first_image.shape), len(dataset))  # type: ignore[arg-type]
+    feats, labels = extract(unet, dataset, sub, batch_size=batch_size, on_batch=on_batch)
+    for b in missing:
+        out[b] = (cache.put(keys[b], feats[b], labels), labels)
+    return out, time.perf_counter() - t0

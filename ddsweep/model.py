@@ -1,0 +1,125 @@
+"""The seed backbone (diffusers `UNet2DModel`) and the map from the study's block names to its modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ddsweep.errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+    from torch import nn
+
+# The nine probed outputs in forward order; `upN` mirrors `downN` (diffusers `up_blocks[4-N]`).
+BLOCKS: tuple[str, ...] = ("down1", "down2", "down3", "down4", "mid", "up4", "up3", "up2", "up1")
+# The input image itself: a baseline row in every report.
+PIXELS = "pixels"
+# The DDPM CIFAR-10 channels; the 35.7 M-parameter network of the study and of DDAE.
+SEED_CHANNELS: tuple[int, ...] = (128, 256, 256, 256)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net architecture; the defaults are the study's seed backbone."""
+
+    resolution: int = 32
+    channels: tuple[int, ...] = SEED_CHANNELS
+    attention: bool = True
+    layers_per_block: int = 2
+    in_channels: int = 3
+
+
+def block_types(levels: int, attention: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Down and up block types: attention in the second level and in its mirror, or nowhere."""
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if attention and levels >= 2:
+        down[1] = "AttnDownBlock2D"
+        up[levels - 2] = "AttnUpBlock2D"  # up_blocks[levels-2] mirrors down_blocks[1]
+    return tuple(down), tuple(up)
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Raise UserError for an architecture the U-Net cannot build or run."""
+    levels = len(cfg.channels)
+    if levels < 2:
+        raise UserError(f"--channels needs at least 2 levels, got {cfg.channels}")
+    if any(c <= 0 or c % 32 for c in cfg.channels):
+        raise UserError(
+            f"--channels {','.join(map(str, cfg.channels))}: every width must be a positive "
+            "multiple of 32 (the U-Net's group norm has 32 groups)"
+        )
+    factor = 2 ** (levels - 1)
+    if cfg.resolution <= 0 or cfg.resolution % factor:
+        raise UserError(
+            f"--resolution {cfg.resolution}: the U-Net halves the image {levels - 1} times, "
+            f"so the resolution must be a positive multiple of {factor} (e.g. 32 or 64)"
+        )
+
+
+def build_unet(cfg: ModelConfig) -> UNet2DModel:
+    """A freshly initialised diffusers U-Net for `cfg` (the DDPM CIFAR-10 net by default)."""
+    from diffusers import UNet2DModel
+
+    validate(cfg)
+    down, up = block_types(len(cfg.channels), cfg.attention)
+    return UNet2DModel(
+        sample_size=cfg.resolution,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        block_out_channels=cfg.channels,
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+    )
+
+
+def config_of(unet: UNet2DModel) -> ModelConfig:
+    """Read the architecture back from a U-Net (for self-describing checkpoints)."""
+    c = unet.config
+    return ModelConfig(
+        resolution=int(c.sample_size),
+        channels=tuple(int(x) for x in c.block_out_channels),
+        attention=any("Attn" in t for t in c.down_block_types),
+        layers_per_block=int(c.layers_per_block),
+        in_channels=int(c.in_channels),
+    )
+
+
+def block_path(name: str, levels: int = 4) -> str | None:
+    """The `named_modules()` path of a study block name, or None when `name` is not one."""
+    if name == "mid":
+        return "mid_block"
+    if name.startswith("down") and name[4:].isdigit():
+        n = int(name[4:])
+        return f"down_blocks.{n - 1}" if 1 <= n <= levels else None
+    if name.startswith("up") and name[2:].isdigit():
+        n = int(name[2:])
+        return f"up_blocks.{levels - n}" if 1 <= n <= levels else None
+    return None
+
+
+def resolve_block(unet: nn.Module, name: str) -> nn.Module:
+    """The module whose output is block `name`: a study name or any `named_modules()` path."""
+    modules = dict(unet.named_modules())
+    levels = len(getattr(unet, "down_blocks", [])) or 4
+    path = block_path(name, levels) or name
+    if path not in modules or path == "":
+        raise UserError(
+            f"unknown block {name!r}: use one of {', '.join(BLOCKS)}, {PIXELS}, "
+            "or a named_modules() path of the U-Net such as up_blocks.1.resnets.2"
+        )
+    return modules[path]
+
+
+def block_order(name: str) -> int:
+    """Sort key: pixels first, then the nine blocks in forward order, then other paths."""
+    if name == PIXELS:
+        return -1
+    return BLOCKS.index(name) if name in BLOCKS else len(BLOCKS)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,420 @@
+"""Linear and k-NN probes on frozen features: tensors in, a dict of metrics out.
+
+Pure functions: no files, no tracking, no global device. Everything runs on the device of the
+features (or the one passed), so CUDA tensors give a GPU probe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Metric = Literal["cosine", "euclidean"]
+Weighting = Literal["uniform", "distance", "temperature"]
+METRICS: tuple[str, ...] = get_args(Metric)
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+
+# Budget for one chunk's (chunk, n_train) similarity matrix; the top-k buffers are far smaller.
+KNN_CHUNK_BYTES = 256 * 2**20
+DINO_TEMPERATURE = 0.07
+
+
+# ----------------------------------------------------------------------------------- checks
+
+
+def _check_features(name: str, x: Tensor) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be (N, D), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_labels(name: str, y: Tensor, n: int) -> None:
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must be (N,) with N={n}, got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class indices, got {y.dtype}")
+    if n and int(y.min()) < 0:
+        raise ValueError(f"{name} must hold class indices >= 0, got {int(y.min())}")
+
+
+def _check_pair(
+    train_x: Tensor, train_y: Tensor | None, test_x: Tensor, test_y: Tensor | None
+) -> None:
+    _check_features("train_x", train_x)
+    _check_features("test_x", test_x)
+    if train_x.shape[0] == 0:
+        raise ValueError("train_x is empty")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(
+            f"train_x and test_x differ in feature size: {train_x.shape[1]} vs {test_x.shape[1]}"
+        )
+    if train_y is not None:
+        _check_labels("train_y", train_y, train_x.shape[0])
+    if test_y is not None:
+        _check_labels("test_y", test_y, test_x.shape[0])
+
+
+def _compute_dtype(*xs: Tensor) -> torch.dtype:
+    # Half-precision features are upcast: fp16 sums lose the ranking of close neighbours.
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _n_classes(*ys: Tensor) -> int:
+    return max(int(y.max()) + 1 for y in ys if y.numel())
+
+
+# --------------------------------------------------------------------------------- metrics
+
+
+def topk_hits(scores: Tensor, y: Tensor, k: int) -> Tensor:
+    """(N, C) class scores, (N,) labels -> (N,) bool: label among the k best classes.
+
+    Equal scores rank the smaller class index first (as argmax and scikit-learn do), so the
+    result is deterministic even with tied votes.
+    """
+    k = min(k, scores.shape[1])
+    # A stable ascending sort of -scores keeps equal scores in class order; negation is exact.
+    best = torch.sort(-scores, dim=1, stable=True).indices[:, :k]
+    return (best == y[:, None]).any(dim=1)
+
+
+def _accuracy(scores: Tensor, y: Tensor, k: int) -> float:
+    return int(topk_hits(scores, y, k).sum()) / y.numel() if y.numel() else float("nan")
+
+
+# ---------------------------------------------------------------------------------- linear
+
+
+def standardise(train_x: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
+    """(N, D) float tensors -> float32 copies scaled with the mean and std of train_x only."""
+    train = train_x.float()
+    mean = train.mean(dim=0)
+    std = train.std(dim=0, unbiased=False)
+    # A constant feature (std 0) carries no information: centre it and leave its scale alone.
+    std = torch.where(std > 1e-6 * (1.0 + mean.abs()), std, torch.ones_like(std))
+    return tuple((x.float() - mean) / std for x in (train, *others))
+
+
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Train one nn.Linear on (N, D) features, (N,) labels; top1/top3/train_top1 in [0, 1].
+
+    Features are standardised with the TRAIN mean and std (a zero std is left at 1), then a
+    linear layer is fitted with Adam and cross entropy for `epochs` passes over shuffled
+    mini-batches. Initialisation and shuffling draw from a generator seeded with `seed`, so a
+    run is repeatable (on CPU bit for bit). With fewer than 3 classes top3 is the top-C
+    accuracy, i.e. 1.0.
+    """
+    _check_pair(train_x, train_y, test_x, test_y)
+    if epochs < 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(
+            f"need epochs >= 0, batch_size > 0, lr > 0; got {epochs}, {batch_size}, {lr}"
+        )
+    dev = torch.device(device) if device is not None else train_x.device
+    xtr, xte = standardise(train_x.to(dev), test_x.to(dev))
+    ytr, yte = train_y.to(dev, torch.long), test_y.to(dev, torch.long)
+    n_classes = _n_classes(ytr, yte)
+
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(xtr.shape[1], n_classes)
+    # nn.Linear's own init (uniform in ±1/sqrt(fan_in)), drawn from our generator.
+    bound = 1.0 / math.sqrt(xtr.shape[1])
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        layer.bias.uniform_(-bound, bound, generator=gen)
+    layer.to(dev)
+    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+
+    n = xtr.shape[0]
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(dev)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(layer(xtr[idx]), ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    with torch.no_grad():
+        train_logits = layer(xtr)
+        test_logits = layer(xte)
+    return {
+        "top1": _accuracy(test_logits, yte, 1),
+        "top3": _accuracy(test_logits, yte, 3),
+        "train_top1": _accuracy(train_logits, ytr, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------- kNN
+
+
+def _check_knn_args(
+    ks: Sequence[int], n_train: int, metric: str, weighting: str, chunk_size: int | None
+) -> list[int]:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+    ks = [ks] if isinstance(ks, int) else list(ks)
+    if not ks:
+        raise ValueError("ks is empty; give at least one k in 1..n_train")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_train:
+            raise ValueError(f"k={k!r} not allowed; allowed: integers 1..{n_train} (n_train)")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size} not allowed; allowed: None or an integer > 0")
+    return sorted(set(ks))
+
+
+class _Index:
+    """Train features prepared once for chunked nearest-neighbour search."""
+
+    def __init__(self, train_x: Tensor, metric: Metric, dtype: torch.dtype, block: int) -> None:
+        self.metric = metric
+        self.n = train_x.shape[0]
+        self.block = block
+        x = train_x.to(dtype)
+        if metric == "cosine":
+            x = F.normalize(x, dim=1)
+        # Pad to whole blocks; the padded columns score -inf so they are never chosen.
+        pad = -self.n % block
+        self.bias = torch.zeros(self.n + pad, dtype=dtype, device=x.device)
+        if metric == "euclidean":
+            self.bias[: self.n] = -(x * x).sum(dim=1)
+        self.bias[self.n :] = -math.inf
+        self.t = F.pad(x, (0, 0, 0, pad)).T.contiguous()  # (D, n_padded)
+
+    def scores(self, q: Tensor) -> Tensor:
+        """(B, D) queries -> (B, n_padded) scores, higher = nearer.
+
+        cosine: the cosine similarity. euclidean: 2ab - |b|², i.e. |a|² - |a-b|²; ranking on it
+        without the per-row |a|² is what scikit-learn's ArgKmin does too.
+        """
+        if self.metric == "cosine":
+            s = q @ self.t
+            s[:, self.n :] = -math.inf
+            return s
+        return torch.addmm(self.bias, q, self.t, alpha=2.0)
+
+    def distances(self, q: Tensor, s: Tensor) -> Tensor:
+        """(B, D) prepared queries, (B, k) scores -> (B, k) cosine or euclidean distances."""
+        if self.metric == "cosine":
+            return (1.0 - s).clamp_(0.0, 2.0)
+        # |a-b|² = |a|² - 2ab + |b|² can round below zero for (near) duplicates: clamp.
+        return ((q * q).sum(dim=1, keepdim=True) - s).clamp_(min=0.0).sqrt_()
+
+
+def _block_size(n: int, k: int) -> int:
+    # Two-stage top-k: block maxima first, then only the k best blocks. Cost ~ n/b + k*b,
+    # smallest near b = sqrt(n/k). torch.topk alone over all n columns took ~1.7x as long at
+    # CIFAR-10 scale (see BENCHMARKS.md), which is why this is written by hand.
+    b = 1 << max(0, round(math.log2(max(1.0, math.sqrt(n / k)))))
+    return b if n // b >= 4 * k else 1
+
+
+def _top_candidates(s: Tensor, n: int, k: int, block: int) -> tuple[Tensor, Tensor]:
+    """(B, n_padded) scores -> (B, k) scores and column indices of the k best, best first."""
+    if block == 1:
+        return s[:, :n].topk(k, dim=1)
+    rows, n_blocks = s.shape[0], s.shape[1] // block
+    # Block j holds the columns j, j + n_blocks, j + 2 n_blocks, ...: strided blocks make the
+    # block maxima an elementwise max of `block` contiguous rows, which vectorises well.
+    best_blocks = s.view(rows, block, n_blocks).amax(dim=1).topk(k, dim=1, sorted=False).indices
+    # Every one of the k best scores lies in one of the k blocks with the best maxima.
+    offsets = torch.arange(0, block * n_blocks, n_blocks, device=s.device)
+    cols = (best_blocks[:, :, None] + offsets).view(rows, -1)
+    vals, pos = s.gather(1, cols).topk(k, dim=1)
+    return vals, cols.gather(1, pos)
+
+
+def _stable_order(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each row by score (best first), equal scores by smaller train index."""
+    by_idx = idx.argsort(dim=1)
+    vals, idx = vals.gather(1, by_idx), idx.gather(1, by_idx)
+    by_val = torch.sort(-vals, dim=1, stable=True).indices
+    return vals.gather(1, by_val), idx.gather(1, by_val)
+
+
+def _search_chunk(index: _Index, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(B, D) prepared queries -> (B, k) scores and train indices, nearest first.
+
+    The neighbours are exactly the first k of a stable argsort of the distances: equal
+    distances go to the smaller train index, as in a stable sort.
+    """
+    s = index.scores(q)
+    k1 = min(k + 1, index.n)  # one extra to see whether the k-th place is tied
+    vals, idx = _top_candidates(s, index.n, k1, index.block)
+    # topk orders equal scores arbitrarily: re-sort the (rare) rows that hold equal scores.
+    has_ties = (vals[:, 1:] == vals[:, :-1]).any(dim=1).nonzero().squeeze(1)
+    if has_ties.numel():
+        vals[has_ties], idx[has_ties] = _stable_order(vals[has_ties], idx[has_ties])
+    if k1 > k:
+        # A score tied with the k-th may sit outside the candidates with a smaller index:
+        # redo those (rare) rows with a full stable sort.
+        tied = (vals[:, k - 1] == vals[:, k]).nonzero().squeeze(1)
+        if tied.numel():
+            order = torch.sort(-s[tied], dim=1, stable=True).indices[:, :k1]
+            vals[tied], idx[tied] = s[tied].gather(1, order), order
+    return vals[:, :k], idx[:, :k]
+
+
+def _chunks(n_test: int, n_train_padded: int, itemsize: int, chunk_size: int | None) -> list[slice]:
+    """Test-row slices whose (rows, n_train) score matrix fits KNN_CHUNK_BYTES (or chunk_size)."""
+    size = chunk_size or max(1, KNN_CHUNK_BYTES // (n_train_padded * itemsize))
+    return [slice(i, min(i + size, n_test)) for i in range(0, n_test, size)]
+
+
+def _prepare_queries(test_x: Tensor, index: _Index, dtype: torch.dtype) -> Tensor:
+    q = test_x.to(index.t.device, dtype)
+    return F.normalize(q, dim=1) if index.metric == "cosine" else q
+
+
+def _search(
+    train_x: Tensor,
+    test_x: Tensor,
+    k: int,
+    metric: Metric,
+    chunk_size: int | None,
+    device: torch.device | str | None,
+) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
+    """Yield (test rows, (B, k) scores, (B, k) indices, (B, k) distances) chunk by chunk."""
+    dev = torch.device(device) if device is not None else train_x.device
+    dtype = _compute_dtype(train_x, test_x)
+    index = _Index(train_x.to(dev), metric, dtype, _block_size(train_x.shape[0], k + 1))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for rows in _chunks(test_x.shape[0], index.t.shape[1], itemsize, chunk_size):
+        q = _prepare_queries(test_x[rows], index, dtype)
+        vals, idx = _search_chunk(index, q, k)
+        yield rows, vals, idx, index.distances(q, vals)
+
+
+def knn_search(
+    train_x: Tensor,
+    test_x: Tensor,
+    k: int,
+    *,
+    metric: Metric = "cosine",
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(N_train, D), (N_test, D) -> (N_test, k) distances and train indices, nearest first.
+
+    Distances are 1 - cosine similarity or the euclidean distance (as scikit-learn reports
+    them); equal distances are ordered by train index.
+    """
+    _check_pair(train_x, None, test_x, None)
+    (k,) = _check_knn_args([k], train_x.shape[0], metric, "uniform", chunk_size)
+    dists, idxs = [], []
+    for _, _, idx, dist in _search(train_x, test_x, k, metric, chunk_size, device):
+        dists.append(dist)
+        idxs.append(idx)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def _weights(
+    vals: Tensor, dist: Tensor, metric: Metric, weighting: Weighting, temperature: float
+) -> Tensor:
+    """(B, K) scores and distances of the neighbours, nearest first -> (B, K) vote weights."""
+    if weighting == "uniform":
+        return torch.ones_like(dist)
+    if weighting == "distance":
+        # scikit-learn's weights="distance": 1/d, but a query with a neighbour at distance 0
+        # gives weight 1 to its zero-distance neighbours and 0 to the rest.
+        exact = dist[:, :1] == 0
+        return torch.where(exact, (dist == 0).to(dist.dtype), 1.0 / dist)
+    # DINO's exp(sim / T); for euclidean the similarity is -distance. Shifting by the nearest
+    # neighbour's similarity scales a row's weights by one constant (same votes ranking) and
+    # keeps exp() from overflowing or underflowing to all zeros.
+    sim = vals if metric == "cosine" else -dist
+    return torch.exp((sim - sim[:, :1]) / temperature)
+
+
+def knn_votes(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    *,
+    ks: Sequence[int] = (50,),
+    metric: Metric = "cosine",
+    weighting: Weighting = "uniform",
+    temperature: float = DINO_TEMPERATURE,
+    n_classes: int | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[int, Tensor]:
+    """(N_train, D), (N_train,), (N_test, D) -> {k: (N_test, C) class votes} from one search.
+
+    One search finds the max(ks) nearest neighbours of each test row (chunk by chunk over the
+    test set, so memory stays bounded); every k then votes with its first k neighbours. The
+    prediction is votes.argmax(1), which with uniform weights equals scikit-learn's
+    KNeighborsClassifier(algorithm="brute") (ties of votes go to the smaller class).
+    """
+    _check_pair(train_x, train_y, test_x, None)
+    ks = _check_knn_args(ks, train_x.shape[0], metric, weighting, chunk_size)
+    if weighting == "temperature" and not temperature > 0:
+        raise ValueError(f"temperature={temperature} not allowed; allowed: a float > 0")
+    dev = torch.device(device) if device is not None else train_x.device
+    labels = train_y.to(dev, torch.long)
+    n_classes = max(n_classes or 0, _n_classes(labels))
+    dtype = _compute_dtype(train_x, test_x)
+    votes = {k: torch.zeros(test_x.shape[0], n_classes, dtype=dtype, device=dev) for k in ks}
+    for rows, vals, idx, dist in _search(train_x, test_x, ks[-1], metric, chunk_size, dev):
+        w = _weights(vals, dist, metric, weighting, temperature)
+        neighbour_labels = labels[idx]
+        for k in ks:
+            votes[k][rows].scatter_add_(1, neighbour_labels[:, :k], w[:, :k])
+    return votes
+
+
+def knn_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    ks: Sequence[int] = (50,),
+    metric: Metric = "cosine",
+    weighting: Weighting = "uniform",
+    temperature: float = DINO_TEMPERATURE,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[int, dict[str, float]]:
+    """k-NN accuracy of (N_test, D) features against (N_train, D): {k: {"top1", "top3"}}.
+
+    metric: cosine | euclidean. weighting: uniform (one vote each), distance (1/d, as
+    scikit-learn's weights="distance"), temperature (DINO's exp(sim / temperature); for
+    euclidean sim = -distance). Top-3: the label is among the 3 classes with the most
+    weighted votes, ties to the smaller class. All ks come from one search for max(ks).
+    """
+    _check_pair(train_x, train_y, test_x, test_y)
+    n_classes = _n_classes(train_y, test_y)
+    votes = knn_votes(
+        train_x,
+        train_y,
+        test_x,
+        ks=ks,
+        metric=metric,
+        weighting=weighting,
+        temperature=temperature,
+        n_classes=n_classes,
+        chunk_size=chunk_size,
+        device=device,
+    )
+    y = test_y.to(next(iter(votes.values())).device, torch.long)
+    return {k: {"top1": _accuracy(v, y, 1), "top3": _accuracy(v, y, 3)} for k, v in votes.items()}

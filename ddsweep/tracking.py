@@ -1,0 +1,170 @@
+"""MLflow at the edge: where runs go, what a run records, and how runs are found again."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ddsweep import __version__
+from ddsweep.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+DEFAULT_EXPERIMENT = "ddsweep"
+KIND_TAG = "ddsweep.kind"  # train | probe | study | trial | fid
+
+
+def setup(tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Point MLflow at `tracking_uri` (else MLFLOW_TRACKING_URI, else MLflow's own default
+    `sqlite:///mlflow.db`) and select `experiment`; returns the experiment id."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        exp = mlflow.set_experiment(experiment)
+    except Exception as err:  # an unreachable server or a bad URI is the user's to fix
+        uri = redact(mlflow.get_tracking_uri())
+        raise UserError(
+            f"cannot use MLflow tracking at {uri}: {first_line(err)} "
+            "(check --tracking-uri / MLFLOW_TRACKING_URI)"
+        ) from err
+    return str(exp.experiment_id)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, safe to print or log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line error reports."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def flat_params(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """A (nested) config dataclass as flat MLflow params; tuples are comma-joined."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(flat_params(value, prefix))
+        elif isinstance(value, tuple):
+            out[prefix + f.name] = ",".join(map(str, value))
+        else:
+            out[prefix + f.name] = str(value)
+    return out
+
+
+def code_version() -> str:
+    """ddsweep's version plus the git commit of the source tree when there is one."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{sha}{'.dirty' if dirty else ''}" if sha else __version__
+
+
+def get_run(run_id: str) -> Run:
+    """The MLflow run `run_id`, or UserError when the tracking store has none."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        raise UserError(
+            f"no MLflow run {run_id!r} at {redact(_uri())}: check the id "
+            "(mlflow ui lists runs) and --tracking-uri"
+        ) from err
+
+
+def latest_training_run(dataset: str, resolution: int, attention: bool) -> Run:
+    """The newest FINISHED `ddsweep train` run for (dataset, resolution, attention)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        exps,
+        filter_string=(
+            f"tags.`{KIND_TAG}` = 'train' and tags.dataset = '{dataset}' "
+            f"and tags.resolution = '{resolution}' and tags.attention = '{attention}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        flag = "--attention" if attention else "--no-attention"
+        raise UserError(
+            f"no finished training run for {dataset} at {resolution} px ({flag}) at "
+            f"{redact(_uri())}: run `ddsweep train {dataset} --resolution {resolution} {flag}` "
+            "or pass --run RUN_ID"
+        )
+    return runs[0]
+
+
+def _uri() -> str:
+    import mlflow
+
+    return str(mlflow.get_tracking_uri())
+
+
+def env_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI when set."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def log_run(
+    experiment_id: str,
+    name: str,
+    params: dict[str, str],
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    *,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create one finished run with explicit ids (thread- and process-safe); returns its id."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    client = MlflowClient()
+    all_tags = {MLFLOW_RUN_NAME: name, **tags}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client.create_run(experiment_id, tags=all_tags, run_name=name)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in params.items()],
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return str(run.info.run_id)

@@ -1,0 +1,355 @@
+"""Training one unconditional DDPM backbone: an explicit loop, EMA, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from ddsweep import checkpoints, data, diffusion, tracking
+from ddsweep.errors import UserError
+from ddsweep.model import ModelConfig, build_unet
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+    from rich.progress import Progress
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; defaults follow the study (AdamW 1e-4, 2000 epochs, weights every 50)."""
+
+    dataset: str = "cifar10"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    sample_every: int = 50
+    sample_count: int = 16
+    sample_steps: int = 50
+    max_steps: int = 0  # 0 = no limit; for smoke runs
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    log_every: int = 10
+
+
+def study_batch_size(resolution: int, attention: bool) -> int:
+    """The study's batch sizes (A100): 320/1024 at 32 px, 20/320 at 64 px (attention/none)."""
+    if resolution <= 32:
+        return 320 if attention else 1024
+    return 20 if attention else 320
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise UserError for options no training can use."""
+    positive = {
+        "--epochs": cfg.epochs,
+        "--batch-size": cfg.batch_size,
+        "--checkpoint-every": cfg.checkpoint_every,
+        "--sample-steps": cfg.sample_steps,
+        "--log-every": cfg.log_every,
+    }
+    for flag, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{flag} must be a positive number, got {value}")
+    non_negative = {
+        "--sample-every": cfg.sample_every,
+        "--sample-count": cfg.sample_count,
+        "--max-steps": cfg.max_steps,
+        "--num-workers": cfg.num_workers,
+        "--grad-clip": cfg.grad_clip,
+        "--weight-decay": cfg.weight_decay,
+    }
+    for flag, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"{flag} must be 0 or more, got {value}")
+    if not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use cpu or auto")
+    return device
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """The MLflow run name: dataset, resolution and attention."""
+    attn = "attn" if cfg.model.attention else "noattn"
+    return f"{cfg.dataset}-{cfg.model.resolution}px-{attn}"
+
+
+def config_from_params(params: dict[str, str]) -> TrainConfig:
+    """Rebuild the TrainConfig that `tracking.flat_params` recorded as MLflow params."""
+    model_fields = {f for f in ModelConfig.__dataclass_fields__}
+    values: dict[str, Any] = {}
+    model_values: dict[str, Any] = {}
+    for name, f in {**TrainConfig.__dataclass_fields__, **ModelConfig.__dataclass_fields__}.items():
+        if name == "model" or name not in params:
+            continue
+        raw = params[name]
+        default = getattr(ModelConfig() if name in model_fields else TrainConfig(), name)
+        value: Any
+        if isinstance(default, bool):
+            value = raw == "True"
+        elif isinstance(default, tuple):
+            value = tuple(int(x) for x in raw.split(","))
+        else:
+            value = type(default)(raw)
+        (model_values if name in model_fields else values)[name] = value
+        del f
+    return TrainConfig(**values, model=ModelConfig(**model_values))
+
+
+# --- the loop, split into steps -------------------------------------------------------------
+
+
+def make_loader(
+    cfg: TrainConfig, data_dir: Path, epoch: int
+) -> torch.utils.data.DataLoader[tuple[torch.Tensor, int]]:
+    """The shuffled training loader of one epoch; the order depends on (seed, epoch) only, so
+    a resumed run sees the same batches as an uninterrupted one."""
+    dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=gen,
+        drop_last=len(dataset) > cfg.batch_size,  # type: ignore[arg-type]
+        num_workers=cfg.num_workers,
+        persistent_workers=False,
+    )
+
+
+def train_step(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    optimizer: torch.optim.Optimizer,
+    x0: torch.Tensor,
+    cfg: TrainConfig,
+) -> float:
+    """One DDPM step: noise x0 to random t, predict the noise, MSE, clip, AdamW; the loss."""
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0)
+    x_t = diffusion.q_sample(scheduler, x0, noise, t)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
+        eps = unet(x_t, t).sample
+    loss = F.mse_loss(eps.float(), noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
+    """A copy of `unet` holding the EMA weights."""
+    import copy
+
+    shadow = copy.deepcopy(unet)
+    ema.copy_to(shadow.parameters())
+    return shadow
+
+
+def save_checkpoint(
+    unet: UNet2DModel,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    epoch: int,
+    step: int,
+    *,
+    with_resume_state: bool = True,
+) -> None:
+    """Log checkpoints/epoch_NNNN (EMA, raw/, meta) and, for the latest, resume/ to MLflow."""
+    import mlflow
+
+    meta = {"epoch": epoch, "step": step, "dataset": cfg.dataset, **tracking.flat_params(cfg)}
+    with tempfile.TemporaryDirectory(prefix="ddsweep-ckpt-") as tmp:
+        folder = Path(tmp) / "ckpt"
+        checkpoints.save(folder, ema_unet(unet, ema).float(), unet.float(), meta)
+        mlflow.log_artifacts(str(folder), checkpoints.epoch_dir(epoch))
+        if with_resume_state:
+            state = {"epoch": epoch, "step": step, "ema_step": int(ema.optimization_step)}
+            checkpoints.save_resume_state(Path(tmp) / "resume", optimizer, state)
+            mlflow.log_artifacts(str(Path(tmp) / "resume"), checkpoints.RESUME)
+
+
+def log_samples(unet: UNet2DModel, ema: EMAModel, cfg: TrainConfig, epoch: int) -> None:
+    """A DDIM sample grid from the EMA weights, logged as the `samples` image series."""
+    import mlflow
+
+    if cfg.sample_count == 0:
+        return
+    shadow = ema_unet(unet, ema).eval()
+    images = diffusion.sample(shadow, cfg.sample_count, steps=cfg.sample_steps, seed=cfg.seed)
+    mlflow.log_image(diffusion.to_grid(images).numpy(), key="samples", step=epoch)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    data_dir: Path,
+    resume_run_id: str | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Train (or resume) one backbone inside the active MLflow setup; returns the run id."""
+    import mlflow
+    from diffusers.training_utils import EMAModel
+    from mlflow.entities import Metric
+
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)  # fail early
+    unet = build_unet(cfg.model)
+    scheduler = diffusion.make_scheduler()
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    start_epoch, step = 0, 0
+    if resume_run_id is not None:
+        start_epoch, step = restore(resume_run_id, unet, ema, optimizer)
+    unet.to(device)
+    ema.to(device)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    client = mlflow.tracking.MlflowClient()
+    with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name(cfg)):
+        run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+        if resume_run_id is None:
+            mlflow.log_params(tracking.flat_params(cfg))
+            mlflow.set_tags(
+                {
+                    tracking.KIND_TAG: "train",
+                    "dataset": cfg.dataset,
+                    "resolution": str(cfg.model.resolution),
+                    "attention": str(cfg.model.attention),
+                    "code_version": tracking.code_version(),
+                    "device": str(device),
+                    "train_images": str(len(dataset)),  # type: ignore[arg-type]
+                }
+            )
+            save_checkpoint(unet, ema, optimizer, cfg, 0, 0)  # epoch 0: the untrained baseline
+        task = None
+        if progress is not None:
+            task = progress.add_task(
+                run_name(cfg), total=cfg.epochs, completed=start_epoch, loss=float("nan"), ips=0.0
+            )
+        pending: list[Metric] = []
+        stop = False
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            unet.train()
+            t0, seen, total_loss, batches = time.perf_counter(), 0, 0.0, 0
+            for x0, _ in make_loader(cfg, data_dir, epoch):
+                x0 = x0.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                loss = train_step(unet, scheduler, optimizer, x0, cfg)
+                ema.step(unet.parameters())
+                step += 1
+                seen += x0.shape[0]
+                total_loss += loss
+                batches += 1
+                if not math.isfinite(loss):
+                    raise RuntimeError(f"loss became {loss} at step {step}; lower --lr")
+                pending.append(Metric("loss", loss, int(time.time() * 1000), step))
+                if len(pending) >= cfg.log_every:
+                    client.log_batch(run_id, metrics=pending)
+                    pending = []
+                if cfg.max_steps and step >= cfg.max_steps:
+                    stop = True
+                    break
+            ips = seen / max(time.perf_counter() - t0, 1e-9)
+            epoch_loss = total_loss / max(batches, 1)
+            if pending:
+                client.log_batch(run_id, metrics=pending)
+                pending = []
+            mlflow.log_metrics({"epoch_loss": epoch_loss, "images_per_s": ips}, step=epoch)
+            last = stop or epoch == cfg.epochs
+            if epoch % cfg.checkpoint_every == 0 or last:
+                save_checkpoint(unet, ema, optimizer, cfg, epoch, step)
+            if last or (cfg.sample_every and epoch % cfg.sample_every == 0):
+                log_samples(unet, ema, cfg, epoch)
+            if progress is not None and task is not None:
+                progress.update(task, completed=epoch, loss=epoch_loss, ips=ips)
+            if stop:
+                break
+        mlflow.set_tag("last_epoch", str(epoch if cfg.epochs > start_epoch else start_epoch))
+    return run_id
+
+
+def restore(
+    run_id: str, unet: UNet2DModel, ema: EMAModel, optimizer: torch.optim.Optimizer
+) -> tuple[int, int]:
+    """Load the latest checkpoint of run `run_id` into the model, EMA and optimizer."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="ddsweep-resume-") as tmp:
+        try:
+            folder = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=checkpoints.RESUME, dst_path=tmp
+                )
+            )
+        except Exception as err:
+            raise UserError(
+                f"run {run_id} has no resume state (artifact {checkpoints.RESUME}/): "
+                "only runs started by `ddsweep train` can be resumed"
+            ) from err
+        state, optim_state, rng = checkpoints.load_resume_state(folder)
+        epoch = int(state["epoch"])
+        ckpt = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=checkpoints.epoch_dir(epoch), dst_path=tmp
+            )
+        )
+        raw = checkpoints.load_unet(ckpt, "raw")
+        shadow = checkpoints.load_unet(ckpt, "ema")
+    unet.load_state_dict(raw.state_dict())
+    ema.shadow_params = [p.detach().clone() for p in shadow.parameters()]
+    ema.optimization_step = int(state["ema_step"])
+    try:
+        optimizer.load_state_dict(optim_state)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"the optimizer state of run {run_id} does not fit its model") from err
+    torch.set_rng_state(rng)
+    return epoch, int(state["step"])
+
+
+def with_dataset_defaults(cfg: TrainConfig, **given: Any) -> TrainConfig:
+    """`cfg` with dataset-dependent defaults filled in where the user gave nothing."""
+    info = data.dataset_info(cfg.dataset)
+    model = replace(
+        cfg.model,
+        resolution=given.get("resolution") or info.default_resolution,
+        channels=given.get("channels") or info.default_channels,
+    )
+    batch = given.get("batch_size") or (
+        128 if cfg.dataset == "digits" else study_batch_size(model.resolution, model.attention)
+    )
+    return replace(cfg, model=model, batch_size=batch)

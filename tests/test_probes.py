@@ -1,0 +1,316 @@
+"""Probes: parity with scikit-learn, hand-made cases, determinism and argument checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits, make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ddsweep.probes import (
+    knn_probe,
+    knn_search,
+    knn_votes,
+    linear_probe,
+    standardise,
+    topk_hits,
+)
+
+# Small even k make ties between classes common: they test the smaller-class-wins rule.
+KS = (1, 2, 3, 4, 6, 10, 25)
+Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def tensors(*arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(a) for a in arrays)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Split:
+    x, y = load_digits(return_X_y=True)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    return xtr, ytr, xte, yte
+
+
+@pytest.fixture(scope="module")
+def gaussian() -> Split:
+    rng = np.random.default_rng(0)
+    return (
+        rng.normal(size=(500, 32)),
+        rng.integers(0, 5, 500),
+        rng.normal(size=(200, 32)),
+        rng.integers(0, 5, 200),
+    )
+
+
+# ------------------------------------------------------------------------------ k-NN parity
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("data", ["gaussian", "digits"])
+def test_knn_predictions_equal_sklearn(
+    data: str, metric: str, request: pytest.FixtureRequest
+) -> None:
+    xtr, ytr, xte, _ = request.getfixturevalue(data)
+    votes = knn_votes(*tensors(xtr, ytr, xte), ks=KS, metric=metric)  # type: ignore[arg-type]
+    assert sorted(votes) == list(KS)
+    for k in KS:
+        sk = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric=metric)
+        expected = sk.fit(xtr, ytr).predict(xte)
+        np.testing.assert_array_equal(votes[k].argmax(1).numpy(), expected, err_msg=f"k={k}")
+    # The tie rule was really exercised: with k=2 some queries split their votes 1-1.
+    top2 = votes[2].topk(2, dim=1).values
+    assert (top2[:, 0] == top2[:, 1]).any()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_knn_distance_weighting_equals_sklearn(metric: str, gaussian: Split) -> None:
+    xtr, ytr, xte, _ = gaussian
+    votes = knn_votes(
+        *tensors(xtr, ytr, xte),
+        ks=KS,
+        metric=metric,  # type: ignore[arg-type]
+        weighting="distance",
+    )
+    for k in KS:
+        sk = KNeighborsClassifier(k, algorithm="brute", metric=metric, weights="distance")
+        expected = sk.fit(xtr, ytr).predict(xte)
+        np.testing.assert_array_equal(votes[k].argmax(1).numpy(), expected, err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_knn_search_equals_sklearn_kneighbors(metric: str, gaussian: Split) -> None:
+    xtr, ytr, xte, _ = gaussian
+    dist, idx = knn_search(*tensors(xtr, xte), 30, metric=metric)  # type: ignore[arg-type]
+    sk = KNeighborsClassifier(n_neighbors=30, algorithm="brute", metric=metric).fit(xtr, ytr)
+    sk_dist, sk_idx = sk.kneighbors(xte)
+    np.testing.assert_array_equal(idx.numpy(), sk_idx)
+    np.testing.assert_allclose(dist.numpy(), sk_dist, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 7, 60, 300])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_search_breaks_distance_ties_by_train_index(k: int, dtype: torch.dtype) -> None:
+    # Small integer features: squared distances are exact integers with many ties.
+    rng = np.random.default_rng(1)
+    xtr, xte = rng.integers(0, 3, (300, 6)), rng.integers(0, 3, (40, 6))
+    sq = ((xte[:, None, :] - xtr[None, :, :]) ** 2).sum(-1)
+    expected = np.argsort(sq, axis=1, kind="stable")[:, :k]
+    dist, idx = knn_search(
+        *(t.to(dtype) for t in tensors(xtr, xte)), k, metric="euclidean", chunk_size=16
+    )
+    np.testing.assert_array_equal(idx.numpy(), expected)
+    np.testing.assert_allclose(dist.double().numpy() ** 2, np.take_along_axis(sq, expected, 1))
+
+
+def test_knn_chunking_matches_one_chunk(gaussian: Split) -> None:
+    xtr, ytr, xte, _ = gaussian
+    args = tensors(xtr, ytr, xte)
+    for weighting in ("uniform", "distance", "temperature"):
+        whole = knn_votes(*args, ks=KS, weighting=weighting, chunk_size=10_000)  # type: ignore[arg-type]
+        chunked = knn_votes(*args, ks=KS, weighting=weighting, chunk_size=7)  # type: ignore[arg-type]
+        for k in KS:
+            torch.testing.assert_close(chunked[k], whole[k], rtol=0, atol=0)
+
+
+def test_knn_probe_metrics(digits: Split) -> None:
+    result = knn_probe(*tensors(*digits), ks=(1, 5, 20), metric="cosine")
+    assert sorted(result) == [1, 5, 20]
+    for metrics in result.values():
+        assert set(metrics) == {"top1", "top3"}
+        assert 0.9 < metrics["top1"] <= metrics["top3"] <= 1.0
+
+
+def test_knn_probe_float16_and_float32_agree_with_float64(digits: Split) -> None:
+    xtr, ytr, xte, yte = tensors(*digits)
+    ref = knn_probe(xtr, ytr, xte, yte, ks=(10,))
+    for dtype in (torch.float16, torch.float32):
+        got = knn_probe(xtr.to(dtype), ytr, xte.to(dtype), yte, ks=(10,))
+        assert got[10]["top1"] == pytest.approx(ref[10]["top1"], abs=0.01)
+
+
+# --------------------------------------------------------------------------- top-3 by hand
+
+
+def test_topk_hits_breaks_score_ties_towards_smaller_class() -> None:
+    scores = torch.tensor([[1.0, 2.0, 2.0, 0.0]])
+    assert topk_hits(scores, torch.tensor([1]), 1).tolist() == [True]
+    assert topk_hits(scores, torch.tensor([2]), 1).tolist() == [False]
+    assert topk_hits(scores, torch.tensor([0]), 3).tolist() == [True]
+    assert topk_hits(scores, torch.tensor([3]), 3).tolist() == [False]
+    assert topk_hits(scores, torch.tensor([3]), 10).tolist() == [True]  # k > classes: all
+
+
+def test_knn_top3_by_hand() -> None:
+    # Train points 0..5 on a line, labels 3 3 3 1 1 0; both queries sit at 0.
+    train_x = torch.arange(6.0)[:, None]
+    train_y = torch.tensor([3, 3, 3, 1, 1, 0])
+    test_x, test_y = torch.zeros(2, 1), torch.tensor([0, 2])
+    result = knn_probe(train_x, train_y, test_x, test_y, ks=(3, 5, 6), metric="euclidean")
+    # k=6: votes 3:3, 1:2, 0:1 -> top-3 {3, 1, 0}. k=5: 3:3, 1:2, then 0 wins the 0-vote tie
+    # against 2. k=3: 3:3, then 0 and 1 win the tie against 2. Label 0 is in, label 2 is out.
+    for k in (3, 5, 6):
+        assert result[k] == {"top1": 0.0, "top3": 0.5}
+    votes = knn_votes(train_x, train_y, test_x, ks=(6,), metric="euclidean")[6]
+    assert votes[0].tolist() == [1.0, 2.0, 0.0, 3.0]
+
+
+def test_top3_with_two_classes_is_one(gaussian: Split) -> None:
+    xtr, ytr, xte, yte = gaussian
+    args = tensors(xtr, ytr % 2, xte, yte % 2)
+    assert knn_probe(*args, ks=(5,))[5]["top3"] == 1.0
+    assert linear_probe(*args, epochs=2)["top3"] == 1.0
+
+
+# ------------------------------------------------------------------------------ weighting
+
+
+def test_distance_weighting_favours_the_close_neighbour() -> None:
+    # One class-0 point very close to the query, two class-1 points far away.
+    train_x = torch.tensor([[0.1], [2.0], [2.1]])
+    train_y = torch.tensor([0, 1, 1])
+    query = torch.zeros(1, 1)
+    for weighting, winner in (("uniform", 1), ("distance", 0), ("temperature", 0)):
+        votes = knn_votes(train_x, train_y, query, ks=(3,), metric="euclidean", weighting=weighting)  # type: ignore[arg-type]
+        assert int(votes[3].argmax(1)) == winner, weighting
+
+
+def test_temperature_weighting_cosine() -> None:
+    # Class 0 almost parallel to the query; two class-1 points at 45 degrees.
+    train_x = torch.tensor([[1.0, 0.05], [1.0, 1.0], [1.0, 1.01]])
+    train_y = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    uniform = knn_votes(train_x, train_y, query, ks=(3,))[3]
+    temperature = knn_votes(train_x, train_y, query, ks=(3,), weighting="temperature")[3]
+    assert int(uniform.argmax(1)) == 1
+    assert int(temperature.argmax(1)) == 0
+    # A huge temperature makes the weights nearly uniform again.
+    flat = knn_votes(train_x, train_y, query, ks=(3,), weighting="temperature", temperature=1e6)
+    assert int(flat[3].argmax(1)) == 1
+
+
+def test_distance_weighting_with_an_exact_match() -> None:
+    # A query equal to a train point: only zero-distance neighbours vote (scikit-learn's rule).
+    train_x = torch.tensor([[0.0, 1.0], [0.0, 1.1], [0.0, 1.2]])
+    train_y = torch.tensor([0, 1, 1])
+    votes = knn_votes(
+        train_x, train_y, train_x[:1], ks=(3,), metric="euclidean", weighting="distance"
+    )
+    assert votes[3].tolist() == [[1.0, 0.0]]
+
+
+# -------------------------------------------------------------------------------- linear
+
+
+def sklearn_logistic_top1(
+    xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray
+) -> float:
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    return float(model.fit(xtr, ytr).score(xte, yte))
+
+
+def test_linear_probe_matches_logistic_regression_on_digits(digits: Split) -> None:
+    # 1,437 images make only 6 batches an epoch: more epochs and a larger lr than the study's.
+    result = linear_probe(*tensors(*digits), epochs=60, lr=1e-2)
+    assert result["top1"] == pytest.approx(sklearn_logistic_top1(*digits), abs=0.02)
+    assert result["train_top1"] > 0.98
+    assert result["top1"] <= result["top3"] <= 1.0
+
+
+def test_linear_probe_matches_logistic_regression_on_separable_data() -> None:
+    x, y = make_classification(
+        n_samples=2000,
+        n_features=20,
+        n_informative=5,
+        n_redundant=0,
+        n_classes=4,
+        n_clusters_per_class=1,
+        class_sep=3.0,
+        flip_y=0.0,
+        random_state=0,
+    )
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
+    result = linear_probe(*tensors(xtr, ytr, xte, yte), epochs=20, lr=1e-2)
+    sk = sklearn_logistic_top1(xtr, ytr, xte, yte)
+    assert sk > 0.97
+    assert result["top1"] == pytest.approx(sk, abs=0.02)
+
+
+def test_linear_probe_is_deterministic(digits: Split) -> None:
+    args = tensors(*digits)
+    first = linear_probe(*args, epochs=3, seed=7)
+    assert linear_probe(*args, epochs=3, seed=7) == first
+    assert linear_probe(*args, epochs=3, seed=8) != first
+
+
+def test_standardise_uses_train_statistics() -> None:
+    train = torch.tensor([[0.0, 5.0], [2.0, 5.0]])
+    test = torch.tensor([[3.0, 7.0]])
+    train_z, test_z = standardise(train, test)
+    # Train mean 1, std 1 for the first feature; the constant second feature is only centred.
+    assert train_z.tolist() == [[-1.0, 0.0], [1.0, 0.0]]
+    assert test_z.tolist() == [[2.0, 2.0]]
+
+
+def test_linear_probe_ignores_a_huge_offset(digits: Split) -> None:
+    xtr, ytr, xte, yte = (t.float() if t.is_floating_point() else t for t in tensors(*digits))
+    base = linear_probe(xtr, ytr, xte, yte, epochs=10, lr=1e-2)
+    shifted = [
+        torch.cat([x + torch.linspace(0, 1e5, 64), torch.full_like(x[:, :1], 1e6)], 1)
+        for x in (xtr, xte)
+    ]
+    moved = linear_probe(shifted[0], ytr, shifted[1], yte, epochs=10, lr=1e-2)
+    assert moved["top1"] == pytest.approx(base["top1"], abs=0.01)
+
+
+def test_linear_probe_accepts_float16(digits: Split) -> None:
+    xtr, ytr, xte, yte = tensors(*digits)
+    result = linear_probe(xtr.half(), ytr, xte.half(), yte, epochs=10, lr=1e-2)
+    assert result["top1"] > 0.9
+
+
+# ---------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"metric": "manhattan"}, "allowed: cosine, euclidean"),
+        ({"weighting": "softmax"}, "allowed: uniform, distance, temperature"),
+        ({"ks": (0,)}, r"allowed: integers 1\.\.500"),
+        ({"ks": (5, 501)}, r"allowed: integers 1\.\.500"),
+        ({"ks": ()}, "ks is empty"),
+        ({"chunk_size": 0}, "allowed: None or an integer > 0"),
+        ({"weighting": "temperature", "temperature": 0.0}, "allowed: a float > 0"),
+    ],
+)
+def test_knn_bad_arguments(kwargs: dict[str, object], message: str, gaussian: Split) -> None:
+    with pytest.raises(ValueError, match=message):
+        knn_probe(*tensors(*gaussian), **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_shapes_and_labels(gaussian: Split) -> None:
+    xtr, ytr, xte, yte = tensors(*gaussian)
+    with pytest.raises(ValueError, match="feature size"):
+        knn_probe(xtr, ytr, xte[:, :5], yte)
+    with pytest.raises(ValueError, match="train_y must be"):
+        linear_probe(xtr, ytr[:10], xte, yte)
+    with pytest.raises(ValueError, match="integer class indices"):
+        linear_probe(xtr, ytr.double(), xte, yte)
+    with pytest.raises(ValueError, match=">= 0"):
+        knn_probe(xtr, ytr - 1, xte, yte)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_knn_on_cuda_matches_cpu(gaussian: Split) -> None:
+    xtr, ytr, xte, yte = tensors(*gaussian)
+    cpu = knn_votes(xtr, ytr, xte, ks=KS)
+    gpu = knn_votes(xtr.cuda(), ytr.cuda(), xte.cuda(), ks=KS)
+    for k in KS:
+        assert torch.equal(gpu[k].argmax(1).cpu(), cpu[k].argmax(1))
+    assert knn_probe(xtr, ytr, xte, yte, device="cuda")[50]["top1"] >= 0
