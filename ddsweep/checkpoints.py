@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,8 +53,22 @@ def load_resume_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any], tor
         state = json.loads((folder / "state.json").read_text())
         optim = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)["cpu_rng"]
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise UserError(f"cannot read the resume state in {folder}: {err}") from err
+        missing = {"epoch", "step", "ema_step"} - set(state)
+        if missing:
+            raise KeyError(f"state.json lacks {', '.join(sorted(missing))}")
+    # weights_only refuses anything but tensors and plain containers with UnpicklingError.
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        KeyError,
+        TypeError,
+        EOFError,
+        pickle.UnpicklingError,
+    ) as err:
+        raise UserError(
+            f"cannot read the resume state in {folder}: {str(err).strip().splitlines()[0]}"
+        ) from err
     return state, optim, rng
 
 
@@ -72,6 +87,7 @@ def load_unet(folder: Path | str, weights: Weights = "ema") -> UNet2DModel:
             f"{sub} is not a diffusers UNet2DModel folder (no config.json): pass a folder "
             "written by save_pretrained, e.g. a ddsweep checkpoint"
         )
+    _check_config(sub)
     if not (sub / WEIGHTS_FILE).is_file():
         raise UserError(
             f"{sub} has no {WEIGHTS_FILE}: ddsweep loads safetensors only (never pickles); "
@@ -79,10 +95,27 @@ def load_unet(folder: Path | str, weights: Weights = "ema") -> UNet2DModel:
             "safe_serialization=True) in a trusted environment"
         )
     try:
-        unet = UNet2DModel.from_pretrained(sub, use_safetensors=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        # local_files_only: a folder is never a Hub id, so a bad folder must not go online.
+        unet = UNet2DModel.from_pretrained(
+            sub, use_safetensors=True, low_cpu_mem_usage=False, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"cannot load the U-Net in {sub}: {err}".splitlines()[0]) from err
     return unet.eval()
+
+
+def _check_config(sub: Path) -> None:
+    """Raise UserError unless sub/config.json is a UNet2DModel config (a JSON object)."""
+    # diffusers reads a config that is a bare string as a Hub id and tries to download it.
+    try:
+        config = json.loads((sub / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{sub}/config.json is not readable JSON: {err}".splitlines()[0]) from err
+    if not isinstance(config, dict):
+        raise UserError(f"{sub}/config.json is not a diffusers config (a JSON object)")
+    kind = config.get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":
+        raise UserError(f"{sub} holds a {kind}, not a UNet2DModel: ddsweep probes UNet2DModel only")
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

@@ -313,6 +313,169 @@ def _print_metrics(point: Any, metrics: dict[str, float], run_id: str) -> None:
     typer.echo(f"logged as MLflow run {run_id}")
 
 
+study_app = typer.Typer(
+    cls=_Group,
+    help="Run a sweep file's grid as an Optuna study, every trial an MLflow child run.",
+    no_args_is_help=True,
+)
+app.add_typer(study_app, name="study")
+
+StudyName = Annotated[
+    str, typer.Option("--study", help="Study name: runs sweeps/NAME.yaml (or a YAML path).")
+]
+AxisOpt = Annotated[list[str] | None, typer.Option(show_default=False)]
+Storage = Annotated[
+    str | None,
+    typer.Option(
+        help="Optuna storage URL (e.g. postgresql://user@host/db) shared by workers on several "
+        "machines [default: the journal file .ddsweep/optuna/NAME.journal]",
+        show_default=False,
+    ),
+]
+
+
+def _axis_overrides(**axes: list[str] | None) -> dict[str, list[str]]:
+    return {k: v for k, v in axes.items() if v}
+
+
+def _study_config(name: str, overrides: dict[str, list[str]]) -> Any:
+    from ddsweep import sweep
+
+    return sweep.with_overrides(sweep.load_study(name), name, overrides)
+
+
+@study_app.command("probe-grid")
+def probe_grid(
+    study: StudyName,
+    dataset: Annotated[list[str] | None, typer.Option(help="Dataset axis (repeatable).")] = None,
+    resolution: Annotated[list[str] | None, typer.Option(help="Resolution axis.")] = None,
+    attention: Annotated[
+        list[str] | None, typer.Option(help="Attention axis: true and/or false.")
+    ] = None,
+    epoch: Annotated[
+        list[str] | None, typer.Option(help="Epoch axis: 50 or START:STOP:STEP (stop included).")
+    ] = None,
+    block: Annotated[list[str] | None, typer.Option(help="Block axis, e.g. --block up3.")] = None,
+    noise_step: Annotated[list[str] | None, typer.Option(help="Noise-step axis.")] = None,
+    probe_kind: Annotated[
+        list[str] | None, typer.Option("--probe", help="Probe axis: linear and/or knn.")
+    ] = None,
+    k: Annotated[list[str] | None, typer.Option(help="k axis (knn only).")] = None,
+    storage: Storage = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
+    max_retries: Annotated[int, typer.Option(help="Retries of a failed point across runs.")] = 2,
+    grace_period: Annotated[
+        int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")
+    ] = 60,
+    heartbeat_interval: Annotated[int, typer.Option(help="Seconds between heartbeats.")] = 10,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "ddsweep",
+) -> None:
+    """Run (or resume) the probe grid of a study; re-running does only what is left."""
+    from ddsweep import data
+    from ddsweep.study import RunOptions
+
+    cfg = _study_config(
+        study,
+        _axis_overrides(
+            dataset=dataset,
+            resolution=resolution,
+            attention=attention,
+            epoch=epoch,
+            block=block,
+            noise_step=noise_step,
+            probe=probe_kind,
+            k=k,
+        ),
+    )
+    if cfg.kind != "probe-grid":
+        raise UserError(f"{cfg.source} is a {cfg.kind} study: run `ddsweep study {cfg.kind}`")
+    if workers < 1 or max_retries < 0 or grace_period <= 0 or heartbeat_interval <= 0:
+        raise UserError("--workers, --grace-period and --heartbeat-interval must be positive")
+    if heartbeat_interval >= grace_period:
+        raise UserError("--heartbeat-interval must be shorter than --grace-period")
+    opts = RunOptions(
+        storage=storage,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workers=workers,
+        max_retries=max_retries,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        data_dir=data_dir or data.default_data_dir(),
+    )
+    _run_grid(cfg, opts)
+
+
+def _run_grid(cfg: Any, opts: Any) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from ddsweep.study import run_study
+
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(cfg.study, total=None, state="starting")
+
+        def show(ctx: Any, t: Any, current: str | None) -> None:
+            done = sum(1 for p in ctx.keys if p in t.complete)
+            state = f"{len(t.running)} running, {sum(t.failures.values())} failed"
+            if current:
+                state += f" | {current}"
+            bar.update(task, total=len(ctx.ids), completed=done, state=state)
+
+        ctx, outcomes = run_study(cfg, opts, progress=show)
+    from ddsweep.study import tally
+
+    t = tally(ctx.study, opts.grace_period)
+    done = sum(1 for p in ctx.keys if p in t.complete)
+    ran = outcomes["complete"]
+    if ran == 0 and done == len(ctx.ids):
+        typer.echo(f"{cfg.study}: all {done} points were already complete; nothing to do")
+    else:
+        typer.echo(
+            f"{cfg.study}: {done}/{len(ctx.ids)} points complete ({ran} evaluated now, "
+            f"{outcomes['failed']} failed, {outcomes['adopted']} adopted from earlier runs)"
+        )
+    if done < len(ctx.ids):
+        typer.echo(f"see `ddsweep study status --study {cfg.study}` for what is left")
+
+
+@study_app.command("status")
+def study_status(
+    study: StudyName,
+    storage: Storage = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "ddsweep",
+) -> None:
+    """Complete / running / failed / left, in total and per axis value."""
+    from rich.console import Console
+
+    from ddsweep.study import status_tables
+
+    cfg = _study_config(study, {})
+    for table in status_tables(
+        cfg, storage=storage, tracking_uri=tracking_uri, experiment=experiment
+    ):
+        Console().print(table)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

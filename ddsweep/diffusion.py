@@ -63,6 +63,8 @@ def sample(
 
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if sampler == "ddim" and not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise UserError(f"DDIM sampling takes 1 to {NUM_TRAIN_TIMESTEPS} steps, got {steps}")
     train_sched = make_scheduler()
     if sampler == "ddpm":
         sched = train_sched
@@ -73,15 +75,16 @@ def sample(
     device = next(unet.parameters()).device
     cfg = unet.config
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    out = []
+    out = [torch.empty(0, cfg.in_channels, cfg.sample_size, cfg.sample_size)]
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         x = torch.randn(b, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
         x = x.to(device)
         for t in sched.timesteps:
             eps = unet(x, t.to(device)).sample
-            # A CPU generator keeps the DDPM noise identical on CPU and GPU for one seed.
-            x = sched.step(eps, t, x, generator=gen if device.type == "cpu" else None).prev_sample
+            # A CPU generator keeps the DDPM noise identical on CPU and GPU for one seed
+            # (diffusers draws it on the CPU and moves it).
+            x = sched.step(eps, t, x, generator=gen).prev_sample
         out.append(x.clamp(-1, 1).float().cpu())
         if on_batch is not None:
             on_batch(b)

@@ -50,8 +50,8 @@ class Point:
 
     dataset: str
     resolution: int
-    attention: bool
-    epoch: int
+    attention: bool | None  # None for pixels: the baseline of every attention value
+    epoch: int | None  # None for pixels: the baseline of every epoch
     block: str
     noise_step: int
     probe: str
@@ -157,8 +157,9 @@ def split_features(
     data_dir: Path,
     *,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], float]:
-    """{split: {block: (features, labels)}} for train and test, and the seconds spent extracting.
+) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], float, int]:
+    """({split: {block: (features, labels)}} for train and test, seconds spent extracting, and
+    the number of passes of the backbone over a split that this call ran).
 
     Every block missing from the cache is filled by one pass over each split. `backbone` may be
     None when only `pixels` is asked for.
@@ -190,13 +191,14 @@ def split_features(
 
     out = {}
     seconds = 0.0
+    passes = 0
     req = FeatureRequest(blocks, noise_step, cfg.noise_seed, cfg.pool)
     for split in ("train", "test"):
         ds = data.labelled_split(
             dataset, split, resolution, data_dir, flowers_add_val=cfg.flowers_add_val
         )
         fp = data.split_fingerprint(dataset, split, resolution, flowers_add_val=cfg.flowers_add_val)
-        feats, secs = cached_features(
+        feats, secs, ran = cached_features(
             load,
             ckpt_hash,
             cfg.weights,
@@ -209,7 +211,8 @@ def split_features(
         )
         out[split] = feats
         seconds += secs
-    return out, seconds
+        passes += int(ran and needs_net)
+    return out, seconds, passes
 
 
 def run_probe(
@@ -268,7 +271,7 @@ def evaluate(
     blocks = tuple(dict.fromkeys((point.block, *fill_blocks)))
     if point.block == PIXELS:
         blocks = (PIXELS,)
-    feats, extract_s = split_features(
+    feats, extract_s, passes = split_features(
         backbone,
         point.dataset,
         point.resolution,
@@ -287,7 +290,7 @@ def evaluate(
     result = dict(metrics[point.k if point.probe == "knn" else 0])
     result["fit_s"] = time.perf_counter() - t0
     result["extract_s"] = extract_s
-    result["extracted"] = 1.0 if extract_s > 0 else 0.0
+    result["backbone_passes"] = float(passes)
     result["feature_dim"] = float(feats["train"][point.block][0].shape[1])
     return result
 
@@ -370,5 +373,12 @@ def resolve_point(
     res = res or resolution or info.default_resolution
     if resolution is not None and resolution != res:
         raise UserError(f"--resolution {resolution} does not match the backbone's {res} px")
-    point = Point(info.name, res, attn, ep, block, noise_step, probe, k if probe == "knn" else 0)
+    if block == PIXELS:
+        point = Point(
+            info.name, res, None, None, block, noise_step, probe, k if probe == "knn" else 0
+        )
+    else:
+        point = Point(
+            info.name, res, attn, ep, block, noise_step, probe, k if probe == "knn" else 0
+        )
     return bb, point

@@ -7,13 +7,15 @@ the pooled features on disk, keyed by everything that determines them, so an ent
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -270,6 +272,25 @@ class FeatureCache:
             return None
         return tensors["features"].float(), tensors["labels"]
 
+    def get_many(self, keys: dict[str, CacheKey]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The hits among `keys`, by block."""
+        found = {b: self.get(k) for b, k in keys.items()}
+        return {b: v for b, v in found.items() if v is not None}
+
+    @contextlib.contextmanager
+    def lock(self, key: CacheKey) -> Iterator[None]:
+        """An exclusive inter-process lock named after `key` (fcntl where available)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f".lock-{key.digest()}"
+        with open(path, "a") as f:
+            try:
+                import fcntl
+
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except ImportError:  # not POSIX: no cross-process lock, extraction may repeat
+                pass
+            yield
+
     def put(self, key: CacheKey, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Store an entry atomically (temp file + rename), float16 when the values fit; returns
         the features as stored (as float32), so a miss hands out exactly what a hit will."""
@@ -326,20 +347,42 @@ def cached_features(
     *,
     batch_size: int = 256,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """({block: (features, labels)}, extraction seconds): cache hits are read, all misses are
-    filled by one `extract` over the split (0 seconds when everything was cached)."""
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, bool]:
+    """({block: (features, labels)}, extraction seconds, whether `extract` ran): cache hits
+    are read, all misses are filled by one `extract` over the split.
+
+    Processes sharing the cache take a lock per (checkpoint, split, noise step, pooling) while
+    they extract, so concurrent workers run the backbone once and the others read the result.
+    """
     keys = {
         b: CacheKey(
             checkpoint_hash, weights, split, resolution, req.noise_step, req.noise_seed, req.pool, b
         )
         for b in req.blocks
     }
-    found = {b: cache.get(k) for b, k in keys.items()}
-    out = {b: v for b, v in found.items() if v is not None}
-    missing = tuple(b for b in req.blocks if b not in out)
-    if not missing:
-        return out, 0.0
+    out = cache.get_many(keys)
+    if len(out) == len(keys):
+        return out, 0.0, False
+    with cache.lock(dataclasses.replace(next(iter(keys.values())), block="*")):
+        out = cache.get_many(keys)  # another worker may have filled it meanwhile
+        missing = tuple(b for b in req.blocks if b not in out)
+        if not missing:
+            return out, 0.0, False
+        return _fill(unet_loader, dataset, req, missing, keys, out, cache, batch_size, on_batch)
+
+
+def _fill(
+    unet_loader: Callable[[], UNet2DModel | None],
+    dataset: Dataset[tuple[torch.Tensor, int]],
+    req: FeatureRequest,
+    missing: tuple[str, ...],
+    keys: dict[str, CacheKey],
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    cache: FeatureCache,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, bool]:
+    """Extract the missing blocks in one pass and store them."""
     t0 = time.perf_counter()
     unet = unet_loader()
     sub = FeatureRequest(missing, req.noise_step, req.noise_seed, req.pool)
@@ -348,4 +391,4 @@ def cached_features(
     feats, labels = extract(unet, dataset, sub, batch_size=batch_size, on_batch=on_batch)
     for b in missing:
         out[b] = (cache.put(keys[b], feats[b], labels), labels)
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, True

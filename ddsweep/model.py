@@ -56,6 +56,15 @@ def validate(cfg: ModelConfig) -> None:
             f"--resolution {cfg.resolution}: the U-Net halves the image {levels - 1} times, "
             f"so the resolution must be a positive multiple of {factor} (e.g. 32 or 64)"
         )
+    # Group norm (32 groups) needs two values per group per image, or torch refuses a batch of
+    # one; the innermost level holds the fewest (e.g. 8 px, width 32: 1x1, one channel a group).
+    side = cfg.resolution // factor
+    if min(cfg.channels[-2:]) // 32 * side * side < 2:
+        raise UserError(
+            f"--resolution {cfg.resolution} with --channels {','.join(map(str, cfg.channels))}: "
+            f"the innermost level is {side}x{side} with one value per group-norm group, which "
+            "cannot be normalised; use a larger --resolution, fewer levels or wider channels"
+        )
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DModel:
@@ -72,6 +81,8 @@ def build_unet(cfg: ModelConfig) -> UNet2DModel:
         layers_per_block=cfg.layers_per_block,
         down_block_types=down,
         up_block_types=up,
+        # The mid block's attention goes with the rest: --no-attention is no attention at all.
+        add_attention=cfg.attention,
     )
 
 

@@ -14,6 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = [
+    "METRICS",
+    "WEIGHTINGS",
+    "Metric",
+    "Weighting",
+    "knn_probe",
+    "knn_search",
+    "knn_votes",
+    "linear_probe",
+    "standardise",
+    "topk_hits",
+]
+
 Metric = Literal["cosine", "euclidean"]
 Weighting = Literal["uniform", "distance", "temperature"]
 METRICS: tuple[str, ...] = get_args(Metric)
@@ -200,17 +213,17 @@ class _Index:
         self.bias[self.n :] = -math.inf
         self.t = F.pad(x, (0, 0, 0, pad)).T.contiguous()  # (D, n_padded)
 
-    def scores(self, q: Tensor) -> Tensor:
-        """(B, D) queries -> (B, n_padded) scores, higher = nearer.
+    def scores(self, q: Tensor, out: Tensor) -> Tensor:
+        """(B, D) queries -> (B, n_padded) scores written into `out`, higher = nearer.
 
         cosine: the cosine similarity. euclidean: 2ab - |b|², i.e. |a|² - |a-b|²; ranking on it
         without the per-row |a|² is what scikit-learn's ArgKmin does too.
         """
         if self.metric == "cosine":
-            s = q @ self.t
-            s[:, self.n :] = -math.inf
-            return s
-        return torch.addmm(self.bias, q, self.t, alpha=2.0)
+            torch.mm(q, self.t, out=out)
+            out[:, self.n :] = -math.inf
+            return out
+        return torch.addmm(self.bias, q, self.t, alpha=2.0, out=out)
 
     def distances(self, q: Tensor, s: Tensor) -> Tensor:
         """(B, D) prepared queries, (B, k) scores -> (B, k) cosine or euclidean distances."""
@@ -251,13 +264,13 @@ def _stable_order(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     return vals.gather(1, by_val), idx.gather(1, by_val)
 
 
-def _search_chunk(index: _Index, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _search_chunk(index: _Index, q: Tensor, k: int, buf: Tensor) -> tuple[Tensor, Tensor]:
     """(B, D) prepared queries -> (B, k) scores and train indices, nearest first.
 
     The neighbours are exactly the first k of a stable argsort of the distances: equal
-    distances go to the smaller train index, as in a stable sort.
+    distances go to the smaller train index, as in a stable sort. `buf` holds the scores.
     """
-    s = index.scores(q)
+    s = index.scores(q, out=buf[: q.shape[0]])
     k1 = min(k + 1, index.n)  # one extra to see whether the k-th place is tied
     vals, idx = _top_candidates(s, index.n, k1, index.block)
     # topk orders equal scores arbitrarily: re-sort the (rare) rows that hold equal scores.
@@ -277,7 +290,7 @@ def _search_chunk(index: _Index, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _chunks(n_test: int, n_train_padded: int, itemsize: int, chunk_size: int | None) -> list[slice]:
     """Test-row slices whose (rows, n_train) score matrix fits KNN_CHUNK_BYTES (or chunk_size)."""
     size = chunk_size or max(1, KNN_CHUNK_BYTES // (n_train_padded * itemsize))
-    return [slice(i, min(i + size, n_test)) for i in range(0, n_test, size)]
+    return [slice(i, min(i + size, n_test)) for i in range(0, n_test, size)] or [slice(0, 0)]
 
 
 def _prepare_queries(test_x: Tensor, index: _Index, dtype: torch.dtype) -> Tensor:
@@ -298,9 +311,12 @@ def _search(
     dtype = _compute_dtype(train_x, test_x)
     index = _Index(train_x.to(dev), metric, dtype, _block_size(train_x.shape[0], k + 1))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    for rows in _chunks(test_x.shape[0], index.t.shape[1], itemsize, chunk_size):
+    chunks = _chunks(test_x.shape[0], index.t.shape[1], itemsize, chunk_size)
+    # One score buffer for all chunks: a fresh 256 MB tensor per chunk costs page faults.
+    buf = torch.empty(chunks[0].stop, index.t.shape[1], dtype=dtype, device=dev)
+    for rows in chunks:
         q = _prepare_queries(test_x[rows], index, dtype)
-        vals, idx = _search_chunk(index, q, k)
+        vals, idx = _search_chunk(index, q, k, buf)
         yield rows, vals, idx, index.distances(q, vals)
 
 

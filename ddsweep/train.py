@@ -54,7 +54,7 @@ def study_batch_size(resolution: int, attention: bool) -> int:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise UserError for options no training can use."""
-    positive = {
+    positive: dict[str, float] = {
         "--epochs": cfg.epochs,
         "--batch-size": cfg.batch_size,
         "--checkpoint-every": cfg.checkpoint_every,
@@ -64,7 +64,7 @@ def validate(cfg: TrainConfig) -> None:
     for flag, value in positive.items():
         if value <= 0:
             raise UserError(f"{flag} must be a positive number, got {value}")
-    non_negative = {
+    non_negative: dict[str, float] = {
         "--sample-every": cfg.sample_every,
         "--sample-count": cfg.sample_count,
         "--max-steps": cfg.max_steps,
@@ -79,6 +79,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.sample_steps > diffusion.NUM_TRAIN_TIMESTEPS:
+        raise UserError(
+            f"--sample-steps {cfg.sample_steps}: DDIM can take at most "
+            f"{diffusion.NUM_TRAIN_TIMESTEPS} steps (the training schedule's length)"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,7 +230,11 @@ def train(
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)  # fail early
-    unet = build_unet(cfg.model)
+    # On the device before the optimizer exists: load_state_dict puts a resumed optimizer's
+    # state beside its parameters, so it must see them where they will train.
+    unet = build_unet(cfg.model).to(device)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
     scheduler = diffusion.make_scheduler()
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -233,10 +242,10 @@ def train(
     start_epoch, step = 0, 0
     if resume_run_id is not None:
         start_epoch, step = restore(resume_run_id, unet, ema, optimizer)
-    unet.to(device)
     ema.to(device)
-    if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # --max-steps limits the steps of this call (a smoke run), not the run's total: a resumed
+    # run that had stopped at its limit would otherwise stop again after one step.
+    step_limit = step + cfg.max_steps if cfg.max_steps else 0
 
     client = mlflow.tracking.MlflowClient()
     with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name(cfg)):
@@ -281,7 +290,7 @@ def train(
                 if len(pending) >= cfg.log_every:
                     client.log_batch(run_id, metrics=pending)
                     pending = []
-                if cfg.max_steps and step >= cfg.max_steps:
+                if step_limit and step >= step_limit:
                     stop = True
                     break
             ips = seen / max(time.perf_counter() - t0, 1e-9)
@@ -323,11 +332,17 @@ def restore(
             ) from err
         state, optim_state, rng = checkpoints.load_resume_state(folder)
         epoch = int(state["epoch"])
-        ckpt = Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=checkpoints.epoch_dir(epoch), dst_path=tmp
+        try:
+            ckpt = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=checkpoints.epoch_dir(epoch), dst_path=tmp
+                )
             )
-        )
+        except Exception as err:
+            raise UserError(
+                f"run {run_id} has resume state for epoch {epoch} but no "
+                f"{checkpoints.epoch_dir(epoch)}/ artifact to resume from"
+            ) from err
         raw = checkpoints.load_unet(ckpt, "raw")
         shadow = checkpoints.load_unet(ckpt, "ema")
     unet.load_state_dict(raw.state_dict())
@@ -344,12 +359,19 @@ def restore(
 def with_dataset_defaults(cfg: TrainConfig, **given: Any) -> TrainConfig:
     """`cfg` with dataset-dependent defaults filled in where the user gave nothing."""
     info = data.dataset_info(cfg.dataset)
+
+    def pick(name: str, default: Any) -> Any:
+        # `is None`, not `or`: an explicit 0 must reach validation, not become the default.
+        value = given.get(name)
+        return default if value is None else value
+
     model = replace(
         cfg.model,
-        resolution=given.get("resolution") or info.default_resolution,
-        channels=given.get("channels") or info.default_channels,
+        resolution=pick("resolution", info.default_resolution),
+        channels=pick("channels", info.default_channels),
     )
-    batch = given.get("batch_size") or (
-        128 if cfg.dataset == "digits" else study_batch_size(model.resolution, model.attention)
+    batch = pick(
+        "batch_size",
+        128 if cfg.dataset == "digits" else study_batch_size(model.resolution, model.attention),
     )
     return replace(cfg, model=model, batch_size=batch)

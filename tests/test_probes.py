@@ -11,8 +11,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from torch import Tensor
 
 from ddsweep.probes import (
+    Metric,
+    Weighting,
     knn_probe,
     knn_search,
     knn_votes,
@@ -26,8 +29,12 @@ KS = (1, 2, 3, 4, 6, 10, 25)
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def tensors(*arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(a) for a in arrays)
+t = torch.from_numpy
+
+
+def tensors(split: Split) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    xtr, ytr, xte, yte = split
+    return t(xtr), t(ytr), t(xte), t(yte)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +61,10 @@ def gaussian() -> Split:
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("data", ["gaussian", "digits"])
 def test_knn_predictions_equal_sklearn(
-    data: str, metric: str, request: pytest.FixtureRequest
+    data: str, metric: Metric, request: pytest.FixtureRequest
 ) -> None:
     xtr, ytr, xte, _ = request.getfixturevalue(data)
-    votes = knn_votes(*tensors(xtr, ytr, xte), ks=KS, metric=metric)  # type: ignore[arg-type]
+    votes = knn_votes(t(xtr), t(ytr), t(xte), ks=KS, metric=metric)
     assert sorted(votes) == list(KS)
     for k in KS:
         sk = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric=metric)
@@ -69,14 +76,9 @@ def test_knn_predictions_equal_sklearn(
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_knn_distance_weighting_equals_sklearn(metric: str, gaussian: Split) -> None:
+def test_knn_distance_weighting_equals_sklearn(metric: Metric, gaussian: Split) -> None:
     xtr, ytr, xte, _ = gaussian
-    votes = knn_votes(
-        *tensors(xtr, ytr, xte),
-        ks=KS,
-        metric=metric,  # type: ignore[arg-type]
-        weighting="distance",
-    )
+    votes = knn_votes(t(xtr), t(ytr), t(xte), ks=KS, metric=metric, weighting="distance")
     for k in KS:
         sk = KNeighborsClassifier(k, algorithm="brute", metric=metric, weights="distance")
         expected = sk.fit(xtr, ytr).predict(xte)
@@ -84,9 +86,9 @@ def test_knn_distance_weighting_equals_sklearn(metric: str, gaussian: Split) -> 
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_knn_search_equals_sklearn_kneighbors(metric: str, gaussian: Split) -> None:
+def test_knn_search_equals_sklearn_kneighbors(metric: Metric, gaussian: Split) -> None:
     xtr, ytr, xte, _ = gaussian
-    dist, idx = knn_search(*tensors(xtr, xte), 30, metric=metric)  # type: ignore[arg-type]
+    dist, idx = knn_search(t(xtr), t(xte), 30, metric=metric)
     sk = KNeighborsClassifier(n_neighbors=30, algorithm="brute", metric=metric).fit(xtr, ytr)
     sk_dist, sk_idx = sk.kneighbors(xte)
     np.testing.assert_array_equal(idx.numpy(), sk_idx)
@@ -101,25 +103,24 @@ def test_knn_search_breaks_distance_ties_by_train_index(k: int, dtype: torch.dty
     xtr, xte = rng.integers(0, 3, (300, 6)), rng.integers(0, 3, (40, 6))
     sq = ((xte[:, None, :] - xtr[None, :, :]) ** 2).sum(-1)
     expected = np.argsort(sq, axis=1, kind="stable")[:, :k]
-    dist, idx = knn_search(
-        *(t.to(dtype) for t in tensors(xtr, xte)), k, metric="euclidean", chunk_size=16
-    )
+    train_x, test_x = t(xtr).to(dtype), t(xte).to(dtype)
+    dist, idx = knn_search(train_x, test_x, k, metric="euclidean", chunk_size=16)
     np.testing.assert_array_equal(idx.numpy(), expected)
     np.testing.assert_allclose(dist.double().numpy() ** 2, np.take_along_axis(sq, expected, 1))
 
 
 def test_knn_chunking_matches_one_chunk(gaussian: Split) -> None:
     xtr, ytr, xte, _ = gaussian
-    args = tensors(xtr, ytr, xte)
-    for weighting in ("uniform", "distance", "temperature"):
-        whole = knn_votes(*args, ks=KS, weighting=weighting, chunk_size=10_000)  # type: ignore[arg-type]
-        chunked = knn_votes(*args, ks=KS, weighting=weighting, chunk_size=7)  # type: ignore[arg-type]
+    weightings: tuple[Weighting, ...] = ("uniform", "distance", "temperature")
+    for weighting in weightings:
+        whole = knn_votes(t(xtr), t(ytr), t(xte), ks=KS, weighting=weighting, chunk_size=10**4)
+        chunked = knn_votes(t(xtr), t(ytr), t(xte), ks=KS, weighting=weighting, chunk_size=7)
         for k in KS:
             torch.testing.assert_close(chunked[k], whole[k], rtol=0, atol=0)
 
 
 def test_knn_probe_metrics(digits: Split) -> None:
-    result = knn_probe(*tensors(*digits), ks=(1, 5, 20), metric="cosine")
+    result = knn_probe(*tensors(digits), ks=(1, 5, 20), metric="cosine")
     assert sorted(result) == [1, 5, 20]
     for metrics in result.values():
         assert set(metrics) == {"top1", "top3"}
@@ -127,7 +128,7 @@ def test_knn_probe_metrics(digits: Split) -> None:
 
 
 def test_knn_probe_float16_and_float32_agree_with_float64(digits: Split) -> None:
-    xtr, ytr, xte, yte = tensors(*digits)
+    xtr, ytr, xte, yte = tensors(digits)
     ref = knn_probe(xtr, ytr, xte, yte, ks=(10,))
     for dtype in (torch.float16, torch.float32):
         got = knn_probe(xtr.to(dtype), ytr, xte.to(dtype), yte, ks=(10,))
@@ -162,7 +163,7 @@ def test_knn_top3_by_hand() -> None:
 
 def test_top3_with_two_classes_is_one(gaussian: Split) -> None:
     xtr, ytr, xte, yte = gaussian
-    args = tensors(xtr, ytr % 2, xte, yte % 2)
+    args = tensors((xtr, ytr % 2, xte, yte % 2))
     assert knn_probe(*args, ks=(5,))[5]["top3"] == 1.0
     assert linear_probe(*args, epochs=2)["top3"] == 1.0
 
@@ -175,8 +176,9 @@ def test_distance_weighting_favours_the_close_neighbour() -> None:
     train_x = torch.tensor([[0.1], [2.0], [2.1]])
     train_y = torch.tensor([0, 1, 1])
     query = torch.zeros(1, 1)
-    for weighting, winner in (("uniform", 1), ("distance", 0), ("temperature", 0)):
-        votes = knn_votes(train_x, train_y, query, ks=(3,), metric="euclidean", weighting=weighting)  # type: ignore[arg-type]
+    cases: tuple[tuple[Weighting, int], ...] = (("uniform", 1), ("distance", 0), ("temperature", 0))
+    for weighting, winner in cases:
+        votes = knn_votes(train_x, train_y, query, ks=(3,), metric="euclidean", weighting=weighting)
         assert int(votes[3].argmax(1)) == winner, weighting
 
 
@@ -216,7 +218,7 @@ def sklearn_logistic_top1(
 
 def test_linear_probe_matches_logistic_regression_on_digits(digits: Split) -> None:
     # 1,437 images make only 6 batches an epoch: more epochs and a larger lr than the study's.
-    result = linear_probe(*tensors(*digits), epochs=60, lr=1e-2)
+    result = linear_probe(*tensors(digits), epochs=60, lr=1e-2)
     assert result["top1"] == pytest.approx(sklearn_logistic_top1(*digits), abs=0.02)
     assert result["train_top1"] > 0.98
     assert result["top1"] <= result["top3"] <= 1.0
@@ -235,14 +237,14 @@ def test_linear_probe_matches_logistic_regression_on_separable_data() -> None:
         random_state=0,
     )
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
-    result = linear_probe(*tensors(xtr, ytr, xte, yte), epochs=20, lr=1e-2)
+    result = linear_probe(*tensors((xtr, ytr, xte, yte)), epochs=20, lr=1e-2)
     sk = sklearn_logistic_top1(xtr, ytr, xte, yte)
     assert sk > 0.97
     assert result["top1"] == pytest.approx(sk, abs=0.02)
 
 
 def test_linear_probe_is_deterministic(digits: Split) -> None:
-    args = tensors(*digits)
+    args = tensors(digits)
     first = linear_probe(*args, epochs=3, seed=7)
     assert linear_probe(*args, epochs=3, seed=7) == first
     assert linear_probe(*args, epochs=3, seed=8) != first
@@ -258,7 +260,7 @@ def test_standardise_uses_train_statistics() -> None:
 
 
 def test_linear_probe_ignores_a_huge_offset(digits: Split) -> None:
-    xtr, ytr, xte, yte = (t.float() if t.is_floating_point() else t for t in tensors(*digits))
+    xtr, ytr, xte, yte = (a.float() if a.is_floating_point() else a for a in tensors(digits))
     base = linear_probe(xtr, ytr, xte, yte, epochs=10, lr=1e-2)
     shifted = [
         torch.cat([x + torch.linspace(0, 1e5, 64), torch.full_like(x[:, :1], 1e6)], 1)
@@ -269,7 +271,7 @@ def test_linear_probe_ignores_a_huge_offset(digits: Split) -> None:
 
 
 def test_linear_probe_accepts_float16(digits: Split) -> None:
-    xtr, ytr, xte, yte = tensors(*digits)
+    xtr, ytr, xte, yte = tensors(digits)
     result = linear_probe(xtr.half(), ytr, xte.half(), yte, epochs=10, lr=1e-2)
     assert result["top1"] > 0.9
 
@@ -291,11 +293,11 @@ def test_linear_probe_accepts_float16(digits: Split) -> None:
 )
 def test_knn_bad_arguments(kwargs: dict[str, object], message: str, gaussian: Split) -> None:
     with pytest.raises(ValueError, match=message):
-        knn_probe(*tensors(*gaussian), **kwargs)  # type: ignore[arg-type]
+        knn_probe(*tensors(gaussian), **kwargs)  # type: ignore[arg-type]
 
 
 def test_bad_shapes_and_labels(gaussian: Split) -> None:
-    xtr, ytr, xte, yte = tensors(*gaussian)
+    xtr, ytr, xte, yte = tensors(gaussian)
     with pytest.raises(ValueError, match="feature size"):
         knn_probe(xtr, ytr, xte[:, :5], yte)
     with pytest.raises(ValueError, match="train_y must be"):
@@ -308,7 +310,7 @@ def test_bad_shapes_and_labels(gaussian: Split) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_knn_on_cuda_matches_cpu(gaussian: Split) -> None:
-    xtr, ytr, xte, yte = tensors(*gaussian)
+    xtr, ytr, xte, yte = tensors(gaussian)
     cpu = knn_votes(xtr, ytr, xte, ks=KS)
     gpu = knn_votes(xtr.cuda(), ytr.cuda(), xte.cuda(), ks=KS)
     for k in KS:

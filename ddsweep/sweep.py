@@ -1,0 +1,397 @@
+"""Sweep files: `sweeps/NAME.yaml` and command-line axes, validated into one frozen StudyConfig,
+and the grid of points it spans."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddsweep import data
+from ddsweep.errors import UserError
+from ddsweep.evaluate import PROBES, Point, ProbeConfig, validate_probe_config
+from ddsweep.model import BLOCKS, PIXELS
+
+KINDS: tuple[str, ...] = ("probe-grid", "fid-grid", "train-grid")
+AXES: tuple[str, ...] = (
+    "dataset",
+    "resolution",
+    "attention",
+    "epoch",
+    "block",
+    "noise_step",
+    "probe",
+    "k",
+)
+TOP_KEYS: tuple[str, ...] = ("study", "kind", "axes", "probe", "train")
+PROBE_KEYS: tuple[str, ...] = ("linear", "knn", "pool", "weights", "noise_seed", "flowers_add_val")
+LINEAR_KEYS = {"epochs": "linear_epochs", "lr": "linear_lr", "batch_size": "linear_batch_size"}
+KNN_KEYS = {"metric": "knn_metric", "weighting": "knn_weighting"}
+# TrainConfig fields a sweep file's `train:` section may set for train-grid.
+TRAIN_KEYS: tuple[str, ...] = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "ema_decay",
+    "grad_clip",
+    "checkpoint_every",
+    "sample_every",
+    "max_steps",
+    "seed",
+    "channels",
+    "device",
+)
+
+
+@dataclass(frozen=True)
+class Axes:
+    """The eight axes; an empty `resolution` means each dataset's default, an empty `epoch`
+    means every checkpoint the backbone saved."""
+
+    dataset: tuple[str, ...]
+    resolution: tuple[int, ...] = ()
+    attention: tuple[bool, ...] = (True,)
+    epoch: tuple[int, ...] = ()
+    block: tuple[str, ...] = BLOCKS
+    noise_step: tuple[int, ...] = (0,)
+    probe: tuple[str, ...] = PROBES
+    k: tuple[int, ...] = (50,)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study: its name, kind, axes and the settings shared by every point."""
+
+    study: str
+    axes: Axes
+    kind: str = "probe-grid"
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    train: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides for train-grid
+    source: str = "the command line"
+
+
+# --- values -------------------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """A value problem; the caller adds the file and key."""
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return v.lower() in ("true", "yes", "1")
+    raise _Bad(f"{v!r} is not true or false")
+
+
+def _as_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise _Bad(f"{v!r} is not an integer")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    raise _Bad(f"{v!r} is not an integer")
+
+
+def _int_range(v: Any) -> list[int]:
+    """{start, stop, step} (stop included) or 'start:stop:step' into a list of ints."""
+    if isinstance(v, str) and ":" in v:
+        parts = v.split(":")
+        if len(parts) not in (2, 3):
+            raise _Bad(f"{v!r} is not START:STOP or START:STOP:STEP")
+        v = dict(zip(("start", "stop", "step"), parts, strict=False))
+    if isinstance(v, Mapping):
+        unknown = set(v) - {"start", "stop", "step"}
+        if unknown:
+            raise _Bad(f"unknown range key(s) {sorted(unknown)}; allowed: start, stop, step")
+        if "start" not in v or "stop" not in v:
+            raise _Bad("a range needs start and stop (and optionally step)")
+        start, stop, step = _as_int(v["start"]), _as_int(v["stop"]), _as_int(v.get("step", 1))
+        if step <= 0 or stop < start:
+            raise _Bad(f"empty range {start}..{stop} step {step}")
+        return list(range(start, stop + 1, step))
+    return [_as_int(v)]
+
+
+def _check_dataset(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"{v!r} is not a dataset name")
+    try:
+        return data.dataset_info(v).name
+    except UserError as err:
+        raise _Bad(str(err)) from err
+
+
+def _check_block(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise _Bad(f"{v!r} is not a block name")
+    if v in BLOCKS or v == PIXELS or "." in v or v.endswith("_block"):
+        return v
+    raise _Bad(f"unknown block {v!r}; allowed: {', '.join(BLOCKS)}, {PIXELS} or a module path")
+
+
+def _check_probe(v: Any) -> str:
+    if v not in PROBES:
+        raise _Bad(f"unknown probe {v!r}; allowed: {', '.join(PROBES)}")
+    return str(v)
+
+
+def _positive(v: int) -> int:
+    if v <= 0:
+        raise _Bad(f"{v} must be positive")
+    return v
+
+
+def _noise(v: int) -> int:
+    if not 0 <= v < 1000:
+        raise _Bad(f"{v} is outside the 1000-step schedule; allowed: 0..999")
+    return v
+
+
+def _resolution(v: int) -> int:
+    if v <= 0 or v % 8:
+        raise _Bad(f"{v} is not a positive multiple of 8 (the U-Net halves it three times)")
+    return v
+
+
+def _epoch(v: int) -> int:
+    if v < 0:
+        raise _Bad(f"{v} is negative; epochs start at 0 (the untrained network)")
+    return v
+
+
+AXIS_PARSERS: dict[str, Callable[[Any], list[Any]]] = {
+    "dataset": lambda v: [_check_dataset(v)],
+    "resolution": lambda v: [_resolution(x) for x in _int_range(v)],
+    "attention": lambda v: [_as_bool(v)],
+    "epoch": lambda v: [_epoch(x) for x in _int_range(v)],
+    "block": lambda v: [_check_block(v)],
+    "noise_step": lambda v: [_noise(x) for x in _int_range(v)],
+    "probe": lambda v: [_check_probe(v)],
+    "k": lambda v: [_positive(x) for x in _int_range(v)],
+}
+
+
+def parse_axis(name: str, raw: Any, source: str) -> tuple[Any, ...]:
+    """One axis from YAML (a scalar, a list or a range mapping) or CLI strings."""
+    where = f"{source}: axes.{name}"
+    if name not in AXIS_PARSERS:
+        raise UserError(f"{source}: unknown axis {name!r}; allowed: {', '.join(AXES)}")
+    items: Iterable[Any] = raw if isinstance(raw, list | tuple) else [raw]
+    out: list[Any] = []
+    try:
+        for item in items:
+            for value in AXIS_PARSERS[name](item):
+                if value not in out:
+                    out.append(value)
+    except _Bad as err:
+        raise UserError(f"{where}: {err}") from err
+    if not out:
+        raise UserError(f"{where}: the axis is empty; give at least one value")
+    return tuple(out)
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def sweep_dirs() -> list[Path]:
+    """Where `--study NAME` looks for NAME.yaml: ./sweeps, then the sweeps shipped with ddsweep."""
+    shipped = Path(__file__).resolve().parent.parent / "sweeps"
+    return [Path("sweeps"), shipped]
+
+
+def find_sweep_file(name: str) -> Path | None:
+    """sweeps/NAME.yaml (or NAME itself when it is a path to a YAML file), or None."""
+    direct = Path(name)
+    if direct.suffix in (".yaml", ".yml") and direct.is_file():
+        return direct
+    for folder in sweep_dirs():
+        for suffix in (".yaml", ".yml"):
+            path = folder / f"{name}{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise UserError(f"{where}: expected a mapping of keys to values, got {value!r}")
+    return value
+
+
+def _unknown(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
+    bad = sorted(set(keys) - set(allowed))
+    if bad:
+        raise UserError(f"{where}: unknown key {bad[0]!r}; allowed: {', '.join(allowed)}")
+
+
+def parse_probe_section(raw: Any, source: str) -> ProbeConfig:
+    """The `probe:` section into a ProbeConfig."""
+    section = _mapping(raw, f"{source}: probe")
+    _unknown(section, PROBE_KEYS, f"{source}: probe")
+    values: dict[str, Any] = {}
+    for sub, names in (("linear", LINEAR_KEYS), ("knn", KNN_KEYS)):
+        part = _mapping(section.get(sub), f"{source}: probe.{sub}")
+        _unknown(part, names, f"{source}: probe.{sub}")
+        for key, attr in names.items():
+            if key in part:
+                values[attr] = part[key]
+    for key in ("pool", "weights", "noise_seed", "flowers_add_val"):
+        if key in section:
+            values[key] = section[key]
+    defaults = ProbeConfig()
+    for attr, value in values.items():
+        expected = type(getattr(defaults, attr))
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise UserError(f"{source}: probe: {attr} must be a {expected.__name__}, got {value!r}")
+        values[attr] = value
+    cfg = dataclasses.replace(defaults, **values)
+    try:
+        validate_probe_config(cfg)
+    except UserError as err:
+        raise UserError(f"{source}: probe: {err}") from err
+    return cfg
+
+
+def parse_train_section(raw: Any, source: str) -> tuple[tuple[str, Any], ...]:
+    """The `train:` section (train-grid options) as sorted (key, value) pairs."""
+    section = _mapping(raw, f"{source}: train")
+    _unknown(section, TRAIN_KEYS, f"{source}: train")
+    out = []
+    for key, value in section.items():
+        if key == "channels":
+            if not isinstance(value, list) or not all(isinstance(c, int) for c in value):
+                raise UserError(f"{source}: train.channels must be a list of ints, got {value!r}")
+            value = tuple(value)
+        elif key == "device":
+            if not isinstance(value, str):
+                raise UserError(f"{source}: train.device must be a string, got {value!r}")
+        elif key in ("lr", "ema_decay", "grad_clip"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UserError(f"{source}: train.{key} must be a number, got {value!r}")
+            value = float(value)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{source}: train.{key} must be an integer, got {value!r}")
+        out.append((key, value))
+    return tuple(sorted(out))
+
+
+def parse_study(doc: Any, source: str) -> StudyConfig:
+    """A loaded YAML document into a StudyConfig; every problem names the file and key."""
+    top = _mapping(doc, source)
+    _unknown(top, TOP_KEYS, source)
+    name = top.get("study")
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{source}: study: give the study a name (a non-empty string)")
+    kind = top.get("kind", "probe-grid")
+    if kind not in KINDS:
+        raise UserError(f"{source}: kind: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
+    axes_raw = _mapping(top.get("axes"), f"{source}: axes")
+    _unknown(axes_raw, AXES, f"{source}: axes")
+    if "dataset" not in axes_raw:
+        raise UserError(f"{source}: axes.dataset: missing; name at least one dataset")
+    parsed = {k: parse_axis(k, v, source) for k, v in axes_raw.items()}
+    return StudyConfig(
+        study=name,
+        kind=kind,
+        axes=Axes(**parsed),
+        probe=parse_probe_section(top.get("probe"), source),
+        train=parse_train_section(top.get("train"), source),
+        source=source,
+    )
+
+
+def load_study(name: str) -> StudyConfig | None:
+    """sweeps/NAME.yaml parsed, or None when there is no such file."""
+    import yaml
+
+    path = find_sweep_file(name)
+    if path is None:
+        return None
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path}: not readable YAML: {first}") from err
+    return parse_study(doc, str(path))
+
+
+def with_overrides(
+    base: StudyConfig | None, name: str, overrides: Mapping[str, list[str]]
+) -> StudyConfig:
+    """The study's file config with command-line axes replacing whole axes; a study may also be
+    defined on the command line alone (it then needs at least --dataset)."""
+    given = {k: v for k, v in overrides.items() if v}
+    source = base.source if base else "the command line"
+    parsed = {k: parse_axis(k, v, "the command line") for k, v in given.items()}
+    if base is None:
+        if "dataset" not in parsed:
+            raise UserError(
+                f"no sweep file sweeps/{name}.yaml: create it, or define the study on the "
+                "command line with at least --dataset (and e.g. --epoch, --block)"
+            )
+        return StudyConfig(study=name, axes=Axes(**parsed), source=source)
+    return dataclasses.replace(base, axes=dataclasses.replace(base.axes, **parsed))
+
+
+# --- the grid -----------------------------------------------------------------------------------
+
+Backbone3 = tuple[str, int, bool]  # (dataset, resolution, attention)
+
+
+def resolutions(axes: Axes, dataset: str) -> tuple[int, ...]:
+    """The resolution axis for one dataset (its default when the axis is empty)."""
+    return axes.resolution or (data.dataset_info(dataset).default_resolution,)
+
+
+def backbones(axes: Axes) -> list[Backbone3]:
+    """Every (dataset, resolution, attention) the study needs a trained backbone for."""
+    return [(d, r, a) for d in axes.dataset for r in resolutions(axes, d) for a in axes.attention]
+
+
+def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
+    """Every grid point. `k` multiplies knn only; `pixels` appears once per (dataset,
+    resolution, noise step, probe, k), with no epoch and no attention."""
+    points: list[Point] = []
+    for d in axes.dataset:
+        for r in resolutions(axes, d):
+            for t in axes.noise_step:
+                for p in axes.probe:
+                    for k in axes.k if p == "knn" else (0,):
+                        if PIXELS in axes.block:
+                            points.append(Point(d, r, None, None, PIXELS, t, p, k))
+                        for a in axes.attention:
+                            for e in axes.epoch or epochs_of((d, r, a)):
+                                for b in axes.block:
+                                    if b != PIXELS:
+                                        points.append(Point(d, r, a, e, b, t, p, k))
+    return points
+
+
+def point_id(p: Point) -> str:
+    """A readable, reversible id: the Optuna grid value of a point."""
+    return "|".join(str(v) for v in dataclasses.astuple(p))
+
+
+def parse_point_id(text: str) -> Point:
+    """Inverse of point_id."""
+    d, r, a, e, b, t, p, k = text.split("|")
+    return Point(
+        d,
+        int(r),
+        None if a == "None" else a == "True",
+        None if e == "None" else int(e),
+        b,
+        int(t),
+        p,
+        int(k),
+    )
