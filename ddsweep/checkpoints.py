@@ -1,5 +1,9 @@
 """Self-describing checkpoints: diffusers folders (EMA weights, raw weights beside them) plus the
-training state that resume needs. Nothing here unpickles arbitrary objects."""
+training state that resume needs. Nothing here unpickles arbitrary objects.
+
+Plain diffusers loads them as `UNet2DModel.from_pretrained(folder)` (EMA) and
+`from_pretrained(folder / "raw")`; not with `subfolder="raw"`, which for a local folder finds the
+top-level (EMA) weights file first (diffusers 0.42, `_get_model_file`)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from ddsweep.errors import UserError
+from ddsweep.tracking import first_line
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -22,6 +27,7 @@ CHECKPOINTS = "checkpoints"  # MLflow artifact folder of a training run
 RESUME = "resume"  # artifact folder holding the latest optimizer state
 RAW = "raw"  # subfolder of a checkpoint with the non-EMA weights
 META = "ddsweep.json"
+STATE = "state.json"  # in resume/: epoch, step and EMA step of the latest checkpoint
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -44,13 +50,13 @@ def save_resume_state(
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save({"cpu_rng": torch.get_rng_state()}, folder / "rng.pt")
-    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    (folder / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 def load_resume_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor]:
     """(state, optimizer state dict, CPU RNG state) from a resume folder; weights_only loads."""
     try:
-        state = json.loads((folder / "state.json").read_text())
+        state = json.loads((folder / STATE).read_text())
         optim = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)["cpu_rng"]
         missing = {"epoch", "step", "ema_step"} - set(state)
@@ -66,9 +72,7 @@ def load_resume_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any], tor
         EOFError,
         pickle.UnpicklingError,
     ) as err:
-        raise UserError(
-            f"cannot read the resume state in {folder}: {str(err).strip().splitlines()[0]}"
-        ) from err
+        raise UserError(f"cannot read the resume state in {folder}: {first_line(err)}") from err
     return state, optim, rng
 
 

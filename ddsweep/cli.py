@@ -86,27 +86,6 @@ def parse_channels(text: str | None) -> tuple[int, ...] | None:
         ) from err
 
 
-def _progress() -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    )
-
-
 @app.command()
 def train(
     dataset: Annotated[
@@ -199,7 +178,7 @@ def train(
 
     validate_train(cfg)
     validate_model(cfg.model)
-    with _progress() as progress:
+    with _bar() as progress:
         run_id = run_training(
             cfg,
             data_dir=data_dir or data.default_data_dir(),
@@ -408,41 +387,61 @@ def probe_grid(
     _run_grid(cfg, opts)
 
 
-def _run_grid(cfg: Any, opts: Any) -> None:
-    from rich.console import Console
+def _study_progress(bar: Any, name: str) -> Any:
+    """A callback that shows a study's trials done / left, failures and the current point."""
+    task = bar.add_task(name, total=None, state="starting")
+
+    def show(ctx: Any, t: Any, current: str | None) -> None:
+        done = sum(1 for p in ctx.keys if p in t.complete)
+        state = f"{len(t.running)} running, {sum(t.failures.values())} failed"
+        if current:
+            state += f" | {current}"
+        bar.update(task, total=len(ctx.ids), completed=done, state=state)
+
+    return show
+
+
+def _bar(console: Any = None) -> Any:
+    """One Rich progress display for training tasks (loss, img/s) and study tasks (state)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.text import Text
 
-    from ddsweep.study import run_study
+    class StateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            f = task.fields
+            if "state" in f:
+                return Text(str(f["state"]))
+            if "loss" in f:
+                return Text(f"loss {f['loss']:.4f}  {f.get('ips', 0):.0f} img/s")
+            return Text("")
 
-    console = Console(stderr=True)
-    columns = (
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[state]}"),
+        StateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        console=console,
     )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(cfg.study, total=None, state="starting")
 
-        def show(ctx: Any, t: Any, current: str | None) -> None:
-            done = sum(1 for p in ctx.keys if p in t.complete)
-            state = f"{len(t.running)} running, {sum(t.failures.values())} failed"
-            if current:
-                state += f" | {current}"
-            bar.update(task, total=len(ctx.ids), completed=done, state=state)
 
-        ctx, outcomes = run_study(cfg, opts, progress=show)
-    from ddsweep.study import tally
+def _run_grid(cfg: Any, opts: Any) -> None:
+    from rich.console import Console
 
+    from ddsweep.study import run_study, tally
+
+    with _bar(Console(stderr=True)) as bar:
+        ctx, outcomes = run_study(cfg, opts, progress=_study_progress(bar, cfg.study))
+    _link_project_run(ctx.parent_id)
     t = tally(ctx.study, opts.grace_period)
     done = sum(1 for p in ctx.keys if p in t.complete)
     ran = outcomes["complete"]
@@ -455,6 +454,17 @@ def _run_grid(cfg: Any, opts: Any) -> None:
         )
     if done < len(ctx.ids):
         typer.echo(f"see `ddsweep study status --study {cfg.study}` for what is left")
+
+
+def _link_project_run(parent_id: str) -> None:
+    """Under `mlflow run`, point the project's run at the study's parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from ddsweep import tracking
+
+    project = tracking.project_run_id()
+    if project and project != parent_id:
+        MlflowClient().set_tag(project, "ddsweep.study_parent_run", parent_id)
 
 
 @study_app.command("status")
@@ -474,6 +484,97 @@ def study_status(
         cfg, storage=storage, tracking_uri=tracking_uri, experiment=experiment
     ):
         Console().print(table)
+
+
+@study_app.command("train-grid")
+def train_grid(
+    study: StudyName,
+    dataset: Annotated[list[str] | None, typer.Option(help="Dataset axis (repeatable).")] = None,
+    resolution: Annotated[list[str] | None, typer.Option(help="Resolution axis.")] = None,
+    attention: Annotated[
+        list[str] | None, typer.Option(help="Attention axis: true and/or false.")
+    ] = None,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "ddsweep",
+) -> None:
+    """Train one backbone per (dataset, resolution, attention) of a study; finished ones are
+    reused, interrupted ones resumed."""
+    from ddsweep import backbones, data, tracking
+
+    cfg = _study_config(
+        study, _axis_overrides(dataset=dataset, resolution=resolution, attention=attention)
+    )
+    tracking.setup(tracking_uri, experiment)
+    configs = backbones.configs_for(cfg)
+    with _bar() as progress:
+        for tc in configs:
+            run_id, how = backbones.ensure_trained(
+                tc, data_dir or data.default_data_dir(), progress
+            )
+            progress.console.print(
+                f"{tc.dataset} {tc.model.resolution} px attention={tc.model.attention}: "
+                f"run {run_id} ({how})"
+            )
+
+
+@app.command()
+def report(
+    study: StudyName,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the files [default: reports/NAME/]")
+    ] = None,
+    formats: Annotated[
+        list[str] | None,
+        typer.Option("--format", help="table, csv, md, png or all (repeatable) [default: all]"),
+    ] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Block x epoch tables of a study from MLflow: terminal, CSV, Markdown and PNG plots."""
+    from ddsweep import report as report_mod
+    from ddsweep import tracking
+
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    report_mod.parse_formats(formats or ["all"])
+    tracking.check_reachable()
+    report_mod.write_report(study, out or report_mod.default_out_dir(study), formats or ["all"])
+
+
+@app.command()
+def quickstart(
+    workers: Annotated[int, typer.Option(help="Local worker processes for the grid.")] = 1,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "ddsweep",
+) -> None:
+    """The whole pipeline on the bundled digits set, offline on a CPU: train, probe, report."""
+    from rich.console import Console
+
+    from ddsweep import data
+    from ddsweep import quickstart as qs
+    from ddsweep.study import RunOptions
+
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    opts = RunOptions(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workers=workers,
+        data_dir=data_dir or data.default_data_dir(),
+    )
+    console = Console()
+    with _bar(Console(stderr=True)) as bar:
+        cfg = qs.run(opts, bar, _study_progress(bar, qs.STUDY))
+    files = qs.write_report(cfg, console)
+    where = files[0].parent if files else "reports/"
+    console.print(
+        f"\nThe report files are in {where}/. Run `mlflow ui` in this folder to browse every "
+        "run: the training run with its loss curve and samples, and the study with one child "
+        "run per grid point."
+    )
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import subprocess
 import time
@@ -27,6 +28,11 @@ def setup(tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT)
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    # MLflow announces at INFO every table and experiment it creates; on a first run that
+    # would put lines of its own before ours (and before a one-line error).
+    mlflow_logger = logging.getLogger("mlflow")
+    level = mlflow_logger.level
+    mlflow_logger.setLevel(max(level, logging.WARNING))
     try:
         exp = mlflow.set_experiment(experiment)
     except Exception as err:  # an unreachable server or a bad URI is the user's to fix
@@ -35,6 +41,8 @@ def setup(tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT)
             f"cannot use MLflow tracking at {uri}: {first_line(err)} "
             "(check --tracking-uri / MLFLOW_TRACKING_URI)"
         ) from err
+    finally:
+        mlflow_logger.setLevel(level)
     return str(exp.experiment_id)
 
 
@@ -151,7 +159,7 @@ def log_run(
     parent_run_id: str | None = None,
 ) -> str:
     """Create one finished run with explicit ids (thread- and process-safe); returns its id."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -159,12 +167,37 @@ def log_run(
     all_tags = {MLFLOW_RUN_NAME: name, **tags}
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(experiment_id, tags=all_tags, run_name=name)
+    project_run = project_run_id()
+    if project_run and not parent_run_id:
+        # Under `mlflow run`, the project's own run is the run of this command.
+        run_id, finish = project_run, False
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
+    else:
+        run_id = client.create_run(experiment_id, tags=all_tags, run_name=name).info.run_id
+        finish = True
     now = int(time.time() * 1000)
     client.log_batch(
-        run.info.run_id,
+        run_id,
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
         params=[Param(k, v) for k, v in params.items()],
     )
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return str(run.info.run_id)
+    if finish:
+        client.set_terminated(run_id, "FINISHED")
+    return str(run_id)
+
+
+def project_run_id() -> str | None:
+    """The run `mlflow run` started for this command (MLFLOW_RUN_ID), if any."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def check_reachable() -> None:
+    """UserError when the current tracking store cannot be read."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as err:
+        raise UserError(
+            f"cannot read MLflow tracking at {redact(_uri())}: {first_line(err)}"
+        ) from err

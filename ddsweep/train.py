@@ -199,8 +199,12 @@ def save_checkpoint(
         mlflow.log_artifacts(str(folder), checkpoints.epoch_dir(epoch))
         if with_resume_state:
             state = {"epoch": epoch, "step": step, "ema_step": int(ema.optimization_step)}
-            checkpoints.save_resume_state(Path(tmp) / "resume", optimizer, state)
-            mlflow.log_artifacts(str(Path(tmp) / "resume"), checkpoints.RESUME)
+            resume = Path(tmp) / "resume"
+            checkpoints.save_resume_state(resume, optimizer, state)
+            # The state file last: once it names an epoch, that epoch's checkpoint, optimizer
+            # and RNG files are complete, even if the process is killed while logging.
+            for path in sorted(resume.iterdir(), key=lambda p: p.name == checkpoints.STATE):
+                mlflow.log_artifact(str(path), checkpoints.RESUME)
 
 
 def log_samples(unet: UNet2DModel, ema: EMAModel, cfg: TrainConfig, epoch: int) -> None:

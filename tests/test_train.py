@@ -176,10 +176,9 @@ def tiny_config(dataset: str, **change: int) -> TrainConfig:
         epochs=4,
         batch_size=BATCH,
         lr=1e-3,
-        checkpoint_every=1,
+        checkpoint_every=2,
         sample_every=0,
-        sample_count=4,
-        sample_steps=2,
+        sample_count=0,  # grids go through MLflow's async queue: ~1 s more per run (CLI tests)
         device="cpu",
         log_every=2,
     )
@@ -214,7 +213,10 @@ def test_resume_after_max_steps_continues_the_same_run_exactly(
     assert run.info.status == "FINISHED"
     assert run.data.tags["last_epoch"] == "2"
     assert [s for s, _ in history(cut, "loss")] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
-    assert artifact_dirs(cut, checkpoints.CHECKPOINTS)[-1] == checkpoints.epoch_dir(2)
+    assert artifact_dirs(cut, checkpoints.CHECKPOINTS) == [
+        checkpoints.epoch_dir(0),
+        checkpoints.epoch_dir(2),
+    ]
 
     # What `ddsweep train --resume` does: the config recorded in the run, max_steps included.
     resumed = train(config_from_params(run.data.params), data_dir=data_dir, resume_run_id=cut)
@@ -223,7 +225,7 @@ def test_resume_after_max_steps_continues_the_same_run_exactly(
     assert run.info.status == "FINISHED"
     assert run.data.tags["last_epoch"] == "4"
     assert artifact_dirs(cut, checkpoints.CHECKPOINTS) == [
-        checkpoints.epoch_dir(e) for e in range(5)
+        checkpoints.epoch_dir(e) for e in (0, 2, 4)
     ]
     # Same steps, same losses, same weights as the run that was never interrupted: the model,
     # EMA, optimizer, RNG and step counter all came back.
@@ -295,9 +297,13 @@ def test_checkpoints_round_trip_ema_and_raw(saved: Path) -> None:
     assert checkpoints.read_meta(saved) == {"epoch": 3, "step": 9}
     assert not torch.equal(ema.conv_in.weight, raw.conv_in.weight)
     assert checkpoints.content_hash(saved) != checkpoints.content_hash(saved, "raw")
-    # Plain diffusers reads them too.
-    plain = UNet2DModel.from_pretrained(saved, subfolder=checkpoints.RAW)
-    assert torch.equal(plain.conv_in.weight, raw.conv_in.weight)
+    # Plain diffusers reads them too: the EMA weights from the folder, the raw ones from raw/
+    # (not with subfolder="raw": for a local folder diffusers 0.42 takes the top-level
+    # weights file first, so that gives the EMA weights under the raw config).
+    plain_ema = UNet2DModel.from_pretrained(saved)
+    plain_raw = UNet2DModel.from_pretrained(saved / checkpoints.RAW)
+    assert torch.equal(plain_ema.conv_in.weight, ema.conv_in.weight)
+    assert torch.equal(plain_raw.conv_in.weight, raw.conv_in.weight)
 
 
 def test_a_foreign_diffusers_folder_loads_for_either_weights(saved: Path, tmp_path: Path) -> None:
@@ -339,9 +345,9 @@ def test_truncated_safetensors_is_a_user_error(saved: Path, tmp_path: Path) -> N
 def test_missing_config_is_a_user_error(saved: Path, tmp_path: Path) -> None:
     folder = copy_of(saved, tmp_path)
     (folder / "config.json").unlink()
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match=r"no config\.json"):
         checkpoints.load_unet(folder)
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match=r"no config\.json"):
         checkpoints.load_unet(tmp_path / "nowhere")
 
 
@@ -395,8 +401,10 @@ def resume_folder(tmp_path: Path) -> Path:
 
 
 def test_resume_state_round_trips(tmp_path: Path) -> None:
-    rng = torch.get_rng_state()
-    state, optim, saved_rng = checkpoints.load_resume_state(resume_folder(tmp_path))
+    folder = resume_folder(tmp_path)
+    rng = torch.get_rng_state()  # as saved: saving draws nothing
+    torch.rand(3)
+    state, optim, saved_rng = checkpoints.load_resume_state(folder)
     assert state == {"epoch": 2, "step": 6, "ema_step": 6}
     assert set(optim) == {"state", "param_groups"}
     assert torch.equal(saved_rng, rng)

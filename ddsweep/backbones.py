@@ -1,0 +1,72 @@
+"""Backbones for studies: reuse a finished training run with the same config, resume an
+interrupted one, or train a new one (`ddsweep study train-grid` and `ddsweep quickstart`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ddsweep import sweep, tracking
+from ddsweep.model import ModelConfig
+from ddsweep.train import TrainConfig, train, validate, with_dataset_defaults
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from rich.progress import Progress
+
+
+def configs_for(cfg: sweep.StudyConfig, **extra: Any) -> list[TrainConfig]:
+    """One TrainConfig per (dataset, resolution, attention) of the study, with its `train:`
+    section (and `extra`) applied over the dataset defaults."""
+    overrides = {**dict(cfg.train), **extra}
+    out = []
+    for dataset, resolution, attention in sweep.backbones(cfg.axes):
+        base = TrainConfig(dataset=dataset, model=ModelConfig(attention=attention))
+        plain = {k: v for k, v in overrides.items() if k not in ("channels", "batch_size")}
+        base = dataclasses.replace(base, **plain)
+        tc = with_dataset_defaults(
+            base,
+            resolution=resolution,
+            channels=overrides.get("channels"),
+            batch_size=overrides.get("batch_size"),
+        )
+        validate(tc)
+        out.append(tc)
+    return out
+
+
+def matching_run(cfg: TrainConfig) -> Run | None:
+    """The newest training run recorded with exactly this config (any status but deleted)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        exps,
+        filter_string=(
+            f"tags.`{tracking.KIND_TAG}` = 'train' and tags.dataset = '{cfg.dataset}' "
+            f"and tags.resolution = '{cfg.model.resolution}' "
+            f"and tags.attention = '{cfg.model.attention}'"
+        ),
+        order_by=["attributes.start_time DESC"],
+    )
+    wanted = tracking.flat_params(cfg)
+    for run in runs:
+        if all(run.data.params.get(k) == v for k, v in wanted.items()):
+            return run
+    return None
+
+
+def ensure_trained(
+    cfg: TrainConfig, data_dir: Path, progress: Progress | None = None
+) -> tuple[str, str]:
+    """(run id, what happened: reused | resumed | trained) for one backbone config."""
+    run = matching_run(cfg)
+    if run is not None and run.info.status == "FINISHED":
+        return run.info.run_id, "reused"
+    if run is not None:
+        return train(cfg, data_dir=data_dir, resume_run_id=run.info.run_id, progress=progress), (
+            "resumed"
+        )
+    return train(cfg, data_dir=data_dir, progress=progress), "trained"

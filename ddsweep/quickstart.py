@@ -1,0 +1,63 @@
+"""`ddsweep quickstart`: the whole pipeline on the bundled digits set, offline, on a CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ddsweep import backbones, report, sweep, tracking
+from ddsweep.errors import UserError
+from ddsweep.study import RunOptions, run_study
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from ddsweep.study import Context, Tally
+
+STUDY = "digits_blocks"
+
+
+def study_config(reduced: bool = False) -> sweep.StudyConfig:
+    """The shipped digits_blocks study; `reduced` shrinks it for tests (3 blocks, 1 noise step,
+    2 epochs of training, 2 linear-probe epochs)."""
+    cfg = sweep.load_study(STUDY)
+    if cfg is None:
+        raise UserError(f"sweeps/{STUDY}.yaml is missing from this installation of ddsweep")
+    if not reduced:
+        return cfg
+    axes = dataclasses.replace(cfg.axes, block=("pixels", "mid", "up4"), noise_step=(0, 50))
+    train = dict(cfg.train) | {"epochs": 2, "checkpoint_every": 1, "max_steps": 4}
+    probe = dataclasses.replace(cfg.probe, linear_epochs=2)
+    return dataclasses.replace(
+        cfg, study=f"{STUDY}_reduced", axes=axes, train=tuple(sorted(train.items())), probe=probe
+    )
+
+
+def run(
+    opts: RunOptions,
+    progress: Progress,
+    study_progress: Callable[[Context, Tally, str | None], None],
+    *,
+    reduced: bool = False,
+) -> sweep.StudyConfig:
+    """Train (or reuse) the digits backbone and run (or finish) its grid; returns the study."""
+    cfg = study_config(reduced)
+    tracking.setup(opts.tracking_uri, opts.experiment)
+    for tc in backbones.configs_for(cfg):
+        run_id, how = backbones.ensure_trained(tc, opts.data_dir, progress)
+        progress.console.print(
+            f"backbone {tc.dataset} {tc.model.resolution} px: training run {run_id} ({how})"
+        )
+    run_study(cfg, opts, progress=study_progress)
+    return cfg
+
+
+def write_report(cfg: sweep.StudyConfig, console: Console, out: Path | None = None) -> list[Path]:
+    """The study's report in the terminal and as files (reports/NAME/ by default)."""
+    return report.write_report(
+        cfg.study, out or report.default_out_dir(cfg.study), ("all",), console
+    )
