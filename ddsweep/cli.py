@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -21,21 +21,22 @@ class _Group(TyperGroup):
         standalone_mode = kwargs.pop("standalone_mode", True)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[misc]
-        except click.exceptions.Abort:
-            typer.echo("ddsweep: interrupted", err=True)
+        except typer.Abort:
+            typer.echo("ddsweep: interrupted; what was recorded is kept", err=True)
             sys.exit(130)
-        except click.ClickException as err:
-            ctx = getattr(err, "ctx", None)
-            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-            typer.echo(f"ddsweep: error: {err.format_message()}{hint}", err=True)
+        except typer.TyperException as err:  # typer's own copy of click's usage errors
+            message = err.format_message().strip()
+            if message:  # empty: no_args_is_help has printed the help already
+                ctx = getattr(err, "ctx", None)
+                hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                typer.echo(f"ddsweep: error: {message}{hint}", err=True)
             sys.exit(2)
         except UserError as err:
             typer.echo(f"ddsweep: error: {err}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            typer.echo("ddsweep: interrupted; what was recorded is kept", err=True)
-            sys.exit(130)
         code = rv if isinstance(rv, int) else 0
+        if code == 130:  # typer turns Ctrl-C into 130 before we see it
+            typer.echo("ddsweep: interrupted; what was recorded is kept", err=True)
         if standalone_mode:
             sys.exit(code)
         return code
@@ -125,6 +126,10 @@ def train(
         ),
     ] = 50,
     max_steps: Annotated[int, typer.Option(help="Stop after N optimiser steps; 0 = no limit.")] = 0,
+    sample_count: Annotated[
+        int, typer.Option(help="Images per logged sample grid; 0 = none.")
+    ] = 16,
+    sample_steps: Annotated[int, typer.Option(help="DDIM steps for the sample grids.")] = 50,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")
@@ -132,7 +137,10 @@ def train(
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     resume: Annotated[
         str | None,
-        typer.Option(help="Continue this training run (MLflow run id) from its last checkpoint."),
+        typer.Option(
+            help="Continue this training run (MLflow run id) from its last checkpoint, with its "
+            "recorded config (only --device, --num-workers and --max-steps apply)."
+        ),
     ] = None,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
@@ -141,18 +149,12 @@ def train(
     """Train one DDPM backbone without labels; one MLflow run with checkpoints and samples."""
     from ddsweep import data, tracking
     from ddsweep.model import ModelConfig
+    from ddsweep.model import validate as validate_model
     from ddsweep.train import TrainConfig, config_from_params, with_dataset_defaults
     from ddsweep.train import train as run_training
+    from ddsweep.train import validate as validate_train
 
-    tracking.setup(tracking_uri, experiment)
-    if resume is not None:
-        run = tracking.get_run(resume)
-        if run.data.tags.get(tracking.KIND_TAG) != "train":
-            raise UserError(f"run {resume} is not a `ddsweep train` run and cannot be resumed")
-        cfg = config_from_params(run.data.params)
-        if dataset is not None and dataset != cfg.dataset:
-            raise UserError(f"--resume {resume} trains {cfg.dataset}, not {dataset}; drop DATASET")
-    else:
+    if resume is None:
         if dataset is None:
             raise UserError("missing DATASET: e.g. `ddsweep train digits` (or --resume RUN_ID)")
         base = TrainConfig(
@@ -168,16 +170,26 @@ def train(
             seed=seed,
             device=device,
             num_workers=num_workers,
+            sample_count=sample_count,
+            sample_steps=sample_steps,
         )
         data.dataset_info(dataset)
         cfg = with_dataset_defaults(
             base, resolution=resolution, channels=parse_channels(channels), batch_size=batch_size
         )
-    from ddsweep.model import validate as validate_model
-    from ddsweep.train import validate as validate_train
-
-    validate_train(cfg)
-    validate_model(cfg.model)
+        validate_train(cfg)  # before setup: a bad option leaves no mlflow.db behind
+        validate_model(cfg.model)
+        tracking.setup(tracking_uri, experiment)
+    else:
+        tracking.setup(tracking_uri, experiment)
+        run = tracking.get_run(resume)
+        if run.data.tags.get(tracking.KIND_TAG) != "train":
+            raise UserError(f"run {resume} is not a `ddsweep train` run and cannot be resumed")
+        cfg = config_from_params(run.data.params)
+        if dataset is not None and dataset != cfg.dataset:
+            raise UserError(f"--resume {resume} trains {cfg.dataset}, not {dataset}; drop DATASET")
+        # How to run may change on resume (another machine); what is computed may not.
+        cfg = replace(cfg, device=device, num_workers=num_workers, max_steps=max_steps)
     with _bar() as progress:
         run_id = run_training(
             cfg,

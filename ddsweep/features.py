@@ -95,7 +95,8 @@ def block_dims(
     if unet is None or all(b == PIXELS for b in req.blocks):
         return {PIXELS: int(pool_features(x, pixel_pool(req.pool)).shape[1])}
     device = next(unet.parameters()).device
-    feats = _forward_blocks(unet, x.to(device), torch.zeros(2, dtype=torch.long), req)
+    with torch.no_grad():
+        feats = _forward_blocks(unet, x.to(device), torch.zeros(2, dtype=torch.long), req)
     return {b: int(f.shape[1]) for b, f in feats.items()}
 
 
@@ -138,6 +139,11 @@ def _forward_blocks(
 
     def hook(name: str) -> Callable[..., None]:
         def fn(_module: torch.nn.Module, _inp: object, output: object) -> None:
+            # A module called more than once in a pass (a ResNet's shared `nonlinearity` runs
+            # three times) gives its first output: with a later one, a block's features would
+            # depend on which other blocks the request holds, as the pass stops at the last.
+            if name in out:
+                return
             h = output[0] if isinstance(output, tuple) else output  # down blocks: (h, residuals)
             assert isinstance(h, torch.Tensor)
             out[name] = pool_features(h.float(), req.pool).cpu()
@@ -146,7 +152,9 @@ def _forward_blocks(
 
         return fn
 
-    handles = [resolve_block(unet, b).register_forward_hook(hook(b)) for b in wanted]
+    # Resolve every name before registering any hook, so an unknown one leaves none behind.
+    modules = [(b, resolve_block(unet, b)) for b in wanted]
+    handles = [m.register_forward_hook(hook(b)) for b, m in modules]
     try:
         unet(x_t, t.to(x_t.device))
     except _Filled:
@@ -262,15 +270,20 @@ class FeatureCache:
 
     def get(self, key: CacheKey) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(features float32 [N,D], labels [N]) or None on a miss; a hit refreshes its LRU age."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = self.path(key)
         try:
             tensors = load_file(str(path))
-            os.utime(path)
-        except (OSError, ValueError, RuntimeError):  # absent, or evicted meanwhile
+            features, labels = tensors["features"].float(), tensors["labels"]
+        # Absent or evicted meanwhile; or damaged from outside (SafetensorError is no OSError):
+        # a miss, and the extraction that follows overwrites it.
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError):
             return None
-        return tensors["features"].float(), tensors["labels"]
+        with contextlib.suppress(OSError):  # evicted since it was read: the tensors stand
+            os.utime(path)
+        return features, labels
 
     def get_many(self, keys: dict[str, CacheKey]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The hits among `keys`, by block."""
@@ -297,8 +310,7 @@ class FeatureCache:
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
-        fits = bool(features.abs().max() < 6e4) if features.numel() else True
-        stored = features.half() if fits else features.float()
+        stored = features.half() if _half_is_faithful(features) else features.float()
         meta = {k: str(v) for k, v in asdict(key).items()}
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
@@ -319,6 +331,8 @@ class FeatureCache:
             return
         entries = []
         for p in self.root.glob("*.safetensors"):
+            if p.name.startswith("."):  # another writer's temp file: deleting it would fail
+                continue  # its os.replace; pathlib's glob matches dot files too
             try:
                 st = p.stat()
             except OSError:
@@ -333,6 +347,34 @@ class FeatureCache:
             except OSError:
                 continue
             total -= size
+
+
+# float16 keeps ~3 significant digits: enough for a feature whose rounding error stays a small
+# fraction of its spread over the images, not for one whose values are tiny (subnormal) or sit
+# far from zero compared with their spread (mean >> std).
+_HALF_MAX_ERROR = 1 / 32  # of a feature's standard deviation over the images
+_HALF_ROWS = 4096  # rows per chunk while checking, to bound the temporaries
+
+
+def _half_is_faithful(features: torch.Tensor) -> bool:
+    """Whether float16 rounds every feature (column of [N,D]) by at most 1/32 of its std;
+    constant features (as `probes.standardise` judges them) stay constant and are exempt."""
+    if features.numel() == 0:
+        return True
+    x = features.reshape(len(features), -1)
+    if len(x) > 1:
+        std, mean = torch.std_mean(x.float(), dim=0, unbiased=False)
+        tolerance = torch.where(std > 1e-6 * (1 + mean.abs()), _HALF_MAX_ERROR * std, torch.inf)
+    else:
+        tolerance = _HALF_MAX_ERROR * x[0].float().abs()
+    worst = torch.zeros_like(tolerance)
+    for rows in x.split(_HALF_ROWS):
+        r = rows.float()
+        half = r.half()
+        if not bool(torch.isfinite(half).all()):
+            return False  # overflows float16 (|x| > 65504), or was not finite to begin with
+        worst = torch.maximum(worst, (half.float() - r).abs().amax(dim=0))
+    return bool((worst <= tolerance).all())
 
 
 def cached_features(

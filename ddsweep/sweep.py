@@ -4,6 +4,8 @@ and the grid of points it spans."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ AXES: tuple[str, ...] = (
     "probe",
     "k",
 )
+CLI_SOURCE = "the command line"  # the `source` of axes given as options
 TOP_KEYS: tuple[str, ...] = ("study", "kind", "axes", "probe", "train")
 PROBE_KEYS: tuple[str, ...] = ("linear", "knn", "pool", "weights", "noise_seed", "flowers_add_val")
 LINEAR_KEYS = {"epochs": "linear_epochs", "lr": "linear_lr", "batch_size": "linear_batch_size"}
@@ -69,7 +72,7 @@ class StudyConfig:
     kind: str = "probe-grid"
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides for train-grid
-    source: str = "the command line"
+    source: str = CLI_SOURCE
 
 
 # --- values -------------------------------------------------------------------------------------
@@ -92,8 +95,11 @@ def _as_int(v: Any) -> int:
         raise _Bad(f"{v!r} is not an integer")
     if isinstance(v, int):
         return v
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        return int(v)
+    if isinstance(v, str):
+        try:  # int() itself: str.isdigit() passes "²", which int() refuses
+            return int(v.strip())
+        except ValueError:
+            pass
     raise _Bad(f"{v!r} is not an integer")
 
 
@@ -120,9 +126,11 @@ def _int_range(v: Any) -> list[int]:
 def _check_dataset(v: Any) -> str:
     if not isinstance(v, str):
         raise _Bad(f"{v!r} is not a dataset name")
+    if v not in data.KNOWN_DATASETS and not v.startswith(data.FOLDER_PREFIX):
+        raise _Bad(f"unknown dataset {v!r}")  # parse_axis adds the allowed names
     try:
         return data.dataset_info(v).name
-    except UserError as err:
+    except UserError as err:  # a folder: dataset that is not there or not laid out right
         raise _Bad(str(err)) from err
 
 
@@ -164,6 +172,18 @@ def _epoch(v: int) -> int:
     return v
 
 
+# What each axis accepts, for error messages.
+AXIS_ALLOWED: dict[str, str] = {
+    "dataset": ", ".join((*data.KNOWN_DATASETS, "folder:PATH")),
+    "resolution": "positive multiples of 8, e.g. [32]",
+    "attention": "true, false",
+    "epoch": "integers >= 0, or {start, stop, step} (stop included)",
+    "block": f"{', '.join(BLOCKS)}, {PIXELS} or a named_modules() path",
+    "noise_step": "integers 0..999, or {start, stop, step}",
+    "probe": ", ".join(PROBES),
+    "k": "positive integers, e.g. [10, 50]",
+}
+
 AXIS_PARSERS: dict[str, Callable[[Any], list[Any]]] = {
     "dataset": lambda v: [_check_dataset(v)],
     "resolution": lambda v: [_resolution(x) for x in _int_range(v)],
@@ -178,10 +198,14 @@ AXIS_PARSERS: dict[str, Callable[[Any], list[Any]]] = {
 
 def parse_axis(name: str, raw: Any, source: str) -> tuple[Any, ...]:
     """One axis from YAML (a scalar, a list or a range mapping) or CLI strings."""
-    where = f"{source}: axes.{name}"
+    if source == CLI_SOURCE:
+        where = f"{source}: --{'probe' if name == 'probe' else name.replace('_', '-')}"
+    else:
+        where = f"{source}: axes.{name}"
     if name not in AXIS_PARSERS:
         raise UserError(f"{source}: unknown axis {name!r}; allowed: {', '.join(AXES)}")
-    items: Iterable[Any] = raw if isinstance(raw, list | tuple) else [raw]
+    # `block:` with nothing after it is an empty axis, not the value None.
+    items: Iterable[Any] = raw if isinstance(raw, list | tuple) else [] if raw is None else [raw]
     out: list[Any] = []
     try:
         for item in items:
@@ -189,9 +213,14 @@ def parse_axis(name: str, raw: Any, source: str) -> tuple[Any, ...]:
                 if value not in out:
                     out.append(value)
     except _Bad as err:
-        raise UserError(f"{where}: {err}") from err
+        text = str(err)
+        if "allowed" not in text:
+            text += f"; allowed: {AXIS_ALLOWED[name]}"
+        raise UserError(f"{where}: {text}") from err
     if not out:
-        raise UserError(f"{where}: the axis is empty; give at least one value")
+        raise UserError(
+            f"{where}: the axis is empty; give at least one value ({AXIS_ALLOWED[name]})"
+        )
     return tuple(out)
 
 
@@ -231,29 +260,54 @@ def _unknown(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
         raise UserError(f"{where}: unknown key {bad[0]!r}; allowed: {', '.join(allowed)}")
 
 
+def _number(value: Any) -> float | None:
+    """A float from a YAML number or a numeric string, else None.
+
+    PyYAML reads `1e-3` (no dot) as a string: YAML 1.1 wants `1.0e-3`, users write `1e-3`."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _typed(value: Any, expected: type, where: str) -> Any:
+    """`value` as the `expected` type (bool, int, float or str), or UserError naming `where`."""
+    if expected is float:
+        number = _number(value)
+        if number is not None:
+            return number
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, expected):
+        return value
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise UserError(f"{where} must be {kind.get(expected, expected.__name__)}, got {value!r}")
+
+
 def parse_probe_section(raw: Any, source: str) -> ProbeConfig:
     """The `probe:` section into a ProbeConfig."""
     section = _mapping(raw, f"{source}: probe")
     _unknown(section, PROBE_KEYS, f"{source}: probe")
+    defaults = ProbeConfig()
     values: dict[str, Any] = {}
+
+    def take(key: str, value: Any, attr: str) -> None:
+        expected = type(getattr(defaults, attr))
+        values[attr] = _typed(value, expected, f"{source}: probe.{key}")
+
     for sub, names in (("linear", LINEAR_KEYS), ("knn", KNN_KEYS)):
         part = _mapping(section.get(sub), f"{source}: probe.{sub}")
         _unknown(part, names, f"{source}: probe.{sub}")
         for key, attr in names.items():
             if key in part:
-                values[attr] = part[key]
+                take(f"{sub}.{key}", part[key], attr)
     for key in ("pool", "weights", "noise_seed", "flowers_add_val"):
         if key in section:
-            values[key] = section[key]
-    defaults = ProbeConfig()
-    for attr, value in values.items():
-        expected = type(getattr(defaults, attr))
-        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise UserError(f"{source}: probe: {attr} must be a {expected.__name__}, got {value!r}")
-        values[attr] = value
+            take(key, section[key], key)
     cfg = dataclasses.replace(defaults, **values)
     try:
         validate_probe_config(cfg)
@@ -268,21 +322,37 @@ def parse_train_section(raw: Any, source: str) -> tuple[tuple[str, Any], ...]:
     _unknown(section, TRAIN_KEYS, f"{source}: train")
     out = []
     for key, value in section.items():
+        where = f"{source}: train.{key}"
         if key == "channels":
-            if not isinstance(value, list) or not all(isinstance(c, int) for c in value):
-                raise UserError(f"{source}: train.channels must be a list of ints, got {value!r}")
+            if not isinstance(value, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in value
+            ):
+                raise UserError(
+                    f"{where} must be a list of ints, e.g. [32, 64, 64, 64], got {value!r}"
+                )
             value = tuple(value)
         elif key == "device":
-            if not isinstance(value, str):
-                raise UserError(f"{source}: train.device must be a string, got {value!r}")
+            value = _typed(value, str, where)
         elif key in ("lr", "ema_decay", "grad_clip"):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise UserError(f"{source}: train.{key} must be a number, got {value!r}")
-            value = float(value)
-        elif isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{source}: train.{key} must be an integer, got {value!r}")
+            value = _typed(value, float, where)
+        else:
+            value = _typed(value, int, where)
         out.append((key, value))
     return tuple(sorted(out))
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_study_name(name: str, where: str) -> str:
+    """`name` when it can name a study: it becomes a file name and is quoted in MLflow
+    searches, so letters, digits, `_`, `.` and `-` only."""
+    if not _NAME.fullmatch(name):
+        raise UserError(
+            f"{where}: {name!r} cannot name a study; allowed: letters, digits, _ . - "
+            "(starting with a letter or digit)"
+        )
+    return name
 
 
 def parse_study(doc: Any, source: str) -> StudyConfig:
@@ -292,6 +362,7 @@ def parse_study(doc: Any, source: str) -> StudyConfig:
     name = top.get("study")
     if not isinstance(name, str) or not name.strip():
         raise UserError(f"{source}: study: give the study a name (a non-empty string)")
+    check_study_name(name, f"{source}: study")
     kind = top.get("kind", "probe-grid")
     if kind not in KINDS:
         raise UserError(f"{source}: kind: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
@@ -331,14 +402,17 @@ def with_overrides(
     """The study's file config with command-line axes replacing whole axes; a study may also be
     defined on the command line alone (it then needs at least --dataset)."""
     given = {k: v for k, v in overrides.items() if v}
-    source = base.source if base else "the command line"
-    parsed = {k: parse_axis(k, v, "the command line") for k, v in given.items()}
+    source = base.source if base else CLI_SOURCE
+    parsed = {k: parse_axis(k, v, CLI_SOURCE) for k, v in given.items()}
     if base is None:
+        if Path(name).suffix in (".yaml", ".yml"):
+            raise UserError(f"no sweep file {name}: check the path")
         if "dataset" not in parsed:
             raise UserError(
                 f"no sweep file sweeps/{name}.yaml: create it, or define the study on the "
                 "command line with at least --dataset (and e.g. --epoch, --block)"
             )
+        check_study_name(name, "--study")
         return StudyConfig(study=name, axes=Axes(**parsed), source=source)
     return dataclasses.replace(base, axes=dataclasses.replace(base.axes, **parsed))
 
@@ -362,6 +436,7 @@ def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> lis
     """Every grid point. `k` multiplies knn only; `pixels` appears once per (dataset,
     resolution, noise step, probe, k), with no epoch and no attention."""
     points: list[Point] = []
+    net_blocks = [b for b in axes.block if b != PIXELS]
     for d in axes.dataset:
         for r in resolutions(axes, d):
             for t in axes.noise_step:
@@ -369,11 +444,11 @@ def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> lis
                     for k in axes.k if p == "knn" else (0,):
                         if PIXELS in axes.block:
                             points.append(Point(d, r, None, None, PIXELS, t, p, k))
-                        for a in axes.attention:
+                        # Pixels alone need no backbone: do not ask for its epochs.
+                        for a in axes.attention if net_blocks else ():
                             for e in axes.epoch or epochs_of((d, r, a)):
-                                for b in axes.block:
-                                    if b != PIXELS:
-                                        points.append(Point(d, r, a, e, b, t, p, k))
+                                for b in net_blocks:
+                                    points.append(Point(d, r, a, e, b, t, p, k))
     return points
 
 

@@ -22,7 +22,7 @@ from diffusers import UNet2DModel
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from ddsweep import __version__, checkpoints, tracking
 from ddsweep.cli import app
@@ -125,7 +125,7 @@ def test_the_loss_goes_down(trained: Trained) -> None:
     # An untrained net predicts noise of variance 1 poorly; 66 AdamW steps at lr 1e-3 cut the
     # error by far more than the batch-to-batch scatter of random noise steps.
     first, last = mean(loss[:5]), mean(loss[-10:])
-    assert last < 0.6 * first, (first, last)
+    assert last < 0.5 * first, (first, last)
     epoch_loss = trained.client.get_metric_history(trained.run.info.run_id, "epoch_loss")
     by_epoch = [m.value for m in sorted(epoch_loss, key=lambda m: m.step)]
     assert by_epoch[-1] < by_epoch[0]
@@ -246,20 +246,19 @@ BAD_INPUTS = {
     ),
     "no-dataset": (["train"], "missing DATASET"),
     "bad-flag": (["train", "digits", "--no-such-flag"], "--no-such-flag"),
-    "bad-int": (["train", "digits", "--epochs", "many"], "many"),
+    "bad-int": (["train", "digits", "--epochs", "many"], "Invalid value for '--epochs'"),
     "unknown-device": (["train", "digits", "--device", "tpu"], "--device"),
 }
 
 
-def assert_one_line_error(result: object, *words: str) -> None:
-    exit_code = getattr(result, "exit_code", None)
-    output, stderr = getattr(result, "output", ""), getattr(result, "stderr", "")
-    assert exit_code == 2, (exit_code, output, getattr(result, "exception", None))
-    assert "Traceback" not in output
-    lines = output.strip().splitlines()
-    assert len(lines) == 1, output
-    assert lines[0].startswith("ddsweep: error: "), output
-    assert stderr.strip() == lines[0]  # on stderr, nothing on stdout
+def assert_one_line_error(result: Result, *words: str) -> None:
+    # typer's CliRunner (typer vendors click) keeps stdout and stderr apart; output mixes both.
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("ddsweep: error: "), result.output
+    assert result.stderr.strip() == lines[0]  # on stderr, nothing on stdout
     for word in words:
         assert word in lines[0]
 

@@ -59,6 +59,11 @@ def seed_unet() -> UNet2DModel:
     return build_unet(ModelConfig()).eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_unet() -> UNet2DModel:
+    return build_unet(TINY)
+
+
 def attention_owners(unet: nn.Module) -> set[str]:
     """The top-level blocks (down_blocks.1, mid_block, ...) that hold an attention layer."""
     owners = set()
@@ -163,17 +168,14 @@ def test_config_of_reads_back_the_architecture(cfg: ModelConfig) -> None:
 
 
 @pytest.mark.parametrize("name", ["up5", "down0", "middle", "up_blocks.9", "", "pixel"])
-def test_unknown_block_is_a_user_error_listing_the_nine_names(name: str) -> None:
+def test_unknown_block_is_a_user_error_listing_the_nine_names(
+    tiny_unet: UNet2DModel, name: str
+) -> None:
     with pytest.raises(UserError) as err:
-        resolve_block(build_unet(TINY), name)
+        resolve_block(tiny_unet, name)
     message = str(err.value)
     assert repr(name) in message
     assert ", ".join(BLOCKS) in message
-
-
-@pytest.fixture(scope="module")
-def tiny_unet() -> UNet2DModel:
-    return build_unet(TINY)
 
 
 @pytest.mark.parametrize(
