@@ -150,7 +150,13 @@ def train(
     from ddsweep import data, tracking
     from ddsweep.model import ModelConfig
     from ddsweep.model import validate as validate_model
-    from ddsweep.train import TrainConfig, config_from_params, with_dataset_defaults
+    from ddsweep.train import (
+        TrainConfig,
+        close_distributed,
+        config_from_params,
+        init_distributed,
+        with_dataset_defaults,
+    )
     from ddsweep.train import train as run_training
     from ddsweep.train import validate as validate_train
 
@@ -179,9 +185,9 @@ def train(
         )
         validate_train(cfg)  # before setup: a bad option leaves no mlflow.db behind
         validate_model(cfg.model)
-        tracking.setup(tracking_uri, experiment)
-    else:
-        tracking.setup(tracking_uri, experiment)
+    dist = init_distributed()  # under torchrun: only rank 0 creates or writes MLflow runs
+    tracking.setup(tracking_uri, experiment, create=dist.is_main)
+    if resume is not None:
         run = tracking.get_run(resume)
         if run.data.tags.get(tracking.KIND_TAG) != "train":
             raise UserError(f"run {resume} is not a `ddsweep train` run and cannot be resumed")
@@ -190,14 +196,19 @@ def train(
             raise UserError(f"--resume {resume} trains {cfg.dataset}, not {dataset}; drop DATASET")
         # How to run may change on resume (another machine); what is computed may not.
         cfg = replace(cfg, device=device, num_workers=num_workers, max_steps=max_steps)
-    with _bar() as progress:
-        run_id = run_training(
-            cfg,
-            data_dir=data_dir or data.default_data_dir(),
-            resume_run_id=resume,
-            progress=progress,
-        )
-    typer.echo(f"training run {run_id} finished; `mlflow ui` in this folder shows it")
+    try:
+        with _bar() as progress:
+            run_id = run_training(
+                cfg,
+                data_dir=data_dir or data.default_data_dir(),
+                resume_run_id=resume,
+                progress=progress if dist.is_main else None,
+                dist=dist,
+            )
+    finally:
+        close_distributed(dist)
+    if dist.is_main:
+        typer.echo(f"training run {run_id} finished; `mlflow ui` in this folder shows it")
 
 
 @app.command()

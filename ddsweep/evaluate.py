@@ -146,6 +146,17 @@ def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> 
 # --- one point --------------------------------------------------------------------------------
 
 
+def _weights_hash(folder: Path, weights: str) -> str:
+    """The cache key of a backbone's weights; UserError when the folder has none we can load."""
+    try:
+        return checkpoints.content_hash(folder, weights)  # type: ignore[arg-type]
+    except OSError as err:
+        # Mostly the folder is no loadable backbone (only a pickled .bin, no config.json...):
+        # load_unet then refuses with the reason and the fix; else the read error stands.
+        checkpoints.load_unet(folder, weights)  # type: ignore[arg-type]
+        raise UserError(f"cannot read the weights in {folder}: {err}") from err
+
+
 def split_features(
     backbone: Backbone | None,
     dataset: str,
@@ -168,7 +179,7 @@ def split_features(
     if needs_net and backbone is None:
         raise UserError("a backbone is needed for U-Net blocks: pass --run or --backbone")
     ckpt_hash = (
-        checkpoints.content_hash(backbone.folder, cfg.weights)  # type: ignore[union-attr, arg-type]
+        _weights_hash(backbone.folder, cfg.weights)  # type: ignore[union-attr]
         if needs_net
         else "pixels"
     )

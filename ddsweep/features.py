@@ -305,8 +305,9 @@ class FeatureCache:
             yield
 
     def put(self, key: CacheKey, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Store an entry atomically (temp file + rename), float16 when the values fit; returns
-        the features as stored (as float32), so a miss hands out exactly what a hit will."""
+        """Store an entry atomically (temp file + rename), float16 when that keeps every feature
+        (see `_half_is_faithful`), else float32; returns the features as stored (as float32),
+        so a miss hands out exactly what a hit will."""
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)

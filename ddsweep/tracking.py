@@ -21,13 +21,18 @@ DEFAULT_EXPERIMENT = "ddsweep"
 KIND_TAG = "ddsweep.kind"  # train | probe | study | trial | fid
 
 
-def setup(tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
+def setup(
+    tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, *, create: bool = True
+) -> str:
     """Point MLflow at `tracking_uri` (else MLFLOW_TRACKING_URI, else MLflow's own default
-    `sqlite:///mlflow.db`) and select `experiment`; returns the experiment id."""
+    `sqlite:///mlflow.db`) and select `experiment`; returns the experiment id. With
+    `create=False` (non-main torchrun processes) only the URI is set: "" is returned."""
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    if not create:
+        return ""
     # MLflow announces at INFO every table and experiment it creates; on a first run that
     # would put lines of its own before ours (and before a one-line error).
     mlflow_logger = logging.getLogger("mlflow")

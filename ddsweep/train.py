@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -130,12 +131,62 @@ def config_from_params(params: dict[str, str]) -> TrainConfig:
 # --- the loop, split into steps -------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a `torchrun` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs to MLflow and writes checkpoints."""
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group `torchrun` set up (NCCL on GPUs, gloo on CPU), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def close_distributed(d: Dist) -> None:
+    """Leave the process group."""
+    if d.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def make_loader(
-    cfg: TrainConfig, data_dir: Path, epoch: int
+    cfg: TrainConfig, data_dir: Path, epoch: int, d: Dist | None = None
 ) -> torch.utils.data.DataLoader[tuple[torch.Tensor, int]]:
     """The shuffled training loader of one epoch; the order depends on (seed, epoch) only, so
-    a resumed run sees the same batches as an uninterrupted one."""
+    a resumed run sees the same batches as an uninterrupted one. Under torchrun each process
+    reads its own shard (DistributedSampler), `batch_size` images per process and step."""
     dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)
+    if d is not None and d.world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            dataset, d.world_size, d.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            drop_last=len(dataset) > cfg.batch_size * d.world_size,  # type: ignore[arg-type]
+            num_workers=cfg.num_workers,
+        )
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     return torch.utils.data.DataLoader(
         dataset,
@@ -149,7 +200,7 @@ def make_loader(
 
 
 def train_step(
-    unet: UNet2DModel,
+    unet: torch.nn.Module,
     scheduler: DDPMScheduler,
     optimizer: torch.optim.Optimizer,
     x0: torch.Tensor,
@@ -160,7 +211,7 @@ def train_step(
     noise = torch.randn_like(x0)
     x_t = diffusion.q_sample(scheduler, x0, noise, t)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
-        eps = unet(x_t, t).sample
+        eps = unet(x_t, t, return_dict=False)[0]  # a tuple: DDP-friendly
     loss = F.mse_loss(eps.float(), noise)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -224,15 +275,23 @@ def train(
     data_dir: Path,
     resume_run_id: str | None = None,
     progress: Progress | None = None,
+    dist: Dist | None = None,
 ) -> str:
-    """Train (or resume) one backbone inside the active MLflow setup; returns the run id."""
+    """Train (or resume) one backbone inside the active MLflow setup; returns the run id
+    ("" on the non-main processes of a torchrun job, which never touch MLflow's run)."""
+    import contextlib
+
     import mlflow
     from diffusers.training_utils import EMAModel
     from mlflow.entities import Metric
 
+    d = dist or Dist()
     validate(cfg)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    if device.type == "cuda" and d.world_size > 1:
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
     dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)  # fail early
     # On the device before the optimizer exists: load_state_dict puts a resumed optimizer's
     # state beside its parameters, so it must see them where they will train.
@@ -250,12 +309,33 @@ def train(
     # --max-steps limits the steps of this call (a smoke run), not the run's total: a resumed
     # run that had stopped at its limit would otherwise stop again after one step.
     step_limit = step + cfg.max_steps if cfg.max_steps else 0
+    model: torch.nn.Module = unet
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            unet, device_ids=[device] if device.type == "cuda" else None
+        )
+    torch.manual_seed(cfg.seed * 1000 + d.rank + step)  # different noise in every process
+    if not d.is_main:
+        progress = None
 
     client = mlflow.tracking.MlflowClient()
-    with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name(cfg)):
-        run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
-        if resume_run_id is None:
-            mlflow.log_params(tracking.flat_params(cfg))
+    run_ctx: Any = (
+        mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name(cfg))
+        if d.is_main
+        else contextlib.nullcontext()
+    )
+    with run_ctx:
+        run_id = mlflow.active_run().info.run_id if d.is_main else ""  # type: ignore[union-attr]
+        if resume_run_id is None and d.is_main:
+            mlflow.log_params(
+                {
+                    **tracking.flat_params(cfg),
+                    "world_size": str(d.world_size),
+                    "effective_batch_size": str(cfg.batch_size * d.world_size),
+                }
+            )
             mlflow.set_tags(
                 {
                     tracking.KIND_TAG: "train",
@@ -278,11 +358,13 @@ def train(
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             unet.train()
             t0, seen, total_loss, batches = time.perf_counter(), 0, 0.0, 0
-            for x0, _ in make_loader(cfg, data_dir, epoch):
+            for x0, _ in make_loader(cfg, data_dir, epoch, d):
                 x0 = x0.to(device, non_blocking=True)
                 if device.type == "cuda":
                     x0 = x0.contiguous(memory_format=torch.channels_last)
-                loss = train_step(unet, scheduler, optimizer, x0, cfg)
+                loss = train_step(model, scheduler, optimizer, x0, cfg)
+                if d.world_size > 1:
+                    loss = _mean_over_processes(loss, device)
                 ema.step(unet.parameters())
                 step += 1
                 seen += x0.shape[0]
@@ -290,20 +372,25 @@ def train(
                 batches += 1
                 if not math.isfinite(loss):
                     raise RuntimeError(f"loss became {loss} at step {step}; lower --lr")
-                pending.append(Metric("loss", loss, int(time.time() * 1000), step))
+                if d.is_main:
+                    pending.append(Metric("loss", loss, int(time.time() * 1000), step))
                 if len(pending) >= cfg.log_every:
                     client.log_batch(run_id, metrics=pending)
                     pending = []
                 if step_limit and step >= step_limit:
                     stop = True
                     break
-            ips = seen / max(time.perf_counter() - t0, 1e-9)
+            ips = d.world_size * seen / max(time.perf_counter() - t0, 1e-9)
             epoch_loss = total_loss / max(batches, 1)
+            last = stop or epoch == cfg.epochs
+            if not d.is_main:
+                if stop:
+                    break
+                continue
             if pending:
                 client.log_batch(run_id, metrics=pending)
                 pending = []
             mlflow.log_metrics({"epoch_loss": epoch_loss, "images_per_s": ips}, step=epoch)
-            last = stop or epoch == cfg.epochs
             if epoch % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(unet, ema, optimizer, cfg, epoch, step)
             if last or (cfg.sample_every and epoch % cfg.sample_every == 0):
@@ -312,8 +399,22 @@ def train(
                 progress.update(task, completed=epoch, loss=epoch_loss, ips=ips)
             if stop:
                 break
-        mlflow.set_tag("last_epoch", str(epoch if cfg.epochs > start_epoch else start_epoch))
+        if d.is_main:
+            mlflow.set_tag("last_epoch", str(epoch if cfg.epochs > start_epoch else start_epoch))
+    if d.world_size > 1:
+        import torch.distributed as torch_dist
+
+        torch_dist.barrier()  # no process leaves before the last checkpoint is written
     return run_id
+
+
+def _mean_over_processes(value: float, device: torch.device) -> float:
+    """The mean of a scalar across a torchrun job (for logging one loss curve)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 def restore(

@@ -1,0 +1,541 @@
+"""Studies end to end: `ddsweep study probe-grid` on a real Optuna journal and a real MLflow
+sqlite store, with a tiny digits backbone; exactly once across re-runs, concurrent workers,
+killed workers and failing trials.
+
+Every count of "evaluated" comes from MLflow's FINISHED child runs, not only from Optuna.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from ddsweep import checkpoints, evaluate, features, study, sweep, tracking
+from ddsweep.cli import app
+from ddsweep.model import ModelConfig
+from ddsweep.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STUDY = "tiny"
+EPOCHS = (0, 1)  # what the tiny backbone saves: the untrained net and one optimiser step
+SWEEP = f"""\
+study: {STUDY}
+kind: probe-grid
+axes:
+  dataset: [digits]
+  resolution: [8]
+  attention: [true]
+  block: [pixels, mid, up4]
+  noise_step: [0]
+  probe: [linear, knn]
+  k: [5]
+probe:
+  linear: {{epochs: 2}}
+"""
+# 2 epochs x 2 blocks x 2 probes + pixels for each probe.
+GRID = 2 * 2 * 2 + 2
+PARAMS = {"dataset", "resolution", "attention", "epoch", "block", "noise_step", "probe", "k"}
+ENV_DIRS = ("DDSWEEP_HOME", "DDSWEEP_CACHE", "DDSWEEP_CHECKPOINTS", "DDSWEEP_CACHE_MAX_GB")
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backbone:
+    folder: Path  # holds mlflow.db (and mlruns/ with the checkpoints)
+    run_id: str
+
+
+@contextlib.contextmanager
+def inside(folder: Path) -> Iterator[None]:
+    """Work in `folder`, tracking to folder/mlflow.db, with every ddsweep folder under it."""
+    from mlflow.tracking import _tracking_service, fluent
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        mp.setenv("DDSWEEP_DATA", str(folder / "data"))
+        for name in ENV_DIRS:
+            mp.delenv(name, raising=False)
+        mp.setattr(_tracking_service.utils, "_tracking_uri", None)
+        mp.setattr(fluent, "_active_experiment_id", None)
+        yield
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory, isolated_store: Any) -> Backbone:
+    """A tiny digits U-Net (8 px) trained for one step: checkpoints of epochs 0 and 1."""
+    folder = tmp_path_factory.mktemp("backbone")
+    with isolated_store(folder):
+        tracking.setup(None, tracking.DEFAULT_EXPERIMENT)
+        cfg = TrainConfig(
+            dataset="digits",
+            model=ModelConfig(resolution=8, channels=(32, 32, 64, 64)),
+            epochs=2,
+            batch_size=32,
+            checkpoint_every=1,
+            max_steps=1,  # stops in epoch 1, which is saved as the last
+            sample_every=0,
+            sample_count=0,
+        )
+        run_id = train(cfg, data_dir=folder / "data")
+        assert evaluate.saved_epochs(run_id) == list(EPOCHS)
+    return Backbone(folder, run_id)
+
+
+def make_home(folder: Path, backbone: Backbone) -> Path:
+    """A fresh working folder: the backbone's MLflow store (its artifacts stay where they are),
+    the tiny sweep file, and no Optuna journal, feature cache or local checkpoints yet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(backbone.folder / "mlflow.db", folder / "mlflow.db")
+    (folder / "sweeps").mkdir()
+    (folder / "sweeps" / f"{STUDY}.yaml").write_text(SWEEP)
+    return folder
+
+
+@pytest.fixture
+def home(tmp_path: Path, backbone: Backbone) -> Iterator[Path]:
+    """A test's own working folder (see make_home), entered."""
+    folder = make_home(tmp_path / "home", backbone)
+    with inside(folder):
+        yield folder
+
+
+@dataclass(frozen=True)
+class Finished:
+    folder: Path
+    output: str
+    net_extracts: int  # calls of features.extract that ran the U-Net
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, backbone: Backbone) -> Finished:
+    """The tiny study run once to the end; tests that only read it share it."""
+    folder = make_home(tmp_path_factory.mktemp("finished"), backbone)
+    calls: list[bool] = []
+    real = features.extract
+
+    def counting(unet: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(unet is not None)
+        return real(unet, *args, **kwargs)
+
+    with inside(folder), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(features, "extract", counting)
+        result = grid()
+    assert result.exit_code == 0, result.output
+    return Finished(folder, result.output, sum(calls))
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+def grid(*args: str) -> Any:
+    """`ddsweep study probe-grid --study tiny ARGS`, in-process."""
+    return cli("study", "probe-grid", "--study", STUDY, *args)
+
+
+def expected_ids(epochs: tuple[int, ...] = EPOCHS) -> set[str]:
+    cfg = sweep.load_study(STUDY)
+    assert cfg is not None
+    return {sweep.point_id(p) for p in sweep.expand(cfg.axes, lambda _key: epochs)}
+
+
+def load(name: str = STUDY) -> optuna.Study:
+    return optuna.load_study(
+        study_name=name, storage=study.make_storage(name, study.RunOptions())
+    )
+
+
+def trials_by_point(s: optuna.Study) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    out: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for t in s.get_trials():
+        pid = t.user_attrs.get("point_id")
+        if pid is not None:
+            out.setdefault(pid, []).append(t)
+    return out
+
+
+def experiment_id() -> str:
+    exp = MlflowClient().get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    assert exp is not None
+    return str(exp.experiment_id)
+
+
+def parents(name: str = STUDY) -> list[Run]:
+    return MlflowClient().search_runs(
+        [experiment_id()],
+        f"tags.`{tracking.KIND_TAG}` = 'study' and tags.`{study.STUDY_TAG}` = '{name}'",
+    )
+
+
+def children(status: str | None = None, name: str = STUDY) -> list[Run]:
+    """The child runs of the study's single parent run (FINISHED, FAILED, ... or all)."""
+    (parent,) = parents(name)
+    query = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    return MlflowClient().search_runs([experiment_id()], query, max_results=10_000)
+
+
+def finished_per_point(name: str = STUDY) -> Counter[str]:
+    return Counter(r.data.tags[study.POINT_TAG] for r in children("FINISHED", name))
+
+
+def assert_each_point_evaluated_once(ids: set[str]) -> None:
+    """One FINISHED child per point, and one COMPLETE trial, which names that child."""
+    done = finished_per_point()
+    assert set(done) == ids
+    assert set(done.values()) == {1}, {p: n for p, n in done.items() if n != 1}
+    runs = {r.data.tags[study.POINT_TAG]: r.info.run_id for r in children("FINISHED")}
+    for pid, trials in trials_by_point(load()).items():
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        assert len(complete) == 1, (pid, [t.state for t in trials])
+        assert complete[0].user_attrs["mlflow_run_id"] == runs[pid]
+
+
+def summary(result: Any) -> str:
+    """The last line the grid printed on stdout."""
+    return result.stdout.strip().splitlines()[-1]
+
+
+# --- a whole grid -------------------------------------------------------------------------------
+
+
+def test_every_point_is_one_complete_trial_and_one_finished_child(finished: Finished) -> None:
+    with inside(finished.folder):
+        ids = expected_ids()
+        assert len(ids) == GRID
+        assert f"{GRID}/{GRID} points complete ({GRID} evaluated now" in finished.output
+        s = load()
+        assert Counter(t.state for t in s.trials) == Counter({TrialState.COMPLETE: GRID})
+        assert_each_point_evaluated_once(ids)
+        (parent,) = parents()
+        assert parent.info.run_name == STUDY
+        assert s.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+        assert s.user_attrs[f"backbone:digits/8/True"] == parent_backbone(finished)
+        trials = {t.user_attrs["mlflow_run_id"]: t for t in s.trials}
+        for run in children():
+            assert run.info.status == "FINISHED"
+            assert PARAMS <= set(run.data.params)
+            trial = trials[run.info.run_id]
+            point = sweep.parse_point_id(run.data.tags[study.POINT_TAG])
+            assert run.data.params["block"] == point.block
+            assert run.data.params["epoch"] == str(point.epoch)
+            assert run.data.params["k"] == str(point.k)
+            assert run.data.tags["optuna.trial_number"] == str(trial.number)
+            assert trial.params["point"] == study.point_key(sweep.point_id(point))
+            for metric in ("top1", "top3"):
+                assert 0.0 <= run.data.metrics[metric] <= 1.0
+            assert run.data.metrics["top3"] >= run.data.metrics["top1"]
+            assert trial.value == pytest.approx(run.data.metrics["top1"])
+
+
+def parent_backbone(finished: Finished) -> str:
+    """The training run in the copied store (the same id as the module's backbone)."""
+    runs = MlflowClient().search_runs(
+        [experiment_id()], f"tags.`{tracking.KIND_TAG}` = 'train'"
+    )
+    (run,) = runs
+    return str(run.info.run_id)
+
+
+def test_the_backbone_runs_once_per_checkpoint_noise_step_and_split(finished: Finished) -> None:
+    passes = len(EPOCHS) * 1 * 2  # checkpoints x noise steps x (train, test)
+    assert finished.net_extracts == passes
+    with inside(finished.folder):
+        assert sum(r.data.metrics["backbone_passes"] for r in children("FINISHED")) == passes
+
+
+def test_status_shows_complete_and_left_counts(finished: Finished) -> None:
+    with inside(finished.folder):
+        result = cli("study", "status", "--study", STUDY)
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line.split()[2:] for line in result.stdout.splitlines() if "│" in line}
+    assert f"{GRID} points" in result.stdout
+    # columns: complete, running, failed, left
+    assert rows["total"] == ["│", str(GRID), "│", "0", "│", "0", "│", "0", "│"]
+    assert rows["block=pixels"][1] == "2"
+    assert rows["epoch=1"][1] == "4"
+
+
+def test_a_finished_study_does_no_work_and_says_so(finished: Finished) -> None:
+    with inside(finished.folder):
+        before = len(load().trials)
+        result = grid()
+        assert result.exit_code == 0, result.output
+        assert "already complete" in summary(result)
+        assert len(load().trials) == before
+        assert len(children()) == GRID
+
+
+# --- growing, failing, dying --------------------------------------------------------------------
+
+
+def test_a_grown_grid_evaluates_only_its_new_points(home: Path) -> None:
+    first = grid("--epoch", "0")
+    assert first.exit_code == 0, first.output
+    assert len(finished_per_point()) == GRID // 2 + 1
+    grown = grid("--epoch", "0:1")
+    assert grown.exit_code == 0, grown.output
+    assert f"{GRID}/{GRID} points complete ({GRID // 2 - 1} evaluated now" in summary(grown)
+    assert_each_point_evaluated_once(expected_ids())
+    # No trial at all for a point done before: the sampler knows points by value.
+    assert len(load().trials) == GRID
+    new = [r for r in children("FINISHED") if r.data.params["epoch"] == "1"]
+    assert sum(r.data.metrics["backbone_passes"] for r in new) == 2  # one checkpoint, 2 splits
+    # Shrinking the grid again is complete at once.
+    again = grid("--epoch", "1")
+    assert "already complete" in summary(again)
+    assert len(load().trials) == GRID
+
+
+def test_a_failing_trial_is_recorded_retried_and_then_given_up(home: Path, backbone: Backbone) -> None:
+    # A damaged local copy of one checkpoint: only the U-Net points of epoch 1 can fail.
+    copy = evaluate.fetch_backbone(backbone.run_id, 1).folder
+    (copy / checkpoints.WEIGHTS_FILE).write_bytes(b"not a safetensors file")
+    broken = {p for p in expected_ids() if sweep.parse_point_id(p).epoch == 1}
+    assert len(broken) == 4
+
+    first = grid("--max-retries", "1")
+    assert first.exit_code == 0, first.output
+    assert f"{GRID - 4}/{GRID} points complete ({GRID - 4} evaluated now, 4 failed" in first.stdout
+    failed = children("FAILED")
+    assert {r.data.tags[study.POINT_TAG] for r in failed} == broken
+    assert all(r.data.tags["error"] for r in failed)
+    for run in failed:
+        assert PARAMS <= set(run.data.params)
+    s = load()
+    fails = [t for t in s.trials if t.state == TrialState.FAIL]
+    assert {t.user_attrs["point_id"] for t in fails} == broken
+    assert all("cannot load" in t.user_attrs["error"] for t in fails), fails[0].user_attrs
+    assert {r.data.tags["error"] for r in failed} == {t.user_attrs["error"] for t in fails}
+    assert set(finished_per_point()) == expected_ids() - broken
+
+    # The next run retries (and fails again); after --max-retries retries it gives up.
+    second = grid("--max-retries", "1")
+    assert "0 evaluated now, 4 failed" in second.stdout
+    third = grid("--max-retries", "1")
+    assert "0 evaluated now, 0 failed" in third.stdout
+    assert len(children("FAILED")) == 8
+    status = cli("study", "status", "--study", STUDY)
+    total = next(line for line in status.stdout.splitlines() if "total" in line).split("│")
+    assert [c.strip() for c in total[2:6]] == [str(GRID - 4), "0", "4", "0"]
+
+    # Repaired (a fresh copy is fetched), a run with more retries finishes the grid.
+    shutil.rmtree(copy)
+    fourth = grid("--max-retries", "2")
+    assert f"{GRID}/{GRID} points complete (4 evaluated now, 0 failed" in fourth.stdout
+    assert_each_point_evaluated_once(expected_ids())
+    assert len(children("FAILED")) == 8
+
+
+def test_a_pixels_only_study_needs_no_backbone(home: Path) -> None:
+    # Regression: the grid asked the (absent) backbone for its epochs and crashed.
+    result = cli(
+        "study", "probe-grid", "--study", "pix", "--dataset", "digits", "--resolution", "8",
+        "--block", "pixels", "--probe", "knn", "--k", "3", "--k", "5",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "2/2 points complete (2 evaluated now" in result.stdout
+    assert sorted(finished_per_point("pix").values()) == [1, 1]
+
+
+def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
+    # Regression: a WAITING retry of a point outside the current grid crashed the worker.
+    first = grid("--epoch", "0", "--block", "pixels")
+    assert first.exit_code == 0, first.output
+    load().enqueue_trial({"point": study.point_key("digits|8|True|1|mid|0|linear|0")})
+    result = grid("--epoch", "0", "--block", "pixels")
+    assert result.exit_code == 0, result.output
+    assert "already complete" in summary(result)
+    (stray,) = [t for t in load().trials if t.state == TrialState.PRUNED]
+    assert stray.user_attrs["duplicate_of"] == "not in this grid"
+
+
+# --- several workers ----------------------------------------------------------------------------
+
+# Runs `ddsweep ARGS...` after making its N-th trial hang (stage "evaluating": inside the
+# evaluation; stage "logged": after its MLflow child run is logged), writing the point to MARKER.
+HANGING_WORKER = r"""
+import sys, time
+from pathlib import Path
+from ddsweep import evaluate, study, sweep, tracking
+stage, marker, nth = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+del sys.argv[1:4]
+calls = []
+def hang(pid):
+    marker.write_text(pid)
+    time.sleep(600)
+if stage == "evaluating":
+    real = evaluate.evaluate
+    def patched(backbone, point, *a, **k):
+        calls.append(1)
+        if len(calls) == nth:
+            hang(sweep.point_id(point))
+        return real(backbone, point, *a, **k)
+    evaluate.evaluate = patched
+else:
+    real_log = tracking.log_run
+    def patched(*a, **k):
+        run_id = real_log(*a, **k)
+        calls.append(1)
+        if len(calls) == nth:
+            hang(a[4][study.POINT_TAG])
+        return run_id
+    tracking.log_run = patched
+from ddsweep.cli import main
+main()
+"""
+
+
+def worker_env() -> dict[str, str]:
+    # One thread each: two workers share two cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start_grid(*args: str, hang: tuple[str, Path, int] | None = None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "ddsweep"]
+    if hang:
+        cmd = [sys.executable, "-c", HANGING_WORKER, hang[0], str(hang[1]), str(hang[2])]
+    return subprocess.Popen(
+        [*cmd, "study", "probe-grid", "--study", STUDY, *args],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_workers_started_at_once_evaluate_every_point_once(home: Path) -> None:
+    workers = [start_grid(), start_grid()]
+    outputs = [w.communicate(timeout=240) for w in workers]
+    for w, (out, err) in zip(workers, outputs, strict=True):
+        assert w.returncode == 0, err[-3000:]
+    assert_each_point_evaluated_once(expected_ids())
+    assert len(parents()) == 1
+    evaluated = [int(out.split("(")[1].split()[0]) for out, _ in outputs]
+    assert sum(evaluated) == GRID, outputs
+    # The feature cache's lock: a checkpoint is never run twice, whoever asks for it.
+    assert sum(r.data.metrics["backbone_passes"] for r in children("FINISHED")) == 2 * 2
+
+
+@pytest.mark.parametrize("stage", ["evaluating", "logged"])
+def test_a_killed_worker_s_point_is_rerun_or_adopted_never_evaluated_twice(
+    home: Path, stage: str
+) -> None:
+    marker = home / "hung"
+    victim = start_grid("--heartbeat-interval", "1", "--grace-period", "2", hang=(stage, marker, 3))
+    deadline = time.time() + 120
+    while not marker.exists():
+        if victim.poll() is not None:
+            pytest.fail(f"the worker ended before hanging: {victim.communicate()[1][-3000:]}")
+        assert time.time() < deadline, "the worker never reached its third trial"
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    killed = marker.read_text()
+    (running,) = [t for t in load().trials if t.state == TrialState.RUNNING]
+    assert running.user_attrs["point_id"] == killed
+    logged_before = finished_per_point()[killed]
+    assert logged_before == (1 if stage == "logged" else 0)
+    if stage == "evaluating":
+        time.sleep(2.5)  # past the grace period: the next run finds the trial dead at once
+
+    result = grid("--heartbeat-interval", "1", "--grace-period", "2")
+    assert result.exit_code == 0, result.output
+    assert f"{GRID}/{GRID} points complete" in summary(result)
+    assert_each_point_evaluated_once(expected_ids())
+    trials = trials_by_point(load())[killed]
+    states = sorted(t.state.name for t in trials)
+    assert states == ["COMPLETE", "FAIL"], states
+    (dead,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert dead.user_attrs["error"].startswith("stale")
+    if stage == "logged":
+        assert "1 adopted" in summary(result)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--blocks", "mid"], ["--blocks"]),
+        (["--block", "up9"], ["--block", "'up9'", "down1"]),
+        (["--probe", "svm"], ["--probe", "'svm'", "linear, knn"]),
+        (["--epoch", "7"], ["epoch", "7", "saved epochs: 0, 1"]),
+        (["--heartbeat-interval", "5", "--grace-period", "5"], ["--heartbeat-interval"]),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(
+    home: Path, args: list[str], words: list[str]
+) -> None:
+    result = grid(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddsweep: error: "), result.stderr
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0]
+    assert not list(home.glob("mlruns/*/*/")) or not children()  # nothing evaluated
+
+
+def test_an_unknown_key_in_the_sweep_file_is_one_line_and_exit_status_2(home: Path) -> None:
+    path = home / "sweeps" / f"{STUDY}.yaml"
+    path.write_text(SWEEP.replace("  block:", "  blocks:"))
+    result = grid()
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("ddsweep: error: ")
+    for word in (str(Path("sweeps") / f"{STUDY}.yaml"), "'blocks'", "allowed: dataset"):
+        assert word in line
+    assert not (home / ".ddsweep" / "optuna").exists()  # nothing started
+
+
+def test_status_of_a_study_never_run_is_a_user_error(home: Path) -> None:
+    result = cli("study", "status", "--study", STUDY)
+    assert result.exit_code == 2
+    assert "has not been started" in result.stderr
+
+
+# --- Optuna's own heartbeat (RDB storage) --------------------------------------------------------
+
+
+def test_a_trial_is_visible_to_optunas_own_stale_check_from_its_start(tmp_path: Path) -> None:
+    # Regression: the first heartbeat came one interval late and never reached Optuna (the study
+    # holds its RDBStorage wrapped), so a worker killed early left a trial RUNNING forever.
+    opts = study.RunOptions(
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=1
+    )
+    s = optuna.create_study(study_name="hb", storage=study.make_storage("hb", opts))
+    assert study.uses_rdb_heartbeat(s._storage)
+    trial = s.ask()
+    beat = study.Heartbeat(s, trial._trial_id, interval=600)
+    beat.__enter__()  # and never leaves: the worker is killed within its first interval
+    beat._stop.set()
+    time.sleep(2.2)  # the database clock counts whole seconds
+    optuna.storages.fail_stale_trials(s)
+    assert s.trials[0].state == TrialState.FAIL
