@@ -1,7 +1,7 @@
 """Benchmark sampling speed (images/s) on this machine; prints the "## Sampling" markdown for
 BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/bench_sampling.py                 # 2-5 min on a busy 2-core CPU
+    .venv/bin/python benchmarks/bench_sampling.py                 # 1-4 min on a 2-core CPU
     .venv/bin/python benchmarks/bench_sampling.py --runs 1 --quick   # smoke test
 
 Two untrained networks (speed does not depend on the weights): the digits backbone (channels
@@ -99,7 +99,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--quick", action="store_true", help="2 timed steps everywhere")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads [default: torch's]; 1 holds up better on a busy machine",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     digits = ModelConfig(resolution=16, channels=(32, 64, 64, 64), attention=True)
     seed = ModelConfig()  # 128,256,256,256 at 32 px: the study's 35.7 M-parameter U-Net
@@ -113,9 +121,9 @@ def main() -> None:
 
     variants = [
         Variant("digits", "ddim", 50, k(50), 64),
-        Variant("digits", "ddpm", 1000, k(50), 64),
-        Variant("seed", "ddim", 50, k(25), 4),
-        Variant("seed", "ddpm", 1000, k(25), 4),
+        Variant("digits", "ddpm", 1000, k(25), 64),
+        Variant("seed", "ddim", 50, k(10), 4),
+        Variant("seed", "ddpm", 1000, k(10), 4),
     ]
     for v in variants:  # warm-up: first-call allocations and lazy imports
         time_variant(nets[v.model], Variant(v.model, v.sampler, v.steps, 1, v.batch))
@@ -123,9 +131,10 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()[0]
     times: dict[Variant, list[float]] = {v: [] for v in variants}
-    for _ in range(args.runs):
+    for run in range(args.runs):
         for v in variants:
             times[v].append(time_variant(nets[v.model], v))
+            print(f"run {run + 1}: {v} {times[v][-1]:.1f} s", file=sys.stderr, flush=True)
     load_after = os.getloadavg()[0]
 
     print("## Sampling\n")

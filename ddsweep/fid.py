@@ -6,11 +6,13 @@ another scale. The statistics of the real images (mean, covariance, count) are c
 (dataset split, resolution, feature network) and kept on disk, so every checkpoint of a study
 pays only for its own samples.
 
-Samples default to DDPM ancestral sampling over all 1000 steps: the sampler the network was
-trained for and the one behind the study's FIDs (2,000 samples against the test set). DDIM
-(`sampler="ddim"`, 100 steps by default) is about ten times faster but scores worse: Song et al.
-(2021, table 1) report CIFAR-10 FID 4.16 at 100 DDIM steps against 3.17 for DDPM. A DDPM
-set of images depends on the seed *and* the batch size (one generator draws every batch's noise).
+The study scores 2,000 samples per checkpoint against the test set but does not name its
+sampler. The default here is DDPM ancestral sampling over all 1000 steps: the process the network
+was trained to reverse, the sampler DDPM FIDs are usually reported with (Ho et al. 2020) and the
+default of diffusers' DDPMPipeline. DDIM (`sampler="ddim"`, 100 steps unless `steps` says
+otherwise) is ten times faster but scores worse, so the two must not be compared: Song et al.
+(2021, table 1) report CIFAR-10 FID 4.16 at 100 DDIM steps against 3.17 for DDPM (50k samples).
+A DDPM image set depends on the seed *and* the batch size (one generator draws all the noise).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ _STATS_VERSION = 1  # part of every cache key: bump when the statistics change m
 
 @dataclass(frozen=True)
 class FIDConfig:
-    """How the generated images are made; the defaults are the study's (2,000 DDPM samples)."""
+    """How the generated images are made: 2,000 as in the study, DDPM ancestral by default."""
 
     samples: int = 2000
     sampler: str = "ddpm"

@@ -379,7 +379,11 @@ def knn_votes(
     One search finds the max(ks) nearest neighbours of each test row (chunk by chunk over the
     test set, so memory stays bounded); every k then votes with its first k neighbours. The
     prediction is votes.argmax(1), which with uniform weights equals scikit-learn's
-    KNeighborsClassifier(algorithm="brute") (ties of votes go to the smaller class).
+    KNeighborsClassifier(algorithm="brute") (ties of votes go to the smaller class; neighbours
+    at equal distance are taken in train order, where scikit-learn's choice is unspecified).
+    C is max(n_classes, max label + 1). chunk_size: test rows per chunk, default from a
+    256 MB budget for the chunk's score matrix. Features are compared in float64 if either is
+    float64, else in float32.
     """
     _check_pair(train_x, train_y, test_x, None)
     ks = _check_knn_args(ks, train_x.shape[0], metric, weighting, chunk_size)

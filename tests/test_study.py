@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -164,9 +165,7 @@ def expected_ids(epochs: tuple[int, ...] = EPOCHS) -> set[str]:
 
 
 def load(name: str = STUDY) -> optuna.Study:
-    return optuna.load_study(
-        study_name=name, storage=study.make_storage(name, study.RunOptions())
-    )
+    return optuna.load_study(study_name=name, storage=study.make_storage(name, study.RunOptions()))
 
 
 def trials_by_point(s: optuna.Study) -> dict[str, list[optuna.trial.FrozenTrial]]:
@@ -216,6 +215,22 @@ def assert_each_point_evaluated_once(ids: set[str]) -> None:
         assert complete[0].user_attrs["mlflow_run_id"] == runs[pid]
 
 
+def status_rows(stdout: str) -> dict[str, list[int]]:
+    """`study status` table rows: {"axis=value": [complete, running, failed, left]}."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 5 and cells[1].isdigit():
+            rows[cells[0]] = [int(c) for c in cells[1:]]
+    return rows
+
+
+def evaluated_now(stdout: str) -> int:
+    """N of the summary line's "(N evaluated now"; 0 when all was already complete."""
+    match = re.search(r"\((\d+) evaluated now", stdout)
+    return int(match.group(1)) if match else 0
+
+
 def summary(result: Any) -> str:
     """The last line the grid printed on stdout."""
     return result.stdout.strip().splitlines()[-1]
@@ -224,7 +239,9 @@ def summary(result: Any) -> str:
 # --- a whole grid -------------------------------------------------------------------------------
 
 
-def test_every_point_is_one_complete_trial_and_one_finished_child(finished: Finished) -> None:
+def test_every_point_is_one_complete_trial_and_one_finished_child(
+    finished: Finished, backbone: Backbone
+) -> None:
     with inside(finished.folder):
         ids = expected_ids()
         assert len(ids) == GRID
@@ -235,11 +252,11 @@ def test_every_point_is_one_complete_trial_and_one_finished_child(finished: Fini
         (parent,) = parents()
         assert parent.info.run_name == STUDY
         assert s.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
-        assert s.user_attrs[f"backbone:digits/8/True"] == parent_backbone(finished)
+        assert s.user_attrs["backbone:digits/8/True"] == backbone.run_id  # pinned
         trials = {t.user_attrs["mlflow_run_id"]: t for t in s.trials}
         for run in children():
             assert run.info.status == "FINISHED"
-            assert PARAMS <= set(run.data.params)
+            assert set(run.data.params) >= PARAMS
             trial = trials[run.info.run_id]
             point = sweep.parse_point_id(run.data.tags[study.POINT_TAG])
             assert run.data.params["block"] == point.block
@@ -253,15 +270,6 @@ def test_every_point_is_one_complete_trial_and_one_finished_child(finished: Fini
             assert trial.value == pytest.approx(run.data.metrics["top1"])
 
 
-def parent_backbone(finished: Finished) -> str:
-    """The training run in the copied store (the same id as the module's backbone)."""
-    runs = MlflowClient().search_runs(
-        [experiment_id()], f"tags.`{tracking.KIND_TAG}` = 'train'"
-    )
-    (run,) = runs
-    return str(run.info.run_id)
-
-
 def test_the_backbone_runs_once_per_checkpoint_noise_step_and_split(finished: Finished) -> None:
     passes = len(EPOCHS) * 1 * 2  # checkpoints x noise steps x (train, test)
     assert finished.net_extracts == passes
@@ -273,12 +281,12 @@ def test_status_shows_complete_and_left_counts(finished: Finished) -> None:
     with inside(finished.folder):
         result = cli("study", "status", "--study", STUDY)
     assert result.exit_code == 0, result.output
-    rows = {line.split()[1]: line.split()[2:] for line in result.stdout.splitlines() if "│" in line}
-    assert f"{GRID} points" in result.stdout
-    # columns: complete, running, failed, left
-    assert rows["total"] == ["│", str(GRID), "│", "0", "│", "0", "│", "0", "│"]
-    assert rows["block=pixels"][1] == "2"
-    assert rows["epoch=1"][1] == "4"
+    assert f"study {STUDY}: {GRID} points" in result.stdout
+    rows = status_rows(result.stdout)
+    assert rows["total"] == [GRID, 0, 0, 0]
+    assert rows["block=pixels"] == [2, 0, 0, 0]
+    assert rows["epoch=1"] == [4, 0, 0, 0]
+    assert rows["probe=knn"] == [GRID // 2, 0, 0, 0]
 
 
 def test_a_finished_study_does_no_work_and_says_so(finished: Finished) -> None:
@@ -312,7 +320,9 @@ def test_a_grown_grid_evaluates_only_its_new_points(home: Path) -> None:
     assert len(load().trials) == GRID
 
 
-def test_a_failing_trial_is_recorded_retried_and_then_given_up(home: Path, backbone: Backbone) -> None:
+def test_a_failing_trial_is_recorded_retried_and_then_given_up(
+    home: Path, backbone: Backbone
+) -> None:
     # A damaged local copy of one checkpoint: only the U-Net points of epoch 1 can fail.
     copy = evaluate.fetch_backbone(backbone.run_id, 1).folder
     (copy / checkpoints.WEIGHTS_FILE).write_bytes(b"not a safetensors file")
@@ -326,7 +336,7 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(home: Path, backb
     assert {r.data.tags[study.POINT_TAG] for r in failed} == broken
     assert all(r.data.tags["error"] for r in failed)
     for run in failed:
-        assert PARAMS <= set(run.data.params)
+        assert set(run.data.params) >= PARAMS
     s = load()
     fails = [t for t in s.trials if t.state == TrialState.FAIL]
     assert {t.user_attrs["point_id"] for t in fails} == broken
@@ -341,8 +351,7 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(home: Path, backb
     assert "0 evaluated now, 0 failed" in third.stdout
     assert len(children("FAILED")) == 8
     status = cli("study", "status", "--study", STUDY)
-    total = next(line for line in status.stdout.splitlines() if "total" in line).split("│")
-    assert [c.strip() for c in total[2:6]] == [str(GRID - 4), "0", "4", "0"]
+    assert status_rows(status.stdout)["total"] == [GRID - 4, 0, 4, 0]
 
     # Repaired (a fresh copy is fetched), a run with more retries finishes the grid.
     shutil.rmtree(copy)
@@ -377,23 +386,30 @@ def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
 
 # --- several workers ----------------------------------------------------------------------------
 
-# Runs `ddsweep ARGS...` after making its N-th trial hang (stage "evaluating": inside the
-# evaluation; stage "logged": after its MLflow child run is logged), writing the point to MARKER.
-HANGING_WORKER = r"""
-import sys, time
+# `python -c WORKER MODE PATH N study probe-grid ...` runs ddsweep after its slow imports, and:
+# MODE "together": waits until N workers have imported (touching PATH/ready-PID), so that all
+#   start the study at the same moment;
+# MODE "evaluating" / "logged": hangs in its N-th trial, inside the evaluation / after the
+#   trial's MLflow child run is logged, having written the point to PATH.
+WORKER = r"""
+import os, sys, time
 from pathlib import Path
-from ddsweep import evaluate, study, sweep, tracking
-stage, marker, nth = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+from ddsweep import cli, evaluate, study, sweep, tracking
+mode, path, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 del sys.argv[1:4]
 calls = []
 def hang(pid):
-    marker.write_text(pid)
+    path.write_text(pid)
     time.sleep(600)
-if stage == "evaluating":
+if mode == "together":
+    (path / f"ready-{os.getpid()}").touch()
+    while len(list(path.glob("ready-*"))) < n:
+        time.sleep(0.005)
+elif mode == "evaluating":
     real = evaluate.evaluate
     def patched(backbone, point, *a, **k):
         calls.append(1)
-        if len(calls) == nth:
+        if len(calls) == n:
             hang(sweep.point_id(point))
         return real(backbone, point, *a, **k)
     evaluate.evaluate = patched
@@ -402,27 +418,20 @@ else:
     def patched(*a, **k):
         run_id = real_log(*a, **k)
         calls.append(1)
-        if len(calls) == nth:
+        if len(calls) == n:
             hang(a[4][study.POINT_TAG])
         return run_id
     tracking.log_run = patched
-from ddsweep.cli import main
-main()
+cli.main()
 """
 
 
-def worker_env() -> dict[str, str]:
-    # One thread each: two workers share two cores.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def start_grid(*args: str, hang: tuple[str, Path, int] | None = None) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "ddsweep"]
-    if hang:
-        cmd = [sys.executable, "-c", HANGING_WORKER, hang[0], str(hang[1]), str(hang[2])]
+def start_grid(mode: str, path: Path, n: int, *args: str) -> subprocess.Popen[str]:
+    """A worker process running the tiny grid (see WORKER); one torch thread each."""
+    ddsweep_args = ["study", "probe-grid", "--study", STUDY, *args]
     return subprocess.Popen(
-        [*cmd, "study", "probe-grid", "--study", STUDY, *args],
-        env=worker_env(),
+        [sys.executable, "-c", WORKER, mode, str(path), str(n), *ddsweep_args],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -430,24 +439,31 @@ def start_grid(*args: str, hang: tuple[str, Path, int] | None = None) -> subproc
 
 
 def test_two_workers_started_at_once_evaluate_every_point_once(home: Path) -> None:
-    workers = [start_grid(), start_grid()]
-    outputs = [w.communicate(timeout=240) for w in workers]
-    for w, (out, err) in zip(workers, outputs, strict=True):
+    workers = [start_grid("together", home, 2) for _ in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for w, (_out, err) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, err[-3000:]
     assert_each_point_evaluated_once(expected_ids())
-    assert len(parents()) == 1
-    evaluated = [int(out.split("(")[1].split()[0]) for out, _ in outputs]
-    assert sum(evaluated) == GRID, outputs
+    assert len(parents()) == 1  # both found the one parent run, though both began at once
+    evaluated = [evaluated_now(out) for out, _ in outputs]
+    assert sum(evaluated) == GRID and min(evaluated) > 0, outputs
     # The feature cache's lock: a checkpoint is never run twice, whoever asks for it.
     assert sum(r.data.metrics["backbone_passes"] for r in children("FINISHED")) == 2 * 2
 
 
-@pytest.mark.parametrize("stage", ["evaluating", "logged"])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "evaluating",
+        # The same state as the in-process test below, reached with a real SIGKILL.
+        pytest.param("logged", marks=pytest.mark.slow),
+    ],
+)
 def test_a_killed_worker_s_point_is_rerun_or_adopted_never_evaluated_twice(
     home: Path, stage: str
 ) -> None:
     marker = home / "hung"
-    victim = start_grid("--heartbeat-interval", "1", "--grace-period", "2", hang=(stage, marker, 3))
+    victim = start_grid(stage, marker, 3, "--heartbeat-interval", "1", "--grace-period", "2")
     deadline = time.time() + 120
     while not marker.exists():
         if victim.poll() is not None:
@@ -477,6 +493,42 @@ def test_a_killed_worker_s_point_is_rerun_or_adopted_never_evaluated_twice(
         assert "1 adopted" in summary(result)
 
 
+class Killed(BaseException):
+    """Ends a worker at once, the way SIGKILL would: no handler of ddsweep's catches it."""
+
+
+def test_a_point_logged_by_a_worker_that_died_is_adopted_not_evaluated_again(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tracking.log_run
+    logged: list[str] = []
+
+    def dies_after_the_third(*args: Any, **kwargs: Any) -> str:
+        run_id = real(*args, **kwargs)
+        logged.append(args[4][study.POINT_TAG])
+        if len(logged) == 3:
+            raise Killed  # after MLflow has the child run, before Optuna hears of it
+        return run_id
+
+    monkeypatch.setattr(tracking, "log_run", dies_after_the_third)
+    with pytest.raises(Killed):
+        grid("--heartbeat-interval", "1", "--grace-period", "2")
+    monkeypatch.setattr(tracking, "log_run", real)
+    killed = logged[-1]
+    (running,) = [t for t in load().trials if t.state == TrialState.RUNNING]
+    assert running.user_attrs["point_id"] == killed
+    assert finished_per_point() == Counter(logged)
+
+    # At once: the trial still looks alive, so the run does the rest and then waits for it.
+    result = grid("--heartbeat-interval", "1", "--grace-period", "2")
+    assert result.exit_code == 0, result.output
+    assert f"{GRID}/{GRID} points complete ({GRID - 3} evaluated now" in summary(result)
+    assert "1 adopted" in summary(result)
+    assert_each_point_evaluated_once(expected_ids())
+    states = sorted(t.state.name for t in trials_by_point(load())[killed])
+    assert states == ["COMPLETE", "FAIL"], states
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 
@@ -495,12 +547,18 @@ def test_bad_input_is_one_line_and_exit_status_2(
 ) -> None:
     result = grid(*args)
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddsweep: error: "), result.stderr
     assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    # The error is the last line and the only one, bar the progress bar that `probe-grid`
+    # draws before it finds a checkpoint missing (for --epoch 7).
+    errors = [line for line in lines if "error" in line]
+    assert errors == lines[-1:] and lines[-1].startswith("ddsweep: error: "), result.stderr
+    assert len(lines) == 1 or args == ["--epoch", "7"], result.stderr
     for word in words:
-        assert word in lines[0]
-    assert not list(home.glob("mlruns/*/*/")) or not children()  # nothing evaluated
+        assert word in lines[-1]
+    # Nothing recorded: no Optuna study, no MLflow parent run.
+    assert optuna.get_all_study_names(study.make_storage(STUDY, study.RunOptions())) == []
+    assert parents() == []
 
 
 def test_an_unknown_key_in_the_sweep_file_is_one_line_and_exit_status_2(home: Path) -> None:

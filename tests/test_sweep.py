@@ -200,7 +200,7 @@ def test_values_are_read_leniently_where_yaml_is_surprising() -> None:
 def test_odd_integers_are_user_errors_not_crashes(bad: str) -> None:
     doc = design_doc()
     doc["axes"]["k"] = [bad]
-    with pytest.raises(UserError, match="axes.k"):
+    with pytest.raises(UserError, match=r"axes\.k"):
         parse_study(doc, "x.yaml")
 
 
