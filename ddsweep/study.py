@@ -17,10 +17,13 @@ marked FAIL after the grace period and retried by any worker.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
 import os
+import random
+import socket
 import threading
 import time
 from collections import Counter
@@ -28,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from optuna.samplers import BaseSampler
 
 from ddsweep import evaluate, sweep, tracking
 from ddsweep.errors import UserError
@@ -93,10 +98,12 @@ def make_storage(study: str, opts: RunOptions) -> optuna.storages.BaseStorage:
 
 
 def uses_rdb_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
-    """Whether Optuna's own heartbeat is on (RDBStorage with heartbeat_interval)."""
-    from optuna.storages import RDBStorage
+    """Whether Optuna's own heartbeat is on (RDBStorage with heartbeat_interval).
 
-    return isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None
+    A study holds its RDBStorage wrapped in Optuna's `_CachedStorage`, which forwards the
+    heartbeat: ask the storage, not its class."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return callable(interval) and interval() is not None
 
 
 # --- trial bookkeeping --------------------------------------------------------------------------
@@ -207,17 +214,25 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
+    def beat(self) -> bool:
+        """Record one heartbeat; False once the trial has ended."""
         storage = self.study._storage
-        while not self._stop.wait(self.interval):
-            try:
-                if uses_rdb_heartbeat(storage):
-                    storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
-                storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
-            except Exception:  # the trial ended meanwhile
-                return
+        try:
+            if uses_rdb_heartbeat(storage):
+                storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+            storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+        except Exception:  # the trial ended meanwhile
+            return False
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval) and self.beat():
+            pass
 
     def __enter__(self) -> Heartbeat:
+        # Beat at once: Optuna's RDB stale check skips a trial that has never beaten, so a
+        # worker killed within its first interval would leave a trial RUNNING forever.
+        self.beat()
         self._thread.start()
         return self
 
@@ -229,8 +244,18 @@ class Heartbeat:
 # --- MLflow parent --------------------------------------------------------------------------------
 
 
-def parent_run(cfg: sweep.StudyConfig, experiment_id: str) -> str:
-    """The study's MLflow parent run, created once and found again on every re-run."""
+PARENT_WAIT_S = 20.0  # how long after a study's creation other workers wait for its parent run
+CREATED_ATTR = "created_at"
+
+
+def parent_run(cfg: sweep.StudyConfig, experiment_id: str, *, wait_s: float = 0.0) -> str:
+    """The study's MLflow parent run, created once and found again on every re-run.
+
+    Workers started together would each create one: a worker that did not create the Optuna
+    study (exactly one does) waits up to `wait_s` for the creator's parent run first. Without
+    the wait, a worker whose create_run was held up by the database lock could keep its own
+    run after another had kept its own too, and children would split between two parents.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -244,6 +269,10 @@ def parent_run(cfg: sweep.StudyConfig, experiment_id: str) -> str:
         return str(runs[0].info.run_id) if runs else None
 
     found = oldest()
+    deadline = time.monotonic() + wait_s
+    while found is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = oldest()
     if found:
         return found
     run = client.create_run(
@@ -290,19 +319,22 @@ def logged_child(parent_id: str, experiment_id: str, pid: str) -> Any | None:
 
 
 def pin_backbones(
-    study: optuna.Study, cfg: sweep.StudyConfig
+    study: optuna.Study | None, cfg: sweep.StudyConfig
 ) -> dict[sweep.Backbone3, tuple[str, tuple[int, ...]]]:
     """{(dataset, resolution, attention): (training run id, saved epochs)}; the run chosen the
-    first time is kept in the Optuna study, so a newer training run never changes a study."""
+    first time is kept in the Optuna study, so a newer training run never changes a study.
+    With no study yet, the runs are only found and checked (a bad --epoch records nothing)."""
     out = {}
+    pinned = study.user_attrs if study is not None else {}
     needs_net = any(b != PIXELS for b in cfg.axes.block)
     for key in sweep.backbones(cfg.axes) if needs_net else []:
         d, r, a = key
         attr = f"backbone:{d}/{r}/{a}"
-        run_id = study.user_attrs.get(attr)
+        run_id = pinned.get(attr)
         if run_id is None:
             run_id = tracking.latest_training_run(d, r, a).info.run_id
-            study.set_user_attr(attr, run_id)
+            if study is not None:
+                study.set_user_attr(attr, run_id)
         epochs = tuple(evaluate.saved_epochs(run_id))
         missing = [e for e in cfg.axes.epoch if e not in epochs]
         if missing:
@@ -315,12 +347,44 @@ def pin_backbones(
     return out
 
 
-class _GridSampler(__import__("optuna").samplers.GridSampler):  # type: ignore[misc]
-    """Optuna's GridSampler without its `study.stop()` at exhaustion: that call only works
-    inside `optimize`, and our ask/tell loop asks `is_exhausted` itself."""
+class _GridSampler(BaseSampler):
+    """Hands each new trial a point of the grid that no trial holds yet, known by its value.
 
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        return None
+    Written by hand because Optuna's GridSampler fits a fixed grid only: it stores the whole
+    grid in every trial and compares it with every trial's copy on each ask (measured here:
+    0.6 s of bookkeeping a trial at 800 points, growing with the cube of the grid), and when
+    the grid changes (a sweep gains an epoch) it forgets every point already done and hands
+    each out again. Points here are the `point` param itself, so only new points are handed out.
+    """
+
+    def __init__(self, keys: list[int], seed: int = 0) -> None:
+        self._order = list(keys)
+        random.Random(seed).shuffle(self._order)  # the same order in every worker
+
+    def unclaimed(self, study: optuna.Study) -> list[int]:
+        """Points of the grid with no trial at all (in any state), in hand-out order."""
+        held = {trial_point(t) for t in study.get_trials(deepcopy=False)}
+        return [k for k in self._order if k not in held]
+
+    def is_exhausted(self, study: optuna.Study) -> bool:
+        """Whether every point has a trial; what is left is retries (`enqueue_retries`)."""
+        return not self.unclaimed(study)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(
+        self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        if param_name != "point":
+            raise ValueError(f"the grid has one param, point, not {param_name!r}")
+        free = self.unclaimed(study) or self._order  # exhausted: a duplicate that steps back
+        # Workers reading the storage at the same moment see the same list; their trial
+        # numbers differ, so they take different points.
+        return free[trial.number % len(free)]
 
 
 # --- one worker ---------------------------------------------------------------------------------
@@ -358,10 +422,20 @@ def open_study(
                 f"study {cfg.study!r} has not been started: run `ddsweep study {cfg.kind} "
                 f"--study {cfg.study}`"
             ) from err
-    study = optuna.create_study(
-        study_name=cfg.study, storage=storage, direction="maximize", load_if_exists=True
-    )
+    study, _ = _create_or_load(cfg.study, storage)
     return study, storage
+
+
+def _create_or_load(name: str, storage: Any) -> tuple[optuna.Study, bool]:
+    """The study `name` and whether this call created it (exactly one racing worker does)."""
+    import optuna
+
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage), False
+    study.set_user_attr(CREATED_ATTR, time.time())
+    return study, True
 
 
 def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
@@ -369,7 +443,14 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
     import optuna
 
     exp_id = tracking.setup(opts.tracking_uri, opts.experiment)
-    study, _ = open_study(cfg, opts)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_storage(cfg.study, opts)
+    created = False
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=storage)
+    except KeyError:  # a new study: check its backbones before recording anything
+        pin_backbones(None, cfg)
+        study, created = _create_or_load(cfg.study, storage)
     runs = pin_backbones(study, cfg)
     points = sweep.expand(cfg.axes, lambda key: runs[key][1])
     ids = [sweep.point_id(p) for p in points]
@@ -378,9 +459,12 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
     keys = [point_key(pid) for pid in ids]
     if len(set(keys)) != len(keys):
         raise RuntimeError("two grid points share a 48-bit key")  # ~1e-5 at a million points
-    sampler = _GridSampler({"point": keys}, seed=0)
+    sampler = _GridSampler(keys, seed=0)
     study = optuna.load_study(study_name=cfg.study, storage=study._storage, sampler=sampler)
-    parent = parent_run(cfg, exp_id)
+    # A worker that did not create the study waits for the creator's parent run, unless the
+    # study is old enough that its creator must have given up.
+    age = time.time() - float(study.user_attrs.get(CREATED_ATTR, 0.0))
+    parent = parent_run(cfg, exp_id, wait_s=0.0 if created else max(0.0, PARENT_WAIT_S - age))
     study.set_user_attr("mlflow_parent_run_id", parent)
     fill = tuple(b for b in cfg.axes.block if b != PIXELS)
     return Context(cfg, opts, study, ids, keys, exp_id, parent, runs, fill, FeatureCache())
@@ -455,10 +539,24 @@ def _run_name(p: evaluate.Point) -> str:
 
 def run_trial(ctx: Context, on_point: Callable[[str], None] | None = None) -> str:
     """Ask for one trial, evaluate it (or step back), tell the result; returns its final state."""
+    trial = ctx.study.ask()
+    # The heartbeat covers the whole trial: a worker killed while it claims a point leaves a
+    # trial that goes stale like any other, not one RUNNING forever.
+    with Heartbeat(ctx.study, trial._trial_id, ctx.opts.heartbeat_interval):
+        return _run_claimed(ctx, trial, on_point)
+
+
+def _run_claimed(ctx: Context, trial: optuna.Trial, on_point: Callable[[str], None] | None) -> str:
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    trial = ctx.study.ask()
     key = trial.suggest_int("point", 0, POINT_KEY_MAX)  # the claim: visible before we read
+    if key not in ctx.keys:
+        # A retry enqueued by a run of another grid of this study (say, before an epoch was
+        # dropped): not ours to evaluate; a run of that grid enqueues it again.
+        trial.set_user_attr("duplicate_of", "not in this grid")
+        _tell(ctx, trial, state=TrialState.PRUNED)
+        return "duplicate"
     pid = ctx.ids[ctx.keys.index(key)]
     point = sweep.parse_point_id(pid)
     trial.set_user_attr("point_id", pid)
@@ -466,31 +564,41 @@ def run_trial(ctx: Context, on_point: Callable[[str], None] | None = None) -> st
     reason = step_back_reason(ctx, trial, key)
     if reason:
         trial.set_user_attr("duplicate_of", reason)
-        ctx.study.tell(trial, state=TrialState.PRUNED)
+        _tell(ctx, trial, state=TrialState.PRUNED)
         return "duplicate"
     if on_point:
         on_point(pid)
-    with Heartbeat(ctx.study, trial._trial_id, ctx.opts.heartbeat_interval):
-        adopted = logged_child(ctx.parent_id, ctx.experiment_id, pid)
-        if adopted is not None:
-            trial.set_user_attr("mlflow_run_id", adopted.info.run_id)
-            ctx.study.tell(trial, float(adopted.data.metrics["top1"]), skip_if_finished=True)
-            return "adopted"
-        try:
-            top1 = evaluate_point(ctx, trial, point, pid)
-        except (KeyboardInterrupt, SystemExit):
-            ctx.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            raise
-        except Exception as err:
-            message = f"{type(err).__name__}: {tracking.first_line(err)}"
+    # Which process holds the point: `study status` and operators can tell who died.
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    adopted = logged_child(ctx.parent_id, ctx.experiment_id, pid)
+    if adopted is not None:
+        trial.set_user_attr("mlflow_run_id", adopted.info.run_id)
+        _tell(ctx, trial, float(adopted.data.metrics["top1"]))
+        return "adopted"
+    try:
+        top1 = evaluate_point(ctx, trial, point, pid)
+    except (KeyboardInterrupt, SystemExit):
+        _tell(ctx, trial, state=TrialState.FAIL)
+        raise
+    except Exception as err:
+        message = f"{type(err).__name__}: {tracking.first_line(err)}"
+        _log_failure(ctx, trial, point, pid, message)
+        with contextlib.suppress(UpdateFinishedTrialError):  # judged stale meanwhile
             trial.set_user_attr("error", message)
-            _log_failure(ctx, trial, point, pid, message)
-            ctx.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            return "failed"
-    # skip_if_finished: another worker may have judged us stale meanwhile; the retry then
-    # adopts our child run instead of evaluating again.
-    ctx.study.tell(trial, top1, skip_if_finished=True)
+        _tell(ctx, trial, state=TrialState.FAIL)
+        return "failed"
+    # Another worker may have judged this trial stale meanwhile: the tell is then skipped and
+    # the retry adopts the child run logged above instead of evaluating again.
+    _tell(ctx, trial, top1)
     return "complete"
+
+
+def _tell(ctx: Context, trial: optuna.Trial, value: float | None = None, **kw: Any) -> None:
+    """Tell a trial's end, unless another worker has already ended it (judged it stale)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    with contextlib.suppress(UpdateFinishedTrialError):  # ended between tell's check and write
+        ctx.study.tell(trial, value, skip_if_finished=True, **kw)
 
 
 def _log_failure(
@@ -525,7 +633,7 @@ def work(ctx: Context, on_point: Callable[[str], None] | None = None) -> Counter
     fail_stale(ctx.study, ctx.opts.grace_period)
     enqueue_retries(ctx, include_failed=True)
     sampler = ctx.study.sampler
-    assert isinstance(sampler, __import__("optuna").samplers.GridSampler)
+    assert isinstance(sampler, _GridSampler)
     while True:
         while True:
             waiting = _waiting(ctx.study)
@@ -551,19 +659,19 @@ def _waiting(study: optuna.Study) -> int:
 
 def _retry_stale(ctx: Context) -> int:
     """Enqueue points whose last failure was a dead worker (not an error), within limits."""
-    t = tally(ctx.study, ctx.opts.grace_period)
     from optuna.trial import TrialState
 
+    t = tally(ctx.study, ctx.opts.grace_period)
+    last_error: dict[int, str] = {}  # point -> error of its latest FAIL trial
+    for tr in ctx.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        key = trial_point(tr)
+        if key is not None:  # trials come in trial-number order: the last one wins
+            last_error[key] = str(tr.user_attrs.get("error", "stale"))
     n = 0
-    stale_fail = {
-        trial_point(tr)
-        for tr in ctx.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if str(tr.user_attrs.get("error", "stale")).startswith("stale")
-    }
     for key in t.left(ctx.keys):
-        if key in t.running or key in t.waiting or key not in stale_fail:
+        if key in t.running or key in t.waiting or key not in last_error:
             continue
-        if t.failures[key] > ctx.opts.max_retries:
+        if not last_error[key].startswith("stale") or t.failures[key] > ctx.opts.max_retries:
             continue
         ctx.study.enqueue_trial({"point": key}, skip_if_exists=False)
         n += 1

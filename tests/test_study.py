@@ -37,15 +37,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STUDY = "tiny"
 EPOCHS = (0, 1)  # what the tiny backbone saves: the untrained net and one optimiser step
-SWEEP = f"""\
-study: {STUDY}
+SWEEP = """\
+study: {study}
 kind: probe-grid
 axes:
   dataset: [digits]
   resolution: [8]
   attention: [true]
   block: [pixels, mid, up4]
-  noise_step: [0]
+  noise_step: {noise_steps}
   probe: [linear, knn]
   k: [5]
 probe:
@@ -53,6 +53,7 @@ probe:
 """
 # 2 epochs x 2 blocks x 2 probes + pixels for each probe.
 GRID = 2 * 2 * 2 + 2
+NOISE_STEPS = (0, 10)  # the shared finished study's; the others have step 0 only
 PARAMS = {"dataset", "resolution", "attention", "epoch", "block", "noise_step", "probe", "k"}
 ENV_DIRS = ("DDSWEEP_HOME", "DDSWEEP_CACHE", "DDSWEEP_CHECKPOINTS", "DDSWEEP_CACHE_MAX_GB")
 
@@ -103,13 +104,14 @@ def backbone(tmp_path_factory: pytest.TempPathFactory, isolated_store: Any) -> B
     return Backbone(folder, run_id)
 
 
-def make_home(folder: Path, backbone: Backbone) -> Path:
+def make_home(folder: Path, backbone: Backbone, noise_steps: tuple[int, ...] = (0,)) -> Path:
     """A fresh working folder: the backbone's MLflow store (its artifacts stay where they are),
     the tiny sweep file, and no Optuna journal, feature cache or local checkpoints yet."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(backbone.folder / "mlflow.db", folder / "mlflow.db")
     (folder / "sweeps").mkdir()
-    (folder / "sweeps" / f"{STUDY}.yaml").write_text(SWEEP)
+    text = SWEEP.format(study=STUDY, noise_steps=list(noise_steps))
+    (folder / "sweeps" / f"{STUDY}.yaml").write_text(text)
     return folder
 
 
@@ -130,8 +132,8 @@ class Finished:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, backbone: Backbone) -> Finished:
-    """The tiny study run once to the end; tests that only read it share it."""
-    folder = make_home(tmp_path_factory.mktemp("finished"), backbone)
+    """The tiny study at two noise steps, run once to the end; tests that only read it share it."""
+    folder = make_home(tmp_path_factory.mktemp("finished"), backbone, NOISE_STEPS)
     calls: list[bool] = []
     real = features.extract
 
@@ -244,10 +246,11 @@ def test_every_point_is_one_complete_trial_and_one_finished_child(
 ) -> None:
     with inside(finished.folder):
         ids = expected_ids()
-        assert len(ids) == GRID
-        assert f"{GRID}/{GRID} points complete ({GRID} evaluated now" in finished.output
+        n = len(NOISE_STEPS) * GRID
+        assert len(ids) == n
+        assert f"{n}/{n} points complete ({n} evaluated now" in finished.output
         s = load()
-        assert Counter(t.state for t in s.trials) == Counter({TrialState.COMPLETE: GRID})
+        assert Counter(t.state for t in s.trials) == Counter({TrialState.COMPLETE: n})
         assert_each_point_evaluated_once(ids)
         (parent,) = parents()
         assert parent.info.run_name == STUDY
@@ -262,6 +265,7 @@ def test_every_point_is_one_complete_trial_and_one_finished_child(
             assert run.data.params["block"] == point.block
             assert run.data.params["epoch"] == str(point.epoch)
             assert run.data.params["k"] == str(point.k)
+            assert run.data.params["noise_step"] == str(point.noise_step)
             assert run.data.tags["optuna.trial_number"] == str(trial.number)
             assert trial.params["point"] == study.point_key(sweep.point_id(point))
             for metric in ("top1", "top3"):
@@ -271,7 +275,7 @@ def test_every_point_is_one_complete_trial_and_one_finished_child(
 
 
 def test_the_backbone_runs_once_per_checkpoint_noise_step_and_split(finished: Finished) -> None:
-    passes = len(EPOCHS) * 1 * 2  # checkpoints x noise steps x (train, test)
+    passes = len(EPOCHS) * len(NOISE_STEPS) * 2  # checkpoints x noise steps x (train, test)
     assert finished.net_extracts == passes
     with inside(finished.folder):
         assert sum(r.data.metrics["backbone_passes"] for r in children("FINISHED")) == passes
@@ -281,12 +285,14 @@ def test_status_shows_complete_and_left_counts(finished: Finished) -> None:
     with inside(finished.folder):
         result = cli("study", "status", "--study", STUDY)
     assert result.exit_code == 0, result.output
-    assert f"study {STUDY}: {GRID} points" in result.stdout
+    n = len(NOISE_STEPS) * GRID
+    assert f"study {STUDY}: {n} points" in result.stdout
     rows = status_rows(result.stdout)
-    assert rows["total"] == [GRID, 0, 0, 0]
-    assert rows["block=pixels"] == [2, 0, 0, 0]
-    assert rows["epoch=1"] == [4, 0, 0, 0]
-    assert rows["probe=knn"] == [GRID // 2, 0, 0, 0]
+    assert rows["total"] == [n, 0, 0, 0]
+    assert rows["block=pixels"] == [4, 0, 0, 0]
+    assert rows["epoch=1"] == [8, 0, 0, 0]
+    assert rows["noise_step=10"] == [GRID, 0, 0, 0]
+    assert rows["probe=knn"] == [GRID, 0, 0, 0]
 
 
 def test_a_finished_study_does_no_work_and_says_so(finished: Finished) -> None:
@@ -296,7 +302,7 @@ def test_a_finished_study_does_no_work_and_says_so(finished: Finished) -> None:
         assert result.exit_code == 0, result.output
         assert "already complete" in summary(result)
         assert len(load().trials) == before
-        assert len(children()) == GRID
+        assert len(children()) == len(NOISE_STEPS) * GRID
 
 
 # --- growing, failing, dying --------------------------------------------------------------------
@@ -563,7 +569,7 @@ def test_bad_input_is_one_line_and_exit_status_2(
 
 def test_an_unknown_key_in_the_sweep_file_is_one_line_and_exit_status_2(home: Path) -> None:
     path = home / "sweeps" / f"{STUDY}.yaml"
-    path.write_text(SWEEP.replace("  block:", "  blocks:"))
+    path.write_text(path.read_text().replace("  block:", "  blocks:"))
     result = grid()
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
