@@ -1,6 +1,6 @@
 """Benchmark feature extraction on the seed U-Net; prints markdown for BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/bench_features.py                 # 64 images, median of 3
+    .venv/bin/python benchmarks/bench_features.py                 # 32 images, median of 5
     .venv/bin/python benchmarks/bench_features.py --images 8 --runs 1   # smoke test
 
 The seed backbone (build_unet(ModelConfig()): 35.7 M parameters, 32 px, random weights, eval
@@ -71,8 +71,8 @@ def full_passes(unet: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=64, help="batch of random 32 px images")
-    parser.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
+    parser.add_argument("--images", type=int, default=32, help="batch of random 32 px images")
+    parser.add_argument("--runs", type=int, default=5, help="repetitions (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -123,6 +123,10 @@ def main() -> None:
     same = {v: all(torch.equal(results["a"][b], results[v][b]) for b in BLOCKS) for v in ("b", "c")}
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    # Ratios within each repetition, whose variants ran back to back: steadier under load.
+    paired = {
+        v: statistics.median(t / a for t, a in zip(times[v], times["a"], strict=True)) for v in "bc"
+    }
     per = {k: ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()}
     command = " ".join([".venv/bin/python", "benchmarks/bench_features.py", *sys.argv[1:]])
     print(f"""## Feature extraction
@@ -141,9 +145,10 @@ no grad), {n} random images in one batch, the nine blocks avg-pooled; median of 
 | (b) | nine single-block `extract` calls, each stopped at its block | {med["b"]:.2f} | {per["b"]} | {n / med["b"]:.1f} | {med["b"] / med["a"]:.2f}x |
 | (c) | nine full forward passes with a hook, no early stop | {med["c"]:.2f} | {per["c"]} | {n / med["c"]:.1f} | {med["c"] / med["a"]:.2f}x |
 
-b/a = {med["b"] / med["a"]:.2f} (target >= 3.5; the ceiling is about 4 at 32 px, where up2 and
-up1 run at full resolution and hold most of the work), c/a = {med["c"] / med["a"]:.2f} (target
->= 8). Features bit-identical to (a): (b) {same["b"]}, (c) {same["c"]}.
+Ratios of the medians: b/a = {med["b"] / med["a"]:.2f} (target >= 3.5; about 4 is the ceiling,
+as up2 and up1 run at full resolution and hold most of the work), c/a = {med["c"] / med["a"]:.2f}
+(target >= 8). Medians of the ratios within each run: b/a = {paired["b"]:.2f},
+c/a = {paired["c"]:.2f}. Features bit-identical to (a): (b) {same["b"]}, (c) {same["c"]}.
 
 Each single-block call of (b), median s (the early stop: where the pass ends):
 | {" | ".join(BLOCKS)} |

@@ -405,7 +405,8 @@ mode, path, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 del sys.argv[1:4]
 calls = []
 def hang(pid):
-    path.write_text(pid)
+    path.with_suffix(".tmp").write_text(pid)
+    path.with_suffix(".tmp").rename(path)  # whole, or not there yet
     time.sleep(600)
 if mode == "together":
     (path / f"ready-{os.getpid()}").touch()
@@ -432,19 +433,32 @@ cli.main()
 """
 
 
-def start_grid(mode: str, path: Path, n: int, *args: str) -> subprocess.Popen[str]:
-    """A worker process running the tiny grid (see WORKER); one torch thread each."""
-    ddsweep_args = ["study", "probe-grid", "--study", STUDY, *args]
-    return subprocess.Popen(
-        [sys.executable, "-c", WORKER, mode, str(path), str(n), *ddsweep_args],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture
+def start_grid() -> Iterator[Any]:
+    """start_grid(MODE, PATH, N, *ARGS): a worker process running the tiny grid (see WORKER),
+    one torch thread each; any still alive at the end of the test is killed."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(mode: str, path: Path, n: int, *args: str) -> subprocess.Popen[str]:
+        ddsweep_args = ["study", "probe-grid", "--study", STUDY, *args]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER, mode, str(path), str(n), *ddsweep_args],
+            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
-def test_two_workers_started_at_once_evaluate_every_point_once(home: Path) -> None:
+def test_two_workers_started_at_once_evaluate_every_point_once(home: Path, start_grid: Any) -> None:
     workers = [start_grid("together", home, 2) for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
     for w, (_out, err) in zip(workers, outputs, strict=True):
@@ -457,6 +471,15 @@ def test_two_workers_started_at_once_evaluate_every_point_once(home: Path) -> No
     assert sum(r.data.metrics["backbone_passes"] for r in children("FINISHED")) == 2 * 2
 
 
+@pytest.mark.slow  # a spawned worker imports torch, MLflow and Optuna afresh
+def test_workers_option_shares_the_grid_with_a_spawned_process(home: Path) -> None:
+    result = grid("--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert f"{GRID}/{GRID} points complete" in summary(result)
+    assert_each_point_evaluated_once(expected_ids())
+    assert len(parents()) == 1
+
+
 @pytest.mark.parametrize(
     "stage",
     [
@@ -466,7 +489,7 @@ def test_two_workers_started_at_once_evaluate_every_point_once(home: Path) -> No
     ],
 )
 def test_a_killed_worker_s_point_is_rerun_or_adopted_never_evaluated_twice(
-    home: Path, stage: str
+    home: Path, start_grid: Any, stage: str
 ) -> None:
     marker = home / "hung"
     victim = start_grid(stage, marker, 3, "--heartbeat-interval", "1", "--grace-period", "2")
