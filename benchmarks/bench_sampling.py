@@ -100,15 +100,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--quick", action="store_true", help="2 timed steps everywhere")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads [default: torch's]; 1 holds up better on a busy machine",
-    )
+    # One thread by default: on a 2-core machine shared with other jobs, two OpenMP threads
+    # spin against them and the same step took 0.15 to 2.4 s (one thread: 0.22 s, steady).
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     digits = ModelConfig(resolution=16, channels=(32, 64, 64, 64), attention=True)
     seed = ModelConfig()  # 128,256,256,256 at 32 px: the study's 35.7 M-parameter U-Net

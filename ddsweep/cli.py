@@ -336,6 +336,20 @@ Storage = Annotated[
 ]
 
 
+DatasetAxis = Annotated[list[str] | None, typer.Option(help="Dataset axis (repeatable).")]
+ResolutionAxis = Annotated[list[str] | None, typer.Option(help="Resolution axis.")]
+AttentionAxis = Annotated[list[str] | None, typer.Option(help="Attention axis: true and/or false.")]
+EpochAxis = Annotated[
+    list[str] | None, typer.Option(help="Epoch axis: 50 or START:STOP:STEP (stop included).")
+]
+BlockAxis = Annotated[list[str] | None, typer.Option(help="Block axis, e.g. --block up3.")]
+NoiseAxis = Annotated[list[str] | None, typer.Option(help="Noise-step axis.")]
+ProbeAxis = Annotated[
+    list[str] | None, typer.Option("--probe", help="Probe axis: linear and/or knn.")
+]
+KAxis = Annotated[list[str] | None, typer.Option(help="k axis (knn only).")]
+
+
 def _axis_overrides(**axes: list[str] | None) -> dict[str, list[str]]:
     return {k: v for k, v in axes.items() if v}
 
@@ -349,20 +363,14 @@ def _study_config(name: str, overrides: dict[str, list[str]]) -> Any:
 @study_app.command("probe-grid")
 def probe_grid(
     study: StudyName,
-    dataset: Annotated[list[str] | None, typer.Option(help="Dataset axis (repeatable).")] = None,
-    resolution: Annotated[list[str] | None, typer.Option(help="Resolution axis.")] = None,
-    attention: Annotated[
-        list[str] | None, typer.Option(help="Attention axis: true and/or false.")
-    ] = None,
-    epoch: Annotated[
-        list[str] | None, typer.Option(help="Epoch axis: 50 or START:STOP:STEP (stop included).")
-    ] = None,
-    block: Annotated[list[str] | None, typer.Option(help="Block axis, e.g. --block up3.")] = None,
-    noise_step: Annotated[list[str] | None, typer.Option(help="Noise-step axis.")] = None,
-    probe_kind: Annotated[
-        list[str] | None, typer.Option("--probe", help="Probe axis: linear and/or knn.")
-    ] = None,
-    k: Annotated[list[str] | None, typer.Option(help="k axis (knn only).")] = None,
+    dataset: DatasetAxis = None,
+    resolution: ResolutionAxis = None,
+    attention: AttentionAxis = None,
+    epoch: EpochAxis = None,
+    block: BlockAxis = None,
+    noise_step: NoiseAxis = None,
+    probe_kind: ProbeAxis = None,
+    k: KAxis = None,
     storage: Storage = None,
     workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
     max_retries: Annotated[int, typer.Option(help="Retries of a failed point across runs.")] = 2,
@@ -462,8 +470,18 @@ def _run_grid(cfg: Any, opts: Any) -> None:
 
     from ddsweep.study import run_study, tally
 
-    with _bar(Console(stderr=True)) as bar:
-        ctx, outcomes = run_study(cfg, opts, progress=_study_progress(bar, cfg.study))
+    bar = _bar(Console(stderr=True))
+    show = _study_progress(bar, cfg.study)
+
+    def show_started(*args: Any) -> None:
+        if not bar.live.is_started:  # only once the study is prepared: errors stay one line
+            bar.start()
+        show(*args)
+
+    try:
+        ctx, outcomes = run_study(cfg, opts, progress=show_started)
+    finally:
+        bar.stop()
     _link_project_run(ctx.parent_id)
     t = tally(ctx.study, opts.grace_period)
     done = sum(1 for p in ctx.keys if p in t.complete)
@@ -493,6 +511,14 @@ def _link_project_run(parent_id: str) -> None:
 @study_app.command("status")
 def study_status(
     study: StudyName,
+    dataset: DatasetAxis = None,
+    resolution: ResolutionAxis = None,
+    attention: AttentionAxis = None,
+    epoch: EpochAxis = None,
+    block: BlockAxis = None,
+    noise_step: NoiseAxis = None,
+    probe_kind: ProbeAxis = None,
+    k: KAxis = None,
     storage: Storage = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "ddsweep",
@@ -502,7 +528,17 @@ def study_status(
 
     from ddsweep.study import status_tables
 
-    cfg = _study_config(study, {})
+    axes = _axis_overrides(
+        dataset=dataset,
+        resolution=resolution,
+        attention=attention,
+        epoch=epoch,
+        block=block,
+        noise_step=noise_step,
+        probe=probe_kind,
+        k=k,
+    )
+    cfg = _study_config(study, axes)
     for table in status_tables(
         cfg, storage=storage, tracking_uri=tracking_uri, experiment=experiment
     ):

@@ -734,7 +734,21 @@ def run_study(
         poller.join(timeout=2)
     current[0] = None
     report()
+    _close_parent(ctx)
     return ctx, outcomes
+
+
+def _close_parent(ctx: Context) -> None:
+    """The parent run is FINISHED once every point is complete, RUNNING while work is left."""
+    from mlflow.tracking import MlflowClient
+
+    t = tally(ctx.study, ctx.opts.grace_period)
+    complete = all(k in t.complete for k in ctx.keys)
+    client = MlflowClient()
+    if complete:
+        client.set_terminated(ctx.parent_id, "FINISHED")
+    elif client.get_run(ctx.parent_id).info.status != "RUNNING":
+        client.update_run(ctx.parent_id, status="RUNNING")
 
 
 # --- status -------------------------------------------------------------------------------------
