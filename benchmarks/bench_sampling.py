@@ -90,9 +90,11 @@ def machine() -> str:
         (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line),
         platform.processor(),
     )
+    threads = torch.get_num_threads()
     return (
         f"{os.cpu_count()}-core CPU `{model}`, torch {torch.__version__} "
-        f"({torch.get_num_threads()} intra-op threads), Python {platform.python_version()}"
+        f"({threads} intra-op thread{'s' if threads != 1 else ''}), "
+        f"Python {platform.python_version()}"
     )
 
 

@@ -545,6 +545,90 @@ def study_status(
         Console().print(table)
 
 
+InceptionWeights = Annotated[
+    Path | None,
+    typer.Option(
+        help="Inception weights file for FID (weights-inception-2015-12-05-6726825d.pth) "
+        "[default: DDSWEEP_INCEPTION_WEIGHTS, else torchmetrics' download]",
+        show_default=False,
+    ),
+]
+
+
+@study_app.command("fid-grid")
+def fid_grid(
+    study: StudyName,
+    dataset: DatasetAxis = None,
+    resolution: ResolutionAxis = None,
+    attention: AttentionAxis = None,
+    epoch: EpochAxis = None,
+    samples: Annotated[
+        int | None, typer.Option(help="Generated images per checkpoint [default: 2000]")
+    ] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="ddpm (1000 steps) or ddim [default: ddpm]")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps [default: 100]")] = None,
+    feature: Annotated[
+        str | None,
+        typer.Option(help="inception (FID) or randconv (offline; logged as fd_randconv)"),
+    ] = None,
+    inception_weights: InceptionWeights = None,
+    storage: Storage = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
+    max_retries: Annotated[int, typer.Option(help="Retries of a failed point across runs.")] = 2,
+    grace_period: Annotated[
+        int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")
+    ] = 60,
+    heartbeat_interval: Annotated[int, typer.Option(help="Seconds between heartbeats.")] = 10,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "ddsweep",
+) -> None:
+    """FID of every checkpoint of a study's backbones: one trial and child run per checkpoint."""
+    from ddsweep import data, sweep
+    from ddsweep.study import RunOptions
+
+    overrides = _axis_overrides(
+        dataset=dataset, resolution=resolution, attention=attention, epoch=epoch
+    )
+    base = sweep.load_study(study)
+    if base is None:
+        cfg = replace(sweep.with_overrides(None, study, overrides), kind="fid-grid")
+    else:
+        cfg = replace(sweep.with_overrides(base, study, overrides), kind="fid-grid")
+        if base.kind == "probe-grid":
+            # The FID of a probe study's checkpoints: its own study, beside the probe one.
+            cfg = replace(cfg, study=f"{base.study}_fid")
+    given: dict[str, Any] = {"samples": samples, "sampler": sampler, "steps": steps}
+    given["feature"] = feature
+    cfg = replace(cfg, fid=replace(cfg.fid, **{k: v for k, v in given.items() if v is not None}))
+    from ddsweep import fid
+
+    fid.validate_config(cfg.fid)
+    fid.feature_network(cfg.fid.feature)
+    _check_run_options(workers, max_retries, grace_period, heartbeat_interval)
+    opts = RunOptions(
+        storage=storage,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workers=workers,
+        max_retries=max_retries,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        data_dir=data_dir or data.default_data_dir(),
+        inception_weights=inception_weights,
+    )
+    _run_grid(cfg, opts)
+
+
+def _check_run_options(workers: int, max_retries: int, grace: int, heartbeat: int) -> None:
+    if workers < 1 or max_retries < 0 or grace <= 0 or heartbeat <= 0:
+        raise UserError("--workers, --grace-period and --heartbeat-interval must be positive")
+    if heartbeat >= grace:
+        raise UserError("--heartbeat-interval must be shorter than --grace-period")
+
+
 @study_app.command("train-grid")
 def train_grid(
     study: StudyName,

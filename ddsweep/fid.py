@@ -64,6 +64,7 @@ class FIDConfig:
     steps: int | None = None  # DDIM only (None: 100); DDPM always runs all 1000 steps
     seed: int = 0
     batch_size: int = 256
+    feature: str = "inception"  # or "randconv": see feature_network
 
 
 def sampler_steps(cfg: FIDConfig) -> int:
@@ -457,3 +458,38 @@ def fid_of_checkpoint(
         "real_cached": 0.0 if computed else 1.0,
         "images_per_s": cfg.samples / sample_s if sample_s > 0 else float("inf"),
     }
+
+
+class RandomConvFeatures(nn.Module):
+    """A fixed, seeded random conv net with global pooling: [B,3,H,W] in [0,1] -> [B,64].
+
+    Needs no download, so it works offline (tests, the digits demo). Its Fréchet distance is
+    logged as `fd_randconv`: it ranks checkpoints of one model, but it is no FID and is never
+    comparable with published FIDs.
+    """
+
+    def __init__(self, dims: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(32, dims, 3, stride=2, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        return torch.tanh(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3))
+
+
+FEATURES: tuple[str, ...] = ("inception", "randconv")
+
+
+def feature_network(name: str) -> tuple[int | nn.Module, str | None]:
+    """(torchmetrics `feature`, name for `metric_name`) of a feature network by name:
+    `inception` is the standard FID (2048-d pool features); `randconv` needs no weights."""
+    if name == "inception":
+        return 2048, None
+    if name == "randconv":
+        return RandomConvFeatures(), "randconv"
+    raise UserError(f"unknown feature network {name!r}: use one of {', '.join(FEATURES)}")

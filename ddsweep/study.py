@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from optuna.samplers import BaseSampler
 
@@ -60,6 +60,7 @@ class RunOptions:
     heartbeat_interval: int = 10
     grace_period: int = 60
     data_dir: Path = Path("data")
+    inception_weights: Path | None = None  # fid-grid: --inception-weights
 
 
 # --- storage ------------------------------------------------------------------------------------
@@ -422,16 +423,23 @@ def open_study(
                 f"study {cfg.study!r} has not been started: run `ddsweep study {cfg.kind} "
                 f"--study {cfg.study}`"
             ) from err
-    study, _ = _create_or_load(cfg.study, storage)
+    study, _ = _create_or_load(cfg.study, storage, _direction(cfg))
     return study, storage
 
 
-def _create_or_load(name: str, storage: Any) -> tuple[optuna.Study, bool]:
+def _direction(cfg: sweep.StudyConfig) -> Literal["minimize", "maximize"]:
+    """Accuracy is maximised, a Fréchet distance minimised."""
+    return "minimize" if cfg.kind == "fid-grid" else "maximize"
+
+
+def _create_or_load(
+    name: str, storage: Any, direction: Literal["minimize", "maximize"] = "maximize"
+) -> tuple[optuna.Study, bool]:
     """The study `name` and whether this call created it (exactly one racing worker does)."""
     import optuna
 
     try:
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        study = optuna.create_study(study_name=name, storage=storage, direction=direction)
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(study_name=name, storage=storage), False
     study.set_user_attr(CREATED_ATTR, time.time())
@@ -444,15 +452,21 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
 
     exp_id = tracking.setup(opts.tracking_uri, opts.experiment)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if cfg.kind == "fid-grid":  # no weights offline: one line now, not a failed trial per point
+        from ddsweep import fid
+
+        feature, _ = fid.feature_network(cfg.fid.feature)
+        fid.make_metric(feature, fid.inception_weights_path(opts.inception_weights))
     storage = make_storage(cfg.study, opts)
     created = False
     try:
         study = optuna.load_study(study_name=cfg.study, storage=storage)
     except KeyError:  # a new study: check its backbones before recording anything
         pin_backbones(None, cfg)
-        study, created = _create_or_load(cfg.study, storage)
+        study, created = _create_or_load(cfg.study, storage, _direction(cfg))
     runs = pin_backbones(study, cfg)
-    points = sweep.expand(cfg.axes, lambda key: runs[key][1])
+    expand = sweep.expand_fid if cfg.kind == "fid-grid" else sweep.expand
+    points = expand(cfg.axes, lambda key: runs[key][1])
     ids = [sweep.point_id(p) for p in points]
     if not ids:
         raise UserError(f"{cfg.source}: the grid is empty")
@@ -504,8 +518,19 @@ def step_back_reason(ctx: Context, trial: optuna.Trial, key: int) -> str | None:
     return None
 
 
+def objective_metric(ctx: Context) -> str:
+    """The metric Optuna records as a trial's value: top1, or the Fréchet distance."""
+    if ctx.cfg.kind != "fid-grid":
+        return "top1"
+    from ddsweep import fid
+
+    return fid.metric_name(*fid.feature_network(ctx.cfg.fid.feature))
+
+
 def evaluate_point(ctx: Context, trial: optuna.Trial, point: evaluate.Point, pid: str) -> float:
-    """Evaluate one point and log its child run; returns top1."""
+    """Evaluate one point and log its child run; returns its objective (top1 or FID)."""
+    if ctx.cfg.kind == "fid-grid":
+        return evaluate_fid_point(ctx, trial, point, pid)
     backbone = None
     if point.block != PIXELS:
         assert point.attention is not None and point.epoch is not None
@@ -526,6 +551,52 @@ def evaluate_point(ctx: Context, trial: optuna.Trial, point: evaluate.Point, pid
     )
     trial.set_user_attr("mlflow_run_id", run_id)
     return float(metrics["top1"])
+
+
+def evaluate_fid_point(ctx: Context, trial: optuna.Trial, point: evaluate.Point, pid: str) -> float:
+    """Generate images from one checkpoint, score them against the test split, log the run."""
+    import torch
+
+    from ddsweep import checkpoints, fid
+
+    assert point.attention is not None and point.epoch is not None
+    run_id, epochs = ctx.runs[(point.dataset, point.resolution, point.attention)]
+    backbone = evaluate.fetch_backbone(run_id, point.epoch, list(epochs))
+    unet = checkpoints.load_unet(backbone.folder, ctx.cfg.probe.weights)  # type: ignore[arg-type]
+    unet.to("cuda" if torch.cuda.is_available() else "cpu")
+    feature, name = fid.feature_network(ctx.cfg.fid.feature)
+    metrics = fid.fid_of_checkpoint(
+        unet,
+        point.dataset,
+        point.resolution,
+        ctx.opts.data_dir,
+        ctx.cfg.fid,
+        feature=feature,
+        feature_name=name,
+        weights=fid.inception_weights_path(ctx.opts.inception_weights),
+    )
+    params = {
+        "dataset": point.dataset,
+        "resolution": str(point.resolution),
+        "attention": str(point.attention),
+        "epoch": str(point.epoch),
+        "backbone_run": run_id,
+        "weights": ctx.cfg.probe.weights,
+        "steps": str(fid.sampler_steps(ctx.cfg.fid)),
+        **{k: v for k, v in tracking.flat_params(ctx.cfg.fid).items() if k != "steps"},
+    }
+    tags = {
+        tracking.KIND_TAG: "fid",
+        STUDY_TAG: ctx.cfg.study,
+        POINT_TAG: pid,
+        "optuna.trial_number": str(trial.number),
+    }
+    name_ = f"fid-e{point.epoch}" + ("" if point.attention else "-noattn")
+    child = tracking.log_run(
+        ctx.experiment_id, name_, params, metrics, tags, parent_run_id=ctx.parent_id
+    )
+    trial.set_user_attr("mlflow_run_id", child)
+    return float(metrics[objective_metric(ctx)])
 
 
 def _run_name(p: evaluate.Point) -> str:
@@ -573,7 +644,7 @@ def _run_claimed(ctx: Context, trial: optuna.Trial, on_point: Callable[[str], No
     adopted = logged_child(ctx.parent_id, ctx.experiment_id, pid)
     if adopted is not None:
         trial.set_user_attr("mlflow_run_id", adopted.info.run_id)
-        _tell(ctx, trial, float(adopted.data.metrics["top1"]))
+        _tell(ctx, trial, float(adopted.data.metrics[objective_metric(ctx)]))
         return "adopted"
     try:
         top1 = evaluate_point(ctx, trial, point, pid)
@@ -801,7 +872,8 @@ def status_tables(
     for key in sweep.backbones(cfg.axes):
         run_id = study.user_attrs.get(f"backbone:{key[0]}/{key[1]}/{key[2]}")
         runs[key] = tuple(evaluate.saved_epochs(run_id)) if run_id else ()
-    ids = [sweep.point_id(p) for p in sweep.expand(cfg.axes, lambda key: runs.get(key, ()))]
+    expand = sweep.expand_fid if cfg.kind == "fid-grid" else sweep.expand
+    ids = [sweep.point_id(p) for p in expand(cfg.axes, lambda key: runs.get(key, ()))]
     rows = status_rows(ids, study, opts.grace_period)
     table = Table(title=f"study {cfg.study}: {len(ids)} points")
     for col in ("", "complete", "running", "failed", "left"):

@@ -14,6 +14,7 @@ from typing import Any
 from ddsweep import data
 from ddsweep.errors import UserError
 from ddsweep.evaluate import PROBES, Point, ProbeConfig, validate_probe_config
+from ddsweep.fid import FIDConfig
 from ddsweep.model import BLOCKS, PIXELS
 
 KINDS: tuple[str, ...] = ("probe-grid", "fid-grid", "train-grid")
@@ -28,7 +29,11 @@ AXES: tuple[str, ...] = (
     "k",
 )
 CLI_SOURCE = "the command line"  # the `source` of axes given as options
-TOP_KEYS: tuple[str, ...] = ("study", "kind", "axes", "probe", "train")
+TOP_KEYS: tuple[str, ...] = ("study", "kind", "axes", "probe", "train", "fid")
+FID_KEYS: tuple[str, ...] = ("samples", "sampler", "steps", "seed", "batch_size", "feature")
+# A fid-grid has one point per checkpoint: the probe axes do not apply.
+FID_AXES: tuple[str, ...] = ("dataset", "resolution", "attention", "epoch")
+FID = "fid"  # the block and probe of a fid-grid point
 PROBE_KEYS: tuple[str, ...] = ("linear", "knn", "pool", "weights", "noise_seed", "flowers_add_val")
 LINEAR_KEYS = {"epochs": "linear_epochs", "lr": "linear_lr", "batch_size": "linear_batch_size"}
 KNN_KEYS = {"metric": "knn_metric", "weighting": "knn_weighting"}
@@ -73,6 +78,7 @@ class StudyConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides for train-grid
     source: str = CLI_SOURCE
+    fid: FIDConfig = field(default_factory=FIDConfig)  # fid-grid: how images are made and scored
 
 
 # --- values -------------------------------------------------------------------------------------
@@ -371,6 +377,8 @@ def parse_study(doc: Any, source: str) -> StudyConfig:
     if "dataset" not in axes_raw:
         raise UserError(f"{source}: axes.dataset: missing; name at least one dataset")
     parsed = {k: parse_axis(k, v, source) for k, v in axes_raw.items()}
+    if kind == "fid-grid":
+        _unknown(axes_raw, FID_AXES, f"{source}: axes (a fid-grid has one point per checkpoint)")
     return StudyConfig(
         study=name,
         kind=kind,
@@ -378,7 +386,32 @@ def parse_study(doc: Any, source: str) -> StudyConfig:
         probe=parse_probe_section(top.get("probe"), source),
         train=parse_train_section(top.get("train"), source),
         source=source,
+        fid=parse_fid_section(top.get("fid"), source),
     )
+
+
+def parse_fid_section(raw: Any, source: str) -> FIDConfig:
+    """The `fid:` section (fid-grid) into a FIDConfig."""
+    from ddsweep import fid
+
+    where = f"{source}: fid"
+    section = _mapping(raw, where)
+    _unknown(section, FID_KEYS, where)
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        if key in ("sampler", "feature"):
+            if not isinstance(value, str):
+                raise UserError(f"{where}.{key} must be a string, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}.{key} must be an integer, got {value!r}")
+        values[key] = value
+    cfg = dataclasses.replace(FIDConfig(), **values)
+    try:
+        fid.validate_config(cfg)
+        fid.feature_network(cfg.feature)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from err
+    return cfg
 
 
 def load_study(name: str) -> StudyConfig | None:
@@ -450,6 +483,15 @@ def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> lis
                                 for b in net_blocks:
                                     points.append(Point(d, r, a, e, b, t, p, k))
     return points
+
+
+def expand_fid(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
+    """Every point of a fid-grid: one per (dataset, resolution, attention, epoch)."""
+    return [
+        Point(d, r, a, e, FID, 0, FID, 0)
+        for d, r, a in backbones(axes)
+        for e in axes.epoch or epochs_of((d, r, a))
+    ]
 
 
 def point_id(p: Point) -> str:
