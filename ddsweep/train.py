@@ -44,6 +44,10 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     log_every: int = 10
+    fid_every: int = 0  # 0: off; else the Fréchet distance of the EMA weights every N epochs
+    fid_samples: int = 2000
+    fid_sampler: str = "ddpm"
+    fid_feature: str = "inception"  # or randconv (offline, logged as fd_randconv)
 
 
 def study_batch_size(resolution: int, attention: bool) -> int:
@@ -67,6 +71,7 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{flag} must be a positive number, got {value}")
     non_negative: dict[str, float] = {
         "--sample-every": cfg.sample_every,
+        "--fid-every": cfg.fid_every,
         "--sample-count": cfg.sample_count,
         "--max-steps": cfg.max_steps,
         "--num-workers": cfg.num_workers,
@@ -269,6 +274,41 @@ def log_samples(unet: UNet2DModel, ema: EMAModel, cfg: TrainConfig, epoch: int) 
     mlflow.log_image(diffusion.to_grid(images).numpy(), key="samples", step=epoch)
 
 
+def fid_settings(cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    """(FIDConfig, feature network, its name) for --fid-every; fails fast without weights."""
+    from ddsweep import fid
+
+    fcfg = fid.FIDConfig(
+        samples=cfg.fid_samples, sampler=cfg.fid_sampler, feature=cfg.fid_feature, seed=cfg.seed
+    )
+    fid.validate_config(fcfg)
+    net, name = fid.feature_network(cfg.fid_feature)
+    fid.make_metric(net, fid.inception_weights_path(None))
+    return fcfg, net, name
+
+
+def log_fid(unet: UNet2DModel, ema: EMAModel, cfg: TrainConfig, epoch: int, data_dir: Path) -> None:
+    """The Fréchet distance of the EMA weights, logged with the epoch as step."""
+    import mlflow
+
+    from ddsweep import fid
+
+    fcfg, net, name = fid_settings(cfg)
+    shadow = ema_unet(unet, ema).eval()
+    metrics = fid.fid_of_checkpoint(
+        shadow,
+        cfg.dataset,
+        cfg.model.resolution,
+        data_dir,
+        fcfg,
+        feature=net,
+        feature_name=name,
+        weights=fid.inception_weights_path(None),
+    )
+    key = fid.metric_name(net, name)
+    mlflow.log_metric(key, metrics[key], step=epoch)
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -287,6 +327,8 @@ def train(
 
     d = dist or Dist()
     validate(cfg)
+    if cfg.fid_every and d.is_main:
+        fid_settings(cfg)  # no Inception weights offline: one line now, not after an epoch
     device = resolve_device(cfg.device)
     if device.type == "cuda" and d.world_size > 1:
         device = torch.device("cuda", d.local_rank)
@@ -395,6 +437,8 @@ def train(
                 save_checkpoint(unet, ema, optimizer, cfg, epoch, step)
             if last or (cfg.sample_every and epoch % cfg.sample_every == 0):
                 log_samples(unet, ema, cfg, epoch)
+            if cfg.fid_every and epoch % cfg.fid_every == 0:
+                log_fid(unet, ema, cfg, epoch, data_dir)
             if progress is not None and task is not None:
                 progress.update(task, completed=epoch, loss=epoch_loss, ips=ips)
             if stop:
