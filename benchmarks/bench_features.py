@@ -10,8 +10,9 @@ mode, no grad) on a batch of random images, three ways to get the nine block out
   (b) nine single-block `extract` calls, each stopping as soon as its block has fired;
   (c) nine full forward passes `unet(x, t)` with one pooling hook each and no early stop.
 
-The variants run interleaved (a, b, c, a, b, c, ...) so that load from other processes on a
-shared machine hits them alike; the table gives medians and the load average before and after.
+The variants run interleaved at the level of single calls (a, b1, c1, a, b2, c2, ...) so that
+load from other processes on a shared machine hits them alike; the table gives medians and the
+load average before and after.
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ def load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def full_passes(unet: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(c): the nine blocks from nine complete forward passes, one pooling hook each."""
+def full_passes(
+    unet: torch.nn.Module, x: torch.Tensor, blocks: tuple[str, ...] = BLOCKS
+) -> dict[str, torch.Tensor]:
+    """(c): each block from its own complete forward pass, with one pooling hook."""
     out: dict[str, torch.Tensor] = {}
     t = torch.zeros(len(x), dtype=torch.long)
-    for block in BLOCKS:
+    for block in blocks:
 
         def hook(_m: torch.nn.Module, _i: object, o: object, block: str = block) -> None:
             h = o[0] if isinstance(o, tuple) else o
@@ -96,65 +99,75 @@ def main() -> None:
 
     torch.manual_seed(0)
     unet = build_unet(ModelConfig()).eval()
-    x = torch.randn(args.images, 3, 32, 32)
-    images = TensorDataset(x, torch.zeros(args.images, dtype=torch.long))
     n = args.images
-
-    single_times: dict[str, list[float]] = {b: [] for b in BLOCKS}
+    x = torch.randn(n, 3, 32, 32)
+    images = TensorDataset(x, torch.zeros(n, dtype=torch.long))
 
     def one_call() -> dict[str, torch.Tensor]:
         return extract(unet, images, FeatureRequest(BLOCKS), batch_size=n)[0]  # type: ignore[arg-type]
 
-    def nine_calls() -> dict[str, torch.Tensor]:
-        out = {}
-        for b in BLOCKS:
-            start = time.perf_counter()
-            out.update(extract(unet, images, FeatureRequest((b,)), batch_size=n)[0])  # type: ignore[arg-type]
-            single_times[b].append(time.perf_counter() - start)
-        return out
+    def single_call(block: str) -> dict[str, torch.Tensor]:
+        return extract(unet, images, FeatureRequest((block,)), batch_size=n)[0]  # type: ignore[arg-type]
 
-    def nine_full() -> dict[str, torch.Tensor]:
-        return full_passes(unet, x)
+    def timed(fn: Callable[[], dict[str, torch.Tensor]]) -> tuple[float, dict[str, torch.Tensor]]:
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
 
-    variants: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
-        "a": one_call,
-        "b": nine_calls,
-        "c": nine_full,
-    }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    results: dict[str, dict[str, torch.Tensor]] = {}
+    # samples[variant][block]: one time per run. (a) is timed once beside each block's (b) and
+    # (c) call, so each run interleaves a, b1, c1, a, b2, c2, ... a, b9, c9: a burst of load
+    # from another process lands on all three variants, not on one.
+    samples: dict[str, dict[str, list[float]]] = {v: {b: [] for b in BLOCKS} for v in "abc"}
+    got: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}, "c": {}}
     flops_b, flops_c = flop_ratios(unet)
     one_call()  # warm-up: first-call allocations and kernel selection
     load_before = load()
     started = datetime.datetime.now(datetime.UTC)
     for run in range(args.runs):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-            print(f"run {run + 1}: ({name}) {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+        for block in BLOCKS:
+            for v, fn in [
+                ("a", one_call),
+                ("b", lambda: single_call(block)),
+                ("c", lambda: full_passes(unet, x, (block,))),
+            ]:
+                secs, out = timed(fn)
+                samples[v][block].append(secs)
+                got[v].update(out)
+        per_run = {v: [samples[v][b][run] for b in BLOCKS] for v in "abc"}
+        print(
+            f"run {run + 1}: (a) {statistics.median(per_run['a']):.2f} s, "
+            f"(b) {sum(per_run['b']):.2f} s, (c) {sum(per_run['c']):.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     load_after = load()
     wall = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
 
     # The three must give the same features (c: no early stop, the same maths).
-    same = {v: all(torch.equal(results["a"][b], results[v][b]) for b in BLOCKS) for v in ("b", "c")}
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    # Ratios within each repetition, whose variants ran back to back: steadier under load.
-    paired = {
-        v: statistics.median(t / a for t, a in zip(times[v], times["a"], strict=True)) for v in "bc"
+    same = {v: all(torch.equal(got["a"][b], got[v][b]) for b in BLOCKS) for v in "bc"}
+    # Per run: (a) the median of its nine one-call passes, (b) and (c) the sums of nine calls.
+    runs = {
+        "a": [statistics.median(samples["a"][b][r] for b in BLOCKS) for r in range(args.runs)],
+        "b": [sum(samples["b"][b][r] for b in BLOCKS) for r in range(args.runs)],
+        "c": [sum(samples["c"][b][r] for b in BLOCKS) for r in range(args.runs)],
     }
-    per = {k: ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()}
+    med = {v: statistics.median(t) for v, t in runs.items()}
+    paired = {
+        v: statistics.median(t / a for t, a in zip(runs[v], runs["a"], strict=True)) for v in "bc"
+    }
+    per = {v: ", ".join(f"{t:.2f}" for t in ts) for v, ts in runs.items()}
+    single = {b: statistics.median(samples["b"][b]) for b in BLOCKS}
     command = " ".join([".venv/bin/python", "benchmarks/bench_features.py", *sys.argv[1:]])
     print(f"""## Feature extraction
 
 `{command}`, {started:%Y-%m-%d %H:%M} UTC ({wall / 60:.1f} min).
 Machine: {machine()}. Load average (1/5/15 min) {load_before} before, {load_after} after:
-the machine was shared with other processes, so the variants ran interleaved
-(a, b, c, a, b, c, ...) and noise hit them alike.
+the machine was shared with other processes, so the variants ran interleaved, (a) once beside
+each block's (b) and (c) call (a, b1, c1, a, b2, c2, ..., b9, c9), and noise hit them alike.
 
 The seed U-Net ({count_parameters(unet) / 1e6:.1f} M parameters, 32 px, random weights, eval,
-no grad), {n} random images in one batch, the nine blocks avg-pooled; median of {args.runs} runs.
+no grad), {n} random images in one batch, the nine blocks avg-pooled; {args.runs} runs, medians.
+Per run, (a) is the median of its nine one-call passes; (b) and (c) are sums of nine calls.
 
 | variant | what runs | median s | runs (s) | images/s | vs (a) |
 |---|---|---:|---|---:|---:|
@@ -168,10 +181,10 @@ c/a = {paired["c"]:.2f}. Counting FLOPs predicts b/a = {flops_b:.2f} and c/a = {
 up2 and up1 run at full resolution and hold most of the work, so the nine early-stopped passes
 cost about 3.5 full ones. Features bit-identical to (a): (b) {same["b"]}, (c) {same["c"]}.
 
-Each single-block call of (b), median s (the early stop: where the pass ends):
+Each single-block call of (b), median s (where the early stop ends the pass):
 | {" | ".join(BLOCKS)} |
 |{"---:|" * len(BLOCKS)}
-| {" | ".join(f"{statistics.median(single_times[b]):.2f}" for b in BLOCKS)} |
+| {" | ".join(f"{single[b]:.2f}" for b in BLOCKS)} |
 """)
 
 
