@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.utils.data import TensorDataset
@@ -127,8 +128,8 @@ def main() -> None:
         for block in BLOCKS:
             for v, fn in [
                 ("a", one_call),
-                ("b", lambda: single_call(block)),
-                ("c", lambda: full_passes(unet, x, (block,))),
+                ("b", partial(single_call, block)),
+                ("c", partial(full_passes, unet, x, (block,))),
             ]:
                 secs, out = timed(fn)
                 samples[v][block].append(secs)

@@ -29,6 +29,8 @@ def setup(
     `create=False` (non-main torchrun processes) only the URI is set: "" is returned."""
     import mlflow
 
+    # MLflow's per-file download bars would drown ddsweep's own progress output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     if not create:

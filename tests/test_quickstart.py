@@ -1,0 +1,95 @@
+"""The quickstart end to end on a reduced grid, and the MLproject's `study` entry point."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+from rich.progress import Progress
+
+from ddsweep import quickstart
+from ddsweep.study import RunOptions
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def children(parent: str) -> list:  # type: ignore[type-arg]
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return list(client.search_runs(exps, f"tags.mlflow.parentRunId = '{parent}'", max_results=500))
+
+
+def test_quickstart_trains_probes_and_reports_then_reuses_everything(
+    workdir: str, tmp_path: Path
+) -> None:
+    opts = RunOptions(data_dir=tmp_path / "data")
+    console = Console(record=True, width=160)
+
+    def run() -> list[Path]:
+        with Progress(console=console, disable=True) as bar:
+            cfg = quickstart.run(opts, bar, lambda *a: None, reduced=True)
+        return quickstart.write_report(cfg, console, tmp_path / "report")
+
+    files = run()
+    names = {p.name for p in files}
+    assert {"report.md", "summary.csv"} <= names
+    assert sum(n.endswith(".png") for n in names) == 4  # (linear, knn) x (t=0, t=50)
+    table = next(p for p in files if p.name.endswith("linear-t0-avg-ema.csv"))
+    rows = list(csv.reader(table.open()))
+    assert rows[0][2:] == ["0", "1"]  # epochs: the untrained net first (max_steps ends epoch 1)
+    assert [r[1] for r in rows[1:]] == ["pixels", "mid", "up4"]
+    cells = [float(c) for r in rows[1:] for c in r[2:]]
+    assert all(0 <= c <= 100 for c in cells)
+    assert max(cells) > 50  # digits are easy: the best cell is far above chance (10 %)
+
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(exps, "tags.`ddsweep.kind` = 'study'")
+    before = len(children(parent.info.run_id))
+    assert before == 2 * 2 * 2 * 2 + 2 * 2  # epochs x blocks x noise x probes + pixels
+    assert parent.info.status == "FINISHED"
+
+    assert "(trained)" in console.export_text()
+    run()  # again: the backbone is reused and no point is evaluated twice
+    assert "(reused)" in console.export_text()
+    assert len(client.search_runs(exps, "tags.`ddsweep.kind` = 'train'")) == 1
+    assert len(children(parent.info.run_id)) == before
+
+
+def test_mlflow_run_study_entry_point(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "DDSWEEP_DATA": str(tmp_path / "data"),
+        "DDSWEEP_HOME": str(tmp_path / ".ddsweep"),
+        "DDSWEEP_CACHE": str(tmp_path / ".ddsweep" / "cache"),
+        "DDSWEEP_CHECKPOINTS": str(tmp_path / ".ddsweep" / "checkpoints"),
+        "OMP_NUM_THREADS": "1",
+        # the `ddsweep` console script of this environment, as an activated venv would give
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    train = [sys.executable, "-m", "ddsweep", "train", "digits", "--channels", "32,32,32,32"]
+    train += ["--epochs", "1", "--max-steps", "2", "--sample-count", "0"]
+    subprocess.run(train, cwd=tmp_path, env=env, check=True, capture_output=True)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "study", "--env-manager"]
+    cmd += ["local", "-P", "study=digits_blocks", "-P", "block=up4", "-P", "probe=knn"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exps = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(exps, "tags.`ddsweep.kind` = 'study'")
+    kids = client.search_runs(exps, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    # epochs 0 and 1 x up4 x noise steps 0 and 50 x knn (k = 10)
+    assert len(kids) == 4
+    assert {r.data.params["k"] for r in kids} == {"10"}
+    projects = client.search_runs(exps, "tags.`ddsweep.study_parent_run` != ''")
+    assert [p.data.tags["ddsweep.study_parent_run"] for p in projects] == [parent.info.run_id]
+    assert (tmp_path / ".ddsweep" / "optuna" / "digits_blocks.journal").is_file()
