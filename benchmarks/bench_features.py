@@ -126,11 +126,12 @@ def main() -> None:
     started = datetime.datetime.now(datetime.UTC)
     for run in range(args.runs):
         for block in BLOCKS:
-            for v, fn in [
+            trio: list[tuple[str, Callable[[], dict[str, torch.Tensor]]]] = [
                 ("a", one_call),
                 ("b", partial(single_call, block)),
                 ("c", partial(full_passes, unet, x, (block,))),
-            ]:
+            ]
+            for v, fn in trio:
                 secs, out = timed(fn)
                 samples[v][block].append(secs)
                 got[v].update(out)

@@ -358,7 +358,8 @@ def train(
         model = DistributedDataParallel(
             unet, device_ids=[device] if device.type == "cuda" else None
         )
-    torch.manual_seed(cfg.seed * 1000 + d.rank + step)  # different noise in every process
+    if d.world_size > 1:  # different noise in every process (one process keeps its RNG state)
+        torch.manual_seed(cfg.seed * 1000 + d.rank + step)
     if not d.is_main:
         progress = None
 

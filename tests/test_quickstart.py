@@ -63,27 +63,33 @@ def test_quickstart_trains_probes_and_reports_then_reuses_everything(
     assert len(children(parent.info.run_id)) == before
 
 
-def test_mlflow_run_study_entry_point(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "DDSWEEP_DATA": str(tmp_path / "data"),
-        "DDSWEEP_HOME": str(tmp_path / ".ddsweep"),
-        "DDSWEEP_CACHE": str(tmp_path / ".ddsweep" / "cache"),
-        "DDSWEEP_CHECKPOINTS": str(tmp_path / ".ddsweep" / "checkpoints"),
-        "OMP_NUM_THREADS": "1",
-        # the `ddsweep` console script of this environment, as an activated venv would give
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    train = [sys.executable, "-m", "ddsweep", "train", "digits", "--channels", "32,32,32,32"]
-    train += ["--epochs", "1", "--max-steps", "2", "--sample-count", "0"]
-    subprocess.run(train, cwd=tmp_path, env=env, check=True, capture_output=True)
+def test_mlflow_run_study_entry_point(
+    workdir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from ddsweep.cli import app
+
+    # `mlflow run` runs the command in the project folder: keep every state folder here.
+    for var, sub in [
+        ("DDSWEEP_HOME", ".ddsweep"),
+        ("DDSWEEP_CACHE", ".ddsweep/cache"),
+        ("DDSWEEP_CHECKPOINTS", ".ddsweep/checkpoints"),
+    ]:
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # the `ddsweep` console script of this environment, as an activated venv would give
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    train = ["train", "digits", "--channels", "32,32,32,32", "--epochs", "1", "--max-steps", "2"]
+    result = CliRunner().invoke(app, [*train, "--sample-count", "0"])
+    assert result.exit_code == 0, result.output
+    env = dict(os.environ)
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "study", "--env-manager"]
     cmd += ["local", "-P", "study=digits_blocks", "-P", "block=up4", "-P", "probe=knn"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
     exps = [e.experiment_id for e in client.search_experiments()]
     (parent,) = client.search_runs(exps, "tags.`ddsweep.kind` = 'study'")
     kids = client.search_runs(exps, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
