@@ -362,6 +362,29 @@ ProbeAxis = Annotated[
 KAxis = Annotated[list[str] | None, typer.Option(help="k axis (knn only).")]
 
 
+Workers = Annotated[int, typer.Option(help="Local worker processes.")]
+MaxRetries = Annotated[int, typer.Option(help="Retries of a failed point across runs.")]
+GracePeriod = Annotated[
+    int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")
+]
+HeartbeatInterval = Annotated[int, typer.Option(help="Seconds between heartbeats.")]
+
+
+def _run_options(**given: Any) -> Any:
+    """RunOptions from the command line, checked."""
+    from ddsweep import data
+    from ddsweep.study import RunOptions
+
+    if given["workers"] < 1 or given["max_retries"] < 0:
+        raise UserError("--workers must be at least 1 and --max-retries at least 0")
+    if given["grace_period"] <= 0 or given["heartbeat_interval"] <= 0:
+        raise UserError("--grace-period and --heartbeat-interval must be positive")
+    if given["heartbeat_interval"] >= given["grace_period"]:
+        raise UserError("--heartbeat-interval must be shorter than --grace-period")
+    given["data_dir"] = given.get("data_dir") or data.default_data_dir()
+    return RunOptions(**given)
+
+
 def _axis_overrides(**axes: list[str] | None) -> dict[str, list[str]]:
     return {k: v for k, v in axes.items() if v}
 
@@ -384,19 +407,15 @@ def probe_grid(
     probe_kind: ProbeAxis = None,
     k: KAxis = None,
     storage: Storage = None,
-    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
-    max_retries: Annotated[int, typer.Option(help="Retries of a failed point across runs.")] = 2,
-    grace_period: Annotated[
-        int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")
-    ] = 60,
-    heartbeat_interval: Annotated[int, typer.Option(help="Seconds between heartbeats.")] = 10,
+    workers: Workers = 1,
+    max_retries: MaxRetries = 2,
+    grace_period: GracePeriod = 60,
+    heartbeat_interval: HeartbeatInterval = 10,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "ddsweep",
 ) -> None:
     """Run (or resume) the probe grid of a study; re-running does only what is left."""
-    from ddsweep import data
-    from ddsweep.study import RunOptions
 
     cfg = _study_config(
         study,
@@ -413,11 +432,7 @@ def probe_grid(
     )
     if cfg.kind != "probe-grid":
         raise UserError(f"{cfg.source} is a {cfg.kind} study: run `ddsweep study {cfg.kind}`")
-    if workers < 1 or max_retries < 0 or grace_period <= 0 or heartbeat_interval <= 0:
-        raise UserError("--workers, --grace-period and --heartbeat-interval must be positive")
-    if heartbeat_interval >= grace_period:
-        raise UserError("--heartbeat-interval must be shorter than --grace-period")
-    opts = RunOptions(
+    opts = _run_options(
         storage=storage,
         tracking_uri=tracking_uri,
         experiment=experiment,
@@ -425,7 +440,7 @@ def probe_grid(
         max_retries=max_retries,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
-        data_dir=data_dir or data.default_data_dir(),
+        data_dir=data_dir,
     )
     _run_grid(cfg, opts)
 
@@ -708,19 +723,16 @@ def fid_grid(
     ] = None,
     inception_weights: InceptionWeights = None,
     storage: Storage = None,
-    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
-    max_retries: Annotated[int, typer.Option(help="Retries of a failed point across runs.")] = 2,
-    grace_period: Annotated[
-        int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")
-    ] = 60,
-    heartbeat_interval: Annotated[int, typer.Option(help="Seconds between heartbeats.")] = 10,
+    workers: Workers = 1,
+    max_retries: MaxRetries = 2,
+    grace_period: GracePeriod = 60,
+    heartbeat_interval: HeartbeatInterval = 10,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "ddsweep",
 ) -> None:
     """FID of every checkpoint of a study's backbones: one trial and child run per checkpoint."""
-    from ddsweep import data, sweep
-    from ddsweep.study import RunOptions
+    from ddsweep import sweep
 
     overrides = _axis_overrides(
         dataset=dataset, resolution=resolution, attention=attention, epoch=epoch
@@ -740,8 +752,7 @@ def fid_grid(
 
     fid.validate_config(cfg.fid)
     fid.feature_network(cfg.fid.feature)
-    _check_run_options(workers, max_retries, grace_period, heartbeat_interval)
-    opts = RunOptions(
+    opts = _run_options(
         storage=storage,
         tracking_uri=tracking_uri,
         experiment=experiment,
@@ -749,17 +760,10 @@ def fid_grid(
         max_retries=max_retries,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
-        data_dir=data_dir or data.default_data_dir(),
+        data_dir=data_dir,
         inception_weights=inception_weights,
     )
     _run_grid(cfg, opts)
-
-
-def _check_run_options(workers: int, max_retries: int, grace: int, heartbeat: int) -> None:
-    if workers < 1 or max_retries < 0 or grace <= 0 or heartbeat <= 0:
-        raise UserError("--workers, --grace-period and --heartbeat-interval must be positive")
-    if heartbeat >= grace:
-        raise UserError("--heartbeat-interval must be shorter than --grace-period")
 
 
 @study_app.command("train-grid")
