@@ -1,6 +1,6 @@
 """Benchmark feature extraction on the seed U-Net; prints markdown for BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/bench_features.py                 # 32 images, median of 5
+    .venv/bin/python benchmarks/bench_features.py --threads 1     # 32 images, median of 5
     .venv/bin/python benchmarks/bench_features.py --images 8 --runs 1   # smoke test
 
 The seed backbone (build_unet(ModelConfig()): 35.7 M parameters, 32 px, random weights, eval
@@ -12,7 +12,8 @@ mode, no grad) on a batch of random images, three ways to get the nine block out
 
 The variants run interleaved at the level of single calls (a, b1, c1, a, b2, c2, ...) so that
 load from other processes on a shared machine hits them alike; the table gives medians and the
-load average before and after.
+load average before and after. On a shared 2-core machine use --threads 1: torch's two OpenMP
+threads spin against the other jobs, and the same call then takes 2 to 7 s at random.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def machine() -> str:
         (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line),
         platform.processor(),
     )
+    threads = torch.get_num_threads()
     return (
         f"{model}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+        f"torch {torch.__version__} with {threads} thread{'s' if threads != 1 else ''}"
     )
 
 

@@ -778,8 +778,7 @@ def train_grid(
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "ddsweep",
 ) -> None:
-    """Train one backbone per (dataset, resolution, attention) of a study; finished ones are
-    reused, interrupted ones resumed."""
+    """Train one backbone per (dataset, resolution, attention) of a study (reuse, resume)."""
     from ddsweep import backbones, data, tracking
 
     cfg = _study_config(

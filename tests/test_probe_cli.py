@@ -224,21 +224,14 @@ def assert_one_project_run(folder: Path, training_run: str, probe_kind: str) -> 
     assert (folder / "checkpoints" / training_run).is_dir()  # state kept out of the repo
 
 
-@pytest.mark.slow  # 20-30 s: mlflow's CLI, then a fresh ddsweep process (torch, diffusers)
+@pytest.mark.slow  # the default-probe run below covers the entry point in the fast suite
 def test_mlflow_run_probe_entry_point(store: Store, tmp_path: Path) -> None:
+    # 15 s here (29 s with the machine loaded): mlflow's CLI, then a fresh ddsweep process.
     done = mlflow_run(store, tmp_path, "probe=knn", "k=5")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_one_project_run(tmp_path, store.run_id, "knn")
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="MLproject declares k (default 50) for every probe, mlflow run logs it as a param, "
-    "and ddsweep then logs k=0 for a linear probe into the same run: MLflow refuses to change "
-    "a param. Fix: drop k from the entry point's declared parameters (mlflow appends an "
-    "undeclared -P k=5 as --k 5 and logs it) or have log_run skip params the project run has.",
-)
 def test_mlflow_run_probe_entry_point_with_its_defaults(store: Store, tmp_path: Path) -> None:
     done = mlflow_run(store, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
