@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,17 +38,33 @@ from ddsweep import probes
 from ddsweep.probes import knn_probe, knn_search, knn_votes, linear_probe
 
 KS = (5, 10, 20, 50, 100, 200)
+OTHERS: dict[str, float] = {}
 NEAR_TIE = 1e-6  # cosine-distance gap below which float32 rounding may reorder neighbours
 T = TypeVar("T")
 
 
-def timed(fn: Callable[[], T], runs: int) -> tuple[float, T]:
-    """Median wall time of `runs` calls and the last result."""
+def others_cpu_seconds() -> float:
+    """CPU seconds used so far by all other processes on this machine (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy - own.ru_utime - own.ru_stime
+
+
+def timed(label: str, fn: Callable[[], T], runs: int) -> tuple[float, T]:
+    """Median wall time of `runs` calls and the last result.
+
+    Also records in OTHERS[label] the most CPU cores that other processes used during one of
+    the calls: on a shared machine that is what makes a timing untrustworthy.
+    """
     times, result = [], None
     for _ in range(runs):
-        start = time.perf_counter()
+        start, others = time.perf_counter(), others_cpu_seconds()
         result = fn()
         times.append(time.perf_counter() - start)
+        busy = (others_cpu_seconds() - others) / times[-1]
+        OTHERS[label] = max(OTHERS.get(label, 0.0), busy)
     assert result is not None
     return statistics.median(times), result
 
@@ -119,7 +136,7 @@ def float32_differences(
 def matmul_floor(test_x: torch.Tensor, train_x: torch.Tensor, runs: int) -> float:
     """Median seconds of test_x @ train_x.T into a preallocated output (no page faults)."""
     out = torch.empty(test_x.shape[0], train_x.shape[0])
-    return timed(lambda: torch.mm(test_x, train_x.T, out=out), runs)[0]
+    return timed("matmul floor", lambda: torch.mm(test_x, train_x.T, out=out), runs)[0]
 
 
 def bench_knn(data: tuple[torch.Tensor, ...], runs: int, float64: bool) -> list[str]:
@@ -128,16 +145,23 @@ def bench_knn(data: tuple[torch.Tensor, ...], runs: int, float64: bool) -> list[
     (n_train, dim), n_test = train_x.shape, test_x.shape[0]
 
     floor = matmul_floor(test_x, train_x, runs)
-    ours, result = timed(lambda: knn_probe(train_x, train_y, test_x, test_y, ks=ks), runs)
+    ours, result = timed(
+        "knn_probe", lambda: knn_probe(train_x, train_y, test_x, test_y, ks=ks), runs
+    )
     # Ablation: the same search with one torch.topk over every train column per test row
     # instead of the two-stage block top-k (probes._block_size chooses the block size).
     with mock.patch.object(probes, "_block_size", lambda n, k: 1):
         plain, plain_result = timed(
-            lambda: knn_probe(train_x, train_y, test_x, test_y, ks=ks), runs
+            "knn_probe, plain topk",
+            lambda: knn_probe(train_x, train_y, test_x, test_y, ks=ks),
+            runs,
         )
     assert plain_result == result
     votes = knn_votes(train_x, train_y, test_x, ks=ks)
-    sk_runs = [sklearn_knn(train_x, train_y, test_x, ks) for _ in range(runs)]
+    sk_runs = [
+        timed("scikit-learn k-NN", lambda: sklearn_knn(train_x, train_y, test_x, ks), 1)[1]
+        for _ in range(runs)
+    ]
     sk_total = statistics.median(sum(t for t, _ in run.values()) for run in sk_runs)
 
     if float64:
@@ -183,13 +207,17 @@ def bench_knn(data: tuple[torch.Tensor, ...], runs: int, float64: bool) -> list[
 
 def bench_linear(data: tuple[torch.Tensor, ...], runs: int) -> list[str]:
     train_x, train_y, test_x, test_y = data
-    ours, result = timed(lambda: linear_probe(train_x, train_y, test_x, test_y), runs)
+    ours, result = timed(
+        "linear_probe", lambda: linear_probe(train_x, train_y, test_x, test_y), runs
+    )
 
     scaler = StandardScaler().fit(train_x.numpy())
     xtr, xte = scaler.transform(train_x.numpy()), scaler.transform(test_x.numpy())
-    start = time.perf_counter()
-    model = LogisticRegression(max_iter=5000).fit(xtr, train_y.numpy())
-    sk_time = time.perf_counter() - start
+    sk_time, model = timed(
+        "LogisticRegression",
+        lambda: LogisticRegression(max_iter=5000).fit(xtr, train_y.numpy()),
+        runs,
+    )
     sk_top1 = model.score(xte, test_y.numpy())
     n_iter = int(np.max(model.n_iter_))
     return [
@@ -197,7 +225,7 @@ def bench_linear(data: tuple[torch.Tensor, ...], runs: int) -> list[str]:
         "|---|---|---|---|",
         f"| `linear_probe` (30 epochs, batch 256, Adam lr 1e-3) | {ours:.2f} s | "
         f"{result['top1']:.4f} | {result['train_top1']:.4f} |",
-        f"| scikit-learn LogisticRegression (lbfgs, converged in {n_iter} iterations) | "
+        f"| scikit-learn LogisticRegression (lbfgs, {n_iter} iterations of max 5000) | "
         f"{sk_time:.2f} s | {sk_top1:.4f} | {model.score(xtr, train_y.numpy()):.4f} |",
     ]
 
@@ -213,15 +241,16 @@ def main() -> None:
 
     n_train, n_test = int(50_000 * args.scale), int(10_000 * args.scale)
     data = clustered_features(n_train, n_test, dim=256, n_classes=10)
-    load_before = os.getloadavg()[0]
-    knn_lines = bench_knn(data, args.runs, float64=not args.no_float64)
     linear_lines = bench_linear(data, args.runs)
-    load_after = os.getloadavg()[0]
+    knn_lines = bench_knn(data, args.runs, float64=not args.no_float64)
 
     print(f"Machine: {machine()}.")
     print(f"Data: {n_train:,} x 256 train, {n_test:,} x 256 test, 10 classes, float32.")
     print(f"Command: `{' '.join(['.venv/bin/python', *sys.argv])}`, median of {args.runs} runs.")
-    print(f"Load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}.")
+    worst = ", ".join(f"{label} {cores:.2f}" for label, cores in OTHERS.items())
+    print(f"CPU cores used by other processes during the worst timed run: {worst}.")
+    if max(OTHERS.values()) > 0.1:
+        print("**Warning: other processes were busy; these timings are disturbed. Rerun.**")
     print("\n### k-NN (cosine)\n")
     print("\n".join(knn_lines))
     print("\n### Linear probe\n")

@@ -345,8 +345,11 @@ def test_baseline_winning_is_reported_as_such() -> None:
         [row("pixels", None, 0.9, attention=None), row("up4", 0, 0.3), row("up4", 50, 0.5)]
     )
     [r] = summary(facets)
-    assert (r.best_block, r.best_epoch, r.best_top1) == ("pixels", 0, 0.9)  # earliest of the ties
+    # The summary answers "which block of the net": up4 at 50, with the baseline beside it.
+    assert (r.best_block, r.best_epoch, r.best_top1) == ("up4", 50, 0.5)
+    assert r.pixels_top1 == 0.9
     assert r.baseline_wins
+    assert facets[0].best("top1") == ("pixels", 0, 0.9)  # the table's best cell: earliest tie
     assert facets[0].best_blocks(50) == {"pixels"}
 
 
