@@ -235,8 +235,9 @@ class _Index:
 
 def _block_size(n: int, k: int) -> int:
     # Two-stage top-k: block maxima first, then only the k best blocks. Cost ~ n/b + k*b,
-    # smallest near b = sqrt(n/k). torch.topk alone over all n columns took ~1.7x as long at
-    # CIFAR-10 scale (see BENCHMARKS.md), which is why this is written by hand.
+    # smallest near b = sqrt(n/k). Written by hand because one torch.topk over all n columns
+    # was measured too slow: at CIFAR-10 scale (k=201 of 50,000) the whole k-NN took 1.87 s
+    # with it and 1.60 s with this, over a 0.79 s matmul floor (BENCHMARKS.md, "Probes").
     b = 1 << max(0, round(math.log2(max(1.0, math.sqrt(n / k)))))
     return b if n // b >= 4 * k else 1
 
