@@ -38,19 +38,7 @@ def configs_for(cfg: sweep.StudyConfig, **extra: Any) -> list[TrainConfig]:
 
 def matching_run(cfg: TrainConfig) -> Run | None:
     """The newest training run recorded with exactly this config (any status but deleted)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        exps,
-        filter_string=(
-            f"tags.`{tracking.KIND_TAG}` = 'train' and tags.dataset = '{cfg.dataset}' "
-            f"and tags.resolution = '{cfg.model.resolution}' "
-            f"and tags.attention = '{cfg.model.attention}'"
-        ),
-        order_by=["attributes.start_time DESC"],
-    )
+    runs = tracking.training_runs(cfg.dataset, cfg.model.resolution, cfg.model.attention)
     wanted = tracking.flat_params(cfg)
     for run in runs:
         if all(run.data.params.get(k) == v for k, v in wanted.items()):

@@ -7,6 +7,7 @@ top-level (EMA) weights file first (diffusers 0.42, `_get_model_file`)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pickle
@@ -132,8 +133,17 @@ def content_hash(folder: Path | str, weights: Weights = "ema") -> str:
     """SHA-256 (16 hex) of the weights file itself: a cache key that cannot go stale."""
     folder = Path(folder)
     sub = folder / RAW if weights == "raw" and (folder / RAW).is_dir() else folder
+    path = (sub / WEIGHTS_FILE).resolve()
+    st = path.stat()
+    # Every trial of a study asks again; reading 143 MB each time costs ~0.1 s here.
+    return _file_hash(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, remembered for as long as its size and mtime stay the same."""
     h = hashlib.sha256()
-    with open(sub / WEIGHTS_FILE, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()[:16]

@@ -3,6 +3,7 @@ and a probe fitted on the first and scored on the second."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -205,8 +206,13 @@ def split_features(
     passes = 0
     req = FeatureRequest(blocks, noise_step, cfg.noise_seed, cfg.pool)
     for split in ("train", "test"):
-        ds = data.labelled_split(
-            dataset, split, resolution, data_dir, flowers_add_val=cfg.flowers_add_val
+        ds = functools.partial(  # opened only when the cache misses
+            data.labelled_split,
+            dataset,
+            split,
+            resolution,
+            data_dir,
+            flowers_add_val=cfg.flowers_add_val,
         )
         fp = data.split_fingerprint(dataset, split, resolution, flowers_add_val=cfg.flowers_add_val)
         feats, secs, ran = cached_features(

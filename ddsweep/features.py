@@ -382,7 +382,7 @@ def cached_features(
     unet_loader: Callable[[], UNet2DModel | None],
     checkpoint_hash: str,
     weights: str,
-    dataset: Dataset[tuple[torch.Tensor, int]],
+    dataset: Dataset[tuple[torch.Tensor, int]] | Callable[[], Dataset[tuple[torch.Tensor, int]]],
     split: str,
     resolution: int,
     req: FeatureRequest,
@@ -392,7 +392,8 @@ def cached_features(
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, bool]:
     """({block: (features, labels)}, extraction seconds, whether `extract` ran): cache hits
-    are read, all misses are filled by one `extract` over the split.
+    are read, all misses are filled by one `extract` over the split. `dataset` may be a
+    zero-argument loader, called only on a miss (a cache hit never opens the data).
 
     Processes sharing the cache take a lock per (checkpoint, split, noise step, pooling) while
     they extract, so concurrent workers run the backbone once and the others read the result.
@@ -416,7 +417,7 @@ def cached_features(
 
 def _fill(
     unet_loader: Callable[[], UNet2DModel | None],
-    dataset: Dataset[tuple[torch.Tensor, int]],
+    dataset: Dataset[tuple[torch.Tensor, int]] | Callable[[], Dataset[tuple[torch.Tensor, int]]],
     req: FeatureRequest,
     missing: tuple[str, ...],
     keys: dict[str, CacheKey],
@@ -429,6 +430,8 @@ def _fill(
     t0 = time.perf_counter()
     unet = unet_loader()
     sub = FeatureRequest(missing, req.noise_step, req.noise_seed, req.pool)
+    if callable(dataset) and not isinstance(dataset, torch.utils.data.Dataset):
+        dataset = dataset()
     first_image = dataset[0][0]
     check_memory(block_dims(unet, sub, first_image.shape), len(dataset))  # type: ignore[arg-type]
     feats, labels = extract(unet, dataset, sub, batch_size=batch_size, on_batch=on_batch)

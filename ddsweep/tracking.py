@@ -119,22 +119,27 @@ def get_run(run_id: str) -> Run:
         ) from err
 
 
-def latest_training_run(dataset: str, resolution: int, attention: bool) -> Run:
-    """The newest FINISHED `ddsweep train` run for (dataset, resolution, attention)."""
+def training_runs(
+    dataset: str, resolution: int, attention: bool, *, finished: bool = False
+) -> list[Run]:
+    """`ddsweep train` runs for (dataset, resolution, attention), newest first, in every
+    experiment; only FINISHED ones when `finished`."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        exps,
-        filter_string=(
-            f"tags.`{KIND_TAG}` = 'train' and tags.dataset = '{dataset}' "
-            f"and tags.resolution = '{resolution}' and tags.attention = '{attention}' "
-            "and attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+    query = (
+        f"tags.`{KIND_TAG}` = 'train' and tags.dataset = '{dataset}' "
+        f"and tags.resolution = '{resolution}' and tags.attention = '{attention}'"
     )
+    if finished:
+        query += " and attributes.status = 'FINISHED'"
+    return list(client.search_runs(exps, query, order_by=["attributes.start_time DESC"]))
+
+
+def latest_training_run(dataset: str, resolution: int, attention: bool) -> Run:
+    """The newest FINISHED `ddsweep train` run for (dataset, resolution, attention)."""
+    runs = training_runs(dataset, resolution, attention, finished=True)
     if not runs:
         flag = "--attention" if attention else "--no-attention"
         raise UserError(
