@@ -84,7 +84,7 @@ def flat_params(cfg: Any, prefix: str = "") -> dict[str, str]:
 
 def code_version() -> str:
     """ddsweep's version plus the git commit of the source tree when there is one."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent.parent
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
