@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ddsweep.errors import UserError
-from ddsweep.tracking import first_line
+from ddsweep.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel

@@ -450,7 +450,7 @@ def _study_progress(bar: Any, name: str) -> Any:
     task = bar.add_task(name, total=None, state="starting")
 
     def show(ctx: Any, t: Any, current: str | None) -> None:
-        done = sum(1 for p in ctx.keys if p in t.complete)
+        done = sum(1 for p in ctx.ids if p in t.complete)
         state = f"{len(t.running)} running, {sum(t.failures.values())} failed"
         if current:
             state += f" | {current}"
@@ -495,7 +495,7 @@ def _bar(console: Any = None) -> Any:
 def _run_grid(cfg: Any, opts: Any) -> None:
     from rich.console import Console
 
-    from ddsweep.study import run_study, tally
+    from ddsweep.study import run_study
 
     bar = _bar(Console(stderr=True))
     show = _study_progress(bar, cfg.study)
@@ -509,9 +509,8 @@ def _run_grid(cfg: Any, opts: Any) -> None:
         ctx, outcomes = run_study(cfg, opts, progress=show_started)
     finally:
         bar.stop()
-    _link_project_run(ctx.parent_id)
-    t = tally(ctx.study, opts.grace_period)
-    done = sum(1 for p in ctx.keys if p in t.complete)
+    t = ctx.board.tally()
+    done = sum(1 for p in ctx.ids if p in t.complete)
     ran = outcomes["complete"]
     if ran == 0 and done == len(ctx.ids):
         typer.echo(f"{cfg.study}: all {done} points were already complete; nothing to do")
@@ -522,17 +521,6 @@ def _run_grid(cfg: Any, opts: Any) -> None:
         )
     if done < len(ctx.ids):
         typer.echo(f"see `ddsweep study status --study {cfg.study}` for what is left")
-
-
-def _link_project_run(parent_id: str) -> None:
-    """Under `mlflow run`, point the project's run at the study's parent run."""
-    from mlflow.tracking import MlflowClient
-
-    from ddsweep import tracking
-
-    project = tracking.project_run_id()
-    if project and project != parent_id:
-        MlflowClient().set_tag(project, "ddsweep.study_parent_run", parent_id)
 
 
 @study_app.command("status")

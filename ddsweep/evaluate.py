@@ -24,6 +24,7 @@ from ddsweep.features import (
     validate_pool,
 )
 from ddsweep.model import PIXELS
+from ddsweep.points import Point
 
 ProbeKind = Literal["linear", "knn"]
 PROBES: tuple[str, ...] = ("linear", "knn")
@@ -43,20 +44,6 @@ class ProbeConfig:
     noise_seed: int = 0
     flowers_add_val: bool = False
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Point:
-    """One grid point; its fields are the study's axes and the MLflow params of a trial."""
-
-    dataset: str
-    resolution: int
-    attention: bool | None  # None for pixels: the baseline of every attention value
-    epoch: int | None  # None for pixels: the baseline of every epoch
-    block: str
-    noise_step: int
-    probe: str
-    k: int = 0  # knn only; 0 for linear
 
 
 def validate_probe_config(cfg: ProbeConfig) -> None:

@@ -18,6 +18,7 @@ A DDPM image set depends on the seed *and* the batch size (one generator draws a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -35,9 +36,8 @@ import torch
 from torch import nn
 
 from ddsweep import data, diffusion
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, first_line
 from ddsweep.features import default_cache_dir
-from ddsweep.tracking import first_line
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -72,6 +72,30 @@ def sampler_steps(cfg: FIDConfig) -> int:
     if cfg.sampler == "ddpm":
         return diffusion.NUM_TRAIN_TIMESTEPS
     return cfg.steps if cfg.steps is not None else DDIM_STEPS
+
+
+def run_params(
+    cfg: FIDConfig,
+    *,
+    dataset: str,
+    resolution: int,
+    attention: bool,
+    epoch: int,
+    backbone_run: str,
+    weights: str,
+) -> dict[str, str]:
+    """The params of one FID run: the checkpoint it scored and how its images were made."""
+    settings = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k != "steps"}
+    return {
+        "dataset": dataset,
+        "resolution": str(resolution),
+        "attention": str(attention),
+        "epoch": str(epoch),
+        "backbone_run": backbone_run,
+        "weights": weights,
+        "steps": str(sampler_steps(cfg)),
+        **settings,
+    }
 
 
 def validate_config(cfg: FIDConfig) -> None:

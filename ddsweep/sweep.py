@@ -13,21 +13,12 @@ from typing import Any
 
 from ddsweep import data
 from ddsweep.errors import UserError
-from ddsweep.evaluate import PROBES, Point, ProbeConfig, validate_probe_config
+from ddsweep.evaluate import PROBES, ProbeConfig, validate_probe_config
 from ddsweep.fid import FIDConfig
 from ddsweep.model import BLOCKS, PIXELS
+from ddsweep.points import AXES, Point
 
 KINDS: tuple[str, ...] = ("probe-grid", "fid-grid", "train-grid")
-AXES: tuple[str, ...] = (
-    "dataset",
-    "resolution",
-    "attention",
-    "epoch",
-    "block",
-    "noise_step",
-    "probe",
-    "k",
-)
 CLI_SOURCE = "the command line"  # the `source` of axes given as options
 TOP_KEYS: tuple[str, ...] = ("study", "kind", "axes", "probe", "train", "fid")
 FID_KEYS: tuple[str, ...] = ("samples", "sampler", "steps", "seed", "batch_size", "feature")
@@ -492,23 +483,3 @@ def expand_fid(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) ->
         for d, r, a in backbones(axes)
         for e in axes.epoch or epochs_of((d, r, a))
     ]
-
-
-def point_id(p: Point) -> str:
-    """A readable, reversible id: the Optuna grid value of a point."""
-    return "|".join(str(v) for v in dataclasses.astuple(p))
-
-
-def parse_point_id(text: str) -> Point:
-    """Inverse of point_id."""
-    d, r, a, e, b, t, p, k = text.split("|")
-    return Point(
-        d,
-        int(r),
-        None if a == "None" else a == "True",
-        None if e == "None" else int(e),
-        b,
-        int(t),
-        p,
-        int(k),
-    )

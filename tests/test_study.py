@@ -28,9 +28,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from ddsweep import checkpoints, evaluate, features, study, sweep, tracking
+from ddsweep import checkpoints, evaluate, features, points, scheduler, study, sweep, tracking
 from ddsweep.cli import app
 from ddsweep.model import ModelConfig
+from ddsweep.tracking import recorder
 from ddsweep.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -163,11 +164,13 @@ def grid(*args: str) -> Any:
 def expected_ids(epochs: tuple[int, ...] = EPOCHS) -> set[str]:
     cfg = sweep.load_study(STUDY)
     assert cfg is not None
-    return {sweep.point_id(p) for p in sweep.expand(cfg.axes, lambda _key: epochs)}
+    return {points.point_id(p) for p in sweep.expand(cfg.axes, lambda _key: epochs)}
 
 
 def load(name: str = STUDY) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=study.make_storage(name, study.RunOptions()))
+    return optuna.load_study(
+        study_name=name, storage=scheduler.make_storage(name, scheduler.Policy())
+    )
 
 
 def trials_by_point(s: optuna.Study) -> dict[str, list[optuna.trial.FrozenTrial]]:
@@ -261,13 +264,14 @@ def test_every_point_is_one_complete_trial_and_one_finished_child(
             assert run.info.status == "FINISHED"
             assert set(run.data.params) >= PARAMS
             trial = trials[run.info.run_id]
-            point = sweep.parse_point_id(run.data.tags[study.POINT_TAG])
+            point = points.parse_point_id(run.data.tags[study.POINT_TAG])
             assert run.data.params["block"] == point.block
             assert run.data.params["epoch"] == str(point.epoch)
             assert run.data.params["k"] == str(point.k)
             assert run.data.params["noise_step"] == str(point.noise_step)
             assert run.data.tags["optuna.trial_number"] == str(trial.number)
-            assert trial.params["point"] == study.point_key(sweep.point_id(point))
+            # The trial's params are the axes themselves (what optuna-dashboard shows).
+            assert trial.params == points.params_of(point)
             for metric in ("top1", "top3"):
                 assert 0.0 <= run.data.metrics[metric] <= 1.0
             assert run.data.metrics["top3"] >= run.data.metrics["top1"]
@@ -332,7 +336,7 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     # A damaged local copy of one checkpoint: only the U-Net points of epoch 1 can fail.
     copy = evaluate.fetch_backbone(backbone.run_id, 1).folder
     (copy / checkpoints.WEIGHTS_FILE).write_bytes(b"not a safetensors file")
-    broken = {p for p in expected_ids() if sweep.parse_point_id(p).epoch == 1}
+    broken = {p for p in expected_ids() if points.parse_point_id(p).epoch == 1}
     assert len(broken) == 4
 
     first = grid("--max-retries", "1")
@@ -382,7 +386,8 @@ def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
     # Regression: a WAITING retry of a point outside the current grid crashed the worker.
     first = grid("--epoch", "0", "--block", "pixels")
     assert first.exit_code == 0, first.output
-    load().enqueue_trial({"point": study.point_key("digits|8|True|1|mid|0|linear|0")})
+    stray_point = points.Point("digits", 8, True, 1, "mid", 0, "linear", 0)
+    load().enqueue_trial(points.params_of(stray_point))
     result = grid("--epoch", "0", "--block", "pixels")
     assert result.exit_code == 0, result.output
     assert "already complete" in summary(result)
@@ -400,7 +405,8 @@ def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
 WORKER = r"""
 import os, sys, time
 from pathlib import Path
-from ddsweep import cli, evaluate, study, sweep, tracking
+from ddsweep import cli, evaluate, points
+from ddsweep.tracking import recorder
 mode, path, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 del sys.argv[1:4]
 calls = []
@@ -417,18 +423,18 @@ elif mode == "evaluating":
     def patched(backbone, point, *a, **k):
         calls.append(1)
         if len(calls) == n:
-            hang(sweep.point_id(point))
+            hang(points.point_id(point))
         return real(backbone, point, *a, **k)
     evaluate.evaluate = patched
 else:
-    real_log = tracking.log_run
-    def patched(*a, **k):
-        run_id = real_log(*a, **k)
+    real_log = recorder.StudyRecorder.log_trial
+    def patched(self, pid, *a, **k):
+        run_id = real_log(self, pid, *a, **k)
         calls.append(1)
         if len(calls) == n:
-            hang(a[4][study.POINT_TAG])
+            hang(pid)
         return run_id
-    tracking.log_run = patched
+    recorder.StudyRecorder.log_trial = patched
 cli.main()
 """
 
@@ -529,20 +535,20 @@ class Killed(BaseException):
 def test_a_point_logged_by_a_worker_that_died_is_adopted_not_evaluated_again(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = tracking.log_run
+    real = recorder.StudyRecorder.log_trial
     logged: list[str] = []
 
-    def dies_after_the_third(*args: Any, **kwargs: Any) -> str:
-        run_id = real(*args, **kwargs)
-        logged.append(args[4][study.POINT_TAG])
+    def dies_after_the_third(self: Any, pid: str, *args: Any, **kwargs: Any) -> str:
+        run_id = real(self, pid, *args, **kwargs)
+        logged.append(pid)
         if len(logged) == 3:
             raise Killed  # after MLflow has the child run, before Optuna hears of it
         return run_id
 
-    monkeypatch.setattr(tracking, "log_run", dies_after_the_third)
+    monkeypatch.setattr(recorder.StudyRecorder, "log_trial", dies_after_the_third)
     with pytest.raises(Killed):
         grid("--heartbeat-interval", "1", "--grace-period", "2")
-    monkeypatch.setattr(tracking, "log_run", real)
+    monkeypatch.setattr(recorder.StudyRecorder, "log_trial", real)
     killed = logged[-1]
     (running,) = [t for t in load().trials if t.state == TrialState.RUNNING]
     assert running.user_attrs["point_id"] == killed
@@ -586,7 +592,7 @@ def test_bad_input_is_one_line_and_exit_status_2(
     for word in words:
         assert word in lines[-1]
     # Nothing recorded: no Optuna study, no MLflow parent run.
-    assert optuna.get_all_study_names(study.make_storage(STUDY, study.RunOptions())) == []
+    assert optuna.get_all_study_names(scheduler.make_storage(STUDY, scheduler.Policy())) == []
     assert parents() == []
 
 
@@ -614,13 +620,13 @@ def test_status_of_a_study_never_run_is_a_user_error(home: Path) -> None:
 def test_a_trial_is_visible_to_optunas_own_stale_check_from_its_start(tmp_path: Path) -> None:
     # Regression: the first heartbeat came one interval late and never reached Optuna (the study
     # holds its RDBStorage wrapped), so a worker killed early left a trial RUNNING forever.
-    opts = study.RunOptions(
+    opts = scheduler.Policy(
         storage=f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=1
     )
-    s = optuna.create_study(study_name="hb", storage=study.make_storage("hb", opts))
-    assert study.uses_rdb_heartbeat(s._storage)
+    s = optuna.create_study(study_name="hb", storage=scheduler.make_storage("hb", opts))
+    assert scheduler.uses_rdb_heartbeat(s._storage)
     trial = s.ask()
-    beat = study.Heartbeat(s, trial._trial_id, interval=600)
+    beat = scheduler.Heartbeat(s, trial._trial_id, interval=600)
     beat.__enter__()  # and never leaves: the worker is killed within its first interval
     beat._stop.set()
     time.sleep(2.2)  # the database clock counts whole seconds

@@ -16,15 +16,14 @@ import yaml
 from ddsweep.errors import UserError
 from ddsweep.evaluate import Point, ProbeConfig
 from ddsweep.model import BLOCKS, PIXELS
+from ddsweep.points import parse_point_id, point_id
 from ddsweep.sweep import (
     AXES,
     Axes,
     StudyConfig,
     expand,
     load_study,
-    parse_point_id,
     parse_study,
-    point_id,
     with_overrides,
 )
 

@@ -9,10 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from ddsweep import __version__
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, first_line, redact
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -51,21 +50,6 @@ def setup(
     finally:
         mlflow_logger.setLevel(level)
     return str(exp.experiment_id)
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print or log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message, for one-line error reports."""
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def flat_params(cfg: Any, prefix: str = "") -> dict[str, str]:

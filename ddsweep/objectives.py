@@ -1,0 +1,219 @@
+"""What a study computes: a study config expanded into points, and one point evaluated into
+params and metrics. No Optuna and no MLflow here: the scheduler hands points out, the recorder
+writes what `evaluate` returns.
+
+Two objectives: the probe grid (one probe of one block of one checkpoint at one noise step per
+point) and the FID grid (one Fréchet distance per checkpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from ddsweep import data, evaluate, sweep
+from ddsweep.evaluate import Backbone
+from ddsweep.features import FeatureCache
+from ddsweep.model import BLOCKS, PIXELS
+from ddsweep.points import Point, id_of, params_of
+
+Pins = Mapping[sweep.Backbone3, tuple[str, tuple[int, ...]]]  # backbone -> (run id, epochs)
+FetchBackbone = Callable[[str, int, list[int]], Backbone]  # (run id, epoch, saved epochs)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One evaluated point, as the recorder logs it: a run name, params, metrics, when."""
+
+    name: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    kind: str  # the run's ddsweep.kind tag: trial | fid
+    start: float = 0.0  # seconds since the epoch
+    end: float = 0.0
+
+
+@dataclass
+class Objective:
+    """Base of the study objectives: the points of a grid and how to evaluate one."""
+
+    cfg: sweep.StudyConfig
+    pins: Pins
+    fetch: FetchBackbone
+    data_dir: Path
+    inception_weights: Path | None = None  # the FID grid's --inception-weights
+    points: dict[str, Point] = field(init=False)
+
+    kind: ClassVar[str]  # the study kind it runs
+    direction: ClassVar[Literal["minimize", "maximize"]]
+    run_kind: ClassVar[str]  # the ddsweep.kind tag of its child runs
+
+    def __post_init__(self) -> None:
+        found = self.expand()
+        self.points = {id_of(self.params(p)): p for p in found}
+
+    @property
+    def metric(self) -> str:
+        """The metric that is the trial's value."""
+        raise NotImplementedError
+
+    def expand(self) -> list[Point]:
+        raise NotImplementedError
+
+    def params(self, point: Point) -> dict[str, Any]:
+        """The point's settings, as the scheduler records them (its trial params)."""
+        return params_of(point)
+
+    def vocabulary(self) -> dict[str, tuple[str, ...]]:
+        """Values the categorical settings may take beyond this grid's own."""
+        return {}
+
+    @classmethod
+    def check(cls, cfg: sweep.StudyConfig, inception_weights: Path | None) -> None:
+        """UserError now for what would fail every point (e.g. FID weights missing offline)."""
+
+    def backbone(self, point: Point) -> Backbone:
+        assert point.attention is not None and point.epoch is not None
+        run_id, epochs = self.pins[(point.dataset, point.resolution, point.attention)]
+        return self.fetch(run_id, point.epoch, list(epochs))
+
+    def evaluate(self, point: Point) -> Record:
+        """Evaluate one point (timed)."""
+        start = time.time()
+        name, params, metrics = self._evaluate(point)
+        return Record(name, params, metrics, self.run_kind, start, time.time())
+
+    def _evaluate(self, point: Point) -> tuple[str, dict[str, str], dict[str, float]]:
+        raise NotImplementedError
+
+    def failure(self, point: Point) -> tuple[str, dict[str, str]]:
+        """Run name and params of a point whose evaluation failed."""
+        raise NotImplementedError
+
+
+class ProbeGrid(Objective):
+    """A probe of one block of one checkpoint at one noise step per point; value: top1."""
+
+    kind = "probe-grid"
+    direction = "maximize"
+    run_kind = "trial"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.cache = FeatureCache()
+        # Every U-Net block of the study is extracted on a checkpoint's first pass.
+        self.fill_blocks = tuple(b for b in self.cfg.axes.block if b != PIXELS)
+
+    @property
+    def metric(self) -> str:
+        return "top1"
+
+    def expand(self) -> list[Point]:
+        return sweep.expand(self.cfg.axes, lambda key: self.pins[key][1])
+
+    def vocabulary(self) -> dict[str, tuple[str, ...]]:
+        return {
+            "dataset": data.KNOWN_DATASETS,
+            "block": (PIXELS, *BLOCKS),
+            "probe": evaluate.PROBES,
+        }
+
+    def _evaluate(self, point: Point) -> tuple[str, dict[str, str], dict[str, float]]:
+        backbone = None if point.block == PIXELS else self.backbone(point)
+        metrics = evaluate.evaluate(
+            backbone,
+            point,
+            self.cfg.probe,
+            self.cache,
+            self.data_dir,
+            fill_blocks=self.fill_blocks,
+        )
+        return run_name(point), evaluate.point_params(point, self.cfg.probe, backbone), metrics
+
+    def failure(self, point: Point) -> tuple[str, dict[str, str]]:
+        return run_name(point), evaluate.point_params(point, self.cfg.probe, None)
+
+
+def run_name(p: Point) -> str:
+    """A child run's name, e.g. up4-e8-t0-knn-k10 (noattn when without attention)."""
+    parts = [p.block, f"e{p.epoch}" if p.epoch is not None else "", f"t{p.noise_step}", p.probe]
+    if p.k:
+        parts.append(f"k{p.k}")
+    if p.attention is False:
+        parts.append("noattn")
+    return "-".join(x for x in parts if x)
+
+
+class FidGrid(Objective):
+    """The Fréchet distance of one checkpoint's samples to the test split per point."""
+
+    kind = "fid-grid"
+    direction = "minimize"
+    run_kind = "fid"
+
+    @property
+    def metric(self) -> str:
+        from ddsweep import fid
+
+        return fid.metric_name(*fid.feature_network(self.cfg.fid.feature))
+
+    def expand(self) -> list[Point]:
+        return sweep.expand_fid(self.cfg.axes, lambda key: self.pins[key][1])
+
+    def params(self, point: Point) -> dict[str, Any]:
+        return {n: v for n, v in params_of(point).items() if n in sweep.FID_AXES}
+
+    def vocabulary(self) -> dict[str, tuple[str, ...]]:
+        return {"dataset": data.KNOWN_DATASETS}
+
+    @classmethod
+    def check(cls, cfg: sweep.StudyConfig, inception_weights: Path | None) -> None:
+        from ddsweep import fid
+
+        feature, _ = fid.feature_network(cfg.fid.feature)
+        fid.make_metric(feature, fid.inception_weights_path(inception_weights))
+
+    def _evaluate(self, point: Point) -> tuple[str, dict[str, str], dict[str, float]]:
+        import torch
+
+        from ddsweep import checkpoints, fid
+
+        backbone = self.backbone(point)
+        unet = checkpoints.load_unet(backbone.folder, self.cfg.probe.weights)  # type: ignore[arg-type]
+        unet.to("cuda" if torch.cuda.is_available() else "cpu")
+        feature, name = fid.feature_network(self.cfg.fid.feature)
+        metrics = fid.fid_of_checkpoint(
+            unet,
+            point.dataset,
+            point.resolution,
+            self.data_dir,
+            self.cfg.fid,
+            feature=feature,
+            feature_name=name,
+            weights=fid.inception_weights_path(self.inception_weights),
+        )
+        return self.failure(point)[0], self._params(point, backbone.run_id or ""), metrics
+
+    def _params(self, point: Point, backbone_run: str) -> dict[str, str]:
+        from ddsweep import fid
+
+        return fid.run_params(
+            self.cfg.fid,
+            dataset=point.dataset,
+            resolution=point.resolution,
+            attention=bool(point.attention),
+            epoch=int(point.epoch or 0),
+            backbone_run=backbone_run,
+            weights=self.cfg.probe.weights,
+        )
+
+    def failure(self, point: Point) -> tuple[str, dict[str, str]]:
+        run_id = self.pins[(point.dataset, point.resolution, bool(point.attention))][0]
+        name = f"fid-e{point.epoch}" + ("" if point.attention else "-noattn")
+        return name, self._params(point, run_id)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {o.kind: o for o in (ProbeGrid, FidGrid)}
