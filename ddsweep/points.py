@@ -94,6 +94,11 @@ def parse_point_id(text: str) -> Point:
     return Point(**{**DEFAULTS, **values})
 
 
+def legacy_id(point: Point) -> str:
+    """The positional id ddsweep 0.1 gave the point (its trials and child runs carry it)."""
+    return "|".join(str(v) for v in dataclasses.astuple(point))
+
+
 def _parse_legacy(text: str) -> Point:
     d, r, a, e, b, t, p, k = text.split("|")
     attention = None if a == "None" else a == "True"

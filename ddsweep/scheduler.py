@@ -15,6 +15,10 @@ A trial's params are the point's settings (categorical, int or bool), so `optuna
 A trial that raises is FAIL with the error as attribute; the next run retries it, up to
 `max_retries`. A trial whose heartbeat stops (SIGKILL, lost machine) is marked FAIL after the
 grace period and retried by any worker.
+
+Studies begun by ddsweep 0.1 keep working: their trials hold one opaque `point` param and the
+point's positional id as attribute, which the grid maps to today's ids (`Grid.legacy`), so their
+finished points count as finished and are never run again.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class Grid:
 
     params: dict[str, dict[str, Any]]
     vocabulary: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Ids of ddsweep 0.1's trials, which held one opaque `point` param and the id as attribute.
+    legacy: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:
@@ -142,15 +148,13 @@ def trial_params(t: FrozenTrial) -> dict[str, Any]:
     return dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
 
 
-def trial_point(t: FrozenTrial) -> str | None:
-    """The id of the point a trial holds, None when it holds none (yet)."""
+def trial_point(t: FrozenTrial, legacy: Mapping[str, str] | None = None) -> str | None:
+    """The id of the point a trial holds, None when it holds none (yet). A trial of ddsweep 0.1
+    holds one opaque `point` param and its id as attribute: `legacy` maps those ids."""
     params = trial_params(t)
-    return id_of(params) if params and "point" not in params else None
-
-
-def is_legacy(t: FrozenTrial) -> bool:
-    """A trial of ddsweep 0.1, which keyed points by one opaque `point` param."""
-    return "point" in trial_params(t)
+    if "point" in params:
+        return (legacy or {}).get(str(t.user_attrs.get("point_id")))
+    return id_of(params) if params else None
 
 
 def last_beat(t: FrozenTrial) -> float:
@@ -189,12 +193,12 @@ class Tally:
         return "failed" if self.failures[pid] else "left"
 
 
-def tally(study: optuna.Study, grace: float) -> Tally:
+def tally(study: optuna.Study, grace: float, legacy: Mapping[str, str] | None = None) -> Tally:
     """Count trials per point: complete, running (fresh), waiting, failed."""
     t = Tally(set(), set(), set(), Counter(), set(), {})
     now = time.time()
     for tr in study.get_trials(deepcopy=False):  # in trial-number order: the last error wins
-        pid = trial_point(tr)
+        pid = trial_point(tr, legacy)
         if pid is None:
             continue
         t.visited.add(pid)
@@ -289,7 +293,7 @@ class GridSampler(BaseSampler):
 
     def unclaimed(self, study: optuna.Study) -> list[str]:
         """Points of the grid with no trial at all (in any state), in hand-out order."""
-        held = {trial_point(t) for t in study.get_trials(deepcopy=False)}
+        held = {trial_point(t, self._grid.legacy) for t in study.get_trials(deepcopy=False)}
         return [p for p in self._order if p not in held]
 
     def is_exhausted(self, study: optuna.Study) -> bool:
@@ -360,19 +364,16 @@ class GridStudy:
         return time.time() - float(self.study.user_attrs.get(CREATED_ATTR, 0.0))
 
     def tally(self) -> Tally:
-        return tally(self.study, self.policy.grace_period)
+        return tally(self.study, self.policy.grace_period, self.grid.legacy)
+
+    def watch(self, grid: Grid) -> None:
+        """Read the study's progress on `grid` without running it (nothing is written)."""
+        self.grid = grid
 
     def use(self, grid: Grid) -> None:
         """Run `grid` from now on; UserError when the study cannot hold it."""
         if not grid.params:
             raise UserError(f"study {self.study.study_name}: the grid is empty")
-        legacy = next((t for t in self.study.get_trials(deepcopy=False) if is_legacy(t)), None)
-        if legacy is not None:
-            raise UserError(
-                f"study {self.study.study_name!r} was made by ddsweep 0.1, which named points "
-                "by one opaque number; its results stay in MLflow (`ddsweep report` reads them): "
-                f"run `ddsweep study migrate --study {self.study.study_name}` to continue it"
-            )
         self._fix_choices(grid)
         self.grid = grid
         self.study.sampler = GridSampler(grid)
@@ -478,7 +479,7 @@ class GridStudy:
         """Why this trial must not evaluate point `pid` (another trial has it), or None."""
         now = time.time()
         for t in self.study.get_trials(deepcopy=False):
-            if t.number == trial.number or trial_point(t) != pid:
+            if t.number == trial.number or trial_point(t, self.grid.legacy) != pid:
                 continue
             if t.state == TrialState.COMPLETE:
                 return f"complete in trial {t.number}"

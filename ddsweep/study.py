@@ -23,7 +23,7 @@ from ddsweep import evaluate, scheduler, sweep, tracking
 from ddsweep.errors import UserError
 from ddsweep.model import PIXELS
 from ddsweep.objectives import OBJECTIVES, Objective, Pins
-from ddsweep.points import AXES
+from ddsweep.points import AXES, legacy_id
 from ddsweep.scheduler import GridStudy, Outcome, Tally
 from ddsweep.tracking.recorder import POINT_TAG, STUDY_TAG, StudyRecorder
 
@@ -115,7 +115,9 @@ class _Trials:
         return Outcome(float(metrics[self.objective.metric]), {"mlflow_run_id": run_id})
 
     def adopt(self, pid: str) -> Outcome | None:
-        found = self.recorder.adopted(pid)
+        # A child logged by ddsweep 0.1 carries the positional id of its point.
+        legacy = legacy_id(self.objective.points[pid])
+        found = self.recorder.adopted(pid) or self.recorder.adopted(legacy)
         return self._outcome(*found) if found else None
 
     def evaluate(self, pid: str, trial_number: int) -> Outcome:
@@ -158,6 +160,7 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
         scheduler.Grid(
             {pid: objective.params(p) for pid, p in objective.points.items()},
             objective.vocabulary(),
+            {legacy_id(p): pid for pid, p in objective.points.items()},
         )
     )
     # A worker that did not create the study waits for the creator's parent run, unless the
@@ -272,6 +275,9 @@ def status_tables(
         pins[key] = (run_id or "", tuple(evaluate.saved_epochs(run_id)) if run_id else ())
     objective = _objective(cfg, opts, pins)
     params = {pid: objective.params(p) for pid, p in objective.points.items()}
+    board.grid = scheduler.Grid(
+        params, legacy={legacy_id(p): i for i, p in objective.points.items()}
+    )
     rows = status_rows(params, board.tally())
     table = Table(title=f"study {cfg.study}: {len(params)} points")
     for col in ("", "complete", "running", "failed", "left"):

@@ -272,6 +272,13 @@ def test_every_point_is_one_complete_trial_and_one_finished_child(
             assert run.data.tags["optuna.trial_number"] == str(trial.number)
             # The trial's params are the axes themselves (what optuna-dashboard shows).
             assert trial.params == points.params_of(point)
+            dists = trial.distributions
+            for axis in ("dataset", "block", "probe", "attention"):
+                if axis in dists:
+                    assert isinstance(dists[axis], optuna.distributions.CategoricalDistribution)
+            for axis in ("resolution", "epoch", "noise_step", "k"):
+                if axis in dists:
+                    assert isinstance(dists[axis], optuna.distributions.IntDistribution)
             for metric in ("top1", "top3"):
                 assert 0.0 <= run.data.metrics[metric] <= 1.0
             assert run.data.metrics["top3"] >= run.data.metrics["top1"]
@@ -380,6 +387,48 @@ def test_a_pixels_only_study_needs_no_backbone(home: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "2/2 points complete (2 evaluated now" in result.stdout
     assert sorted(finished_per_point("pix").values()) == [1, 1]
+
+
+def test_a_study_begun_by_version_0_1_keeps_its_finished_points(home: Path) -> None:
+    # ddsweep 0.1 keyed a trial by one opaque int param `point` and kept the positional id as
+    # the attribute `point_id`; its finished points must count as finished, never run again.
+    old = optuna.create_study(
+        study_name=STUDY, storage=scheduler.make_storage(STUDY, scheduler.Policy())
+    )
+    ids = sorted(expected_ids((0,)))
+    done = [points.parse_point_id(pid) for pid in ids[:3]]
+    for i, p in enumerate(done):
+        old.add_trial(
+            optuna.trial.create_trial(
+                params={"point": 1000 + i},
+                distributions={"point": optuna.distributions.IntDistribution(0, 2**48 - 1)},
+                value=0.5,
+                user_attrs={"point_id": points.legacy_id(p), "mlflow_run_id": "old"},
+            )
+        )
+    old.enqueue_trial({"point": 7})  # a retry 0.1 left waiting: refused, nothing evaluated twice
+    result = grid("--epoch", "0")
+    assert result.exit_code == 0, result.output
+    n = len(ids)
+    assert f"{n}/{n} points complete ({n - 3} evaluated now" in summary(result)
+    assert set(finished_per_point()) == set(ids) - {points.point_id(p) for p in done}
+    status = cli("study", "status", "--study", STUDY, "--epoch", "0")
+    assert status_rows(status.stdout)["total"] == [n, 0, 0, 0]
+
+
+def test_a_categorical_value_new_to_a_study_is_refused_in_one_line(home: Path) -> None:
+    first = grid("--epoch", "0", "--block", "pixels", "--probe", "knn")
+    assert first.exit_code == 0, first.output
+    before = len(load().trials)
+    # Any of the nine blocks may join later (they are among the block param's choices), but a
+    # module path the study has never seen cannot: Optuna's categorical choices are fixed.
+    grown = grid("--epoch", "0", "--block", "pixels", "--block", "mid", "--probe", "knn")
+    assert grown.exit_code == 0, grown.output
+    refused = grid("--epoch", "0", "--block", "mid_block", "--probe", "knn")
+    assert refused.exit_code == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert "'mid_block' is new" in line and f"--study {STUDY}-2" in line
+    assert len(load().trials) == before + 1  # mid at epoch 0: the only new point
 
 
 def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
