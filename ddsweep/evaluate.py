@@ -191,7 +191,9 @@ def split_features(
     out = {}
     seconds = 0.0
     passes = 0
-    req = FeatureRequest(blocks, noise_step, cfg.noise_seed, cfg.pool)
+    # On CUDA the network runs in bf16 autocast; its features are cached apart from float32 ones.
+    precision = "bf16" if torch.cuda.is_available() else "fp32"
+    req = FeatureRequest(blocks, noise_step, cfg.noise_seed, cfg.pool, precision=precision)
     for split in ("train", "test"):
         ds = functools.partial(  # opened only when the cache misses
             data.labelled_split,

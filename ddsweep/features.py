@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +63,29 @@ def pixel_pool(pool: str) -> str:
     return "flatten" if pool == "avg" else pool
 
 
-def noise_for(indices: torch.Tensor, shape: Sequence[int], noise_seed: int) -> torch.Tensor:
-    """Gaussian noise [B,*shape], image i always drawn from the generator seeded (seed, i)."""
+# Part of every cache key: bump when the noise added to an image changes meaning.
+NOISE_SCHEME = "split-index-draw-v2"
+
+
+def noise_seed_of(split: str, index: int, noise_seed: int, draw: int = 0) -> int:
+    """The generator seed of image `index` of `split` (a split fingerprint) in noise draw `draw`.
+
+    The split is part of the seed: with (seed, index) alone, train image i and test image i got
+    the same noise, and a noisy test image's nearest train neighbour was its index twin
+    (measured on digits pixels at t=250: 1-NN accuracy 8.9 % instead of 76.7 %)."""
+    blob = f"{split}\0{noise_seed}\0{draw}\0{index}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+
+
+def noise_for(
+    indices: torch.Tensor, shape: Sequence[int], noise_seed: int, *, split: str, draw: int = 0
+) -> torch.Tensor:
+    """Gaussian noise [B,*shape]: image i of `split` always gets the same noise in draw `draw`,
+    whatever the batch, and a different one in every other split, seed or draw."""
     out = torch.empty(len(indices), *shape)
     gen = torch.Generator()
     for row, i in enumerate(indices.tolist()):
-        gen.manual_seed(noise_seed * 1_000_003 + int(i))
+        gen.manual_seed(noise_seed_of(split, int(i), noise_seed, draw))
         out[row] = torch.randn(*shape, generator=gen)
     return out
 
@@ -85,6 +102,13 @@ class FeatureRequest:
     noise_step: int = 0
     noise_seed: int = 0
     pool: str = "avg"
+    split: str = ""  # the split's fingerprint: part of every image's noise seed
+    noise_draws: int = 1  # features averaged over this many independent noise draws (t > 0)
+    precision: str = "fp32"  # or "bf16": autocast on CUDA
+
+    def draws(self) -> int:
+        """Noise draws that differ: a clean image (t = 0) is the same in every draw."""
+        return self.noise_draws if self.noise_step > 0 else 1
 
 
 def block_dims(
@@ -179,8 +203,9 @@ def extract(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({block: features [N,D]}, labels [N]) for every requested block, one pass per batch.
 
-    Images are noised to `req.noise_step` with the training schedule (q_sample), image i with
-    noise from the seed (noise_seed, i), and the model is called with that timestep; step 0 is
+    Images are noised to `req.noise_step` with the training schedule (q_sample), image i of the
+    split with noise seeded by (split, noise_seed, draw, i) (see `noise_for`), and the model is
+    called with that timestep; features are averaged over `req.noise_draws` draws. Step 0 is
     the clean image.
     """
     diffusion.validate_noise_step(req.noise_step)
@@ -203,20 +228,37 @@ def extract(
     for x0, y in loader:
         idx = torch.arange(start, start + len(x0))
         start += len(x0)
-        t = torch.full((len(x0),), req.noise_step, dtype=torch.long)
-        if req.noise_step > 0:
-            noise = noise_for(idx, x0.shape[1:], req.noise_seed)
-            x_t = diffusion.q_sample(scheduler, x0, noise, t)
-        else:
-            x_t = x0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats = _forward_blocks(unet, x_t.to(device), t, req)
+        feats = _batch_features(unet, scheduler, x0, idx, req, device)
         for b in req.blocks:
             chunks[b].append(feats[b])
         labels.append(torch.as_tensor(y))
         if on_batch is not None:
             on_batch(len(x0))
     return {b: torch.cat(c) for b, c in chunks.items()}, torch.cat(labels)
+
+
+def _batch_features(
+    unet: UNet2DModel | None,
+    scheduler: Any,
+    x0: torch.Tensor,
+    idx: torch.Tensor,
+    req: FeatureRequest,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Pooled block features of one batch x0 [B,C,H,W], averaged over the request's draws."""
+    t = torch.full((len(x0),), req.noise_step, dtype=torch.long)
+    total: dict[str, torch.Tensor] = {}
+    for draw in range(req.draws()):
+        x_t = x0
+        if req.noise_step > 0:
+            noise = noise_for(idx, x0.shape[1:], req.noise_seed, split=req.split, draw=draw)
+            x_t = diffusion.q_sample(scheduler, x0, noise, t)
+        bf16 = req.precision == "bf16" and device.type == "cuda"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            feats = _forward_blocks(unet, x_t.to(device), t, req)
+        for b, f in feats.items():
+            total[b] = f if b not in total else total[b] + f
+    return {b: f / req.draws() for b, f in total.items()}
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -250,6 +292,9 @@ class CacheKey:
     noise_seed: int
     pool: str
     block: str
+    noise_draws: int = 1
+    precision: str = "fp32"  # bf16 (autocast on CUDA) features are never served as float32 ones
+    noise: str = NOISE_SCHEME
 
     def digest(self) -> str:
         """A stable file name for this key."""
@@ -398,9 +443,19 @@ def cached_features(
     Processes sharing the cache take a lock per (checkpoint, split, noise step, pooling) while
     they extract, so concurrent workers run the backbone once and the others read the result.
     """
+    req = dataclasses.replace(req, split=split)  # the noise of an image depends on its split
     keys = {
         b: CacheKey(
-            checkpoint_hash, weights, split, resolution, req.noise_step, req.noise_seed, req.pool, b
+            checkpoint_hash,
+            weights,
+            split,
+            resolution,
+            req.noise_step,
+            req.noise_seed,
+            req.pool,
+            b,
+            req.draws(),
+            req.precision if b != PIXELS else "fp32",  # no network, no precision
         )
         for b in req.blocks
     }
@@ -429,7 +484,7 @@ def _fill(
     """Extract the missing blocks in one pass and store them."""
     t0 = time.perf_counter()
     unet = unet_loader()
-    sub = FeatureRequest(missing, req.noise_step, req.noise_seed, req.pool)
+    sub = dataclasses.replace(req, blocks=missing)
     if callable(dataset) and not isinstance(dataset, torch.utils.data.Dataset):
         dataset = dataset()
     first_image = dataset[0][0]

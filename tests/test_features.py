@@ -119,9 +119,9 @@ def test_noise_is_drawn_per_image_so_batch_size_does_not_matter(
     unet: UNet2DModel, images: Dataset[Item]
 ) -> None:
     shape = (3, RES, RES)
-    whole = noise_for(torch.arange(10), shape, noise_seed=3)
-    assert torch.equal(noise_for(torch.tensor([7, 2]), shape, 3), whole[[7, 2]])
-    assert not torch.equal(noise_for(torch.arange(10), shape, 4), whole)
+    whole = noise_for(torch.arange(10), shape, noise_seed=3, split="")
+    assert torch.equal(noise_for(torch.tensor([7, 2]), shape, 3, split=""), whole[[7, 2]])
+    assert not torch.equal(noise_for(torch.arange(10), shape, 4, split=""), whole)
     assert not torch.equal(whole[0], whole[1])
 
     req = FeatureRequest(ALL, 200, 3, "flatten")
@@ -296,7 +296,7 @@ def test_noise_step_t_is_q_sample_with_per_image_noise(
     extract(unet, images, FeatureRequest(("down1",), t, 5), batch_size=BATCH)
     fed = torch.cat([args[0] for args in calls.inputs["unet"]])
     x0 = stacked(images)
-    noise = noise_for(torch.arange(N), x0.shape[1:], noise_seed=5)
+    noise = noise_for(torch.arange(N), x0.shape[1:], noise_seed=5, split="")
     steps = torch.full((N,), t, dtype=torch.long)
     assert torch.equal(fed, diffusion.make_scheduler().add_noise(x0, noise, steps))
     assert all(torch.equal(args[1], steps[:BATCH]) for args in calls.inputs["unet"])
@@ -385,6 +385,9 @@ def test_the_key_includes_every_field(tmp_path: Path) -> None:
         "noise_seed",
         "pool",
         "block",
+        "noise_draws",
+        "precision",
+        "noise",
     }
     digests = {key().digest()}
     for name in fields:
@@ -521,7 +524,10 @@ def test_cached_features_extracts_once_for_several_blocks(
     first, secs, ran = cached_features(*args, req, cache, batch_size=BATCH)
     assert ran and secs > 0
     assert extracted == [req.blocks] and len(loads) == 1
-    direct, labels = real_extract(unet, images, req, batch_size=BATCH)
+    # The split names the images' noise: the cache extracts with it.
+    direct, labels = real_extract(
+        unet, images, dataclasses.replace(req, split="digits:test:first48"), batch_size=BATCH
+    )
     for b in req.blocks:
         assert torch.equal(first[b][0], direct[b].half().float())
         assert torch.equal(first[b][1], labels)
@@ -590,3 +596,78 @@ def test_check_memory_refuses_what_would_not_fit() -> None:
     message = str(err.value)
     assert "up2" in message and "--pool avg" in message
     assert "\n" not in message
+
+
+# --- noise that is independent per split, and averaged over draws -----------------------------
+
+
+def test_image_i_of_train_and_image_i_of_test_get_different_noise() -> None:
+    shape = (3, RES, RES)
+    idx = torch.arange(5)
+    train = noise_for(idx, shape, 0, split="digits:train:16:seed0:80-20")
+    test = noise_for(idx, shape, 0, split="digits:test:16:seed0:80-20")
+    assert not torch.equal(train, test)
+    # Independent, not merely different: the same-index correlation is that of strangers.
+    a, b = train.flatten(1), test.flatten(1)
+    corr = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert corr.abs().max() < 0.1
+    again = noise_for(idx, shape, 0, split="digits:train:16:seed0:80-20", draw=1)
+    assert not torch.equal(train, again)
+
+
+def test_a_noisy_test_image_is_not_matched_to_its_index_twin_in_train(tmp_path: Path) -> None:
+    # The bug this guards against: train image i and test image i got the same noise, so on
+    # digits pixels at t=250 a test image's nearest train neighbour was the one of its index.
+    from ddsweep.evaluate import ProbeConfig, split_features
+
+    feats, _, _ = split_features(
+        None, "digits", 16, (PIXELS,), 250, ProbeConfig(), FeatureCache(tmp_path), tmp_path
+    )
+    (xtr, ytr), (xte, yte) = feats["train"][PIXELS], feats["test"][PIXELS]
+    n = min(len(xtr), len(xte))
+    nearest = torch.cdist(xte[:n], xtr).argmin(dim=1)
+    twins = (nearest == torch.arange(n)).float().mean().item()
+    assert twins < 0.02, f"{twins:.0%} of test images have their index twin as nearest neighbour"
+    # ... and the images still classify: 1-NN well above chance (10 %).
+    assert (ytr[torch.cdist(xte, xtr).argmin(dim=1)] == yte).float().mean() > 0.5
+
+
+def test_features_over_several_draws_are_the_mean_of_the_draws(images: Dataset[Item]) -> None:
+    t, split = 300, "digits:test:first48"
+    req = FeatureRequest((PIXELS,), t, 2, "flatten", split=split, noise_draws=3)
+    feats, _ = extract(None, images, req, batch_size=7)
+    x0 = stacked(images)
+    steps = torch.full((N,), t, dtype=torch.long)
+    by_hand = torch.stack(
+        [
+            diffusion.make_scheduler().add_noise(
+                x0, noise_for(torch.arange(N), x0.shape[1:], 2, split=split, draw=d), steps
+            )
+            for d in range(3)
+        ]
+    ).mean(dim=0)
+    torch.testing.assert_close(feats[PIXELS], by_hand.flatten(1), rtol=1e-5, atol=1e-6)
+    one, _ = extract(None, images, dataclasses.replace(req, noise_draws=1), batch_size=7)
+    assert (one[PIXELS] - feats[PIXELS]).abs().max() > 0.05
+    # A clean image is the same in every draw: one pass, whatever noise_draws says.
+    assert dataclasses.replace(req, noise_step=0).draws() == 1
+
+
+def test_bf16_and_float32_features_never_share_a_cache_entry(
+    unet: UNet2DModel, images: Dataset[Item], tmp_path: Path
+) -> None:
+    cache = FeatureCache(tmp_path)
+    args = (lambda: unet, "abc", "ema", images, "digits:test:first48", RES)
+    fp32 = FeatureRequest(("mid",), 0, 0, "avg", precision="fp32")
+    _, _, ran = cached_features(*args, fp32, cache, batch_size=BATCH)
+    assert ran
+    _, _, ran = cached_features(*args, fp32, cache, batch_size=BATCH)
+    assert not ran
+    # A bf16 (CUDA autocast) request misses the float32 entry and makes its own.
+    _, _, ran = cached_features(*args, dataclasses.replace(fp32, precision="bf16"), cache)
+    assert ran
+    # More draws at t > 0 are other features too.
+    noisy = dataclasses.replace(fp32, noise_step=100)
+    assert cached_features(*args, noisy, cache)[2]
+    assert cached_features(*args, dataclasses.replace(noisy, noise_draws=2), cache)[2]
+    assert not cached_features(*args, dataclasses.replace(noisy, noise_draws=2), cache)[2]
