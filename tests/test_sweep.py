@@ -390,12 +390,13 @@ def expected_size(axes: Axes, epochs: tuple[int, ...]) -> int:
 
 # Sizes of the shipped studies; digits_blocks takes its epochs from the backbone
 # (train: epochs 8, checkpoint_every 2 -> 0, 2, 4, 6, 8).
+# The study's grids hold epoch 0 (the untrained network) beside epochs 50..2000: 41 epochs.
 SHIPPED_SIZES = {
     "digits_blocks": 2 * 2 * (1 + 5 * 9),
-    "cifar_blocks": 2 * (1 + 2 * 40 * 9),
-    "cifar_noise": 5 * 2 * (1 + 40 * 5),
-    "flowers_blocks": 2 * (1 + 40 * 9),
-    "stl10_blocks": 2 * 2 * (1 + 40 * 9),
+    "cifar_blocks": 2 * (1 + 2 * 41 * 9),
+    "cifar_noise": 5 * 2 * (1 + 41 * 5),
+    "flowers_blocks": 2 * (1 + 41 * 9),
+    "stl10_blocks": 2 * 2 * (1 + 41 * 9),
 }
 
 
