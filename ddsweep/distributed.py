@@ -19,7 +19,7 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
-        """Only the main process logs to MLflow and writes checkpoints."""
+        """Only the main process records the run (the others get a NullTracker)."""
         return self.rank == 0
 
 

@@ -200,10 +200,9 @@ def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
 def build_job(
     cfg: TrainConfig, data_dir: Path, d: Dist, tracker: Tracker, device: torch.device
 ) -> Job:
-    """A fresh U-Net (seeded: the same in every process), its EMA, AdamW and the schedule."""
+    """A fresh U-Net, its EMA, AdamW and the noise schedule."""
     from diffusers.training_utils import EMAModel
 
-    torch.manual_seed(cfg.seed)
     # On the device before the optimizer exists: load_state_dict puts a resumed optimizer's
     # state beside its parameters, so it must see them where they will train.
     unet = build_unet(cfg.model).to(device)
@@ -435,6 +434,7 @@ def train(
     if cfg.fid_every and tracker.records:
         fid_settings(cfg)  # no Inception weights offline: one line now, not after an epoch
     device = pick_device(cfg, d)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
     dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)  # fail early
     job = build_job(cfg, data_dir, d, tracker, device)
     start_epoch, step = 0, 0
