@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from ddsweep import sweep, tracking
 from ddsweep.model import ModelConfig
+from ddsweep.tracking import runs
 from ddsweep.train import TrainConfig, train, validate, with_dataset_defaults
 
 if TYPE_CHECKING:
-    from mlflow.entities import Run
     from rich.progress import Progress
 
 
@@ -36,25 +36,23 @@ def configs_for(cfg: sweep.StudyConfig, **extra: Any) -> list[TrainConfig]:
     return out
 
 
-def matching_run(cfg: TrainConfig) -> Run | None:
-    """The newest training run recorded with exactly this config (any status but deleted)."""
-    runs = tracking.training_runs(cfg.dataset, cfg.model.resolution, cfg.model.attention)
-    wanted = tracking.flat_params(cfg)
-    for run in runs:
-        if all(run.data.params.get(k) == v for k, v in wanted.items()):
-            return run
-    return None
+def matching_run(cfg: TrainConfig) -> tuple[str, str] | None:
+    """(run id, status) of the newest training run recorded with exactly this config (any
+    status but deleted), or None."""
+    params = tracking.flat_params(cfg)
+    return runs.matching_training_run(
+        cfg.dataset, cfg.model.resolution, cfg.model.attention, params
+    )
 
 
 def ensure_trained(
     cfg: TrainConfig, data_dir: Path, progress: Progress | None = None
 ) -> tuple[str, str]:
     """(run id, what happened: reused | resumed | trained) for one backbone config."""
-    run = matching_run(cfg)
-    if run is not None and run.info.status == "FINISHED":
-        return run.info.run_id, "reused"
-    if run is not None:
-        return train(cfg, data_dir=data_dir, resume_run_id=run.info.run_id, progress=progress), (
-            "resumed"
-        )
-    return train(cfg, data_dir=data_dir, progress=progress), "trained"
+    found = matching_run(cfg)
+    if found is None:
+        return train(cfg, data_dir=data_dir, progress=progress), "trained"
+    run_id, status = found
+    if status == "FINISHED":
+        return run_id, "reused"
+    return train(cfg, data_dir=data_dir, resume_run_id=run_id, progress=progress), "resumed"

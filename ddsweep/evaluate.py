@@ -89,22 +89,15 @@ def checkpoint_store() -> Path:
 
 def saved_epochs(run_id: str) -> list[int]:
     """The checkpoint epochs a training run has logged."""
-    from mlflow.tracking import MlflowClient
+    from ddsweep.tracking import runs
 
-    files = MlflowClient().list_artifacts(run_id, checkpoints.CHECKPOINTS)
-    out = []
-    for f in files:
-        name = f.path.rsplit("/", 1)[-1]
-        if f.is_dir and name.startswith("epoch_") and name[6:].isdigit():
-            out.append(int(name[6:]))
-    return sorted(out)
+    return runs.saved_epochs(run_id)
 
 
 def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> Backbone:
     """The checkpoint of `epoch` of training run `run_id`, copied once into the local store."""
-    import mlflow
-
     from ddsweep import tracking
+    from ddsweep.tracking import runs
 
     run = tracking.get_run(run_id)
     target = checkpoint_store() / run_id / f"epoch_{epoch:04d}"
@@ -118,9 +111,7 @@ def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> 
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:
-            got = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=checkpoints.epoch_dir(epoch), dst_path=str(tmp)
-            )
+            got = runs.download_checkpoint(run_id, epoch, tmp)
             try:
                 os.replace(got, target)  # atomic: other workers see all or nothing
             except OSError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -14,8 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from ddsweep import checkpoints, data, diffusion, tracking
+from ddsweep.distributed import Dist, mean_over_processes
+from ddsweep.distributed import close_distributed as close_distributed  # the CLI's
+from ddsweep.distributed import init_distributed as init_distributed
 from ddsweep.errors import UserError
 from ddsweep.model import ModelConfig, build_unet
+from ddsweep.tracking.training import NullTracker, Tracker, TrainingTracker
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DModel
@@ -136,41 +139,6 @@ def config_from_params(params: dict[str, str]) -> TrainConfig:
 # --- the loop, split into steps -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a `torchrun` job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Only the main process logs to MLflow and writes checkpoints."""
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """Join the process group `torchrun` set up (NCCL on GPUs, gloo on CPU), if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def close_distributed(d: Dist) -> None:
-    """Leave the process group."""
-    if d.world_size > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def make_loader(
     cfg: TrainConfig, data_dir: Path, epoch: int, d: Dist | None = None
 ) -> torch.utils.data.DataLoader[tuple[torch.Tensor, int]]:
@@ -204,6 +172,57 @@ def make_loader(
     )
 
 
+@dataclass
+class Job:
+    """One process's share of a training: what it trains, on what, and where it records."""
+
+    cfg: TrainConfig
+    data_dir: Path
+    dist: Dist
+    tracker: Tracker
+    device: torch.device
+    unet: UNet2DModel
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    scheduler: DDPMScheduler
+    model: torch.nn.Module  # the U-Net, or its DDP wrapper under torchrun
+
+
+def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
+    """--device, or under torchrun on GPUs this process's own (LOCAL_RANK) GPU."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and d.world_size > 1:
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def build_job(
+    cfg: TrainConfig, data_dir: Path, d: Dist, tracker: Tracker, device: torch.device
+) -> Job:
+    """A fresh U-Net, its EMA, AdamW and the noise schedule."""
+    from diffusers.training_utils import EMAModel
+
+    # On the device before the optimizer exists: load_state_dict puts a resumed optimizer's
+    # state beside its parameters, so it must see them where they will train.
+    unet = build_unet(cfg.model).to(device)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = diffusion.make_scheduler()
+    return Job(cfg, data_dir, d, tracker, device, unet, ema, optimizer, scheduler, unet)
+
+
+def wrap_for_processes(job: Job) -> None:
+    """Under torchrun: DDP around the U-Net (gradients averaged over the processes)."""
+    if job.dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = job.device.type == "cuda"
+        job.model = DistributedDataParallel(job.unet, device_ids=[job.device] if cuda else None)
+
+
 def train_step(
     unet: torch.nn.Module,
     scheduler: DDPMScheduler,
@@ -226,6 +245,85 @@ def train_step(
     return float(loss.detach())
 
 
+def batch_step(job: Job, x0: torch.Tensor) -> float:
+    """Train on one batch (B, C, H, W) in [-1, 1] and move the EMA; the loss, averaged over
+    the processes of a torchrun job so that one loss curve is logged."""
+    x0 = x0.to(job.device, non_blocking=True)
+    if job.device.type == "cuda":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    loss = train_step(job.model, job.scheduler, job.optimizer, x0, job.cfg)
+    if job.dist.world_size > 1:
+        loss = mean_over_processes(loss, job.device)
+    job.ema.step(job.unet.parameters())
+    return loss
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one epoch measured: its mean loss and speed, and whether --max-steps ended it."""
+
+    loss: float
+    images_per_s: float
+    stopped: bool
+
+
+def run_epoch(job: Job, epoch: int, step: int, step_limit: int) -> tuple[int, EpochStats]:
+    """One pass over this process's shard (or up to `step_limit`); the step reached."""
+    job.unet.train()
+    t0, seen, total_loss, batches, stopped = time.perf_counter(), 0, 0.0, 0, False
+    for x0, _ in make_loader(job.cfg, job.data_dir, epoch, job.dist):
+        loss = batch_step(job, x0)
+        step += 1
+        seen += x0.shape[0]
+        total_loss += loss
+        batches += 1
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss became {loss} at step {step}; lower --lr")
+        job.tracker.log_loss(step, loss)
+        if step_limit and step >= step_limit:
+            stopped = True
+            break
+    ips = job.dist.world_size * seen / max(time.perf_counter() - t0, 1e-9)
+    return step, EpochStats(total_loss / max(batches, 1), ips, stopped)
+
+
+def end_epoch(job: Job, epoch: int, step: int, stats: EpochStats) -> None:
+    """Record the epoch; checkpoint, sample and measure FID when their turn has come."""
+    cfg, tracker = job.cfg, job.tracker
+    tracker.log_metrics({"epoch_loss": stats.loss, "images_per_s": stats.images_per_s}, epoch)
+    if not tracker.records:
+        return  # nobody would keep them (a non-main process): make no checkpoint or grid
+    last = stats.stopped or epoch == cfg.epochs
+    if epoch % cfg.checkpoint_every == 0 or last:
+        save_checkpoint(job, epoch, step)
+    if last or (cfg.sample_every and epoch % cfg.sample_every == 0):
+        log_samples(job, epoch)
+    if cfg.fid_every and epoch % cfg.fid_every == 0:
+        log_fid(job, epoch)
+
+
+def run_epochs(
+    job: Job, start_epoch: int, step: int, step_limit: int, progress: Progress | None
+) -> int:
+    """Train the epochs after `start_epoch` up to cfg.epochs (or the step limit); the last
+    epoch trained (`start_epoch` when there was none left)."""
+    cfg = job.cfg
+    task = None
+    if progress is not None:
+        task = progress.add_task(
+            run_name(cfg), total=cfg.epochs, completed=start_epoch, loss=float("nan"), ips=0.0
+        )
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        step, stats = run_epoch(job, epoch, step, step_limit)
+        end_epoch(job, epoch, step, stats)
+        if progress is not None and task is not None:
+            progress.update(task, completed=epoch, loss=stats.loss, ips=stats.images_per_s)
+        if stats.stopped:
+            break
+    return epoch
+
+
 def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
     """A copy of `unet` holding the EMA weights."""
     import copy
@@ -235,43 +333,31 @@ def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
     return shadow
 
 
-def save_checkpoint(
-    unet: UNet2DModel,
-    ema: EMAModel,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    epoch: int,
-    step: int,
-    *,
-    with_resume_state: bool = True,
-) -> None:
-    """Log checkpoints/epoch_NNNN (EMA, raw/, meta) and, for the latest, resume/ to MLflow."""
-    import mlflow
-
+def save_checkpoint(job: Job, epoch: int, step: int, *, with_resume_state: bool = True) -> None:
+    """Record checkpoints/epoch_NNNN (EMA, raw/, meta) and, for the latest, resume/."""
+    cfg, ema = job.cfg, job.ema
     meta = {"epoch": epoch, "step": step, "dataset": cfg.dataset, **tracking.flat_params(cfg)}
     with tempfile.TemporaryDirectory(prefix="ddsweep-ckpt-") as tmp:
         folder = Path(tmp) / "ckpt"
-        checkpoints.save(folder, ema_unet(unet, ema).float(), unet.float(), meta)
-        mlflow.log_artifacts(str(folder), checkpoints.epoch_dir(epoch))
+        checkpoints.save(folder, ema_unet(job.unet, ema).float(), job.unet.float(), meta)
+        job.tracker.log_checkpoint(folder, epoch)
         if with_resume_state:
+            # After the checkpoint: once the resume state names an epoch, that epoch's
+            # checkpoint is complete (the tracker sends the state file itself last).
             state = {"epoch": epoch, "step": step, "ema_step": int(ema.optimization_step)}
             resume = Path(tmp) / "resume"
-            checkpoints.save_resume_state(resume, optimizer, state)
-            # The state file last: once it names an epoch, that epoch's checkpoint, optimizer
-            # and RNG files are complete, even if the process is killed while logging.
-            for path in sorted(resume.iterdir(), key=lambda p: p.name == checkpoints.STATE):
-                mlflow.log_artifact(str(path), checkpoints.RESUME)
+            checkpoints.save_resume_state(resume, job.optimizer, state)
+            job.tracker.log_resume_state(resume)
 
 
-def log_samples(unet: UNet2DModel, ema: EMAModel, cfg: TrainConfig, epoch: int) -> None:
-    """A DDIM sample grid from the EMA weights, logged as the `samples` image series."""
-    import mlflow
-
+def log_samples(job: Job, epoch: int) -> None:
+    """A DDIM sample grid from the EMA weights, recorded as the `samples` image series."""
+    cfg = job.cfg
     if cfg.sample_count == 0:
         return
-    shadow = ema_unet(unet, ema).eval()
+    shadow = ema_unet(job.unet, job.ema).eval()
     images = diffusion.sample(shadow, cfg.sample_count, steps=cfg.sample_steps, seed=cfg.seed)
-    mlflow.log_image(diffusion.to_grid(images).numpy(), key="samples", step=epoch)
+    job.tracker.log_samples(diffusion.to_grid(images).numpy(), epoch)
 
 
 def fid_settings(cfg: TrainConfig) -> tuple[Any, Any, Any]:
@@ -287,26 +373,46 @@ def fid_settings(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     return fcfg, net, name
 
 
-def log_fid(unet: UNet2DModel, ema: EMAModel, cfg: TrainConfig, epoch: int, data_dir: Path) -> None:
-    """The Fréchet distance of the EMA weights, logged with the epoch as step."""
-    import mlflow
-
+def log_fid(job: Job, epoch: int) -> None:
+    """The Fréchet distance of the EMA weights, recorded with the epoch as step."""
     from ddsweep import fid
 
+    cfg = job.cfg
     fcfg, net, name = fid_settings(cfg)
-    shadow = ema_unet(unet, ema).eval()
+    shadow = ema_unet(job.unet, job.ema).eval()
     metrics = fid.fid_of_checkpoint(
         shadow,
         cfg.dataset,
         cfg.model.resolution,
-        data_dir,
+        job.data_dir,
         fcfg,
         feature=net,
         feature_name=name,
         weights=fid.inception_weights_path(None),
     )
     key = fid.metric_name(net, name)
-    mlflow.log_metric(key, metrics[key], step=epoch)
+    job.tracker.log_metrics({key: metrics[key]}, epoch)
+
+
+def record_start(job: Job, train_images: int) -> None:
+    """What a new run records first: its config and tags, and the untrained epoch 0."""
+    cfg, d = job.cfg, job.dist
+    params = {
+        **tracking.flat_params(cfg),
+        "world_size": str(d.world_size),
+        "effective_batch_size": str(cfg.batch_size * d.world_size),
+    }
+    tags = {
+        tracking.KIND_TAG: "train",
+        "dataset": cfg.dataset,
+        "resolution": str(cfg.model.resolution),
+        "attention": str(cfg.model.attention),
+        "code_version": tracking.code_version(),
+        "device": str(job.device),
+        "train_images": str(train_images),
+    }
+    job.tracker.log_config(params, tags)
+    save_checkpoint(job, 0, 0)  # epoch 0: the untrained baseline
 
 
 def train(
@@ -316,136 +422,40 @@ def train(
     resume_run_id: str | None = None,
     progress: Progress | None = None,
     dist: Dist | None = None,
+    tracker: Tracker | None = None,
 ) -> str:
-    """Train (or resume) one backbone inside the active MLflow setup; returns the run id
-    ("" on the non-main processes of a torchrun job, which never touch MLflow's run)."""
-    import contextlib
-
-    import mlflow
-    from diffusers.training_utils import EMAModel
-    from mlflow.entities import Metric
-
+    """Train (or resume) one backbone, recorded by `tracker` (default: an MLflow run in the
+    active setup on the main process, nothing elsewhere); returns the run id ("" on the
+    non-main processes of a torchrun job, which never touch MLflow's run)."""
     d = dist or Dist()
+    if tracker is None:
+        tracker = TrainingTracker(cfg.log_every) if d.is_main else NullTracker()
     validate(cfg)
-    if cfg.fid_every and d.is_main:
+    if cfg.fid_every and tracker.records:
         fid_settings(cfg)  # no Inception weights offline: one line now, not after an epoch
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and d.world_size > 1:
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
+    device = pick_device(cfg, d)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)  # fail early
-    # On the device before the optimizer exists: load_state_dict puts a resumed optimizer's
-    # state beside its parameters, so it must see them where they will train.
-    unet = build_unet(cfg.model).to(device)
-    if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
-    scheduler = diffusion.make_scheduler()
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
+    job = build_job(cfg, data_dir, d, tracker, device)
     start_epoch, step = 0, 0
     if resume_run_id is not None:
-        start_epoch, step = restore(resume_run_id, unet, ema, optimizer)
-    ema.to(device)
+        start_epoch, step = restore(job, resume_run_id)
+    job.ema.to(device)
     # --max-steps limits the steps of this call (a smoke run), not the run's total: a resumed
     # run that had stopped at its limit would otherwise stop again after one step.
     step_limit = step + cfg.max_steps if cfg.max_steps else 0
-    model: torch.nn.Module = unet
-    if d.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(
-            unet, device_ids=[device] if device.type == "cuda" else None
-        )
+    wrap_for_processes(job)
     if d.world_size > 1:  # different noise in every process (one process keeps its RNG state)
         torch.manual_seed(cfg.seed * 1000 + d.rank + step)
-    if not d.is_main:
-        progress = None
-
-    client = mlflow.tracking.MlflowClient()
-    run_ctx: Any = (
-        mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name(cfg))
-        if d.is_main
-        else contextlib.nullcontext()
-    )
-    with run_ctx:
-        run_id = mlflow.active_run().info.run_id if d.is_main else ""  # type: ignore[union-attr]
-        if resume_run_id is None and d.is_main:
-            mlflow.log_params(
-                {
-                    **tracking.flat_params(cfg),
-                    "world_size": str(d.world_size),
-                    "effective_batch_size": str(cfg.batch_size * d.world_size),
-                }
-            )
-            mlflow.set_tags(
-                {
-                    tracking.KIND_TAG: "train",
-                    "dataset": cfg.dataset,
-                    "resolution": str(cfg.model.resolution),
-                    "attention": str(cfg.model.attention),
-                    "code_version": tracking.code_version(),
-                    "device": str(device),
-                    "train_images": str(len(dataset)),  # type: ignore[arg-type]
-                }
-            )
-            save_checkpoint(unet, ema, optimizer, cfg, 0, 0)  # epoch 0: the untrained baseline
-        task = None
-        if progress is not None:
-            task = progress.add_task(
-                run_name(cfg), total=cfg.epochs, completed=start_epoch, loss=float("nan"), ips=0.0
-            )
-        pending: list[Metric] = []
-        stop = False
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            unet.train()
-            t0, seen, total_loss, batches = time.perf_counter(), 0, 0.0, 0
-            for x0, _ in make_loader(cfg, data_dir, epoch, d):
-                x0 = x0.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    x0 = x0.contiguous(memory_format=torch.channels_last)
-                loss = train_step(model, scheduler, optimizer, x0, cfg)
-                if d.world_size > 1:
-                    loss = _mean_over_processes(loss, device)
-                ema.step(unet.parameters())
-                step += 1
-                seen += x0.shape[0]
-                total_loss += loss
-                batches += 1
-                if not math.isfinite(loss):
-                    raise RuntimeError(f"loss became {loss} at step {step}; lower --lr")
-                if d.is_main:
-                    pending.append(Metric("loss", loss, int(time.time() * 1000), step))
-                if len(pending) >= cfg.log_every:
-                    client.log_batch(run_id, metrics=pending)
-                    pending = []
-                if step_limit and step >= step_limit:
-                    stop = True
-                    break
-            ips = d.world_size * seen / max(time.perf_counter() - t0, 1e-9)
-            epoch_loss = total_loss / max(batches, 1)
-            last = stop or epoch == cfg.epochs
-            if not d.is_main:
-                if stop:
-                    break
-                continue
-            if pending:
-                client.log_batch(run_id, metrics=pending)
-                pending = []
-            mlflow.log_metrics({"epoch_loss": epoch_loss, "images_per_s": ips}, step=epoch)
-            if epoch % cfg.checkpoint_every == 0 or last:
-                save_checkpoint(unet, ema, optimizer, cfg, epoch, step)
-            if last or (cfg.sample_every and epoch % cfg.sample_every == 0):
-                log_samples(unet, ema, cfg, epoch)
-            if cfg.fid_every and epoch % cfg.fid_every == 0:
-                log_fid(unet, ema, cfg, epoch, data_dir)
-            if progress is not None and task is not None:
-                progress.update(task, completed=epoch, loss=epoch_loss, ips=ips)
-            if stop:
-                break
-        if d.is_main:
-            mlflow.set_tag("last_epoch", str(epoch if cfg.epochs > start_epoch else start_epoch))
+    run_id = tracker.start(None if resume_run_id else run_name(cfg), resume_run_id)
+    try:
+        if resume_run_id is None:
+            record_start(job, len(dataset))  # type: ignore[arg-type]
+        last_epoch = run_epochs(job, start_epoch, step, step_limit, progress if d.is_main else None)
+    except BaseException:
+        tracker.fail()
+        raise
+    tracker.finish(last_epoch)
     if d.world_size > 1:
         import torch.distributed as torch_dist
 
@@ -453,53 +463,21 @@ def train(
     return run_id
 
 
-def _mean_over_processes(value: float, device: torch.device) -> float:
-    """The mean of a scalar across a torchrun job (for logging one loss curve)."""
-    import torch.distributed as dist
-
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
-
-
-def restore(
-    run_id: str, unet: UNet2DModel, ema: EMAModel, optimizer: torch.optim.Optimizer
-) -> tuple[int, int]:
-    """Load the latest checkpoint of run `run_id` into the model, EMA and optimizer."""
-    import mlflow
-
+def restore(job: Job, run_id: str) -> tuple[int, int]:
+    """Load the latest checkpoint of run `run_id` into the job's model, EMA and optimizer;
+    (epoch, step) it reached."""
     with tempfile.TemporaryDirectory(prefix="ddsweep-resume-") as tmp:
-        try:
-            folder = Path(
-                mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=checkpoints.RESUME, dst_path=tmp
-                )
-            )
-        except Exception as err:
-            raise UserError(
-                f"run {run_id} has no resume state (artifact {checkpoints.RESUME}/): "
-                "only runs started by `ddsweep train` can be resumed"
-            ) from err
+        folder = job.tracker.download_resume_state(run_id, Path(tmp))
         state, optim_state, rng = checkpoints.load_resume_state(folder)
         epoch = int(state["epoch"])
-        try:
-            ckpt = Path(
-                mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=checkpoints.epoch_dir(epoch), dst_path=tmp
-                )
-            )
-        except Exception as err:
-            raise UserError(
-                f"run {run_id} has resume state for epoch {epoch} but no "
-                f"{checkpoints.epoch_dir(epoch)}/ artifact to resume from"
-            ) from err
+        ckpt = job.tracker.download_checkpoint(run_id, epoch, Path(tmp))
         raw = checkpoints.load_unet(ckpt, "raw")
         shadow = checkpoints.load_unet(ckpt, "ema")
-    unet.load_state_dict(raw.state_dict())
-    ema.shadow_params = [p.detach().clone() for p in shadow.parameters()]
-    ema.optimization_step = int(state["ema_step"])
+    job.unet.load_state_dict(raw.state_dict())
+    job.ema.shadow_params = [p.detach().clone() for p in shadow.parameters()]
+    job.ema.optimization_step = int(state["ema_step"])
     try:
-        optimizer.load_state_dict(optim_state)
+        job.optimizer.load_state_dict(optim_state)
     except (ValueError, KeyError) as err:
         raise UserError(f"the optimizer state of run {run_id} does not fit its model") from err
     torch.set_rng_state(rng)

@@ -7,10 +7,12 @@ import io
 import json
 import shutil
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 from ddsweep import checkpoints, tracking
 from ddsweep.errors import UserError
 from ddsweep.model import SEED_CHANNELS, ModelConfig, build_unet
+from ddsweep.tracking.training import NullTracker
 from ddsweep.train import (
     TrainConfig,
     config_from_params,
@@ -434,3 +437,141 @@ def test_a_damaged_resume_folder_is_a_user_error(tmp_path: Path, damage: object)
     damage(folder)  # type: ignore[operator]
     with pytest.raises(UserError, match="cannot read the resume state"):
         checkpoints.load_resume_state(folder)
+
+
+# --- the tracker seam: train records only through the tracker it is given -------------------
+
+
+def all_runs() -> list[str]:
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_id for r in client.search_runs(exps)]
+
+
+def artifact_files(folder: Path) -> list[Path]:
+    return [p for p in (folder / "mlruns").rglob("*") if p.is_file()]
+
+
+class CountingNullTracker(NullTracker):
+    """A NullTracker that also counts the steps it was told about: proof that training ran."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def log_loss(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+
+
+def test_a_null_tracker_trains_without_any_mlflow_run(tiny_folder: str, tmp_path: Path) -> None:
+    tracking.setup()
+    before = all_runs()
+    tracker = CountingNullTracker()
+    run_id = train(tiny_config(tiny_folder), data_dir=tmp_path / "data", tracker=tracker)
+    assert run_id == ""
+    assert tracker.steps == list(range(1, 4 * STEPS_PER_EPOCH + 1))  # it did train
+    assert all_runs() == before == []
+    assert mlflow.active_run() is None
+    assert artifact_files(tmp_path) == []  # no checkpoint went anywhere
+
+
+class RecordingTracker:
+    """What train tells its tracker, in order, with what the checkpoint folders held."""
+
+    records = True
+
+    def __init__(self) -> None:
+        self.events: list[tuple[object, ...]] = []
+        self.params: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        self.losses: list[tuple[int, float]] = []
+
+    def start(self, name: str | None, resume_run_id: str | None = None) -> str:
+        self.events.append(("start", name, resume_run_id))
+        return "fake-run"
+
+    def log_config(self, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
+        self.params, self.tags = dict(params), dict(tags)
+        self.events.append(("config",))
+
+    def log_loss(self, step: int, loss: float) -> None:
+        self.losses.append((step, loss))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.events.append(("metrics", step, tuple(sorted(metrics))))
+
+    def log_samples(self, grid: np.ndarray, epoch: int) -> None:
+        self.events.append(("samples", epoch, grid.shape))
+
+    def log_checkpoint(self, folder: Path, epoch: int) -> None:
+        meta = checkpoints.read_meta(folder)
+        assert checkpoints.load_unet(folder, "raw").config.sample_size == 8
+        self.events.append(("checkpoint", epoch, meta["epoch"], meta["step"]))
+
+    def log_resume_state(self, folder: Path) -> None:
+        state, _, _ = checkpoints.load_resume_state(folder)
+        self.events.append(("resume", state["epoch"], state["step"]))
+
+    def finish(self, last_epoch: int) -> None:
+        self.events.append(("finish", last_epoch))
+
+    def fail(self) -> None:
+        self.events.append(("fail",))
+
+    def download_resume_state(self, run_id: str, dst: Path) -> Path:
+        raise AssertionError("nothing to resume")
+
+    def download_checkpoint(self, run_id: str, epoch: int, dst: Path) -> Path:
+        raise AssertionError("nothing to resume")
+
+
+def test_a_tracker_sees_everything_a_run_records_in_order(tiny_folder: str, tmp_path: Path) -> None:
+    tracking.setup()
+    cfg = tiny_config(tiny_folder, sample_every=2, sample_count=2, sample_steps=2)
+    fake = RecordingTracker()
+    assert train(cfg, data_dir=tmp_path / "data", tracker=fake) == "fake-run"
+
+    assert fake.params == {
+        **tracking.flat_params(cfg),
+        "world_size": "1",
+        "effective_batch_size": str(BATCH),
+    }
+    assert fake.tags[tracking.KIND_TAG] == "train"
+    assert fake.tags["train_images"] == str(2 * IMAGES_PER_CLASS)
+    assert [s for s, _ in fake.losses] == list(range(1, 4 * STEPS_PER_EPOCH + 1))
+    epoch_metrics = ("epoch_loss", "images_per_s")
+    grid = (2 * 10 + 2, 1 * 10 + 2, 3)  # 2 samples of 8 px in a 2-wide, 1-high grid
+
+    def saved(epoch: int) -> list[tuple[object, ...]]:
+        step = epoch * STEPS_PER_EPOCH
+        return [("checkpoint", epoch, epoch, step), ("resume", epoch, step)]
+
+    assert fake.events == [
+        ("start", f"{tiny_folder}-8px-attn", None),
+        ("config",),
+        *saved(0),
+        ("metrics", 1, epoch_metrics),
+        ("metrics", 2, epoch_metrics),
+        *saved(2),
+        ("samples", 2, grid),
+        ("metrics", 3, epoch_metrics),
+        ("metrics", 4, epoch_metrics),
+        *saved(4),
+        ("samples", 4, grid),
+        ("finish", 4),
+    ]
+    # Nothing went to MLflow behind the tracker's back.
+    assert all_runs() == []
+    assert mlflow.active_run() is None
+    assert artifact_files(tmp_path) == []
+
+
+def test_a_failing_training_fails_its_record(tiny_folder: str, tmp_path: Path) -> None:
+    class Breaks(RecordingTracker):
+        def log_loss(self, step: int, loss: float) -> None:
+            if step == STEPS_PER_EPOCH + 1:
+                raise OSError("tracking store went away")
+
+    fake = Breaks()
+    with pytest.raises(OSError, match="went away"):
+        train(tiny_config(tiny_folder), data_dir=tmp_path / "data", tracker=fake)
+    assert fake.events[-2:] == [("metrics", 1, ("epoch_loss", "images_per_s")), ("fail",)]

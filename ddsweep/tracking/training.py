@@ -1,0 +1,199 @@
+"""The record of one training run: every MLflow call `train.train` makes goes through a
+`TrainingTracker`; the non-main processes of a torchrun job get a `NullTracker` instead."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ddsweep import checkpoints
+from ddsweep.errors import UserError
+from ddsweep.tracking import runs
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class Tracker(Protocol):
+    """What `train.train` records, and the resume state it reads back."""
+
+    # False: nothing logged is kept, so train skips making checkpoints, grids and FIDs.
+    records: bool
+
+    def start(self, name: str | None, resume_run_id: str | None = None) -> str: ...
+    def log_config(self, params: Mapping[str, str], tags: Mapping[str, str]) -> None: ...
+    def log_loss(self, step: int, loss: float) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_samples(self, grid: np.ndarray, epoch: int) -> None: ...
+    def log_checkpoint(self, folder: Path, epoch: int) -> None: ...
+    def log_resume_state(self, folder: Path) -> None: ...
+    def finish(self, last_epoch: int) -> None: ...
+    def fail(self) -> None: ...
+    def download_resume_state(self, run_id: str, dst: Path) -> Path: ...
+    def download_checkpoint(self, run_id: str, epoch: int, dst: Path) -> Path: ...
+
+
+def download_resume_state(run_id: str, dst: Path) -> Path:
+    """The resume/ folder of training run `run_id`, copied under `dst`."""
+    try:
+        return runs.download(run_id, checkpoints.RESUME, dst)
+    except Exception as err:
+        raise UserError(
+            f"run {run_id} has no resume state (artifact {checkpoints.RESUME}/): "
+            "only runs started by `ddsweep train` can be resumed"
+        ) from err
+
+
+def download_resumed_checkpoint(run_id: str, epoch: int, dst: Path) -> Path:
+    """The checkpoint of `epoch` that the resume state of run `run_id` names, under `dst`."""
+    try:
+        return runs.download_checkpoint(run_id, epoch, dst)
+    except Exception as err:
+        raise UserError(
+            f"run {run_id} has resume state for epoch {epoch} but no "
+            f"{checkpoints.epoch_dir(epoch)}/ artifact to resume from"
+        ) from err
+
+
+class TrainingTracker:
+    """One MLflow run per training: config as params, tags to find it again, the loss of every
+    step (sent `log_every` at a time), epoch metrics, sample grids, checkpoints, resume state."""
+
+    records = True
+
+    def __init__(self, log_every: int = 10) -> None:
+        self.log_every = log_every
+        self.run_id = ""
+        self._pending: list[Any] = []  # mlflow Metric rows not yet sent
+
+    def start(self, name: str | None, resume_run_id: str | None = None) -> str:
+        """Start run `name` (or continue `resume_run_id`) as MLflow's active run; its id.
+        Under `mlflow run` a new run is the project's own run (MLFLOW_RUN_ID)."""
+        import mlflow
+
+        run = mlflow.start_run(run_id=resume_run_id, run_name=name)
+        self.run_id = str(run.info.run_id)
+        return self.run_id
+
+    def log_config(self, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
+        """What makes the run reproducible (params) and what finds it again (tags)."""
+        import mlflow
+
+        mlflow.log_params(dict(params))
+        mlflow.set_tags(dict(tags))
+
+    def log_loss(self, step: int, loss: float) -> None:
+        """The loss of one optimizer step; sent in batches, one request per `log_every`."""
+        from mlflow.entities import Metric
+
+        self._pending.append(Metric("loss", loss, int(time.time() * 1000), step))
+        if len(self._pending) >= self.log_every:
+            self._flush()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Metrics at `step` (the epoch for epoch_loss, images_per_s, FIDs); losses first."""
+        import mlflow
+
+        self._flush()
+        mlflow.log_metrics(dict(metrics), step=step)
+
+    def log_samples(self, grid: np.ndarray, epoch: int) -> None:
+        """An HxWx3 uint8 sample grid, as the `samples` image series at `epoch`."""
+        import mlflow
+
+        mlflow.log_image(grid, key="samples", step=epoch)
+
+    def log_checkpoint(self, folder: Path, epoch: int) -> None:
+        """The checkpoint folder of `epoch`, as checkpoints/epoch_NNNN."""
+        import mlflow
+
+        mlflow.log_artifacts(str(folder), checkpoints.epoch_dir(epoch))
+
+    def log_resume_state(self, folder: Path) -> None:
+        """The resume/ folder, its state file last: once resume/state.json names an epoch,
+        that epoch's checkpoint, optimizer and RNG files are complete, even if the process is
+        killed while logging (so log the checkpoint before this)."""
+        import mlflow
+
+        for path in sorted(folder.iterdir(), key=lambda p: p.name == checkpoints.STATE):
+            mlflow.log_artifact(str(path), checkpoints.RESUME)
+
+    def finish(self, last_epoch: int) -> None:
+        """Tag the last epoch trained and end the run as FINISHED."""
+        import mlflow
+
+        self._flush()
+        mlflow.set_tag("last_epoch", str(last_epoch))
+        self._end("FINISHED")
+
+    def fail(self) -> None:
+        """End the run as FAILED (training raised); losses already sent stay."""
+        self._end("FAILED")
+
+    def download_resume_state(self, run_id: str, dst: Path) -> Path:
+        """The resume/ folder of run `run_id` under `dst`; UserError when it has none."""
+        return download_resume_state(run_id, dst)
+
+    def download_checkpoint(self, run_id: str, epoch: int, dst: Path) -> Path:
+        """The checkpoint of `epoch` of run `run_id` under `dst`; UserError when missing."""
+        return download_resumed_checkpoint(run_id, epoch, dst)
+
+    def _flush(self) -> None:
+        if self._pending:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient().log_batch(self.run_id, metrics=self._pending)
+            self._pending = []
+
+    def _end(self, status: str) -> None:
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            mlflow.end_run(status)
+
+
+class NullTracker:
+    """Records nothing: the tracker of torchrun's non-main processes (rank 0 records the
+    run), or of a training nobody wants in MLflow. It still reads the resume state, which
+    every process must load to resume the same weights."""
+
+    records = False
+
+    def start(self, name: str | None, resume_run_id: str | None = None) -> str:
+        """No run: ""."""
+        return ""
+
+    def log_config(self, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
+        """Nothing."""
+
+    def log_loss(self, step: int, loss: float) -> None:
+        """Nothing."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Nothing."""
+
+    def log_samples(self, grid: np.ndarray, epoch: int) -> None:
+        """Nothing."""
+
+    def log_checkpoint(self, folder: Path, epoch: int) -> None:
+        """Nothing."""
+
+    def log_resume_state(self, folder: Path) -> None:
+        """Nothing."""
+
+    def finish(self, last_epoch: int) -> None:
+        """Nothing."""
+
+    def fail(self) -> None:
+        """Nothing."""
+
+    def download_resume_state(self, run_id: str, dst: Path) -> Path:
+        """The resume/ folder of run `run_id` under `dst`, as rank 0 reads it."""
+        return download_resume_state(run_id, dst)
+
+    def download_checkpoint(self, run_id: str, epoch: int, dst: Path) -> Path:
+        """The checkpoint of `epoch` of run `run_id` under `dst`, as rank 0 reads it."""
+        return download_resumed_checkpoint(run_id, epoch, dst)
