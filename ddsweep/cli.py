@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from ddsweep import probes
 from ddsweep.errors import UserError
 
 
@@ -250,8 +251,10 @@ def probe(
         str, typer.Option(help="down1..down4, mid, up4..up1, pixels, or a named_modules() path.")
     ] = "up4",
     noise_step: Annotated[int, typer.Option(help="Noise the images to step t (0 = clean).")] = 0,
-    probe_kind: Annotated[str, typer.Option("--probe", help="linear or knn.")] = "linear",
-    k: Annotated[int, typer.Option(help="Neighbours for knn.")] = 50,
+    probe_kind: Annotated[
+        str, typer.Option("--probe", help=f"Probe kind: {', '.join(probes.names())}.")
+    ] = probes.names()[0],
+    k: Annotated[int, typer.Option(help="Neighbours, for a probe that uses k (knn).")] = 50,
     pool: Annotated[str, typer.Option(help="avg, flatten or avgN (e.g. avg2).")] = "avg",
     weights: Annotated[str, typer.Option(help="ema or raw checkpoint weights.")] = "ema",
     linear_epochs: Annotated[int, typer.Option(help="Linear probe epochs.")] = 30,
@@ -271,10 +274,10 @@ def probe(
 
     exp_id = tracking.setup(tracking_uri, experiment)
     cfg = evaluate.ProbeConfig(
-        linear_epochs=linear_epochs,
-        linear_lr=linear_lr,
-        knn_metric=knn_metric,
-        knn_weighting=knn_weighting,
+        settings=(
+            ("linear", probes.LinearSettings(epochs=linear_epochs, lr=linear_lr)),
+            ("knn", probes.KnnSettings(metric=knn_metric, weighting=knn_weighting)),
+        ),
         pool=pool,
         weights=weights,
         noise_seed=noise_seed,
@@ -307,19 +310,20 @@ def _print_metrics(point: Any, metrics: dict[str, float], run_id: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    kind = probes.get(point.probe)
+    shown = [m for m in kind.metrics if m in metrics]
     table = Table(
         title=f"{point.probe} probe of {point.block}, epoch {point.epoch}, t={point.noise_step}"
     )
-    for col in ("dataset", "block", "epoch", "t", "probe", "top1", "top3", "extract s", "fit s"):
+    for col in ("dataset", "block", "epoch", "t", "probe", *shown, "extract s", "fit s"):
         table.add_column(col, justify="right")
     table.add_row(
         point.dataset,
         point.block,
         str(point.epoch),
         str(point.noise_step),
-        point.probe + (f" k={point.k}" if point.probe == "knn" else ""),
-        f"{100 * metrics['top1']:.1f} %",
-        f"{100 * metrics['top3']:.1f} %",
+        point.probe + (f" k={point.k}" if kind.uses_k else ""),
+        *(f"{100 * metrics[m]:.1f} %" for m in shown),
         f"{metrics['extract_s']:.1f}",
         f"{metrics['fit_s']:.1f}",
     )

@@ -3,6 +3,7 @@ and a probe fitted on the first and scored on the second."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import torch
 
@@ -26,24 +27,58 @@ from ddsweep.features import (
 from ddsweep.model import PIXELS
 from ddsweep.points import Point
 
-ProbeKind = Literal["linear", "knn"]
-PROBES: tuple[str, ...] = ("linear", "knn")
-
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Probe settings shared by every point of a study (the sweep file's `probe:` section)."""
+    """Probe settings shared by every point of a study (the sweep file's `probe:` section).
 
-    linear_epochs: int = 30
-    linear_lr: float = 1e-3
-    linear_batch_size: int = 256
-    knn_metric: str = "cosine"
-    knn_weighting: str = "uniform"
+    `settings` holds (kind name, that kind's settings dataclass) for the kinds whose settings
+    differ from the registry's defaults, sorted by name, so equal settings compare (and hash)
+    equal however they were given; `settings_for` fills in the defaults.
+    """
+
+    settings: tuple[tuple[str, Any], ...] = ()
     pool: str = "avg"
     weights: str = "ema"
     noise_seed: int = 0
     flowers_add_val: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        kept = {}
+        for name, value in self.settings:
+            kind = probes.get(name)
+            if not isinstance(value, kind.settings):
+                raise TypeError(f"settings of probe {name!r} must be a {kind.settings.__name__}")
+            if value != kind.defaults():
+                kept[name] = value
+        object.__setattr__(self, "settings", tuple(sorted(kept.items())))
+
+    def settings_for(self, name: str) -> Any:
+        """The settings of probe kind `name` (its registry defaults unless given)."""
+        for given, value in self.settings:
+            if given == name:
+                return value
+        return probes.get(name).defaults()
+
+    def with_settings(self, name: str, **changes: Any) -> ProbeConfig:
+        """A copy with some settings of probe kind `name` changed."""
+        value = dataclasses.replace(self.settings_for(name), **changes)
+        others = tuple((n, v) for n, v in self.settings if n != name)
+        return dataclasses.replace(self, settings=(*others, (name, value)))
+
+    def params(self) -> dict[str, str]:
+        """MLflow params: `<kind>.<setting>` (the sweep file's path) for every registered kind,
+        then pool, weights, noise_seed, flowers_add_val and seed."""
+        out = {}
+        for name in dict.fromkeys((*probes.names(), *(n for n, _ in self.settings))):
+            value = self.settings_for(name)
+            for f in dataclasses.fields(value):
+                out[f"{name}.{f.name}"] = str(getattr(value, f.name))
+        for f in dataclasses.fields(self):
+            if f.name != "settings":
+                out[f.name] = str(getattr(self, f.name))
+        return out
 
 
 def validate_probe_config(cfg: ProbeConfig) -> None:
@@ -53,16 +88,10 @@ def validate_probe_config(cfg: ProbeConfig) -> None:
         raise UserError(
             f"unknown weights {cfg.weights!r}: use one of {', '.join(checkpoints.WEIGHTS)}"
         )
-    if cfg.knn_metric not in probes.METRICS:
-        raise UserError(
-            f"unknown knn metric {cfg.knn_metric!r}: use one of {', '.join(probes.METRICS)}"
-        )
-    if cfg.knn_weighting not in probes.WEIGHTINGS:
-        raise UserError(
-            f"unknown knn weighting {cfg.knn_weighting!r}: use one of {', '.join(probes.WEIGHTINGS)}"
-        )
-    if cfg.linear_epochs <= 0 or cfg.linear_lr <= 0 or cfg.linear_batch_size <= 0:
-        raise UserError("linear probe epochs, lr and batch size must be positive")
+    for name in probes.names():
+        kind = probes.get(name)
+        if kind.check is not None:
+            kind.check(cfg.settings_for(name))
 
 
 # --- backbones ----------------------------------------------------------------------------------
@@ -219,35 +248,17 @@ def run_probe(
     ks: tuple[int, ...],
     cfg: ProbeConfig,
 ) -> dict[int, dict[str, float]]:
-    """{k: metrics} for knn (one search for every k) or {0: metrics} for linear."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    """{k: metrics} for a kind that uses k (e.g. knn: one search for every k), else {0: metrics}."""
+    kind = probes.get(probe)
     (xtr, ytr), (xte, yte) = train, test
-    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
-    if probe == "linear":
-        m = probes.linear_probe(
-            xtr,
-            ytr,
-            xte,
-            yte,
-            epochs=cfg.linear_epochs,
-            lr=cfg.linear_lr,
-            batch_size=cfg.linear_batch_size,
-            seed=cfg.seed,
-        )
-        return {0: m}
-    if probe == "knn":
+    if kind.uses_k:
         if not ks or min(ks) <= 0 or max(ks) > len(ytr):
-            raise UserError(f"knn needs 1 <= k <= {len(ytr)} (training images), got {ks}")
-        return probes.knn_probe(
-            xtr,
-            ytr,
-            xte,
-            yte,
-            ks=ks,
-            metric=cfg.knn_metric,  # type: ignore[arg-type]
-            weighting=cfg.knn_weighting,  # type: ignore[arg-type]
-        )
-    raise UserError(f"unknown probe {probe!r}: use one of {', '.join(PROBES)}")
+            raise UserError(f"{probe} needs 1 <= k <= {len(ytr)} (training images), got {ks}")
+    else:
+        ks = ()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
+    return kind.fit((xtr, ytr), (xte, yte), cfg.settings_for(probe), tuple(ks), cfg.seed)
 
 
 def evaluate(
@@ -260,7 +271,7 @@ def evaluate(
     fill_blocks: tuple[str, ...] = (),
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of one grid point: top1, top3 (fractions), train_top1 (linear), timings.
+    """Metrics of one grid point: those its probe kind reports (top1 first, fractions), timings.
 
     `fill_blocks` are extracted alongside on a cache miss, so later points of the same
     checkpoint and noise step read them from the cache instead of running the network again.
@@ -280,11 +291,12 @@ def evaluate(
         on_batch=on_batch,
     )
     t0 = time.perf_counter()
-    ks = (point.k,) if point.probe == "knn" else ()
+    uses_k = probes.get(point.probe).uses_k
+    ks = (point.k,) if uses_k else ()
     metrics = run_probe(
         feats["train"][point.block], feats["test"][point.block], point.probe, ks, cfg
     )
-    result = dict(metrics[point.k if point.probe == "knn" else 0])
+    result = dict(metrics[point.k if uses_k else 0])
     result["fit_s"] = time.perf_counter() - t0
     result["extract_s"] = extract_s
     result["backbone_passes"] = float(passes)
@@ -296,7 +308,7 @@ def point_params(point: Point, cfg: ProbeConfig, backbone: Backbone | None) -> d
     """MLflow params of one evaluation: the axes, the probe settings and the backbone."""
     from ddsweep.tracking import flat_params
 
-    params = {**flat_params(point), **flat_params(cfg)}
+    params = {**flat_params(point), **cfg.params()}
     params["backbone"] = backbone.label() if backbone else "none"
     return params
 
@@ -330,9 +342,10 @@ def resolve_point(
     """Find the backbone the user means and the grid point to evaluate (CLI `probe`)."""
     from ddsweep import diffusion, tracking
 
-    if probe not in PROBES:
-        raise UserError(f"unknown --probe {probe!r}: use one of {', '.join(PROBES)}")
-    if probe == "knn" and k <= 0:
+    if probes.find(probe) is None:
+        raise UserError(f"unknown --probe {probe!r}: use one of {', '.join(probes.names())}")
+    uses_k = probes.get(probe).uses_k
+    if uses_k and k <= 0:
         raise UserError(f"--k must be positive, got {k}")
     diffusion.validate_noise_step(noise_step)
     if run and backbone:
@@ -371,11 +384,7 @@ def resolve_point(
     if resolution is not None and resolution != res:
         raise UserError(f"--resolution {resolution} does not match the backbone's {res} px")
     if block == PIXELS:
-        point = Point(
-            info.name, res, None, None, block, noise_step, probe, k if probe == "knn" else 0
-        )
+        point = Point(info.name, res, None, None, block, noise_step, probe, k if uses_k else 0)
     else:
-        point = Point(
-            info.name, res, attn, ep, block, noise_step, probe, k if probe == "knn" else 0
-        )
+        point = Point(info.name, res, attn, ep, block, noise_step, probe, k if uses_k else 0)
     return bb, point

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ddsweep import data, evaluate, sweep
+from ddsweep import data, evaluate, probes, sweep
 from ddsweep.evaluate import Backbone
 from ddsweep.features import FeatureCache
 from ddsweep.model import BLOCKS, PIXELS
@@ -118,7 +118,7 @@ class ProbeGrid(Objective):
         return {
             "dataset": data.KNOWN_DATASETS,
             "block": (PIXELS, *BLOCKS),
-            "probe": evaluate.PROBES,
+            "probe": probes.names(),
         }
 
     def _evaluate(self, point: Point) -> tuple[str, dict[str, str], dict[str, float]]:

@@ -31,7 +31,7 @@ def study_config(reduced: bool = False) -> sweep.StudyConfig:
         return cfg
     axes = dataclasses.replace(cfg.axes, block=("pixels", "mid", "up4"), noise_step=(0, 50))
     train = dict(cfg.train) | {"epochs": 2, "checkpoint_every": 1, "max_steps": 4}
-    probe = dataclasses.replace(cfg.probe, linear_epochs=2)
+    probe = cfg.probe.with_settings("linear", epochs=2)
     return dataclasses.replace(
         cfg, study=f"{STUDY}_reduced", axes=axes, train=tuple(sorted(train.items())), probe=probe
     )

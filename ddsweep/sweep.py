@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddsweep import data
+from ddsweep import data, probes
 from ddsweep.errors import UserError
-from ddsweep.evaluate import PROBES, ProbeConfig, validate_probe_config
+from ddsweep.evaluate import ProbeConfig, validate_probe_config
 from ddsweep.fid import FIDConfig
 from ddsweep.model import BLOCKS, PIXELS
 from ddsweep.points import AXES, Point
@@ -25,9 +25,8 @@ FID_KEYS: tuple[str, ...] = ("samples", "sampler", "steps", "seed", "batch_size"
 # A fid-grid has one point per checkpoint: the probe axes do not apply.
 FID_AXES: tuple[str, ...] = ("dataset", "resolution", "attention", "epoch")
 FID = "fid"  # the block and probe of a fid-grid point
-PROBE_KEYS: tuple[str, ...] = ("linear", "knn", "pool", "weights", "noise_seed", "flowers_add_val")
-LINEAR_KEYS = {"epochs": "linear_epochs", "lr": "linear_lr", "batch_size": "linear_batch_size"}
-KNN_KEYS = {"metric": "knn_metric", "weighting": "knn_weighting"}
+# The `probe:` section's own keys; beside them, one `<kind>:` section per registered probe kind.
+PROBE_KEYS: tuple[str, ...] = ("pool", "weights", "noise_seed", "flowers_add_val")
 # TrainConfig fields a sweep file's `train:` section may set for train-grid.
 TRAIN_KEYS: tuple[str, ...] = (
     "epochs",
@@ -55,7 +54,7 @@ class Axes:
     epoch: tuple[int, ...] = ()
     block: tuple[str, ...] = BLOCKS
     noise_step: tuple[int, ...] = (0,)
-    probe: tuple[str, ...] = PROBES
+    probe: tuple[str, ...] = field(default_factory=probes.names)  # every registered kind
     k: tuple[int, ...] = (50,)
 
 
@@ -140,9 +139,9 @@ def _check_block(v: Any) -> str:
 
 
 def _check_probe(v: Any) -> str:
-    if v not in PROBES:
-        raise _Bad(f"unknown probe {v!r}; allowed: {', '.join(PROBES)}")
-    return str(v)
+    if not isinstance(v, str) or probes.find(v) is None:
+        raise _Bad(f"unknown probe {v!r}; allowed: {', '.join(probes.names())}")
+    return v
 
 
 def _positive(v: int) -> int:
@@ -169,7 +168,7 @@ def _epoch(v: int) -> int:
     return v
 
 
-# What each axis accepts, for error messages.
+# What each axis accepts, for error messages (the probe axis: see `axis_allowed`).
 AXIS_ALLOWED: dict[str, str] = {
     "dataset": ", ".join((*data.KNOWN_DATASETS, "folder:PATH")),
     "resolution": "positive multiples of 8, e.g. [32]",
@@ -177,9 +176,14 @@ AXIS_ALLOWED: dict[str, str] = {
     "epoch": "integers >= 0, or {start, stop, step} (stop included)",
     "block": f"{', '.join(BLOCKS)}, {PIXELS} or a named_modules() path",
     "noise_step": "integers 0..999, or {start, stop, step}",
-    "probe": ", ".join(PROBES),
     "k": "positive integers, e.g. [10, 50]",
 }
+
+
+def axis_allowed(name: str) -> str:
+    """What axis `name` accepts; for `probe`, the kinds registered now."""
+    return ", ".join(probes.names()) if name == "probe" else AXIS_ALLOWED[name]
+
 
 AXIS_PARSERS: dict[str, Callable[[Any], list[Any]]] = {
     "dataset": lambda v: [_check_dataset(v)],
@@ -212,11 +216,11 @@ def parse_axis(name: str, raw: Any, source: str) -> tuple[Any, ...]:
     except _Bad as err:
         text = str(err)
         if "allowed" not in text:
-            text += f"; allowed: {AXIS_ALLOWED[name]}"
+            text += f"; allowed: {axis_allowed(name)}"
         raise UserError(f"{where}: {text}") from err
     if not out:
         raise UserError(
-            f"{where}: the axis is empty; give at least one value ({AXIS_ALLOWED[name]})"
+            f"{where}: the axis is empty; give at least one value ({axis_allowed(name)})"
         )
     return tuple(out)
 
@@ -285,27 +289,38 @@ def _typed(value: Any, expected: type, where: str) -> Any:
     raise UserError(f"{where} must be {kind.get(expected, expected.__name__)}, got {value!r}")
 
 
+def _probe_settings(kind: probes.ProbeKind, raw: Any, source: str) -> Any:
+    """The `probe.<kind>:` section into the kind's settings dataclass; keys and types come from
+    its fields."""
+    where = f"{source}: probe.{kind.name}"
+    part = _mapping(raw, where)
+    types = kind.setting_types()
+    _unknown(part, types, where)
+    values = {
+        key: _typed(part[key], expected, f"{where}.{key}")
+        for key, expected in types.items()
+        if key in part
+    }
+    return kind.settings(**values)
+
+
 def parse_probe_section(raw: Any, source: str) -> ProbeConfig:
-    """The `probe:` section into a ProbeConfig."""
+    """The `probe:` section into a ProbeConfig: one `<kind>:` section per registered probe kind,
+    plus pool, weights, noise_seed and flowers_add_val."""
     section = _mapping(raw, f"{source}: probe")
-    _unknown(section, PROBE_KEYS, f"{source}: probe")
+    _unknown(section, (*probes.names(), *PROBE_KEYS), f"{source}: probe")
     defaults = ProbeConfig()
+    settings = tuple(
+        (name, _probe_settings(probes.get(name), section[name], source))
+        for name in probes.names()
+        if name in section
+    )
     values: dict[str, Any] = {}
-
-    def take(key: str, value: Any, attr: str) -> None:
-        expected = type(getattr(defaults, attr))
-        values[attr] = _typed(value, expected, f"{source}: probe.{key}")
-
-    for sub, names in (("linear", LINEAR_KEYS), ("knn", KNN_KEYS)):
-        part = _mapping(section.get(sub), f"{source}: probe.{sub}")
-        _unknown(part, names, f"{source}: probe.{sub}")
-        for key, attr in names.items():
-            if key in part:
-                take(f"{sub}.{key}", part[key], attr)
-    for key in ("pool", "weights", "noise_seed", "flowers_add_val"):
+    for key in PROBE_KEYS:
         if key in section:
-            take(key, section[key], key)
-    cfg = dataclasses.replace(defaults, **values)
+            expected = type(getattr(defaults, key))
+            values[key] = _typed(section[key], expected, f"{source}: probe.{key}")
+    cfg = dataclasses.replace(defaults, settings=settings, **values)
     try:
         validate_probe_config(cfg)
     except UserError as err:
@@ -457,15 +472,16 @@ def backbones(axes: Axes) -> list[Backbone3]:
 
 
 def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
-    """Every grid point. `k` multiplies knn only; `pixels` appears once per (dataset,
-    resolution, noise step, probe, k), with no epoch and no attention."""
+    """Every grid point. `k` multiplies only the probe kinds that use it (knn); the others get
+    k=0. `pixels` appears once per (dataset, resolution, noise step, probe, k), with no epoch and
+    no attention."""
     points: list[Point] = []
     net_blocks = [b for b in axes.block if b != PIXELS]
     for d in axes.dataset:
         for r in resolutions(axes, d):
             for t in axes.noise_step:
                 for p in axes.probe:
-                    for k in axes.k if p == "knn" else (0,):
+                    for k in axes.k if probes.get(p).uses_k else (0,):
                         if PIXELS in axes.block:
                             points.append(Point(d, r, None, None, PIXELS, t, p, k))
                         # Pixels alone need no backbone: do not ask for its epochs.

@@ -7,8 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import ddsweep
 
 PACKAGE = Path(ddsweep.__file__).resolve().parent
@@ -20,8 +18,6 @@ ALLOWED = {
     "mlflow": ("ddsweep/tracking/", "ddsweep/report/loader.py"),
     "optuna": ("ddsweep/scheduler.py",),
 }
-# Still importing them directly while they are rewritten on other branches.
-NOT_YET_MOVED = {"ddsweep/study.py", "ddsweep/report.py"}
 
 
 def imported_roots(tree: ast.AST) -> set[str]:
@@ -71,13 +67,5 @@ importlib.import_module("yaml.loader")
     assert roots == {"os", "mlflow", "optuna", "torch", "yaml"}
 
 
-def test_no_module_but_those_being_moved_imports_mlflow_or_optuna_outside_its_room() -> None:
-    # Holds now and after the move: a new direct import anywhere else fails here at once.
-    found = offenders()
-    assert set(found["mlflow"]) <= NOT_YET_MOVED, found["mlflow"]
-    assert set(found["optuna"]) <= NOT_YET_MOVED, found["optuna"]
-
-
-@pytest.mark.xfail(reason="study/report not yet moved", strict=False)
 def test_mlflow_only_in_tracking_and_the_report_loader_optuna_only_in_the_scheduler() -> None:
     assert offenders() == {"mlflow": [], "optuna": []}

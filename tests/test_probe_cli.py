@@ -22,7 +22,7 @@ from typer.testing import CliRunner, Result
 
 from ddsweep import checkpoints, tracking
 from ddsweep.cli import app
-from ddsweep.evaluate import Point, ProbeConfig
+from ddsweep.evaluate import Point
 
 IsolatedStore = Callable[[Path], AbstractContextManager[str]]  # conftest's isolated_store
 
@@ -36,7 +36,9 @@ TRAIN = ["train", "digits", "--resolution", "16", "--channels", "32,32,32,32", "
 TRAIN += ["--checkpoint-every", "1", "--max-steps", "2", "--batch-size", "32"]
 TRAIN += ["--sample-count", "0", "--device", "cpu"]
 AXES = {f.name for f in fields(Point)}
-SETTINGS = {f.name for f in fields(ProbeConfig)}
+# Probe settings under their sweep-file paths (`probe.linear.epochs` -> `linear.epochs`).
+SETTINGS = {"linear.epochs", "linear.lr", "linear.batch_size", "knn.metric", "knn.weighting"}
+SETTINGS |= {"pool", "weights", "noise_seed", "flowers_add_val", "seed"}
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def test_probe_knn(store: Store) -> None:
     run = logged_run(probe("--run", store.run_id, "--block", "up4", "--probe", "knn", "--k", "5"))
     assert_probe_run(run, probe_kind="knn")
     assert run.data.params["k"] == "5"
-    assert run.data.params["knn_metric"] == "cosine"
+    assert run.data.params["knn.metric"] == "cosine"
     assert "train_top1" not in run.data.metrics
 
 

@@ -44,7 +44,12 @@ def test_quickstart_trains_probes_and_reports_then_reuses_everything(
     table = next(p for p in files if p.name.endswith("linear-t0-avg-ema.csv"))
     rows = list(csv.reader(table.open()))
     assert rows[0][2:] == ["0", "1"]  # epochs: the untrained net first (max_steps ends epoch 1)
-    assert [r[1] for r in rows[1:]] == ["pixels", "mid", "up4"]
+    # Every metric the linear kind reports (probes.get("linear").metrics), block by block.
+    assert [r[:2] for r in rows[1:]] == [
+        [f"{metric} %", block]
+        for metric in ("top1", "top3", "train_top1")
+        for block in ("pixels", "mid", "up4")
+    ]
     cells = [float(c) for r in rows[1:] for c in r[2:]]
     assert all(0 <= c <= 100 for c in cells)
     assert max(cells) > 50  # digits are easy: the best cell is far above chance (10 %)

@@ -17,6 +17,7 @@ from ddsweep.errors import UserError
 from ddsweep.evaluate import Point, ProbeConfig
 from ddsweep.model import BLOCKS, PIXELS
 from ddsweep.points import parse_point_id, point_id
+from ddsweep.probes import KnnSettings, LinearSettings
 from ddsweep.sweep import (
     AXES,
     Axes,
@@ -88,8 +89,12 @@ def test_the_design_example_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (a.epoch[0], a.epoch[1], a.epoch[-1]) == (50, 100, 2000)
     assert a.block == ("down3", "down4", "mid", "up4", "up3")
     assert (a.noise_step, a.probe, a.k) == ((0,), ("linear", "knn"), (50,))
-    assert cfg.probe == dataclasses.replace(
-        ProbeConfig(), linear_epochs=30, linear_lr=0.001, knn_metric="cosine", pool="avg"
+    assert cfg.probe == ProbeConfig(
+        settings=(
+            ("linear", LinearSettings(epochs=30, lr=0.001)),
+            ("knn", KnnSettings(metric="cosine")),
+        ),
+        pool="avg",
     )
 
 
@@ -188,7 +193,7 @@ def test_values_are_read_leniently_where_yaml_is_surprising() -> None:
     doc["axes"]["attention"] = ["true", False]
     doc["axes"]["k"] = [10, 10, 50]  # duplicates collapse
     cfg = parse_study(doc, "x.yaml")
-    assert cfg.probe.linear_lr == 0.001
+    assert cfg.probe.settings_for("linear").lr == 0.001
     assert dict(cfg.train) == {"epochs": 10, "lr": 2e-4}
     assert cfg.axes.epoch == (0, 50, 100, 500, 1000)
     assert cfg.axes.attention == (True, False)
@@ -410,7 +415,7 @@ def test_shipped_sweep_files_parse_and_expand(path: Path) -> None:
     assert cfg is not None
     assert cfg.study == path.stem  # `--study NAME` finds sweeps/NAME.yaml
     assert set(dataclasses.asdict(cfg.axes)) == set(AXES)
-    assert cfg.probe.linear_epochs > 0
+    assert cfg.probe.settings_for("linear").epochs > 0
     if cfg.kind != "probe-grid":
         return
     train = dict(cfg.train)

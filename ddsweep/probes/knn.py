@@ -1,30 +1,32 @@
-"""Linear and k-NN probes on frozen features: tensors in, a dict of metrics out.
-
-Pure functions: no files, no tracking, no global device. Everything runs on the device of the
-features (or the one passed), so CUDA tensors give a GPU probe.
-"""
+"""The k-NN probe: chunked exact nearest-neighbour search and weighted votes, every k from one
+search."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from ddsweep.errors import UserError
+from ddsweep.probes.common import accuracy, check_pair, compute_dtype, count_classes
+from ddsweep.probes.registry import ProbeKind, Split
 
 __all__ = [
+    "DINO_TEMPERATURE",
+    "KNN_CHUNK_BYTES",
     "METRICS",
     "WEIGHTINGS",
+    "KnnSettings",
     "Metric",
     "Weighting",
     "knn_probe",
     "knn_search",
     "knn_votes",
-    "linear_probe",
-    "standardise",
-    "topk_hits",
 ]
 
 Metric = Literal["cosine", "euclidean"]
@@ -35,146 +37,6 @@ WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 # Budget for one chunk's (chunk, n_train) similarity matrix; the top-k buffers are far smaller.
 KNN_CHUNK_BYTES = 256 * 2**20
 DINO_TEMPERATURE = 0.07
-
-
-# ----------------------------------------------------------------------------------- checks
-
-
-def _check_features(name: str, x: Tensor) -> None:
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be (N, D), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
-def _check_labels(name: str, y: Tensor, n: int) -> None:
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"{name} must be (N,) with N={n}, got shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer class indices, got {y.dtype}")
-    if n and int(y.min()) < 0:
-        raise ValueError(f"{name} must hold class indices >= 0, got {int(y.min())}")
-
-
-def _check_pair(
-    train_x: Tensor, train_y: Tensor | None, test_x: Tensor, test_y: Tensor | None
-) -> None:
-    _check_features("train_x", train_x)
-    _check_features("test_x", test_x)
-    if train_x.shape[0] == 0:
-        raise ValueError("train_x is empty")
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
-            f"train_x and test_x differ in feature size: {train_x.shape[1]} vs {test_x.shape[1]}"
-        )
-    if train_y is not None:
-        _check_labels("train_y", train_y, train_x.shape[0])
-    if test_y is not None:
-        _check_labels("test_y", test_y, test_x.shape[0])
-
-
-def _compute_dtype(*xs: Tensor) -> torch.dtype:
-    # Half-precision features are upcast: fp16 sums lose the ranking of close neighbours.
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
-def _n_classes(*ys: Tensor) -> int:
-    return max(int(y.max()) + 1 for y in ys if y.numel())
-
-
-# --------------------------------------------------------------------------------- metrics
-
-
-def topk_hits(scores: Tensor, y: Tensor, k: int) -> Tensor:
-    """(N, C) class scores, (N,) labels -> (N,) bool: label among the k best classes.
-
-    Equal scores rank the smaller class index first (as argmax and scikit-learn do), so the
-    result is deterministic even with tied votes.
-    """
-    k = min(k, scores.shape[1])
-    # A stable ascending sort of -scores keeps equal scores in class order; negation is exact.
-    best = torch.sort(-scores, dim=1, stable=True).indices[:, :k]
-    return (best == y[:, None]).any(dim=1)
-
-
-def _accuracy(scores: Tensor, y: Tensor, k: int) -> float:
-    return int(topk_hits(scores, y, k).sum()) / y.numel() if y.numel() else float("nan")
-
-
-# ---------------------------------------------------------------------------------- linear
-
-
-def standardise(train_x: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
-    """(N, D) float tensors -> float32 copies scaled with the mean and std of train_x only."""
-    train = train_x.float()
-    mean = train.mean(dim=0)
-    std = train.std(dim=0, unbiased=False)
-    # A constant feature (std 0) carries no information: centre it and leave its scale alone.
-    std = torch.where(std > 1e-6 * (1.0 + mean.abs()), std, torch.ones_like(std))
-    return tuple((x.float() - mean) / std for x in (train, *others))
-
-
-def linear_probe(
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    test_y: Tensor,
-    *,
-    epochs: int = 30,
-    lr: float = 1e-3,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-) -> dict[str, float]:
-    """Train one nn.Linear on (N, D) features, (N,) labels; top1/top3/train_top1 in [0, 1].
-
-    Features are standardised with the TRAIN mean and std (a zero std is left at 1), then a
-    linear layer is fitted with Adam and cross entropy for `epochs` passes over shuffled
-    mini-batches. Initialisation and shuffling draw from a generator seeded with `seed`, so a
-    run is repeatable (on CPU bit for bit). With fewer than 3 classes top3 is the top-C
-    accuracy, i.e. 1.0.
-    """
-    _check_pair(train_x, train_y, test_x, test_y)
-    if epochs < 0 or batch_size <= 0 or lr <= 0:
-        raise ValueError(
-            f"need epochs >= 0, batch_size > 0, lr > 0; got {epochs}, {batch_size}, {lr}"
-        )
-    dev = torch.device(device) if device is not None else train_x.device
-    xtr, xte = standardise(train_x.to(dev), test_x.to(dev))
-    ytr, yte = train_y.to(dev, torch.long), test_y.to(dev, torch.long)
-    n_classes = _n_classes(ytr, yte)
-
-    gen = torch.Generator().manual_seed(seed)
-    layer = nn.Linear(xtr.shape[1], n_classes)
-    # nn.Linear's own init (uniform in ±1/sqrt(fan_in)), drawn from our generator.
-    bound = 1.0 / math.sqrt(xtr.shape[1])
-    with torch.no_grad():
-        layer.weight.uniform_(-bound, bound, generator=gen)
-        layer.bias.uniform_(-bound, bound, generator=gen)
-    layer.to(dev)
-    opt = torch.optim.Adam(layer.parameters(), lr=lr)
-
-    n = xtr.shape[0]
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).to(dev)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(layer(xtr[idx]), ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    with torch.no_grad():
-        train_logits = layer(xtr)
-        test_logits = layer(xte)
-    return {
-        "top1": _accuracy(test_logits, yte, 1),
-        "top3": _accuracy(test_logits, yte, 3),
-        "train_top1": _accuracy(train_logits, ytr, 1),
-    }
-
-
-# --------------------------------------------------------------------------------------- kNN
 
 
 def _check_knn_args(
@@ -309,7 +171,7 @@ def _search(
 ) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
     """Yield (test rows, (B, k) scores, (B, k) indices, (B, k) distances) chunk by chunk."""
     dev = torch.device(device) if device is not None else train_x.device
-    dtype = _compute_dtype(train_x, test_x)
+    dtype = compute_dtype(train_x, test_x)
     index = _Index(train_x.to(dev), metric, dtype, _block_size(train_x.shape[0], k + 1))
     itemsize = torch.empty((), dtype=dtype).element_size()
     chunks = _chunks(test_x.shape[0], index.t.shape[1], itemsize, chunk_size)
@@ -335,7 +197,7 @@ def knn_search(
     Distances are 1 - cosine similarity or the euclidean distance (as scikit-learn reports
     them); equal distances are ordered by train index.
     """
-    _check_pair(train_x, None, test_x, None)
+    check_pair(train_x, None, test_x, None)
     (k,) = _check_knn_args([k], train_x.shape[0], metric, "uniform", chunk_size)
     dists, idxs = [], []
     for _, _, idx, dist in _search(train_x, test_x, k, metric, chunk_size, device):
@@ -386,14 +248,14 @@ def knn_votes(
     256 MB budget for the chunk's score matrix. Features are compared in float64 if either is
     float64, else in float32.
     """
-    _check_pair(train_x, train_y, test_x, None)
+    check_pair(train_x, train_y, test_x, None)
     ks = _check_knn_args(ks, train_x.shape[0], metric, weighting, chunk_size)
     if weighting == "temperature" and not temperature > 0:
         raise ValueError(f"temperature={temperature} not allowed; allowed: a float > 0")
     dev = torch.device(device) if device is not None else train_x.device
     labels = train_y.to(dev, torch.long)
-    n_classes = max(n_classes or 0, _n_classes(labels))
-    dtype = _compute_dtype(train_x, test_x)
+    n_classes = max(n_classes or 0, count_classes(labels))
+    dtype = compute_dtype(train_x, test_x)
     votes = {k: torch.zeros(test_x.shape[0], n_classes, dtype=dtype, device=dev) for k in ks}
     for rows, vals, idx, dist in _search(train_x, test_x, ks[-1], metric, chunk_size, dev):
         w = _weights(vals, dist, metric, weighting, temperature)
@@ -423,8 +285,8 @@ def knn_probe(
     euclidean sim = -distance). Top-3: the label is among the 3 classes with the most
     weighted votes, ties to the smaller class. All ks come from one search for max(ks).
     """
-    _check_pair(train_x, train_y, test_x, test_y)
-    n_classes = _n_classes(train_y, test_y)
+    check_pair(train_x, train_y, test_x, test_y)
+    n_classes = count_classes(train_y, test_y)
     votes = knn_votes(
         train_x,
         train_y,
@@ -438,4 +300,47 @@ def knn_probe(
         device=device,
     )
     y = test_y.to(next(iter(votes.values())).device, torch.long)
-    return {k: {"top1": _accuracy(v, y, 1), "top3": _accuracy(v, y, 3)} for k, v in votes.items()}
+    return {k: {"top1": accuracy(v, y, 1), "top3": accuracy(v, y, 3)} for k, v in votes.items()}
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """The sweep file's `probe.knn:` section."""
+
+    metric: str = "cosine"
+    weighting: str = "uniform"
+
+
+def _check(s: KnnSettings) -> None:
+    if s.metric not in METRICS:
+        raise UserError(f"unknown knn metric {s.metric!r}: use one of {', '.join(METRICS)}")
+    if s.weighting not in WEIGHTINGS:
+        raise UserError(
+            f"unknown knn weighting {s.weighting!r}: use one of {', '.join(WEIGHTINGS)}"
+        )
+
+
+def _fit(
+    train: Split, test: Split, s: KnnSettings, ks: tuple[int, ...], seed: int
+) -> dict[int, dict[str, float]]:
+    del seed  # exact search: nothing is drawn
+    return knn_probe(
+        *train,
+        *test,
+        ks=ks,
+        metric=s.metric,  # type: ignore[arg-type]
+        weighting=s.weighting,  # type: ignore[arg-type]
+    )
+
+
+# Registered by ddsweep/probes/__init__.py, which fixes the order of the built-in kinds.
+KNN = ProbeKind(
+    name="knn",
+    settings=KnnSettings,
+    uses_k=True,
+    metrics=("top1", "top3"),
+    fit=_fit,
+    help="k nearest neighbours' (weighted) votes; the k axis multiplies it",
+    label="k-NN",
+    check=_check,
+)

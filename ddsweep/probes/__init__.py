@@ -1,0 +1,64 @@
+"""Probes on frozen features: tensors in, a dict of metrics out, and the registry of probe kinds.
+
+Pure functions: no files, no tracking, no global device. Everything runs on the device of the
+features (or the one passed), so CUDA tensors give a GPU probe. One module per probe kind
+(`linear`, `knn`), each registering itself; importing this package registers the built-in
+kinds, in this order.
+"""
+
+from __future__ import annotations
+
+from ddsweep.probes import knn, linear
+from ddsweep.probes.common import standardise, topk_hits
+from ddsweep.probes.knn import (
+    DINO_TEMPERATURE,
+    KNN_CHUNK_BYTES,
+    METRICS,
+    WEIGHTINGS,
+    KnnSettings,
+    Metric,
+    Weighting,
+    knn_probe,
+    knn_search,
+    knn_votes,
+)
+from ddsweep.probes.linear import LinearSettings, linear_probe
+from ddsweep.probes.registry import (
+    Fit,
+    ProbeKind,
+    find,
+    get,
+    names,
+    register,
+    registered,
+    unregister,
+)
+
+__all__ = [
+    "DINO_TEMPERATURE",
+    "KNN_CHUNK_BYTES",
+    "METRICS",
+    "WEIGHTINGS",
+    "Fit",
+    "KnnSettings",
+    "LinearSettings",
+    "Metric",
+    "ProbeKind",
+    "Weighting",
+    "find",
+    "get",
+    "knn_probe",
+    "knn_search",
+    "knn_votes",
+    "linear_probe",
+    "names",
+    "register",
+    "registered",
+    "standardise",
+    "topk_hits",
+    "unregister",
+]
+
+# Report order: the linear probe first, as in the study.
+for _kind in (linear.LINEAR, knn.KNN):
+    register(_kind)

@@ -1,0 +1,110 @@
+"""The linear probe: one nn.Linear fitted on standardised frozen features."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddsweep.errors import UserError
+from ddsweep.probes.common import accuracy, check_pair, count_classes, standardise
+from ddsweep.probes.registry import ProbeKind, Split
+
+__all__ = ["LinearSettings", "linear_probe"]
+
+
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Train one nn.Linear on (N, D) features, (N,) labels; top1/top3/train_top1 in [0, 1].
+
+    Features are standardised with the TRAIN mean and std (a zero std is left at 1), then a
+    linear layer is fitted with Adam and cross entropy for `epochs` passes over shuffled
+    mini-batches. Initialisation and shuffling draw from a generator seeded with `seed`, so a
+    run is repeatable (on CPU bit for bit). With fewer than 3 classes top3 is the top-C
+    accuracy, i.e. 1.0.
+    """
+    check_pair(train_x, train_y, test_x, test_y)
+    if epochs < 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(
+            f"need epochs >= 0, batch_size > 0, lr > 0; got {epochs}, {batch_size}, {lr}"
+        )
+    dev = torch.device(device) if device is not None else train_x.device
+    xtr, xte = standardise(train_x.to(dev), test_x.to(dev))
+    ytr, yte = train_y.to(dev, torch.long), test_y.to(dev, torch.long)
+    n_classes = count_classes(ytr, yte)
+
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(xtr.shape[1], n_classes)
+    # nn.Linear's own init (uniform in ±1/sqrt(fan_in)), drawn from our generator.
+    bound = 1.0 / math.sqrt(xtr.shape[1])
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        layer.bias.uniform_(-bound, bound, generator=gen)
+    layer.to(dev)
+    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+
+    n = xtr.shape[0]
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(dev)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(layer(xtr[idx]), ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    with torch.no_grad():
+        train_logits = layer(xtr)
+        test_logits = layer(xte)
+    return {
+        "top1": accuracy(test_logits, yte, 1),
+        "top3": accuracy(test_logits, yte, 3),
+        "train_top1": accuracy(train_logits, ytr, 1),
+    }
+
+
+@dataclass(frozen=True)
+class LinearSettings:
+    """The sweep file's `probe.linear:` section."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 256
+
+
+def _check(s: LinearSettings) -> None:
+    if s.epochs <= 0 or s.lr <= 0 or s.batch_size <= 0:
+        raise UserError("linear probe epochs, lr and batch size must be positive")
+
+
+def _fit(
+    train: Split, test: Split, s: LinearSettings, ks: tuple[int, ...], seed: int
+) -> dict[int, dict[str, float]]:
+    del ks  # one fit per point: `k` does not apply
+    m = linear_probe(*train, *test, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=seed)
+    return {0: m}
+
+
+# Registered by ddsweep/probes/__init__.py, which fixes the order of the built-in kinds.
+LINEAR = ProbeKind(
+    name="linear",
+    settings=LinearSettings,
+    uses_k=False,
+    metrics=("top1", "top3", "train_top1"),
+    fit=_fit,
+    help="a linear layer trained with Adam on standardised features",
+    check=_check,
+)
