@@ -109,3 +109,13 @@ def _parse_legacy(text: str) -> Point:
 def from_params(params: Mapping[str, Any]) -> Point:
     """The point a trial's params name (settings left out take their defaults)."""
     return Point(**{**DEFAULTS, **{n: params[n] for n in AXES if n in params}})
+
+
+def split_id(text: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(axes, other settings) named by an id; settings are the ones off their default, as text.
+    A positional id of ddsweep 0.1 names axes only."""
+    if "|" in text and "=" not in text:
+        return dataclasses.asdict(_parse_legacy(text)), {}
+    pairs = parse_qsl(text, keep_blank_values=True)
+    axes = {**DEFAULTS, **{n: _value(n, v) for n, v in pairs if n in AXES}}
+    return axes, {n: v for n, v in pairs if n not in AXES}

@@ -1,0 +1,49 @@
+"""Per-example predictions of a probe trial: what every cell's uncertainty and every paired
+comparison is computed from. One small safetensors file per trial (no pickle), logged as the
+child run's artifact `predictions.safetensors`.
+
+Layout: for each scored split (`test`, and `val` when a validation split was carved), the
+tensors `<split>.pred` (top-1 predicted class) and `<split>.label` (true class), int32 [N], in
+the split's own order, so two trials on the same split compare example by example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+FILE = "predictions.safetensors"
+SPLITS = ("test", "val")
+
+
+def save(path: Path, splits: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Write {split: (pred [N], label [N])} to `path`."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for split, (pred, label) in splits.items():
+        if split not in SPLITS or len(pred) != len(label):
+            raise ValueError(f"bad split {split!r} or lengths {len(pred)} vs {len(label)}")
+        tensors[f"{split}.pred"] = np.ascontiguousarray(pred, dtype=np.int32)
+        tensors[f"{split}.label"] = np.ascontiguousarray(label, dtype=np.int32)
+    save_file(tensors, str(path))
+    return path
+
+
+def load(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (pred, label)} from a file written by `save`."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    return {
+        split: (tensors[f"{split}.pred"], tensors[f"{split}.label"])
+        for split in SPLITS
+        if f"{split}.pred" in tensors
+    }
+
+
+def hits(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Per-example top-1 correctness, bool [N]."""
+    return np.asarray(pred) == np.asarray(label)
