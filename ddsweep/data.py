@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from ddsweep.errors import UserError
 
-Split = Literal["train", "test"]
+Split = Literal["train", "test", "val"]  # val: Flowers-102's own validation split only
 Item = tuple[torch.Tensor, int]
 
 KNOWN_DATASETS: tuple[str, ...] = ("cifar10", "stl10", "flowers102", "digits")
@@ -136,9 +136,9 @@ def labelled_split(
     datasets and the test split ignore it.
     """
     validate_resolution(resolution)
-    if split not in ("train", "test"):
-        raise UserError(f"unknown split {split!r}: use train or test")
     info = dataset_info(name)
+    if split not in ("train", "test") and not (split == "val" and has_own_val(info.name)):
+        raise UserError(f"unknown split {split!r} of {info.name}: use train or test")
     data_dir = Path(data_dir)
     transform = _image_transform(resolution, flip=False)
     if info.name == "cifar10":
@@ -153,6 +153,31 @@ def labelled_split(
         images, labels = _digits_tensors(resolution)[split]
         return TensorImages(images, labels, flip=False)
     return _image_folder(info.name, split, transform)
+
+
+def has_own_val(name: str) -> bool:
+    """Whether a dataset ships its own validation split (Flowers-102: 10 images a class)."""
+    return name == "flowers102"
+
+
+def validation_split(
+    labels: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit indices, validation indices) of a train split: a stratified, seeded `fraction` held
+    out for choosing (block, epoch) before the test split is looked at."""
+    from sklearn.model_selection import train_test_split
+
+    index = torch.arange(len(labels))
+    y = labels.numpy()
+    counts = torch.bincount(labels)
+    # Stratify when every class can give one image to each side; else a plain seeded split.
+    n_classes = int((counts > 0).sum())
+    held = round(fraction * len(labels))
+    stratify = y if int(counts[counts > 0].min()) >= 2 and held >= n_classes else None
+    fit, val = train_test_split(
+        index.numpy(), test_size=fraction, random_state=seed, stratify=stratify
+    )
+    return torch.as_tensor(sorted(fit)), torch.as_tensor(sorted(val))
 
 
 def split_fingerprint(
@@ -211,8 +236,8 @@ def _image_transform(resolution: int, *, flip: bool) -> v2.Compose:
 
 def _flowers_splits(split: Split, add_val: bool) -> tuple[str, ...]:
     """Flowers-102's own splits that make up our `split`."""
-    if split == "test":
-        return ("test",)
+    if split in ("test", "val"):
+        return (split,)
     return ("train", "val") if add_val else ("train",)
 
 

@@ -27,6 +27,8 @@ from ddsweep.features import (
 from ddsweep.model import PIXELS
 from ddsweep.points import Point
 
+MAX_NOISE_DRAWS = 64  # each draw is one more pass of the backbone over every split
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
@@ -43,6 +45,8 @@ class ProbeConfig:
     noise_seed: int = 0
     flowers_add_val: bool = False
     seed: int = 0
+    noise_draws: int = 1  # features averaged over this many noise draws (noise steps > 0)
+    val_fraction: float = 0.1  # of the train split, held out to choose on (0: none)
 
     def __post_init__(self) -> None:
         kept = {}
@@ -92,6 +96,10 @@ def validate_probe_config(cfg: ProbeConfig) -> None:
         kind = probes.get(name)
         if kind.check is not None:
             kind.check(cfg.settings_for(name))
+    if not 1 <= cfg.noise_draws <= MAX_NOISE_DRAWS:
+        raise UserError(f"noise_draws must be 1..{MAX_NOISE_DRAWS}, got {cfg.noise_draws}")
+    if not 0 <= cfg.val_fraction <= 0.5:
+        raise UserError(f"val_fraction must be in [0, 0.5], got {cfg.val_fraction}")
 
 
 # --- backbones ----------------------------------------------------------------------------------
@@ -208,13 +216,20 @@ def split_features(
             unet_cache.append(unet.to(device))
         return unet_cache[0]
 
-    out = {}
+    out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     seconds = 0.0
     passes = 0
     # On CUDA the network runs in bf16 autocast; its features are cached apart from float32 ones.
     precision = "bf16" if torch.cuda.is_available() else "fp32"
-    req = FeatureRequest(blocks, noise_step, cfg.noise_seed, cfg.pool, precision=precision)
-    for split in ("train", "test"):
+    req = FeatureRequest(
+        blocks,
+        noise_step,
+        cfg.noise_seed,
+        cfg.pool,
+        noise_draws=cfg.noise_draws,
+        precision=precision,
+    )
+    for split in probe_splits(dataset, cfg):
         ds = functools.partial(  # opened only when the cache misses
             data.labelled_split,
             dataset,
@@ -241,14 +256,41 @@ def split_features(
     return out, seconds, passes
 
 
+def probe_splits(dataset: str, cfg: ProbeConfig) -> tuple[data.Split, ...]:
+    """The splits a point extracts: train and test, and the dataset's own validation split when
+    it has one that is not merged into train (else validation is carved from train)."""
+    own_val = data.has_own_val(data.dataset_info(dataset).name) and not cfg.flowers_add_val
+    return ("train", "test", "val") if own_val and cfg.val_fraction > 0 else ("train", "test")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A fitted probe on one split: its metrics and its top-1 prediction per example."""
+
+    metrics: dict[str, float]
+    pred: torch.Tensor  # (N,) class indices, in the split's order
+    label: torch.Tensor  # (N,)
+
+
+def _scores(scored: probes.Scored, y: torch.Tensor) -> Scores:
+    """Every kind's top1 and top3 from its class scores (one rule for ties), plus its own."""
+    y = y.to(scored.scores.device, torch.long)
+    metrics = {
+        "top1": probes.accuracy(scored.scores, y, 1),
+        "top3": probes.accuracy(scored.scores, y, 3),
+    }
+    pred = probes.ranked(scored.scores)[:, 0]
+    return Scores({**metrics, **scored.extra}, pred.cpu(), y.cpu())
+
+
 def run_probe(
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
     probe: str,
     ks: tuple[int, ...],
     cfg: ProbeConfig,
-) -> dict[int, dict[str, float]]:
-    """{k: metrics} for a kind that uses k (e.g. knn: one search for every k), else {0: metrics}."""
+) -> dict[int, Scores]:
+    """{k: scores} for a kind that uses k (e.g. knn: one search for every k), else {0: scores}."""
     kind = probes.get(probe)
     (xtr, ytr), (xte, yte) = train, test
     if kind.uses_k:
@@ -258,7 +300,75 @@ def run_probe(
         ks = ()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
-    return kind.fit((xtr, ytr), (xte, yte), cfg.settings_for(probe), tuple(ks), cfg.seed)
+    fitted = kind.fit((xtr, ytr), (xte, yte), cfg.settings_for(probe), tuple(ks), cfg.seed)
+    return {k: _scores(scored, yte) for k, scored in fitted.items()}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluated point: its metrics (test ones bare, validation ones as val_*) and the
+    per-example predictions of every scored split, {split: (pred, label)}."""
+
+    metrics: dict[str, float]
+    predictions: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def evaluate_point(
+    backbone: Backbone | None,
+    point: Point,
+    cfg: ProbeConfig,
+    cache: FeatureCache,
+    data_dir: Path,
+    *,
+    fill_blocks: tuple[str, ...] = (),
+    on_batch: Callable[[int], None] | None = None,
+) -> Evaluation:
+    """One grid point: features, then the probe fitted on train and scored on test, and fitted
+    on train minus validation and scored on validation (the split choices are made on).
+
+    `fill_blocks` are extracted alongside on a cache miss, so later points of the same
+    checkpoint and noise step read them from the cache instead of running the network again.
+    """
+    blocks = (
+        (PIXELS,) if point.block == PIXELS else tuple(dict.fromkeys((point.block, *fill_blocks)))
+    )
+    feats, extract_s, passes = split_features(
+        backbone, point.dataset, point.resolution, blocks, point.noise_step, cfg, cache, data_dir,
+        on_batch=on_batch,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    ks = (point.k,) if probes.get(point.probe).uses_k else ()
+    train = feats["train"][point.block]
+    test = run_probe(train, feats["test"][point.block], point.probe, ks, cfg)[point.k]
+    metrics = dict(test.metrics)
+    predictions = {"test": (test.pred, test.label)}
+    fit_on, val = _validation(feats, point.block, cfg)
+    if val is not None:
+        scored = run_probe(fit_on, val, point.probe, ks, cfg)[point.k]
+        metrics.update({f"val_{m}": scored.metrics[m] for m in ("top1", "top3")})
+        predictions["val"] = (scored.pred, scored.label)
+    metrics["fit_s"] = time.perf_counter() - t0
+    metrics["extract_s"] = extract_s
+    metrics["backbone_passes"] = float(passes)
+    metrics["feature_dim"] = float(train[0].shape[1])
+    return Evaluation(metrics, predictions)
+
+
+Features = tuple[torch.Tensor, torch.Tensor]
+
+
+def _validation(
+    feats: dict[str, dict[str, Features]], block: str, cfg: ProbeConfig
+) -> tuple[Features, Features | None]:
+    """(what the validation probe is fitted on, the validation split) of one block: the
+    dataset's own validation split, else a stratified seeded part of train held out."""
+    x, y = feats["train"][block]
+    if "val" in feats:
+        return (x, y), feats["val"][block]
+    if cfg.val_fraction <= 0:
+        return (x, y), None
+    fit, val = data.validation_split(y, cfg.val_fraction, cfg.seed)
+    return (x[fit], y[fit]), (x[val], y[val])
 
 
 def evaluate(
@@ -271,37 +381,11 @@ def evaluate(
     fill_blocks: tuple[str, ...] = (),
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of one grid point: those its probe kind reports (top1 first, fractions), timings.
-
-    `fill_blocks` are extracted alongside on a cache miss, so later points of the same
-    checkpoint and noise step read them from the cache instead of running the network again.
-    """
-    blocks = tuple(dict.fromkeys((point.block, *fill_blocks)))
-    if point.block == PIXELS:
-        blocks = (PIXELS,)
-    feats, extract_s, passes = split_features(
-        backbone,
-        point.dataset,
-        point.resolution,
-        blocks,
-        point.noise_step,
-        cfg,
-        cache,
-        data_dir,
-        on_batch=on_batch,
+    """The metrics of `evaluate_point`: those the probe kind reports (top1 first), timings."""
+    found = evaluate_point(
+        backbone, point, cfg, cache, data_dir, fill_blocks=fill_blocks, on_batch=on_batch
     )
-    t0 = time.perf_counter()
-    uses_k = probes.get(point.probe).uses_k
-    ks = (point.k,) if uses_k else ()
-    metrics = run_probe(
-        feats["train"][point.block], feats["test"][point.block], point.probe, ks, cfg
-    )
-    result = dict(metrics[point.k if uses_k else 0])
-    result["fit_s"] = time.perf_counter() - t0
-    result["extract_s"] = extract_s
-    result["backbone_passes"] = float(passes)
-    result["feature_dim"] = float(feats["train"][point.block][0].shape[1])
-    return result
+    return found.metrics
 
 
 def point_params(point: Point, cfg: ProbeConfig, backbone: Backbone | None) -> dict[str, str]:

@@ -8,11 +8,14 @@ point) and the FID grid (one Fréchet distance per checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+
+import numpy as np
 
 from ddsweep import data, evaluate, probes, sweep
 from ddsweep.evaluate import Backbone
@@ -34,6 +37,8 @@ class Record:
     kind: str  # the run's ddsweep.kind tag: trial | fid
     start: float = 0.0  # seconds since the epoch
     end: float = 0.0
+    # {split: (top-1 prediction, label)} per example (ddsweep.predictions), for probe points
+    predictions: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,10 +88,10 @@ class Objective:
     def evaluate(self, point: Point) -> Record:
         """Evaluate one point (timed)."""
         start = time.time()
-        name, params, metrics = self._evaluate(point)
-        return Record(name, params, metrics, self.run_kind, start, time.time())
+        record = self._evaluate(point)
+        return dataclasses.replace(record, kind=self.run_kind, start=start, end=time.time())
 
-    def _evaluate(self, point: Point) -> tuple[str, dict[str, str], dict[str, float]]:
+    def _evaluate(self, point: Point) -> Record:
         raise NotImplementedError
 
     def failure(self, point: Point) -> tuple[str, dict[str, str]]:
@@ -121,9 +126,9 @@ class ProbeGrid(Objective):
             "probe": probes.names(),
         }
 
-    def _evaluate(self, point: Point) -> tuple[str, dict[str, str], dict[str, float]]:
+    def _evaluate(self, point: Point) -> Record:
         backbone = None if point.block == PIXELS else self.backbone(point)
-        metrics = evaluate.evaluate(
+        found = evaluate.evaluate_point(
             backbone,
             point,
             self.cfg.probe,
@@ -131,7 +136,9 @@ class ProbeGrid(Objective):
             self.data_dir,
             fill_blocks=self.fill_blocks,
         )
-        return run_name(point), evaluate.point_params(point, self.cfg.probe, backbone), metrics
+        params = evaluate.point_params(point, self.cfg.probe, backbone)
+        predictions = {s: (p.numpy(), y.numpy()) for s, (p, y) in found.predictions.items()}
+        return Record(run_name(point), params, found.metrics, self.run_kind, 0, 0, predictions)
 
     def failure(self, point: Point) -> tuple[str, dict[str, str]]:
         return run_name(point), evaluate.point_params(point, self.cfg.probe, None)
@@ -176,7 +183,7 @@ class FidGrid(Objective):
         feature, _ = fid.feature_network(cfg.fid.feature)
         fid.make_metric(feature, fid.inception_weights_path(inception_weights))
 
-    def _evaluate(self, point: Point) -> tuple[str, dict[str, str], dict[str, float]]:
+    def _evaluate(self, point: Point) -> Record:
         import torch
 
         from ddsweep import checkpoints, fid
@@ -195,7 +202,8 @@ class FidGrid(Objective):
             feature_name=name,
             weights=fid.inception_weights_path(self.inception_weights),
         )
-        return self.failure(point)[0], self._params(point, backbone.run_id or ""), metrics
+        params = self._params(point, backbone.run_id or "")
+        return Record(self.failure(point)[0], params, metrics, self.run_kind)
 
     def _params(self, point: Point, backbone_run: str) -> dict[str, str]:
         from ddsweep import fid

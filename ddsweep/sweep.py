@@ -26,7 +26,15 @@ FID_KEYS: tuple[str, ...] = ("samples", "sampler", "steps", "seed", "batch_size"
 FID_AXES: tuple[str, ...] = ("dataset", "resolution", "attention", "epoch")
 FID = "fid"  # the block and probe of a fid-grid point
 # The `probe:` section's own keys; beside them, one `<kind>:` section per registered probe kind.
-PROBE_KEYS: tuple[str, ...] = ("pool", "weights", "noise_seed", "flowers_add_val")
+PROBE_KEYS: tuple[str, ...] = (
+    "pool",
+    "weights",
+    "noise_seed",
+    "noise_draws",
+    "flowers_add_val",
+    "val_fraction",
+    "seed",
+)
 # TrainConfig fields a sweep file's `train:` section may set for train-grid.
 TRAIN_KEYS: tuple[str, ...] = (
     "epochs",

@@ -365,3 +365,32 @@ def test_default_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert data.default_data_dir() == Path("data")
     monkeypatch.setenv("DDSWEEP_DATA", str(tmp_path))
     assert data.default_data_dir() == tmp_path
+
+
+# --- the validation split --------------------------------------------------------------------
+
+
+def test_the_validation_split_is_stratified_seeded_and_disjoint_from_fit_and_test(
+    tmp_path: Path,
+) -> None:
+    train = data.labelled_split("digits", "train", 8, tmp_path)
+    test = data.labelled_split("digits", "test", 8, tmp_path)
+    labels = torch.tensor([int(train[i][1]) for i in range(len(train))])
+    fit, val = data.validation_split(labels, 0.1, seed=0)
+    assert len(val) == round(0.1 * len(labels)) and len(fit) + len(val) == len(labels)
+    assert not set(fit.tolist()) & set(val.tolist())
+    # Stratified: every class holds about a tenth of its images out.
+    counts, held = torch.bincount(labels), torch.bincount(labels[val], minlength=10)
+    assert ((held - 0.1 * counts).abs() <= 1).all()
+    # Seeded: the same split again, another with another seed.
+    assert torch.equal(data.validation_split(labels, 0.1, seed=0)[1], val)
+    assert not torch.equal(data.validation_split(labels, 0.1, seed=1)[1], val)
+    # No validation image is a test image (choices on validation never peek at test).
+    test_images = {tuple(test[i][0].flatten().tolist()) for i in range(len(test))}
+    assert not any(tuple(train[i][0].flatten().tolist()) in test_images for i in val.tolist())
+
+
+def test_only_flowers_has_its_own_validation_split(tmp_path: Path) -> None:
+    assert data.has_own_val("flowers102") and not data.has_own_val("digits")
+    with pytest.raises(UserError, match="unknown split 'val' of digits"):
+        data.labelled_split("digits", "val", 8, tmp_path)

@@ -39,8 +39,8 @@ def centroid_fit(
     s: CentroidSettings,
     ks: tuple[int, ...],
     seed: int,
-) -> dict[int, dict[str, float]]:
-    """Nearest class mean: top1, and `margin`, the mean gap between the two nearest means."""
+) -> dict[int, probes.Scored]:
+    """Nearest class mean: class scores, and `margin`, the mean gap between the two nearest means."""
     CALLS.append((s, ks, seed))
     (xtr, ytr), (xte, yte) = train, test
     if s.normalise:
@@ -49,8 +49,8 @@ def centroid_fit(
     means = torch.stack([xtr[ytr == c].float().mean(0) for c in range(classes)])
     dist = torch.cdist(xte.float(), means)
     two = dist.topk(2, dim=1, largest=False).values
-    top1 = (dist.argmin(1) == yte).float().mean().item()
-    return {0: {"top1": top1, "margin": (two[:, 1] - two[:, 0]).mean().item()}}
+    # Scores, higher is better: top1 and the predictions are taken from them by the caller.
+    return {0: probes.Scored(-dist, {"margin": (two[:, 1] - two[:, 0]).mean().item()})}
 
 
 CENTROID = probes.ProbeKind(
@@ -160,8 +160,9 @@ def test_a_kind_defined_in_a_test_runs_in_a_study_and_its_report(
     result = runner.invoke(app, ["study", "probe-grid", "--study", "reg", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "4/4 points complete" in result.stdout  # centroid 1, knn 2 (k=3, 5), linear 1
-    # The kind got its settings from the sweep file, no k, and the study's seed.
-    assert [(CentroidSettings(normalise=True), (), 0)] == CALLS
+    # The kind got its settings from the sweep file, no k, and the study's seed: fitted twice
+    # for its one point, on train (scored on test) and on train minus validation.
+    assert [(CentroidSettings(normalise=True), (), 0)] * 2 == CALLS
 
     runs = MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()],

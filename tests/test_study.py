@@ -279,10 +279,30 @@ def test_every_point_is_one_complete_trial_and_one_finished_child(
             for axis in ("resolution", "epoch", "noise_step", "k"):
                 if axis in dists:
                     assert isinstance(dists[axis], optuna.distributions.IntDistribution)
-            for metric in ("top1", "top3"):
+            for metric in ("top1", "top3", "val_top1", "val_top3"):
                 assert 0.0 <= run.data.metrics[metric] <= 1.0
             assert run.data.metrics["top3"] >= run.data.metrics["top1"]
             assert trial.value == pytest.approx(run.data.metrics["top1"])
+
+
+def test_every_trial_keeps_its_per_example_predictions_on_test_and_validation(
+    finished: Finished, tmp_path: Path
+) -> None:
+    from ddsweep import predictions
+
+    with inside(finished.folder):
+        client = MlflowClient()
+        for run in children("FINISHED"):
+            path = client.download_artifacts(run.info.run_id, predictions.FILE, str(tmp_path))
+            found = predictions.load(Path(path))
+            assert set(found) == {"test", "val"}
+            for split, metric in (("test", "top1"), ("val", "val_top1")):
+                pred, label = found[split]
+                assert predictions.hits(pred, label).mean() == pytest.approx(
+                    run.data.metrics[metric]
+                )
+            # digits: 360 test images; validation is a tenth of the 1,437 train images.
+            assert len(found["test"][0]) == 360 and len(found["val"][0]) == 144
 
 
 def test_the_backbone_runs_once_per_checkpoint_noise_step_and_split(finished: Finished) -> None:
@@ -468,13 +488,13 @@ if mode == "together":
     while len(list(path.glob("ready-*"))) < n:
         time.sleep(0.005)
 elif mode == "evaluating":
-    real = evaluate.evaluate
+    real = evaluate.evaluate_point
     def patched(backbone, point, *a, **k):
         calls.append(1)
         if len(calls) == n:
             hang(points.point_id(point))
         return real(backbone, point, *a, **k)
-    evaluate.evaluate = patched
+    evaluate.evaluate_point = patched
 else:
     real_log = recorder.StudyRecorder.log_trial
     def patched(self, pid, *a, **k):

@@ -1,4 +1,4 @@
-"""Probes on frozen features: tensors in, a dict of metrics out, and the registry of probe kinds.
+"""Probes on frozen features: tensors in, class scores or metrics out, and the registry of kinds.
 
 Pure functions: no files, no tracking, no global device. Everything runs on the device of the
 features (or the one passed), so CUDA tensors give a GPU probe. One module per probe kind
@@ -9,7 +9,7 @@ kinds, in this order.
 from __future__ import annotations
 
 from ddsweep.probes import knn, linear
-from ddsweep.probes.common import standardise, topk_hits
+from ddsweep.probes.common import accuracy, ranked, standardise, topk_hits
 from ddsweep.probes.knn import (
     DINO_TEMPERATURE,
     KNN_CHUNK_BYTES,
@@ -26,6 +26,7 @@ from ddsweep.probes.linear import LinearSettings, linear_probe
 from ddsweep.probes.registry import (
     Fit,
     ProbeKind,
+    Scored,
     find,
     get,
     names,
@@ -44,7 +45,9 @@ __all__ = [
     "LinearSettings",
     "Metric",
     "ProbeKind",
+    "Scored",
     "Weighting",
+    "accuracy",
     "find",
     "get",
     "knn_probe",
@@ -52,6 +55,7 @@ __all__ = [
     "knn_votes",
     "linear_probe",
     "names",
+    "ranked",
     "register",
     "registered",
     "standardise",

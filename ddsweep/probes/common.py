@@ -80,6 +80,11 @@ def topk_hits(scores: Tensor, y: Tensor, k: int) -> Tensor:
     return (best == y[:, None]).any(dim=1)
 
 
+def ranked(scores: Tensor) -> Tensor:
+    """(N, C) class scores -> (N, C) classes best first, equal scores in class order."""
+    return torch.sort(-scores, dim=1, stable=True).indices
+
+
 def accuracy(scores: Tensor, y: Tensor, k: int) -> float:
     return int(topk_hits(scores, y, k).sum()) / y.numel() if y.numel() else float("nan")
 

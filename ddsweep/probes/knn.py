@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ddsweep.errors import UserError
 from ddsweep.probes.common import accuracy, check_pair, compute_dtype, count_classes
-from ddsweep.probes.registry import ProbeKind, Split
+from ddsweep.probes.registry import ProbeKind, Scored, Split
 
 __all__ = [
     "DINO_TEMPERATURE",
@@ -322,15 +322,18 @@ def _check(s: KnnSettings) -> None:
 
 def _fit(
     train: Split, test: Split, s: KnnSettings, ks: tuple[int, ...], seed: int
-) -> dict[int, dict[str, float]]:
+) -> dict[int, Scored]:
     del seed  # exact search: nothing is drawn
-    return knn_probe(
+    check_pair(*train, *test)
+    votes = knn_votes(
         *train,
-        *test,
+        test[0],
         ks=ks,
         metric=s.metric,  # type: ignore[arg-type]
         weighting=s.weighting,  # type: ignore[arg-type]
+        n_classes=count_classes(train[1], test[1]),
     )
+    return {k: Scored(v) for k, v in votes.items()}
 
 
 # Registered by ddsweep/probes/__init__.py, which fixes the order of the built-in kinds.

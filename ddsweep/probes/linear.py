@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from ddsweep.errors import UserError
 from ddsweep.probes.common import accuracy, check_pair, count_classes, standardise
-from ddsweep.probes.registry import ProbeKind, Split
+from ddsweep.probes.registry import ProbeKind, Scored, Split
 
-__all__ = ["LinearSettings", "linear_probe"]
+__all__ = ["LinearSettings", "linear_logits", "linear_probe"]
 
 
 def linear_probe(
@@ -37,14 +37,38 @@ def linear_probe(
     accuracy, i.e. 1.0.
     """
     check_pair(train_x, train_y, test_x, test_y)
+    test_logits, train_top1 = linear_logits(
+        train_x, train_y, test_x, count_classes(train_y, test_y),
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+    )  # fmt: skip
+    yte = test_y.to(test_logits.device, torch.long)
+    return {
+        "top1": accuracy(test_logits, yte, 1),
+        "top3": accuracy(test_logits, yte, 3),
+        "train_top1": train_top1,
+    }
+
+
+def linear_logits(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    n_classes: int,
+    *,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, float]:
+    """(test logits (N_test, n_classes), train top1) of the linear probe (see linear_probe)."""
     if epochs < 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(
             f"need epochs >= 0, batch_size > 0, lr > 0; got {epochs}, {batch_size}, {lr}"
         )
     dev = torch.device(device) if device is not None else train_x.device
     xtr, xte = standardise(train_x.to(dev), test_x.to(dev))
-    ytr, yte = train_y.to(dev, torch.long), test_y.to(dev, torch.long)
-    n_classes = count_classes(ytr, yte)
+    ytr = train_y.to(dev, torch.long)
 
     gen = torch.Generator().manual_seed(seed)
     layer = nn.Linear(xtr.shape[1], n_classes)
@@ -67,13 +91,7 @@ def linear_probe(
             opt.step()
 
     with torch.no_grad():
-        train_logits = layer(xtr)
-        test_logits = layer(xte)
-    return {
-        "top1": accuracy(test_logits, yte, 1),
-        "top3": accuracy(test_logits, yte, 3),
-        "train_top1": accuracy(train_logits, ytr, 1),
-    }
+        return layer(xte), accuracy(layer(xtr), ytr, 1)
 
 
 @dataclass(frozen=True)
@@ -92,10 +110,14 @@ def _check(s: LinearSettings) -> None:
 
 def _fit(
     train: Split, test: Split, s: LinearSettings, ks: tuple[int, ...], seed: int
-) -> dict[int, dict[str, float]]:
+) -> dict[int, Scored]:
     del ks  # one fit per point: `k` does not apply
-    m = linear_probe(*train, *test, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=seed)
-    return {0: m}
+    check_pair(*train, *test)
+    logits, train_top1 = linear_logits(
+        train[0], train[1], test[0], count_classes(train[1], test[1]),
+        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=seed,
+    )  # fmt: skip
+    return {0: Scored(logits, {"train_top1": train_top1})}
 
 
 # Registered by ddsweep/probes/__init__.py, which fixes the order of the built-in kinds.

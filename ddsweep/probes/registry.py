@@ -19,11 +19,24 @@ from torch import Tensor
 
 from ddsweep.errors import UserError
 
-__all__ = ["Fit", "ProbeKind", "get", "names", "register", "registered", "unregister"]
+__all__ = ["Fit", "ProbeKind", "Scored", "get", "names", "register", "registered", "unregister"]
 
 Split = tuple[Tensor, Tensor]  # (N, D) features, (N,) integer labels
-# (train, test, settings, ks, seed) -> {k: {metric: value}}; {0: metrics} when not uses_k.
-Fit = Callable[[Split, Split, Any, tuple[int, ...], int], dict[int, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What a fit gives for its queries: class scores (N_query, C), higher is better, from which
+    the caller takes top1, top3 and the per-example predictions alike for every kind; and any
+    metrics of the kind's own (e.g. the linear probe's train_top1)."""
+
+    scores: Tensor
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# (train, queries, settings, ks, seed) -> {k: Scored}; {0: Scored} when not uses_k. The
+# queries' labels are given for kinds that report metrics of their own; scores never use them.
+Fit = Callable[[Split, Split, Any, tuple[int, ...], int], dict[int, Scored]]
 SETTING_TYPES: tuple[type, ...] = (bool, int, float, str)
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 

@@ -8,14 +8,17 @@ fluent API's active-run stack is neither.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from ddsweep import predictions
 from ddsweep.tracking import KIND_TAG, code_version, project_run_id
 
 if TYPE_CHECKING:
@@ -126,6 +129,11 @@ class StudyRecorder:
             metrics=[Metric(k, float(v), end, 0) for k, v in record.metrics.items()],
             params=[Param(k, v) for k, v in record.params.items()],
         )
+        if record.predictions:
+            with tempfile.TemporaryDirectory(prefix="ddsweep-pred-") as tmp:
+                path = predictions.save(Path(tmp) / predictions.FILE, record.predictions)
+                self.client.log_artifact(run_id, str(path))
+        # FINISHED last: an adopted child has everything, predictions included.
         self.client.set_terminated(run_id, "FINISHED", end_time=end)
         return run_id
 
