@@ -117,7 +117,10 @@ class ProbeGrid(Objective):
         return "top1"
 
     def expand(self) -> list[Point]:
-        return sweep.expand(self.cfg.axes, lambda key: self.pins[key][1])
+        points = sweep.expand(self.cfg.axes, lambda key: self.pins[key][1])
+        return [
+            dataclasses.replace(p, settings=probe_settings(self.cfg.probe, p.probe)) for p in points
+        ]
 
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
         return {
@@ -144,6 +147,30 @@ class ProbeGrid(Objective):
         return run_name(point), evaluate.point_params(point, self.cfg.probe, None)
 
 
+def _off_default(
+    given: Mapping[str, str], default: Mapping[str, str]
+) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((n, v) for n, v in given.items() if default.get(n) != v))
+
+
+def probe_settings(cfg: evaluate.ProbeConfig, probe: str) -> tuple[tuple[str, str], ...]:
+    """The settings off their defaults that change a `probe` point's number: that kind's own
+    (another kind's do not) and the shared ones (pool, weights, seeds, noise draws, ...)."""
+    mine = {n: v for n, v in cfg.params().items() if "." not in n or n.startswith(f"{probe}.")}
+    return _off_default(mine, evaluate.ProbeConfig().params())
+
+
+def fid_settings(cfg: sweep.StudyConfig) -> tuple[tuple[str, str], ...]:
+    """The settings off their defaults that change a FID point's number."""
+    from ddsweep import fid
+
+    def text(c: fid.FIDConfig, weights: str) -> dict[str, str]:
+        values = {k: str(v) for k, v in dataclasses.asdict(c).items() if k != "batch_size"}
+        return {**values, "steps": str(fid.sampler_steps(c)), "weights": weights}
+
+    return _off_default(text(cfg.fid, cfg.probe.weights), text(fid.FIDConfig(), "ema"))
+
+
 def run_name(p: Point) -> str:
     """A child run's name, e.g. up4-e8-t0-knn-k10 (noattn when without attention)."""
     parts = [p.block, f"e{p.epoch}" if p.epoch is not None else "", f"t{p.noise_step}", p.probe]
@@ -168,10 +195,11 @@ class FidGrid(Objective):
         return fid.metric_name(*fid.feature_network(self.cfg.fid.feature))
 
     def expand(self) -> list[Point]:
-        return sweep.expand_fid(self.cfg.axes, lambda key: self.pins[key][1])
+        points = sweep.expand_fid(self.cfg.axes, lambda key: self.pins[key][1])
+        return [dataclasses.replace(p, settings=fid_settings(self.cfg)) for p in points]
 
     def params(self, point: Point) -> dict[str, Any]:
-        return {n: v for n, v in params_of(point).items() if n in sweep.FID_AXES}
+        return {n: v for n, v in params_of(point).items() if n in (*sweep.FID_AXES, "settings")}
 
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
         return {"dataset": data.KNOWN_DATASETS}

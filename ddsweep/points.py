@@ -10,6 +10,7 @@ setting added later with a default changes no existing id. Ids read like a query
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,18 +46,33 @@ class Point:
     noise_step: int
     probe: str
     k: int = 0  # probes with neighbours only; 0 for the others
+    # Every other setting that changes the point's number and is off its default, as sorted
+    # (name, text) pairs: `knn.metric`, `pool`, `noise_draws`, ... (see objectives).
+    settings: tuple[tuple[str, str], ...] = ()
+
+
+def _fields(point: Point) -> dict[str, Any]:
+    values = dataclasses.asdict(point)
+    del values["settings"]
+    return values
 
 
 def settings(point: Point) -> dict[str, Any]:
     """The point as {setting: value}, leaving out settings at their default."""
-    values = dataclasses.asdict(point)
+    values = {**_fields(point), **dict(point.settings)}
     return {n: v for n, v in values.items() if n not in DEFAULTS or v != DEFAULTS[n]}
 
 
 def params_of(point: Point) -> dict[str, Any]:
-    """The settings that apply to the point, defaults included: its Optuna trial params."""
-    values = dataclasses.asdict(point)
-    return {n: v for n, v in values.items() if v is not None and not (n == "k" and v == 0)}
+    """The point's Optuna trial params: every axis that applies (defaults included), and when
+    other settings are off their defaults, `settings`, a 48-bit digest of them (an int, so a
+    study takes new settings without changing a param's distribution)."""
+    values = _fields(point)
+    params = {n: v for n, v in values.items() if v is not None and not (n == "k" and v == 0)}
+    if point.settings:
+        digest = hashlib.sha256(urlencode(point.settings).encode()).digest()
+        params["settings"] = int.from_bytes(digest[:6], "big")
+    return params
 
 
 def _text(value: Any) -> str:
@@ -90,13 +106,15 @@ def parse_point_id(text: str) -> Point:
     """Inverse of point_id; also reads the positional ids of ddsweep 0.1 (`a|b|...`)."""
     if "|" in text and "=" not in text:
         return _parse_legacy(text)
-    values = {n: _value(n, v) for n, v in parse_qsl(text, keep_blank_values=True)}
-    return Point(**{**DEFAULTS, **values})
+    pairs = parse_qsl(text, keep_blank_values=True)
+    values = {n: _value(n, v) for n, v in pairs if n in AXES}
+    others = tuple(sorted((n, v) for n, v in pairs if n not in AXES))
+    return Point(**{**DEFAULTS, **values}, settings=others)
 
 
 def legacy_id(point: Point) -> str:
     """The positional id ddsweep 0.1 gave the point (its trials and child runs carry it)."""
-    return "|".join(str(v) for v in dataclasses.astuple(point))
+    return "|".join(str(v) for v in _fields(point).values())
 
 
 def _parse_legacy(text: str) -> Point:

@@ -72,6 +72,11 @@ class Grid:
     vocabulary: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Ids of ddsweep 0.1's trials, which held one opaque `point` param and the id as attribute.
     legacy: Mapping[str, str] = field(default_factory=dict)
+    # How people read a point (the trial attribute `point_id`), when not its params' id.
+    names: Mapping[str, str] = field(default_factory=dict)
+
+    def name(self, pid: str) -> str:
+        return self.names.get(pid, pid)
 
     @property
     def ids(self) -> list[str]:
@@ -433,14 +438,14 @@ class GridStudy:
             trial.set_user_attr("duplicate_of", "not in this grid")
             self._tell(trial, state=TrialState.PRUNED)
             return "duplicate"
-        trial.set_user_attr("point_id", pid)
+        trial.set_user_attr("point_id", self.grid.name(pid))
         reason = self._step_back_reason(trial, pid)
         if reason:
             trial.set_user_attr("duplicate_of", reason)
             self._tell(trial, state=TrialState.PRUNED)
             return "duplicate"
         if on_point:
-            on_point(pid)
+            on_point(self.grid.name(pid))
         # Which process holds the point: `study status` and operators can tell who died.
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         adopted = evaluator.adopt(pid)

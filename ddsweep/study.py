@@ -23,7 +23,7 @@ from ddsweep import evaluate, scheduler, sweep, tracking
 from ddsweep.errors import UserError
 from ddsweep.model import PIXELS
 from ddsweep.objectives import OBJECTIVES, Objective, Pins
-from ddsweep.points import AXES, legacy_id
+from ddsweep.points import AXES, legacy_id, point_id
 from ddsweep.scheduler import GridStudy, Outcome, Tally
 from ddsweep.tracking.recorder import POINT_TAG, STUDY_TAG, StudyRecorder
 
@@ -114,20 +114,26 @@ class _Trials:
     def _outcome(self, run_id: str, metrics: dict[str, float]) -> Outcome:
         return Outcome(float(metrics[self.objective.metric]), {"mlflow_run_id": run_id})
 
+    # The scheduler knows a point by its trial params (`pid`); MLflow by its readable id, which
+    # names every setting by keyword.
     def adopt(self, pid: str) -> Outcome | None:
-        # A child logged by ddsweep 0.1 carries the positional id of its point.
-        legacy = legacy_id(self.objective.points[pid])
-        found = self.recorder.adopted(pid) or self.recorder.adopted(legacy)
+        point = self.objective.points[pid]
+        found = self.recorder.adopted(point_id(point))
+        if found is None and not point.settings:  # a child logged by ddsweep 0.1
+            found = self.recorder.adopted(legacy_id(point))
         return self._outcome(*found) if found else None
 
     def evaluate(self, pid: str, trial_number: int) -> Outcome:
-        record = self.objective.evaluate(self.objective.points[pid])
-        return self._outcome(self.recorder.log_trial(pid, trial_number, record), record.metrics)
+        point = self.objective.points[pid]
+        record = self.objective.evaluate(point)
+        run_id = self.recorder.log_trial(point_id(point), trial_number, record)
+        return self._outcome(run_id, record.metrics)
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
-        name, params = self.objective.failure(self.objective.points[pid])
+        point = self.objective.points[pid]
+        name, params = self.objective.failure(point)
         kind = self.objective.run_kind
-        self.recorder.log_failure(pid, trial_number, name, kind, params, message)
+        self.recorder.log_failure(point_id(point), trial_number, name, kind, params, message)
 
 
 def _objective(cfg: sweep.StudyConfig, opts: RunOptions, pins: Pins) -> Objective:
@@ -161,6 +167,7 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
             {pid: objective.params(p) for pid, p in objective.points.items()},
             objective.vocabulary(),
             {legacy_id(p): pid for pid, p in objective.points.items()},
+            {pid: point_id(p) for pid, p in objective.points.items()},
         )
     )
     # A worker that did not create the study waits for the creator's parent run, unless the
@@ -246,6 +253,8 @@ def status_rows(params: dict[str, dict[str, Any]], t: Tally) -> dict[str, Counte
         state = t.state(pid)
         rows["total"][state] += 1
         for axis, value in values.items():
+            if axis not in AXES:
+                continue  # the digest of other settings: no row of its own
             rows.setdefault(f"{axis}={_text(value)}", Counter())[state] += 1
     return rows
 

@@ -8,6 +8,7 @@ Every count of "evaluated" comes from MLflow's FINISHED child runs, not only fro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from typer.testing import CliRunner
 from ddsweep import checkpoints, evaluate, features, points, scheduler, study, sweep, tracking
 from ddsweep.cli import app
 from ddsweep.model import ModelConfig
+from ddsweep.objectives import probe_settings
 from ddsweep.tracking import recorder
 from ddsweep.train import TrainConfig, train
 
@@ -164,7 +166,10 @@ def grid(*args: str) -> Any:
 def expected_ids(epochs: tuple[int, ...] = EPOCHS) -> set[str]:
     cfg = sweep.load_study(STUDY)
     assert cfg is not None
-    return {points.point_id(p) for p in sweep.expand(cfg.axes, lambda _key: epochs)}
+    return {
+        points.point_id(dataclasses.replace(p, settings=probe_settings(cfg.probe, p.probe)))
+        for p in sweep.expand(cfg.axes, lambda _key: epochs)
+    }
 
 
 def load(name: str = STUDY) -> optuna.Study:
@@ -449,6 +454,28 @@ def test_a_categorical_value_new_to_a_study_is_refused_in_one_line(home: Path) -
     (line,) = refused.stderr.strip().splitlines()
     assert "'mid_block' is new" in line and f"--study {STUDY}-2" in line
     assert len(load().trials) == before + 1  # mid at epoch 0: the only new point
+
+
+def test_a_changed_setting_gives_new_points_of_the_kinds_it_changes(home: Path) -> None:
+    first = grid("--epoch", "0")
+    assert first.exit_code == 0, first.output
+    before = finished_per_point()
+    assert len(before) == GRID // 2 + 1
+    path = home / "sweeps" / f"{STUDY}.yaml"
+    path.write_text(path.read_text().replace("linear: {epochs: 2}", "linear: {epochs: 3}"))
+    second = grid("--epoch", "0")
+    assert second.exit_code == 0, second.output
+    # The linear points (pixels, mid, up4) are new points; the k-NN ones are the same points.
+    assert evaluated_now(second.stdout) == 3
+    after = finished_per_point()
+    assert set(before) < set(after) and len(after) == len(before) + 3
+    new = [r for r in children("FINISHED") if r.data.tags[study.POINT_TAG] not in before]
+    assert {r.data.params["probe"] for r in new} == {"linear"}
+    assert {r.data.params["linear.epochs"] for r in new} == {"3"}
+    assert all("linear.epochs=3" in r.data.tags[study.POINT_TAG] for r in new)
+    # Going back to the first setting finds its points complete.
+    path.write_text(path.read_text().replace("linear: {epochs: 3}", "linear: {epochs: 2}"))
+    assert "already complete" in summary(grid("--epoch", "0"))
 
 
 def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
