@@ -14,7 +14,7 @@ import json
 import signal
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ __all__ = ["POINT_TAG", "STUDY_TAG", "Context", "RunOptions", "prepare", "run_st
 
 PARENT_WAIT_S = 20.0  # how long after a study's creation other workers wait for its parent run
 PARENT_ATTR = "mlflow_parent_run_id"
+DEFINITION_ATTR = "definition"  # the sweep-file document of the study's latest run
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,21 @@ class RunOptions:
         return scheduler.Policy(
             self.storage, self.max_retries, self.heartbeat_interval, self.grace_period
         )
+
+
+def study_config(
+    name: str, overrides: Mapping[str, list[str]], storage: str | None = None
+) -> sweep.StudyConfig:
+    """The study `name`: its sweep file, else the definition stored with it when it was run
+    (a study defined on the command line alone), with command-line axes replacing whole axes."""
+    base = sweep.load_study(name)
+    if base is None and Path(name).suffix not in (".yaml", ".yml"):
+        sweep.check_study_name(name, "--study")
+        board = scheduler.open_study(name, scheduler.Policy(storage), "maximize", create=False)
+        stored = board.attrs.get(DEFINITION_ATTR) if board is not None else None
+        if stored is not None:
+            base = sweep.parse_study(stored, f"the definition stored with study {name}")
+    return sweep.with_overrides(base, name, overrides)
 
 
 # --- backbones ------------------------------------------------------------------------------------
@@ -176,6 +192,7 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
     wait = 0.0 if board.created else max(0.0, PARENT_WAIT_S - board.age())
     parent = recorder.open_parent(*_parent_fields(cfg), wait_s=wait)
     board.set_attr(PARENT_ATTR, parent)
+    board.set_attr(DEFINITION_ATTR, sweep.to_document(cfg))
     return Context(cfg, opts, board, objective, recorder)
 
 

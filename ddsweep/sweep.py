@@ -464,6 +464,22 @@ def with_overrides(
     return dataclasses.replace(base, axes=dataclasses.replace(base.axes, **parsed))
 
 
+def to_document(cfg: StudyConfig) -> dict[str, Any]:
+    """The study as a sweep-file document (what `parse_study` reads back to an equal config):
+    stored with the study, so a study defined on the command line can be found by name."""
+
+    def changed(value: Any, default: Any) -> dict[str, Any]:
+        pairs = dataclasses.asdict(value).items()
+        return {k: v for k, v in pairs if getattr(default, k) != v and k != "settings"}
+
+    axes = {k: list(v) for k, v in dataclasses.asdict(cfg.axes).items() if v}
+    probe: dict[str, Any] = {n: dataclasses.asdict(v) for n, v in cfg.probe.settings}
+    probe.update(changed(cfg.probe, ProbeConfig()))
+    train = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.train}
+    doc = {"study": cfg.study, "kind": cfg.kind, "axes": axes, "probe": probe, "train": train}
+    return {**doc, "fid": changed(cfg.fid, FIDConfig())}
+
+
 # --- the grid -----------------------------------------------------------------------------------
 
 Backbone3 = tuple[str, int, bool]  # (dataset, resolution, attention)
