@@ -1,40 +1,15 @@
-"""Exactly-once grid studies on Optuna: claim a point, step back, adopt, retry, heartbeat,
-workers. The only module that imports Optuna; it knows points as ids and params, nothing of
-probes, FID or MLflow.
-
-A trial's params are the point's settings (categorical, int or bool), so `optuna-dashboard` and
-`optuna.visualization` show the grid by axis. Exactly once, in the order things happen in a trial:
-1. The trial takes its point (the grid sampler, or an enqueued retry) and the point becomes
-   visible in the storage as the trial's params while the trial is RUNNING.
-2. Only then it reads the storage: if another trial holds the same point and is COMPLETE, or
-   RUNNING with a fresh heartbeat, this trial steps back (PRUNED, attribute `duplicate_of`).
-   Two racing trials each write before they read, so at least one sees the other; both may step
-   back, never both run. A point left without a trial that way is enqueued again.
-3. Before evaluating, the evaluator may adopt a result already recorded for the point (a worker
-   killed after recording, before telling Optuna) instead of evaluating again.
-A trial that raises is FAIL with the error as attribute; the next run retries it, up to
-`max_retries`. A trial whose heartbeat stops (SIGKILL, lost machine) is marked FAIL after the
-grace period and retried by any worker.
-
-Studies begun by ddsweep 0.1 keep working: their trials hold one opaque `point` param and the
-point's positional id as attribute, which the grid maps to today's ids (`Grid.legacy`), so their
-finished points count as finished and are never run again.
-"""
+"""Handing out the points of a grid exactly once: the grid sampler and the study loop."""
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import random
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
@@ -42,239 +17,16 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from ddsweep.errors import UserError, first_line, redact
+from ddsweep.errors import UserError, first_line
 from ddsweep.points import id_of
+from ddsweep.scheduler.storage import make_storage
+from ddsweep.scheduler.trials import Heartbeat, Tally, fail_stale, is_fresh, tally, trial_point
+from ddsweep.scheduler.types import Evaluator, Grid, Outcome, Policy
 
-HEARTBEAT_ATTR = "heartbeat"
 CREATED_ATTR = "created_at"
 CHOICES_ATTR = "choices"  # the categorical params' choices, fixed when the study is created
 INT_HIGH = 2**31 - 1
 Direction = Literal["minimize", "maximize"]
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How a study is run: where it is stored and how trials are retried and watched."""
-
-    storage: str | None = None  # None: a journal file under .ddsweep/optuna/
-    max_retries: int = 2
-    heartbeat_interval: int = 10
-    grace_period: int = 60
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The points to run: {point id: trial params} in hand-out order, and for each categorical
-    param the values it may take beyond the grid's own (so a grid that grows within them keeps
-    one Optuna distribution)."""
-
-    params: dict[str, dict[str, Any]]
-    vocabulary: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # Ids of ddsweep 0.1's trials, which held one opaque `point` param and the id as attribute.
-    legacy: Mapping[str, str] = field(default_factory=dict)
-    # How people read a point (the trial attribute `point_id`), when not its params' id.
-    names: Mapping[str, str] = field(default_factory=dict)
-
-    def name(self, pid: str) -> str:
-        return self.names.get(pid, pid)
-
-    @property
-    def ids(self) -> list[str]:
-        return list(self.params)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What evaluating (or adopting) a point gave: the objective value and trial attributes."""
-
-    value: float
-    attrs: Mapping[str, Any] = field(default_factory=dict)
-
-
-class Evaluator(Protocol):
-    """What the scheduler asks of the study it runs, one point at a time."""
-
-    def adopt(self, pid: str) -> Outcome | None:
-        """The outcome of `pid` already recorded by an earlier worker, if any."""
-
-    def evaluate(self, pid: str, trial_number: int) -> Outcome:
-        """Evaluate `pid` and record it; raising marks the trial FAIL."""
-
-    def fail(self, pid: str, trial_number: int, message: str) -> None:
-        """Record that evaluating `pid` raised `message`."""
-
-
-# --- storage --------------------------------------------------------------------------------
-
-
-def default_storage_path(study: str) -> Path:
-    """The local journal file of a study: $DDSWEEP_HOME/optuna/NAME.journal (.ddsweep/...)."""
-    root = Path(os.environ.get("DDSWEEP_HOME") or ".ddsweep")
-    return root / "optuna" / f"{study}.journal"
-
-
-def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:
-    """Journal file storage by default (several processes on one machine), or an RDB URL with
-    Optuna's heartbeat (several machines)."""
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    url = policy.storage
-    if url is None or url.endswith(".journal") or url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:")) if url else default_storage_path(study)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:") and "mlflow.db" in url:
-        raise UserError(
-            "--storage must not be MLflow's database: both keep an alembic_version table; "
-            "use another file or the default journal"
-        )
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=policy.heartbeat_interval, grace_period=policy.grace_period
-        )
-    except Exception as err:  # bad URL, server down, missing driver: all the user's to fix
-        raise UserError(f"cannot open Optuna storage {redact(url)}: {first_line(err)}") from err
-
-
-def uses_rdb_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
-    """Whether Optuna's own heartbeat is on (RDBStorage with heartbeat_interval).
-
-    A study holds its RDBStorage wrapped in Optuna's `_CachedStorage`, which forwards the
-    heartbeat: ask the storage, not its class."""
-    interval = getattr(storage, "get_heartbeat_interval", None)
-    return callable(interval) and interval() is not None
-
-
-# --- what a trial holds ------------------------------------------------------------------------
-
-
-def trial_params(t: FrozenTrial) -> dict[str, Any]:
-    """The params a trial holds, or the fixed params of an enqueued one."""
-    return dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
-
-
-def trial_point(t: FrozenTrial, legacy: Mapping[str, str] | None = None) -> str | None:
-    """The id of the point a trial holds, None when it holds none (yet). A trial of ddsweep 0.1
-    holds one opaque `point` param and its id as attribute: `legacy` maps those ids."""
-    params = trial_params(t)
-    if "point" in params:
-        return (legacy or {}).get(str(t.user_attrs.get("point_id")))
-    return id_of(params) if params else None
-
-
-def last_beat(t: FrozenTrial) -> float:
-    """When a RUNNING trial last showed life (its heartbeat attribute, else its start)."""
-    beat = t.user_attrs.get(HEARTBEAT_ATTR)
-    start = t.datetime_start.timestamp() if t.datetime_start else time.time()
-    return max(float(beat), start) if beat is not None else start
-
-
-def is_fresh(t: FrozenTrial, grace: float, now: float | None = None) -> bool:
-    """A RUNNING trial whose worker is alive, as far as its heartbeat tells."""
-    return (now or time.time()) - last_beat(t) <= grace
-
-
-@dataclass
-class Tally:
-    """What the storage says about every point."""
-
-    complete: set[str]
-    running: set[str]
-    waiting: set[str]
-    failures: Counter[str]
-    visited: set[str]  # points with a trial in any state
-    last_error: dict[str, str]  # point -> error of its latest FAIL trial
-
-    def left(self, ids: list[str]) -> list[str]:
-        """Points with no COMPLETE trial."""
-        return [p for p in ids if p not in self.complete]
-
-    def state(self, pid: str) -> str:
-        """complete, running, failed or left."""
-        if pid in self.complete:
-            return "complete"
-        if pid in self.running:
-            return "running"
-        return "failed" if self.failures[pid] else "left"
-
-
-def tally(study: optuna.Study, grace: float, legacy: Mapping[str, str] | None = None) -> Tally:
-    """Count trials per point: complete, running (fresh), waiting, failed."""
-    t = Tally(set(), set(), set(), Counter(), set(), {})
-    now = time.time()
-    for tr in study.get_trials(deepcopy=False):  # in trial-number order: the last error wins
-        pid = trial_point(tr, legacy)
-        if pid is None:
-            continue
-        t.visited.add(pid)
-        if tr.state == TrialState.COMPLETE:
-            t.complete.add(pid)
-        elif tr.state == TrialState.RUNNING and is_fresh(tr, grace, now):
-            t.running.add(pid)
-        elif tr.state == TrialState.WAITING:
-            t.waiting.add(pid)
-        elif tr.state == TrialState.FAIL:
-            t.failures[pid] += 1
-            t.last_error[pid] = str(tr.user_attrs.get("error", "stale"))
-    return t
-
-
-def fail_stale(study: optuna.Study, grace: float) -> int:
-    """Mark RUNNING trials whose heartbeat stopped as FAIL (Optuna's own check on RDB)."""
-    storage = study._storage
-    if uses_rdb_heartbeat(storage):
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-        optuna.storages.fail_stale_trials(study)
-        return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
-    n = 0
-    now = time.time()
-    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if is_fresh(tr, grace, now):
-            continue
-        try:
-            storage.set_trial_user_attr(
-                tr._trial_id, "error", f"stale: no heartbeat for {grace:.0f} s (worker died?)"
-            )
-            if storage.set_trial_state_values(tr._trial_id, TrialState.FAIL):
-                n += 1
-        except Exception:  # another worker marked it first
-            continue
-    return n
-
-
-class Heartbeat:
-    """A thread that tells the storage this trial's worker is alive."""
-
-    def __init__(self, study: optuna.Study, trial_id: int, interval: float) -> None:
-        self.study, self.trial_id, self.interval = study, trial_id, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def beat(self) -> bool:
-        """Record one heartbeat; False once the trial has ended."""
-        storage = self.study._storage
-        try:
-            if uses_rdb_heartbeat(storage):
-                storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
-            storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
-        except Exception:  # the trial ended meanwhile
-            return False
-        return True
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval) and self.beat():
-            pass
-
-    def __enter__(self) -> Heartbeat:
-        # Beat at once: Optuna's RDB stale check skips a trial that has never beaten, so a
-        # worker killed within its first interval would leave a trial RUNNING forever.
-        self.beat()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # --- handing out points ------------------------------------------------------------------------
@@ -573,35 +325,3 @@ def open_study(
         return GridStudy(optuna.load_study(study_name=name, storage=storage), policy, False)
     study.set_user_attr(CREATED_ATTR, time.time())
     return GridStudy(study, policy, True)
-
-
-# --- workers -------------------------------------------------------------------------------------
-
-
-def share_cores(workers: int) -> None:
-    """Give each of `workers` local processes its share of the cores: torch's intra-op threads
-    spin against each other otherwise (measured here: a linear probe 3 s alone, 59-105 s with
-    two 2-thread processes on 2 cores)."""
-    import torch
-
-    if workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-
-
-def spawn_workers(n: int, target: Callable[..., None], args: tuple[Any, ...]) -> list[Any]:
-    """Start `n` fresh worker processes running target(*args)."""
-    spawn = mp.get_context("spawn")
-    procs = []
-    for _ in range(max(0, n)):
-        p = spawn.Process(target=target, args=args, daemon=False)
-        p.start()
-        procs.append(p)
-    return procs
-
-
-def stop_workers(procs: list[Any]) -> None:
-    """Wait for workers; any still alive (the main worker was interrupted) is terminated."""
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(5)

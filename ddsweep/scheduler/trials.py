@@ -1,0 +1,151 @@
+"""What a trial holds and whether its worker lives: the point it claims, counts per point,
+stale trials, and the heartbeat thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ddsweep.points import id_of
+from ddsweep.scheduler.storage import uses_rdb_heartbeat
+
+HEARTBEAT_ATTR = "heartbeat"
+
+
+# --- what a trial holds ------------------------------------------------------------------------
+
+
+def trial_params(t: FrozenTrial) -> dict[str, Any]:
+    """The params a trial holds, or the fixed params of an enqueued one."""
+    return dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
+
+
+def trial_point(t: FrozenTrial, legacy: Mapping[str, str] | None = None) -> str | None:
+    """The id of the point a trial holds, None when it holds none (yet). A trial of ddsweep 0.1
+    holds one opaque `point` param and its id as attribute: `legacy` maps those ids."""
+    params = trial_params(t)
+    if "point" in params:
+        return (legacy or {}).get(str(t.user_attrs.get("point_id")))
+    return id_of(params) if params else None
+
+
+def last_beat(t: FrozenTrial) -> float:
+    """When a RUNNING trial last showed life (its heartbeat attribute, else its start)."""
+    beat = t.user_attrs.get(HEARTBEAT_ATTR)
+    start = t.datetime_start.timestamp() if t.datetime_start else time.time()
+    return max(float(beat), start) if beat is not None else start
+
+
+def is_fresh(t: FrozenTrial, grace: float, now: float | None = None) -> bool:
+    """A RUNNING trial whose worker is alive, as far as its heartbeat tells."""
+    return (now or time.time()) - last_beat(t) <= grace
+
+
+@dataclass
+class Tally:
+    """What the storage says about every point."""
+
+    complete: set[str]
+    running: set[str]
+    waiting: set[str]
+    failures: Counter[str]
+    visited: set[str]  # points with a trial in any state
+    last_error: dict[str, str]  # point -> error of its latest FAIL trial
+
+    def left(self, ids: list[str]) -> list[str]:
+        """Points with no COMPLETE trial."""
+        return [p for p in ids if p not in self.complete]
+
+    def state(self, pid: str) -> str:
+        """complete, running, failed or left."""
+        if pid in self.complete:
+            return "complete"
+        if pid in self.running:
+            return "running"
+        return "failed" if self.failures[pid] else "left"
+
+
+def tally(study: optuna.Study, grace: float, legacy: Mapping[str, str] | None = None) -> Tally:
+    """Count trials per point: complete, running (fresh), waiting, failed."""
+    t = Tally(set(), set(), set(), Counter(), set(), {})
+    now = time.time()
+    for tr in study.get_trials(deepcopy=False):  # in trial-number order: the last error wins
+        pid = trial_point(tr, legacy)
+        if pid is None:
+            continue
+        t.visited.add(pid)
+        if tr.state == TrialState.COMPLETE:
+            t.complete.add(pid)
+        elif tr.state == TrialState.RUNNING and is_fresh(tr, grace, now):
+            t.running.add(pid)
+        elif tr.state == TrialState.WAITING:
+            t.waiting.add(pid)
+        elif tr.state == TrialState.FAIL:
+            t.failures[pid] += 1
+            t.last_error[pid] = str(tr.user_attrs.get("error", "stale"))
+    return t
+
+
+def fail_stale(study: optuna.Study, grace: float) -> int:
+    """Mark RUNNING trials whose heartbeat stopped as FAIL (Optuna's own check on RDB)."""
+    storage = study._storage
+    if uses_rdb_heartbeat(storage):
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        optuna.storages.fail_stale_trials(study)
+        return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+    n = 0
+    now = time.time()
+    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if is_fresh(tr, grace, now):
+            continue
+        try:
+            storage.set_trial_user_attr(
+                tr._trial_id, "error", f"stale: no heartbeat for {grace:.0f} s (worker died?)"
+            )
+            if storage.set_trial_state_values(tr._trial_id, TrialState.FAIL):
+                n += 1
+        except Exception:  # another worker marked it first
+            continue
+    return n
+
+
+class Heartbeat:
+    """A thread that tells the storage this trial's worker is alive."""
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float) -> None:
+        self.study, self.trial_id, self.interval = study, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def beat(self) -> bool:
+        """Record one heartbeat; False once the trial has ended."""
+        storage = self.study._storage
+        try:
+            if uses_rdb_heartbeat(storage):
+                storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+            storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+        except Exception:  # the trial ended meanwhile
+            return False
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval) and self.beat():
+            pass
+
+    def __enter__(self) -> Heartbeat:
+        # Beat at once: Optuna's RDB stale check skips a trial that has never beaten, so a
+        # worker killed within its first interval would leave a trial RUNNING forever.
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
