@@ -173,6 +173,26 @@ def _weights_hash(folder: Path, weights: str) -> str:
         raise UserError(f"cannot read the weights in {folder}: {err}") from err
 
 
+class _LazyUNet:
+    """The backbone's U-Net, loaded on first call only: a full cache hit never loads it, and
+    `pixels` alone never need it."""
+
+    def __init__(self, backbone: Backbone | None, weights: str, resolution: int) -> None:
+        self.backbone, self.weights, self.resolution = backbone, weights, resolution
+        self.unet: torch.nn.Module | None = None
+
+    def __call__(self) -> torch.nn.Module | None:
+        if self.backbone is None or self.unet is not None:
+            return self.unet
+        unet = checkpoints.load_unet(self.backbone.folder, self.weights)  # type: ignore[arg-type]
+        if unet.config.sample_size != self.resolution:
+            raise UserError(
+                f"the backbone was built for {unet.config.sample_size} px, not {self.resolution} px"
+            )
+        self.unet = unet.to("cuda" if torch.cuda.is_available() else "cpu")
+        return self.unet
+
+
 def split_features(
     backbone: Backbone | None,
     dataset: str,
@@ -185,8 +205,8 @@ def split_features(
     *,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], float, int]:
-    """({split: {block: (features, labels)}} for train and test, seconds spent extracting, and
-    the number of passes of the backbone over a split that this call ran).
+    """({split: {block: (features, labels)}} for train and test (and a dataset's own val),
+    seconds spent extracting, and the passes of the backbone over a split this call ran).
 
     Every block missing from the cache is filled by one pass over each split. `backbone` may be
     None when only `pixels` is asked for.
@@ -194,31 +214,8 @@ def split_features(
     needs_net = any(b != PIXELS for b in blocks)
     if needs_net and backbone is None:
         raise UserError("a backbone is needed for U-Net blocks: pass --run or --backbone")
-    ckpt_hash = (
-        _weights_hash(backbone.folder, cfg.weights)  # type: ignore[union-attr]
-        if needs_net
-        else "pixels"
-    )
-    unet_cache: list[torch.nn.Module] = []
-
-    def load() -> torch.nn.Module | None:
-        """The U-Net, loaded on first use only (a full cache hit never loads it)."""
-        if not needs_net:
-            return None  # pixels never run the network
-        if not unet_cache:
-            assert backbone is not None
-            unet = checkpoints.load_unet(backbone.folder, cfg.weights)  # type: ignore[arg-type]
-            if unet.config.sample_size != resolution:
-                raise UserError(
-                    f"the backbone was built for {unet.config.sample_size} px, not {resolution} px"
-                )
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            unet_cache.append(unet.to(device))
-        return unet_cache[0]
-
-    out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    seconds = 0.0
-    passes = 0
+    ckpt_hash = _weights_hash(backbone.folder, cfg.weights) if backbone and needs_net else "pixels"
+    load = _LazyUNet(backbone if needs_net else None, cfg.weights, resolution)
     # On CUDA the network runs in bf16 autocast; its features are cached apart from float32 ones.
     precision = "bf16" if torch.cuda.is_available() else "fp32"
     req = FeatureRequest(
@@ -229,28 +226,17 @@ def split_features(
         noise_draws=cfg.noise_draws,
         precision=precision,
     )
+    out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    seconds, passes = 0.0, 0
     for split in probe_splits(dataset, cfg):
-        ds = functools.partial(  # opened only when the cache misses
-            data.labelled_split,
-            dataset,
-            split,
-            resolution,
-            data_dir,
-            flowers_add_val=cfg.flowers_add_val,
+        add_val = cfg.flowers_add_val
+        # The split is opened only when the cache misses.
+        ds = functools.partial(
+            data.labelled_split, dataset, split, resolution, data_dir, flowers_add_val=add_val
         )
-        fp = data.split_fingerprint(dataset, split, resolution, flowers_add_val=cfg.flowers_add_val)
-        feats, secs, ran = cached_features(
-            load,
-            ckpt_hash,
-            cfg.weights,
-            ds,
-            fp,
-            resolution,
-            req,
-            cache,
-            on_batch=on_batch,
-        )
-        out[split] = feats
+        fp = data.split_fingerprint(dataset, split, resolution, flowers_add_val=add_val)
+        args = (load, ckpt_hash, cfg.weights, ds, fp, resolution, req, cache)
+        out[split], secs, ran = cached_features(*args, on_batch=on_batch)
         seconds += secs
         passes += int(ran and needs_net)
     return out, seconds, passes
