@@ -1,5 +1,6 @@
-"""One grid point: a backbone checkpoint, cached block features of the train and test splits,
-and a probe fitted on the first and scored on the second."""
+"""One grid point: a backbone checkpoint, cached block features of its splits, and a probe
+fitted on train and scored on test (the reported number), and fitted on train minus a
+validation split and scored on it (what choices are made on); per-example predictions of both."""
 
 from __future__ import annotations
 
