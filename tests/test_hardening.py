@@ -8,11 +8,12 @@ import pickle
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from sqlalchemy.engine import make_url
 
-from ddsweep import fid
+from ddsweep import data, fid
 from ddsweep.errors import UserError, first_line, redact
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -203,3 +204,123 @@ def test_torch_fidelity_is_never_left_to_find_the_weights_itself(
     fid.make_metric(64, None)
     loaded_by_library = [p for p in seen if p.endswith(fid.INCEPTION_FILE)]
     assert loaded_by_library and all(str(cached) != p for p in loaded_by_library)
+
+
+def test_a_planted_cifar10_batch_never_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # torchvision unpickles CIFAR-10's batches, but only after their MD5 matched the published
+    # ones: a planted batch fails that check, and offline the user gets one UserError line.
+    import torchvision.datasets.cifar as cifar
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", no_network)
+    marker = tmp_path / "pwned"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    for name in names:
+        plant(tmp_path / "data" / "cifar-10-batches-py" / name, marker, as_torch=False)
+    for split in ("train", "test"):
+        with pytest.raises(UserError, match="cifar10 is not in") as err:
+            data.labelled_split("cifar10", split, 32, tmp_path / "data")  # type: ignore[arg-type]
+        assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+# --- folder datasets that cannot lie ----------------------------------------------------------------
+
+
+def save_png(path: Path, value: int = 100, *, mode: str = "RGB", size: int = 8) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        pixels = np.full((size, size), value, dtype=np.uint16)
+        Image.fromarray(pixels).save(path)  # uint16: mode I;16
+    else:
+        Image.new(mode, (size, size), value if mode != "RGB" else (value,) * 3).save(path)
+
+
+def image_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 2) -> str:
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            for i in range(per_class):
+                save_png(root / split / name / f"{i}.png", 40 * c + 10 * i)
+    return f"folder:{root}"
+
+
+@pytest.mark.parametrize("where", ["loop", "out-of-root", "class-folder"])
+def test_a_folder_dataset_with_a_link_is_refused(where: str, tmp_path: Path) -> None:
+    name = image_tree(tmp_path / "ds")
+    train = tmp_path / "ds" / "train"
+    outside = tmp_path / "elsewhere"
+    save_png(outside / "secret.png")
+    if where == "loop":  # the issue's case: every image again, under "cat"
+        link = train / "cat" / "again"
+        link.symlink_to(train, target_is_directory=True)
+    elif where == "out-of-root":
+        link = train / "dog" / "secret.png"
+        link.symlink_to(outside / "secret.png")
+    else:  # a class folder that is a link: the test split's images under train
+        (train / "dog").rename(tmp_path / "dog")
+        link = train / "dog"
+        link.symlink_to(tmp_path / "dog", target_is_directory=True)
+    for call in (
+        lambda: data.labelled_split(name, "train", 8, tmp_path),
+        lambda: data.training_set(name, 8, tmp_path),
+        lambda: data.split_fingerprint(name, "train", 8),
+    ):
+        with pytest.raises(UserError, match="symbolic link") as err:
+            call()
+        assert str(link) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("level", "expected"), [(32768, 0.0), (65535, 1.0), (0, -1.0)])
+def test_a_16_bit_png_keeps_its_grey_level(level: int, expected: float, tmp_path: Path) -> None:
+    name = image_tree(tmp_path / "ds")
+    save_png(tmp_path / "ds" / "test" / "cat" / "deep.png", level, mode="I;16")
+    split = data.labelled_split(name, "test", 8, tmp_path)
+    paths = [p for p, _ in split.samples]  # type: ignore[attr-defined]
+    image, label = split[paths.index(str(tmp_path / "ds" / "test" / "cat" / "deep.png"))]
+    assert label == 0
+    # 32768 is mid-grey, not white: RGB conversion alone clips everything above 255.
+    assert torch.allclose(image, torch.full_like(image, expected), atol=1 / 127)
+
+
+@pytest.mark.parametrize("classes", [("cat",), ("only",)])
+def test_a_one_class_folder_dataset_is_refused(classes: tuple[str, ...], tmp_path: Path) -> None:
+    name = image_tree(tmp_path / "ds", classes)
+    with pytest.raises(UserError, match="at least two classes") as err:
+        data.dataset_info(name)
+    assert "100 %" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "content", [b"this is not a png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b""]
+)
+def test_a_corrupt_image_is_one_user_error_naming_it(content: bytes, tmp_path: Path) -> None:
+    name = image_tree(tmp_path / "ds")
+    bad = tmp_path / "ds" / "train" / "dog" / "broken.png"
+    bad.write_bytes(content)
+    split = data.labelled_split(name, "train", 8, tmp_path)
+    loader = torch.utils.data.DataLoader(split, batch_size=8)
+    with pytest.raises(UserError, match="not a readable image") as err:
+        list(loader)
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_folder_fingerprint_covers_content_and_only_what_is_loaded(tmp_path: Path) -> None:
+    name = image_tree(tmp_path / "ds")
+    image = tmp_path / "ds" / "train" / "cat" / "flat.bmp"  # BMP: its size is its shape
+    save_png(image, 10)
+    before = data.split_fingerprint(name, "train", 8)
+    # Ignored by ImageFolder: not an image, or not inside a class folder.
+    (tmp_path / "ds" / "train" / "notes.txt").write_text("hello")
+    (tmp_path / "ds" / "train" / "cat" / "README").write_text("hello")
+    assert data.split_fingerprint(name, "train", 8) == before
+    # Same size, other pixels: another split.
+    size = image.stat().st_size
+    save_png(image, 11)
+    assert image.stat().st_size == size
+    assert data.split_fingerprint(name, "train", 8) != before
