@@ -505,10 +505,11 @@ def _strict_loader() -> type:
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 try:
-                    first = seen.setdefault(key, line)
+                    first = seen.get(key)
                 except TypeError:  # an unhashable key: PyYAML's own error says so
                     continue
-                if first != line:
+                seen[key] = line
+                if first is not None:
                     raise _YAMLRefused(
                         f"line {line}: duplicate key {key!r} (first at line {first}); "
                         "give each key once"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import time
 import urllib.error
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from sqlalchemy.engine import make_url
 
-from ddsweep import data, fid
+from ddsweep import data, fid, sweep
 from ddsweep.errors import UserError, first_line, redact
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -324,3 +325,128 @@ def test_the_folder_fingerprint_covers_content_and_only_what_is_loaded(tmp_path:
     save_png(image, 11)
     assert image.stat().st_size == size
     assert data.split_fingerprint(name, "train", 8) != before
+
+
+# --- bounded inputs ---------------------------------------------------------------------------------
+
+
+def write_sweep(folder: Path, text: str, name: str = "s") -> str:
+    (folder / "sweeps").mkdir(exist_ok=True)
+    (folder / "sweeps" / f"{name}.yaml").write_text(text)
+    return name
+
+
+@pytest.mark.parametrize(
+    ("axis", "raw"),
+    [
+        ("epoch", "0:1000000000:1"),  # the example: it filled the host's memory
+        ("noise_step", {"start": 0, "stop": 10**30}),
+        ("k", ["1:60000", "60001:120000"]),  # two ranges, each under the limit
+    ],
+)
+def test_an_axis_over_the_limit_is_refused_before_it_is_built(axis: str, raw: object) -> None:
+    with pytest.raises(UserError, match="limit of 100,000") as err:
+        sweep.parse_axis(axis, raw, sweep.CLI_SOURCE)
+    assert sweep.MAX_POINTS_ENV in str(err.value)
+
+
+def test_the_limit_is_overridable_and_the_parser_is_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sweep.MAX_POINTS_ENV, "2000000")
+    started = time.perf_counter()
+    epochs = sweep.parse_axis("epoch", ["0:1000000:1", "0:1000000:2"], sweep.CLI_SOURCE)
+    assert len(epochs) == 1_000_001 and epochs[:3] == (0, 1, 2)
+    assert time.perf_counter() - started < 10  # the quadratic parser took minutes
+    monkeypatch.setenv(sweep.MAX_POINTS_ENV, "many")
+    with pytest.raises(UserError, match="DDSWEEP_MAX_POINTS='many'"):
+        sweep.parse_axis("epoch", "0:10", sweep.CLI_SOURCE)
+
+
+def test_a_grid_over_the_limit_is_refused_from_yaml_and_the_command_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # Each axis fits; their product (3,000 epochs x 9 blocks x 2 probes x 1,000 steps) does not.
+    name = write_sweep(
+        tmp_path, "study: s\naxes:\n  dataset: [digits]\n  epoch: '1:3000'\n  noise_step: '0:999'\n"
+    )
+    with pytest.raises(UserError, match=r"grid of study s has [\d,]+ points"):
+        sweep.load_study(name)
+    with pytest.raises(UserError, match="the grid of study cli has"):
+        sweep.with_overrides(
+            None, "cli", {"dataset": ["digits"], "epoch": ["1:3000"], "noise_step": ["0:999"]}
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("study: s\naxes:\n  dataset: [digits]\n  epoch: [0]\n  epoch: [5]\n", "epoch", 5),
+        ("study: s\nstudy: t\naxes: {dataset: [digits]}\n", "study", 2),
+        ("study: s\naxes: {dataset: [digits]}\nprobe:\n  linear: {lr: 0.1, lr: 0.2}\n", "lr", 4),
+    ],
+)
+def test_a_duplicate_yaml_key_is_refused_with_file_key_and_line(
+    text: str, key: str, line: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    name = write_sweep(tmp_path, text)
+    with pytest.raises(UserError) as err:
+        sweep.load_study(name)
+    message = str(err.value)
+    assert f"sweeps/{name}.yaml" in message
+    assert f"duplicate key {key!r}" in message and f"line {line}" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"study: s\n\x00\xff\xfe binary\x89PNG", "not a UTF-8 text file"),
+        (("x: " + "[" * 5000 + "]" * 5000 + "\n").encode(), "nested deeper than"),
+        (("x:\n" + "".join(" " * i + f"a{i}:\n" for i in range(1, 60))).encode(), "nested deeper"),
+        (b"# " + b"x" * (2 << 20) + b"\n", "too large for a sweep file"),
+    ],
+    ids=["binary", "deep-flow", "deep-block", "huge"],
+)
+def test_binary_deep_or_huge_yaml_is_one_user_error(
+    content: bytes, words: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "s.yaml").write_bytes(content)
+    with pytest.raises(UserError, match=words) as err:
+        sweep.load_study("s")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("length", [101, 249, 5000])
+def test_a_study_name_too_long_for_a_file_name_is_refused(
+    length: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    long_name = "s" * length
+    with pytest.raises(UserError, match=f"{length} characters is too long") as err:
+        sweep.with_overrides(None, long_name, {"dataset": ["digits"]})
+    assert long_name not in str(err.value)
+    write_sweep(tmp_path, f"study: {long_name}\naxes: {{dataset: [digits]}}\n")
+    with pytest.raises(UserError, match="too long"):
+        sweep.load_study("s")
+    assert sweep.check_study_name("s" * 100, "--study") == "s" * 100
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_training_lr_is_refused(lr: float) -> None:
+    from ddsweep.train import TrainConfig, validate
+
+    with pytest.raises(UserError, match="--lr must be a positive finite number"):
+        validate(TrainConfig(lr=lr))
+
+
+@pytest.mark.parametrize("lr", [".nan", ".inf", "-.inf", "'nan'", "'1e999'"])
+def test_a_non_finite_lr_in_a_sweep_file_is_refused(
+    lr: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for section in ("probe:\n  linear:\n    lr: ", "train:\n  lr: "):
+        write_sweep(tmp_path, f"study: s\naxes: {{dataset: [digits]}}\n{section}{lr}\n")
+        with pytest.raises(UserError, match="must be a number"):
+            sweep.load_study("s")
