@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets as tv_datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, first_line
 
 Split = Literal["train", "test", "val"]  # val: Flowers-102's own validation split only
 Item = tuple[torch.Tensor, int]
@@ -325,6 +328,8 @@ def _folder_layout(name: str) -> tuple[Path, list[str]]:
     layout = f"{FOLDER_PREFIX}{root} must hold train/<class>/<images> and test/<class>/<images>"
     classes: dict[str, list[str]] = {}
     for split in ("train", "test"):
+        if (root / split).is_symlink():
+            raise UserError(_link_refused(root / split))
         if not (root / split).is_dir():
             raise UserError(f"{layout}, but {root / split} is not a folder")
         classes[split] = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
@@ -335,21 +340,105 @@ def _folder_layout(name: str) -> tuple[Path, list[str]]:
             f"{layout} with the same class subfolders, but train has {classes['train']} "
             f"and test has {classes['test']}"
         )
+    if len(classes["train"]) < 2:
+        # One class: every probe scores 100 %, which says nothing about the features.
+        raise UserError(
+            f"{layout} with at least two classes, but it has only {classes['train']}: "
+            "a probe of one class always scores 100 %"
+        )
     return root, classes["train"]
 
 
-def _image_folder(name: str, split: str, transform: v2.Compose) -> Dataset[Item]:
-    """torchvision's ImageFolder over PATH/split (its loader already converts to RGB)."""
-    root, _ = _folder_layout(name)
+def _link_refused(path: Path) -> str:
+    return (
+        f"{path} is a symbolic link: a folder: dataset follows no links (one could repeat "
+        "images under another class or leave the folder); copy the files in instead"
+    )
+
+
+def _folder_files(split_root: Path) -> list[Path]:
+    """The files ImageFolder loads from `split_root` (images with its extensions, in class
+    subfolders, at any depth), sorted; UserError for a link or a file that is not a regular one.
+
+    ImageFolder itself walks with followlinks=True: a link to a parent folder repeats every image
+    under it (with the label of the folder holding the link), a link out of the tree reads files
+    the fingerprint does not name. No link is allowed, so its walk and this one agree."""
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(split_root, followlinks=False):
+        here = Path(dirpath)
+        for entry in (*dirnames, *filenames):
+            if (here / entry).is_symlink():
+                raise UserError(_link_refused(here / entry))
+        if here == split_root:
+            continue  # ImageFolder reads only inside class folders
+        for entry in filenames:
+            if has_file_allowed_extension(entry, IMG_EXTENSIONS):
+                path = here / entry
+                if not path.is_file():  # a FIFO or device would block or never end
+                    raise UserError(f"{path} is not a regular file; remove it")
+                files.append(path)
+    return sorted(files)
+
+
+def _load_image(path: str) -> Image.Image:
+    """One image of a folder: dataset as 8-bit RGB; UserError naming a file PIL cannot read.
+
+    16-bit images (PIL modes I;16 and I) are scaled to 8 bits: PIL's own convert("RGB"), which
+    ImageFolder's loader uses, clips every value above 255 to white."""
     try:
-        return tv_datasets.ImageFolder(root / split, transform=transform)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in _SIXTEEN_BIT:
+                levels = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
+                gray = np.clip(np.rint(levels), 0, 255).astype(np.uint8)
+                return Image.fromarray(gray).convert("RGB")  # uint8: mode L
+            if img.mode == "F":
+                raise UserError(
+                    f"{path} holds 32-bit float pixels, whose range is unknown: save it as an "
+                    "8- or 16-bit image"
+                )
+            return img.convert("RGB")
+    # UnidentifiedImageError (not an image) and "image file is truncated" are OSErrors.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UserError(
+            f"{path} is not a readable image ({first_line(err)}): replace or remove it"
+        ) from err
+
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def _image_folder(name: str, split: str, transform: v2.Compose) -> Dataset[Item]:
+    """torchvision's ImageFolder over PATH/split, with links refused and a loader that keeps
+    16-bit images' levels and names a bad file."""
+    root, _ = _folder_layout(name)
+    _folder_files(root / split)
+    try:
+        return tv_datasets.ImageFolder(root / split, transform=transform, loader=_load_image)
     except FileNotFoundError as error:  # a class folder without images
         raise UserError(f"{name}: {error}; put at least one image in every class folder") from error
 
 
+# (folder, stat digest) -> content digest: a study asks for a split's fingerprint per trial.
+_CONTENT_DIGESTS: dict[tuple[str, str], str] = {}
+
+
 def _tree_digest(folder: Path) -> str:
-    """8 hex digits naming the relative paths and sizes of every file under `folder`."""
-    digest = hashlib.sha1()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\n".encode())
-    return digest.hexdigest()[:8]
+    """8 hex digits naming the content of every file ImageFolder loads from `folder`, under its
+    relative path (hence its class), and the way it is decoded."""
+    files = _folder_files(folder)
+    listing = hashlib.sha256(_LOADER_VERSION.encode())
+    for path in files:
+        st = path.stat()
+        listing.update(f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    key = (str(folder), listing.hexdigest())
+    if key not in _CONTENT_DIGESTS:
+        digest = hashlib.sha256(_LOADER_VERSION.encode())
+        for path in files:
+            digest.update(f"{path.relative_to(folder)}\0".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        _CONTENT_DIGESTS[key] = digest.hexdigest()[:8]
+    return _CONTENT_DIGESTS[key]
+
+
+_LOADER_VERSION = "folder-loader-2"  # 2: 16-bit images scaled, not clipped

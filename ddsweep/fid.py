@@ -27,6 +27,7 @@ import pickle
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ def _how_to_get_weights() -> str:
 
 def inception_weights_path(explicit: Path | None = None) -> Path | None:
     """The Inception weights file: `explicit` (--inception-weights), else $DDSWEEP_INCEPTION_WEIGHTS,
-    else None (torch-fidelity's download, cached by torch.hub)."""
+    else None (torch.hub's cache, downloaded there when absent: see `make_metric`)."""
     if explicit is not None:
         path, origin = Path(explicit), "--inception-weights"
     elif os.environ.get(WEIGHTS_ENV):
@@ -145,18 +146,55 @@ def inception_weights_path(explicit: Path | None = None) -> Path | None:
     return path
 
 
-def _check_weights_file(path: Path) -> None:
-    """UserError unless `path` holds tensors only. torch-fidelity loads the file with
-    weights_only=False (a full unpickle); a file that weights_only accepts is safe to unpickle."""
+def hub_weights_path() -> Path:
+    """Where torch.hub keeps the Inception weights ($TORCH_HOME/hub/checkpoints/...)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def _hub_weights() -> Path:
+    """The Inception weights in torch.hub's cache, downloaded there first when absent.
+
+    Downloaded here rather than by torch-fidelity, which would unpickle whatever file it finds
+    under that name with weights_only=False."""
+    cached = hub_weights_path()
+    if cached.is_file():
+        return cached
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        # download_url_to_file writes a temporary file and renames it: never a partial file.
+        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), progress=False)
+    except (OSError, RuntimeError, ValueError) as err:  # URLError is an OSError
+        raise UserError(
+            f"the Inception weights for FID are not in {cached.parent} and could not be "
+            f"downloaded ({first_line(err)}): {_how_to_get_weights()}"
+        ) from err
+    return cached
+
+
+def _check_weights_file(path: Path, hub: bool = False) -> bytes:
+    """The bytes of `path`, once torch.load(weights_only=True) has read them as a state dict of
+    tensors; else UserError naming the file. torch-fidelity loads its file with
+    weights_only=False (a full unpickle): it gets a private copy of exactly these bytes, so
+    nothing it unpickles was not checked, even if `path` changes meanwhile."""
+    fix = (
+        f"it is not the file torch.hub downloaded: delete it to download it again, or "
+        f"{_how_to_get_weights()}"
+        if hub
+        else _how_to_get_weights()
+    )
+    try:
+        blob = path.read_bytes()
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": our one line says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    # weights_only refuses any object but tensors and plain containers with UnpicklingError.
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
         raise UserError(
-            f"{path} is not a PyTorch state dict of tensors ({first_line(err)}): "
-            f"{_how_to_get_weights()}"
+            f"{path} is not a PyTorch state dict of tensors ({first_line(err)}); {fix}"
         ) from err
     if not isinstance(state, dict):
-        raise UserError(f"{path} is not a state dict: {_how_to_get_weights()}")
+        raise UserError(f"{path} is not a state dict; {fix}")
+    return blob
 
 
 def make_metric(
@@ -165,10 +203,11 @@ def make_metric(
     """torchmetrics' FrechetInceptionDistance taking images in [0, 1] (normalize=True).
 
     An int is the standard Inception pool of that many dims: its weights come from `weights`,
-    else torch.hub's cache, else a download; offline without them it is one UserError line.
-    A module must map float images [B,3,H,W] in [0,1] to features [B,D]; torchmetrics calls it
-    once at construction on a random (1, 3, 299, 299) image to learn D (unless it has an int
-    `num_features`). Download progress is not shown.
+    else torch.hub's cache, else a download into it; offline without them it is one UserError
+    line. Whichever file it is, it must pass torch.load(weights_only=True) before torch-fidelity
+    reads it. A module must map float images [B,3,H,W] in [0,1] to features [B,D]; torchmetrics
+    calls it once at construction on a random (1, 3, 299, 299) image to learn D (unless it has
+    an int `num_features`). Download progress is not shown.
     """
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -182,31 +221,26 @@ def make_metric(
             f"the Inception network gives {', '.join(map(str, INCEPTION_DIMS))} features, "
             f"not {feature}"
         )
-    if weights is not None:
-        _check_weights_file(weights)
+    hub = weights is None
+    path = _hub_weights() if weights is None else weights
+    blob = _check_weights_file(path, hub=hub)
     try:
-        # torch-fidelity prints its download line and progress bar to stderr; offline that
-        # would come before our one-line error.
-        with contextlib.redirect_stderr(io.StringIO()):
+        # Never None: torch-fidelity must not look in torch.hub's cache itself.
+        with tempfile.TemporaryDirectory(prefix="ddsweep-inception-") as private:
+            copy = Path(private) / INCEPTION_FILE
+            copy.write_bytes(blob)
+            del blob
             return FrechetInceptionDistance(
-                feature=feature,
-                normalize=True,
-                feature_extractor_weights_path=str(weights) if weights is not None else None,
+                feature=feature, normalize=True, feature_extractor_weights_path=str(copy)
             )
     except ModuleNotFoundError as err:
         raise UserError(
             "FID with the Inception network needs torch-fidelity: pip install torch-fidelity"
         ) from err
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
-        if weights is not None:
-            raise UserError(
-                f"{weights} is not the Inception weights file {INCEPTION_FILE} "
-                f"({first_line(err)}): {_how_to_get_weights()}"
-            ) from err
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise UserError(
-            f"the Inception weights for FID are not in {cached.parent} and could not be "
-            f"downloaded ({first_line(err)}): {_how_to_get_weights()}"
+            f"{path} is not the Inception weights file {INCEPTION_FILE} "
+            f"({first_line(err)}): {_how_to_get_weights()}"
         ) from err
 
 

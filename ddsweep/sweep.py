@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ddsweep import data, probes
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, first_line
 from ddsweep.evaluate import ProbeConfig, validate_probe_config
 from ddsweep.fid import FIDConfig
 from ddsweep.model import BLOCKS, PIXELS
@@ -51,6 +52,35 @@ TRAIN_KEYS: tuple[str, ...] = (
 )
 
 
+MAX_POINTS = 100_000  # per axis and per grid, unless DDSWEEP_MAX_POINTS says otherwise
+MAX_POINTS_ENV = "DDSWEEP_MAX_POINTS"
+MAX_NAME = 100  # a study name becomes a file name (and part of others): far below NAME_MAX
+MAX_SWEEP_BYTES = 1 << 20  # a sweep file is a page of YAML, not a data set
+MAX_YAML_DEPTH = 16  # the deepest real sweep file nests 3 levels (probe.linear.lr)
+
+
+def max_points() -> int:
+    """The most points an axis or a grid may have: $DDSWEEP_MAX_POINTS, else 100,000."""
+    raw = os.environ.get(MAX_POINTS_ENV, "").strip()
+    if not raw:
+        return MAX_POINTS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UserError(f"{MAX_POINTS_ENV}={raw!r} is not a positive integer")
+    return value
+
+
+def _too_many(count: int | None, what: str) -> str:
+    has = f"{count:,} points, more than" if count is not None else "more points than"
+    return (
+        f"{what} has {has} the limit of {max_points():,}: narrow it (e.g. a larger step), "
+        f"or raise the limit with {MAX_POINTS_ENV}=N"
+    )
+
+
 @dataclass(frozen=True)
 class Axes:
     """The eight axes; an empty `resolution` means each dataset's default, an empty `epoch`
@@ -86,6 +116,10 @@ class _Bad(Exception):
     """A value problem; the caller adds the file and key."""
 
 
+class _TooMany(_Bad):
+    """More values than `max_points()`; says its own fix."""
+
+
 def _as_bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -107,7 +141,7 @@ def _as_int(v: Any) -> int:
     raise _Bad(f"{v!r} is not an integer")
 
 
-def _int_range(v: Any) -> list[int]:
+def _int_range(v: Any) -> Sequence[int]:
     """{start, stop, step} (stop included) or 'start:stop:step' into a list of ints."""
     if isinstance(v, str) and ":" in v:
         parts = v.split(":")
@@ -123,7 +157,11 @@ def _int_range(v: Any) -> list[int]:
         start, stop, step = _as_int(v["start"]), _as_int(v["stop"]), _as_int(v.get("step", 1))
         if step <= 0 or stop < start:
             raise _Bad(f"empty range {start}..{stop} step {step}")
-        return list(range(start, stop + 1, step))
+        # Counted before it is built: 0:1000000000:1 must not fill the memory first.
+        count = (stop - start) // step + 1
+        if count > max_points():
+            raise _TooMany(_too_many(count, f"the range {start}..{stop} step {step}"))
+        return range(start, stop + 1, step)
     return [_as_int(v)]
 
 
@@ -193,15 +231,15 @@ def axis_allowed(name: str) -> str:
     return ", ".join(probes.names()) if name == "probe" else AXIS_ALLOWED[name]
 
 
-AXIS_PARSERS: dict[str, Callable[[Any], list[Any]]] = {
+AXIS_PARSERS: dict[str, Callable[[Any], Iterable[Any]]] = {
     "dataset": lambda v: [_check_dataset(v)],
-    "resolution": lambda v: [_resolution(x) for x in _int_range(v)],
+    "resolution": lambda v: map(_resolution, _int_range(v)),
     "attention": lambda v: [_as_bool(v)],
-    "epoch": lambda v: [_epoch(x) for x in _int_range(v)],
+    "epoch": lambda v: map(_epoch, _int_range(v)),
     "block": lambda v: [_check_block(v)],
-    "noise_step": lambda v: [_noise(x) for x in _int_range(v)],
+    "noise_step": lambda v: map(_noise, _int_range(v)),
     "probe": lambda v: [_check_probe(v)],
-    "k": lambda v: [_positive(x) for x in _int_range(v)],
+    "k": lambda v: map(_positive, _int_range(v)),
 }
 
 
@@ -215,15 +253,17 @@ def parse_axis(name: str, raw: Any, source: str) -> tuple[Any, ...]:
         raise UserError(f"{source}: unknown axis {name!r}; allowed: {', '.join(AXES)}")
     # `block:` with nothing after it is an empty axis, not the value None.
     items: Iterable[Any] = raw if isinstance(raw, list | tuple) else [] if raw is None else [raw]
-    out: list[Any] = []
+    out: dict[Any, None] = {}  # ordered and deduplicated in linear time
+    limit = max_points()
     try:
         for item in items:
             for value in AXIS_PARSERS[name](item):
-                if value not in out:
-                    out.append(value)
+                out[value] = None
+                if len(out) > limit:
+                    raise _TooMany(_too_many(None, "the axis"))
     except _Bad as err:
         text = str(err)
-        if "allowed" not in text:
+        if "allowed" not in text and not isinstance(err, _TooMany):
             text += f"; allowed: {axis_allowed(name)}"
         raise UserError(f"{where}: {text}") from err
     if not out:
@@ -367,6 +407,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 def check_study_name(name: str, where: str) -> str:
     """`name` when it can name a study: it becomes a file name and is quoted in MLflow
     searches, so letters, digits, `_`, `.` and `-` only."""
+    if len(name) > MAX_NAME:
+        raise UserError(
+            f"{where}: a study name of {len(name)} characters is too long; at most {MAX_NAME} "
+            "(it becomes part of file names)"
+        )
     if not _NAME.fullmatch(name):
         raise UserError(
             f"{where}: {name!r} cannot name a study; allowed: letters, digits, _ . - "
@@ -393,7 +438,7 @@ def parse_study(doc: Any, source: str) -> StudyConfig:
     parsed = {k: parse_axis(k, v, source) for k, v in axes_raw.items()}
     if kind == "fid-grid":
         _unknown(axes_raw, FID_AXES, f"{source}: axes (a fid-grid has one point per checkpoint)")
-    return StudyConfig(
+    cfg = StudyConfig(
         study=name,
         kind=kind,
         axes=Axes(**parsed),
@@ -402,6 +447,7 @@ def parse_study(doc: Any, source: str) -> StudyConfig:
         source=source,
         fid=parse_fid_section(top.get("fid"), source),
     )
+    return check_grid_size(cfg)
 
 
 def parse_fid_section(raw: Any, source: str) -> FIDConfig:
@@ -428,19 +474,87 @@ def parse_fid_section(raw: Any, source: str) -> FIDConfig:
     return cfg
 
 
-def load_study(name: str) -> StudyConfig | None:
-    """sweeps/NAME.yaml parsed, or None when there is no such file."""
+class _YAMLRefused(Exception):
+    """A sweep file that PyYAML would read, but not as its author meant (the loader says where)."""
+
+
+def _strict_loader() -> type:
+    """A SafeLoader that refuses duplicate keys (PyYAML keeps the last value silently) and
+    nesting deeper than MAX_YAML_DEPTH (PyYAML recurses: a deep file is a RecursionError)."""
     import yaml
 
+    class StrictLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    line = self.peek_event().start_mark.line + 1
+                    raise _YAMLRefused(
+                        f"line {line}: nested deeper than {MAX_YAML_DEPTH} levels; a sweep file "
+                        "needs 3"
+                    )
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    continue
+                seen[key] = line
+                if first is not None:
+                    raise _YAMLRefused(
+                        f"line {line}: duplicate key {key!r} (first at line {first}); "
+                        "give each key once"
+                    )
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in `path`, read strictly; UserError naming the file (and line)."""
+    import yaml
+
+    try:
+        size = path.stat().st_size
+        if size > MAX_SWEEP_BYTES:
+            raise UserError(
+                f"{path}: {size:,} bytes is too large for a sweep file (at most "
+                f"{MAX_SWEEP_BYTES:,}): is it the right file?"
+            )
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file, so not a sweep file") from err
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it: {first_line(err)}") from err
+    try:
+        # A SafeLoader subclass: no Python objects are ever built.
+        return yaml.load(text, Loader=_strict_loader())
+    except _YAMLRefused as err:
+        raise UserError(f"{path}: {err}") from err
+    except RecursionError as err:  # nesting inside one flow node, before compose_node sees it
+        raise UserError(f"{path}: nested too deeply to be a sweep file") from err
+    except yaml.MarkedYAMLError as err:
+        where = f" at line {err.problem_mark.line + 1}" if err.problem_mark else ""
+        raise UserError(f"{path}: not readable YAML: {err.problem}{where}") from err
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not readable YAML: {first_line(err)}") from err
+
+
+def load_study(name: str) -> StudyConfig | None:
+    """sweeps/NAME.yaml parsed, or None when there is no such file."""
     path = find_sweep_file(name)
     if path is None:
         return None
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{path}: not readable YAML: {first}") from err
-    return parse_study(doc, str(path))
+    return parse_study(read_yaml(path), str(path))
 
 
 def with_overrides(
@@ -460,8 +574,9 @@ def with_overrides(
                 "command line with at least --dataset (and e.g. --epoch, --block)"
             )
         check_study_name(name, "--study")
-        return StudyConfig(study=name, axes=Axes(**parsed), source=source)
-    return dataclasses.replace(base, axes=dataclasses.replace(base.axes, **parsed))
+        return check_grid_size(StudyConfig(study=name, axes=Axes(**parsed), source=source))
+    axes = dataclasses.replace(base.axes, **parsed)
+    return check_grid_size(dataclasses.replace(base, axes=axes))
 
 
 def to_document(cfg: StudyConfig) -> dict[str, Any]:
@@ -495,6 +610,31 @@ def backbones(axes: Axes) -> list[Backbone3]:
     return [(d, r, a) for d in axes.dataset for r in resolutions(axes, d) for a in axes.attention]
 
 
+def grid_size(axes: Axes, kind: str = "probe-grid") -> int:
+    """The number of points the axes span (an empty epoch axis counted as one epoch), computed
+    without expanding them."""
+    size = len(axes.dataset) * max(len(axes.resolution), 1) * len(axes.attention)
+    size *= max(len(axes.epoch), 1)
+    if kind == "probe-grid":
+        per_probe = sum(len(axes.k) if probes.get(p).uses_k else 1 for p in axes.probe)
+        size *= len(axes.block) * len(axes.noise_step) * per_probe
+    return size
+
+
+def check_grid_size(cfg: StudyConfig) -> StudyConfig:
+    """`cfg`, or UserError when its grid is larger than `max_points()`."""
+    size = grid_size(cfg.axes, cfg.kind)
+    if size > max_points():
+        raise UserError(f"{cfg.source}: " + _too_many(size, f"the grid of study {cfg.study}"))
+    return cfg
+
+
+def _bounded(points: list[Point]) -> None:
+    """Stop a grid that grows past the limit (an empty epoch axis is only known here)."""
+    if len(points) > max_points():
+        raise UserError(_too_many(None, "the grid"))
+
+
 def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
     """Every grid point. `k` multiplies only the probe kinds that use it (knn); the others get
     k=0. `pixels` appears once per (dataset, resolution, noise step, probe, k), with no epoch and
@@ -513,13 +653,16 @@ def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> lis
                             for e in axes.epoch or epochs_of((d, r, a)):
                                 for b in net_blocks:
                                     points.append(Point(d, r, a, e, b, t, p, k))
+                                _bounded(points)
     return points
 
 
 def expand_fid(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
     """Every point of a fid-grid: one per (dataset, resolution, attention, epoch)."""
-    return [
+    points = [
         Point(d, r, a, e, FID, 0, FID, 0)
         for d, r, a in backbones(axes)
         for e in axes.epoch or epochs_of((d, r, a))
     ]
+    _bounded(points)
+    return points

@@ -84,8 +84,8 @@ def validate(cfg: TrainConfig) -> None:
     for flag, value in non_negative.items():
         if value < 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
-    if not cfg.lr > 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise UserError(f"--lr must be a positive finite number, got {cfg.lr}")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.sample_steps > diffusion.NUM_TRAIN_TIMESTEPS:

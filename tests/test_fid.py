@@ -103,6 +103,8 @@ def test_missing_inception_weights_offline_is_one_user_error_line(
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch.hub cache
     monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    # ddsweep downloads the file itself; torch-fidelity must never be asked to.
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
     with pytest.raises(UserError) as err:
         fid.make_metric(2048, fid.inception_weights_path(None))

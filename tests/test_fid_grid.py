@@ -7,6 +7,7 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -77,6 +78,7 @@ def test_fid_grid_without_inception_weights_offline_is_one_line(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
     monkeypatch.delenv("DDSWEEP_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # ddsweep downloads it
     trained_run()
     result = CliRunner().invoke(app, ["study", "fid-grid", "--study", "g2", "--dataset", "digits"])
     assert result.exit_code == 2
