@@ -82,8 +82,8 @@ def validate(cfg: TrainConfig) -> None:
         "--weight-decay": cfg.weight_decay,
     }
     for flag, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"{flag} must be 0 or more, got {value}")
+        if not (value >= 0 and math.isfinite(value)):  # NaN fails every comparison
+            raise UserError(f"{flag} must be a finite number, 0 or more, got {value}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise UserError(f"--lr must be a positive finite number, got {cfg.lr}")
     if not 0 <= cfg.ema_decay < 1:

@@ -104,8 +104,8 @@ class LinearSettings:
 
 
 def _check(s: LinearSettings) -> None:
-    if s.epochs <= 0 or s.lr <= 0 or s.batch_size <= 0:
-        raise UserError("linear probe epochs, lr and batch size must be positive")
+    if s.epochs <= 0 or not (s.lr > 0 and math.isfinite(s.lr)) or s.batch_size <= 0:
+        raise UserError("linear probe epochs, lr and batch size must be positive (lr finite)")
 
 
 def _fit(
