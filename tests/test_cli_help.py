@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import click
 import pytest
 import typer
 from mlflow.tracking import MlflowClient
@@ -23,14 +22,14 @@ ACTIONS = {"--help", "--version", "--install-completion", "--show-completion"}
 SAYS_WHERE = ("default", "none")
 
 
-def commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+def commands(group: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
     """(argv path, command) of every command under `group`, sub-apps included."""
     out: list[tuple[tuple[str, ...], Any]] = []
-    ctx = click.Context(group)
+    ctx = typer.Context(group)  # typer vendors its own click
     for name in group.list_commands(ctx):
         cmd = group.get_command(ctx, name)
         assert cmd is not None
-        if isinstance(cmd, click.Group):
+        if hasattr(cmd, "list_commands"):
             out += commands(cmd, (*path, name))
         else:
             out.append(((*path, name), cmd))
@@ -38,7 +37,6 @@ def commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[tuple
 
 
 ROOT = typer.main.get_command(app)
-assert isinstance(ROOT, click.Group)
 COMMANDS = commands(ROOT)
 
 
