@@ -4,6 +4,7 @@ interrupted one, or train a new one (`ddsweep study train-grid` and `ddsweep qui
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,3 +57,25 @@ def ensure_trained(
     if status == "FINISHED":
         return run_id, "reused"
     return train(cfg, data_dir=data_dir, resume_run_id=run_id, progress=progress), "resumed"
+
+
+def ensure_all(
+    cfg: sweep.StudyConfig,
+    data_dir: Path,
+    progress: Progress | None = None,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    on_backbone: Callable[[TrainConfig, str, str], None] | None = None,
+) -> list[tuple[TrainConfig, str, str]]:
+    """Every backbone of the study trained (reused, resumed or trained anew) in `experiment`:
+    (config, run id, what happened) per backbone, each also passed to `on_backbone` as soon as
+    it is ready."""
+    tracking.setup(tracking_uri, experiment)
+    done = []
+    for tc in configs_for(cfg):
+        run_id, how = ensure_trained(tc, data_dir, progress)
+        if on_backbone is not None:
+            on_backbone(tc, run_id, how)
+        done.append((tc, run_id, how))
+    return done

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ddsweep import backbones, report, sweep, tracking
+from ddsweep import backbones, report, sweep
 from ddsweep.errors import UserError
 from ddsweep.study import RunOptions, run_study
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from ddsweep.study import Context, Tally
+    from ddsweep.train import TrainConfig
 
 STUDY = "digits_blocks"
 
@@ -46,12 +47,20 @@ def run(
 ) -> sweep.StudyConfig:
     """Train (or reuse) the digits backbone and run (or finish) its grid; returns the study."""
     cfg = study_config(reduced)
-    tracking.setup(opts.tracking_uri, opts.experiment)
-    for tc in backbones.configs_for(cfg):
-        run_id, how = backbones.ensure_trained(tc, opts.data_dir, progress)
+
+    def show(tc: TrainConfig, run_id: str, how: str) -> None:
         progress.console.print(
             f"backbone {tc.dataset} {tc.model.resolution} px: training run {run_id} ({how})"
         )
+
+    backbones.ensure_all(
+        cfg,
+        opts.data_dir,
+        progress,
+        tracking_uri=opts.tracking_uri,
+        experiment=opts.experiment,
+        on_backbone=show,
+    )
     run_study(cfg, opts, progress=study_progress)
     return cfg
 

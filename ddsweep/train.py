@@ -503,3 +503,66 @@ def with_dataset_defaults(cfg: TrainConfig, **given: Any) -> TrainConfig:
         128 if cfg.dataset == "digits" else study_batch_size(model.resolution, model.attention),
     )
     return replace(cfg, model=model, batch_size=batch)
+
+
+def for_dataset(
+    cfg: TrainConfig,
+    *,
+    resolution: int | None = None,
+    channels: tuple[int, ...] | None = None,
+    batch_size: int | None = None,
+) -> TrainConfig:
+    """A new training's config: `cfg` with its dataset's defaults where nothing was given,
+    checked (UserError for an unknown dataset or options no training can use)."""
+    from ddsweep.model import validate as validate_model
+
+    data.dataset_info(cfg.dataset)
+    out = with_dataset_defaults(
+        cfg, resolution=resolution, channels=channels, batch_size=batch_size
+    )
+    validate(out)
+    validate_model(out.model)
+    return out
+
+
+def resumed_config(
+    run_id: str, recorded: dict[str, str], how: TrainConfig, dataset: str | None = None
+) -> TrainConfig:
+    """The config recorded by run `run_id`, with how to run taken from `how` (device,
+    workers, max steps: another machine may resume); what is computed may not change, so a
+    `dataset` other than the recorded one is a UserError."""
+    cfg = config_from_params(recorded)
+    if dataset is not None and dataset != cfg.dataset:
+        raise UserError(f"--resume {run_id} trains {cfg.dataset}, not {dataset}; drop DATASET")
+    return replace(cfg, device=how.device, num_workers=how.num_workers, max_steps=how.max_steps)
+
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    data_dir: Path,
+    resume: str | None = None,
+    dataset: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    progress: Progress | None = None,
+) -> str:
+    """One `ddsweep train`: train `cfg` as a new MLflow run, or continue run `resume` with its
+    recorded config (see `resumed_config`; `dataset` is the one the user named, if any). Under
+    torchrun only rank 0 creates or writes runs; returns the run id ("" on other ranks)."""
+    from ddsweep.tracking import runs
+
+    dist = init_distributed()
+    try:
+        tracking.setup(tracking_uri, experiment, create=dist.is_main)
+        if resume is not None:
+            cfg = resumed_config(resume, runs.training_params(resume), cfg, dataset)
+        return train(
+            cfg,
+            data_dir=data_dir,
+            resume_run_id=resume,
+            progress=progress if dist.is_main else None,
+            dist=dist,
+        )
+    finally:
+        close_distributed(dist)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddsweep import checkpoints
+from ddsweep.errors import UserError
 from ddsweep.tracking import training_runs
 
 
@@ -61,3 +62,59 @@ def log_metric(run_id: str, key: str, value: float, step: int) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient().log_metric(run_id, key, value, step=step)
+
+
+def training_params(run_id: str) -> dict[str, str]:
+    """The params (the recorded config) of `ddsweep train` run `run_id`; UserError for any
+    other run, which cannot be resumed."""
+    from ddsweep.tracking import KIND_TAG, get_run
+
+    run = get_run(run_id)
+    if run.data.tags.get(KIND_TAG) != "train":
+        raise UserError(f"run {run_id} is not a `ddsweep train` run and cannot be resumed")
+    return dict(run.data.params)
+
+
+def study_runs(study: str, experiment: str | None = None) -> list[str]:
+    """Ids of the parent runs of study `study`, oldest first, in `experiment` (by name) or in
+    every experiment; [] when the experiment does not exist."""
+    from mlflow.tracking import MlflowClient
+
+    from ddsweep.tracking import KIND_TAG
+    from ddsweep.tracking.recorder import STUDY_TAG
+
+    if "'" in study:  # MLflow filters cannot escape quotes; no study name has one
+        return []
+    client = MlflowClient()
+    if experiment is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        ids = [exp.experiment_id] if exp is not None else []
+    if not ids:
+        return []
+    found = client.search_runs(
+        ids,
+        f"tags.`{KIND_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    return [str(r.info.run_id) for r in found]
+
+
+def check_study_in(study: str, experiment: str) -> None:
+    """UserError unless study `study` is recorded in experiment `experiment`, and is the one a
+    search of every experiment finds (the report reads that one)."""
+    from ddsweep.errors import redact
+    from ddsweep.tracking import _uri
+
+    here = study_runs(study, experiment)
+    if not here:
+        raise UserError(
+            f"no study {study!r} in experiment {experiment!r} at {redact(_uri())}: check "
+            "--experiment (leave it out to look in every experiment)"
+        )
+    if study_runs(study)[0] != here[0]:
+        raise UserError(
+            f"study {study!r} is recorded in experiment {experiment!r} and, earlier, in another "
+            "experiment: the report cannot tell them apart yet; rename one of the studies"
+        )

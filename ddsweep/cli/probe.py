@@ -1,0 +1,129 @@
+"""`ddsweep probe`: one grid point, evaluated and logged as one MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ddsweep import probes
+from ddsweep.cli._options import DataDir, Experiment, TrackingUri
+from ddsweep.evaluate import ProbeConfig
+from ddsweep.model import ModelConfig
+from ddsweep.sweep import Axes
+from ddsweep.tracking import DEFAULT_EXPERIMENT
+
+L, K = probes.LinearSettings, probes.KnnSettings  # the probe kinds' defaults
+DEFAULT_BLOCK = "up4"  # the first decoder block: the study's usual best
+
+
+def probe(
+    run: Annotated[
+        str | None,
+        typer.Option(
+            help="Training run (MLflow run id) whose checkpoint to probe (default: the newest "
+            "finished training run of --dataset, --resolution and --attention, in any experiment).",
+            show_default=False,
+        ),
+    ] = None,
+    backbone: Annotated[
+        Path | None,
+        typer.Option(
+            help="A local diffusers UNet2DModel folder to probe instead of a run (default: none).",
+            show_default=False,
+        ),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="Labelled data to probe (default: the dataset the backbone trained on).",
+            show_default=False,
+        ),
+    ] = None,
+    resolution: Annotated[
+        int | None,
+        typer.Option(help="Image size (default: the backbone's).", show_default=False),
+    ] = None,
+    attention: Annotated[
+        bool,
+        typer.Option(help="With neither --run nor --backbone: pick the latest run with/without."),
+    ] = ModelConfig.attention,
+    epoch: Annotated[
+        int | None,
+        typer.Option(
+            help="Checkpoint epoch of --run (default: the last saved).", show_default=False
+        ),
+    ] = None,
+    block: Annotated[
+        str, typer.Option(help="down1..down4, mid, up4..up1, pixels, or a named_modules() path.")
+    ] = DEFAULT_BLOCK,
+    noise_step: Annotated[
+        int, typer.Option(help="Noise the images to step t (0 = clean).")
+    ] = Axes.noise_step[0],
+    probe_kind: Annotated[
+        str, typer.Option("--probe", help=f"Probe kind: {', '.join(probes.names())}.")
+    ] = probes.names()[0],
+    k: Annotated[int, typer.Option(help="Neighbours, for a probe that uses k (knn).")] = Axes.k[0],
+    pool: Annotated[str, typer.Option(help="avg, flatten or avgN (e.g. avg2).")] = ProbeConfig.pool,
+    weights: Annotated[
+        str, typer.Option(help="ema or raw checkpoint weights.")
+    ] = ProbeConfig.weights,
+    linear_epochs: Annotated[int, typer.Option(help="Linear probe epochs.")] = L.epochs,
+    linear_lr: Annotated[float, typer.Option(help="Linear probe Adam learning rate.")] = L.lr,
+    knn_metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = K.metric,
+    knn_weighting: Annotated[
+        str, typer.Option(help="uniform, distance, or temperature (DINO).")
+    ] = K.weighting,
+    noise_seed: Annotated[
+        int, typer.Option(help="Seed of the per-image noise.")
+    ] = ProbeConfig.noise_seed,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+) -> None:
+    """Probe one block of one checkpoint (one grid point); logs one MLflow run."""
+    from ddsweep import single
+
+    cfg = ProbeConfig(
+        settings=(
+            ("linear", L(epochs=linear_epochs, lr=linear_lr)),
+            ("knn", K(metric=knn_metric, weighting=knn_weighting)),
+        ),
+        pool=pool,
+        weights=weights,
+        noise_seed=noise_seed,
+    )
+    where = {"run": run, "backbone": backbone, "dataset": dataset, "resolution": resolution}
+    where |= {"attention": attention, "epoch": epoch, "block": block, "noise_step": noise_step}
+    where |= {"probe": probe_kind, "k": k}
+    point, metrics, run_id = single.probe(
+        cfg, where, data_dir=data_dir, tracking_uri=tracking_uri, experiment=experiment
+    )
+    print_metrics(point, metrics, run_id)
+
+
+def print_metrics(point: Any, metrics: dict[str, float], run_id: str) -> None:
+    """One table row: the point and the metrics its probe kind reports, then the run id."""
+    from rich.console import Console
+    from rich.table import Table
+
+    kind = probes.get(point.probe)
+    shown = [m for m in kind.metrics if m in metrics]
+    table = Table(
+        title=f"{point.probe} probe of {point.block}, epoch {point.epoch}, t={point.noise_step}"
+    )
+    for col in ("dataset", "block", "epoch", "t", "probe", *shown, "extract s", "fit s"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        point.dataset,
+        point.block,
+        str(point.epoch),
+        str(point.noise_step),
+        point.probe + (f" k={point.k}" if kind.uses_k else ""),
+        *(f"{100 * metrics[m]:.1f} %" for m in shown),
+        f"{metrics['extract_s']:.1f}",
+        f"{metrics['fit_s']:.1f}",
+    )
+    Console().print(table)
+    typer.echo(f"logged as MLflow run {run_id}")

@@ -1,0 +1,92 @@
+"""`ddsweep report` and `ddsweep quickstart`: the answer, from MLflow, in tables and files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ddsweep.cli._options import (
+    DEFAULT_RUN,
+    DataDir,
+    Experiment,
+    StudyName,
+    TrackingUri,
+    bar,
+    study_progress,
+)
+from ddsweep.errors import UserError
+from ddsweep.tracking import DEFAULT_EXPERIMENT
+
+
+def report(
+    study: StudyName,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the files (default: reports/NAME/).", show_default=False),
+    ] = None,
+    formats: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            help="table, csv, md, png or all (repeatable) (default: all).",
+            show_default=False,
+        ),
+    ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow experiment to look for the study in (default: every experiment).",
+            show_default=False,
+        ),
+    ] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Block x epoch tables of a study from MLflow: terminal, CSV, Markdown and PNG plots."""
+    from ddsweep import report as report_mod
+    from ddsweep import tracking
+    from ddsweep.tracking import runs
+
+    wanted = formats or ["all"]
+    tracking.setup(tracking_uri, create=False)
+    report_mod.parse_formats(wanted)
+    tracking.check_reachable()
+    if experiment is not None:
+        runs.check_study_in(study, experiment)
+    report_mod.write_report(study, out or report_mod.default_out_dir(study), wanted)
+
+
+def quickstart(
+    workers: Annotated[
+        int, typer.Option(help="Local worker processes for the grid.")
+    ] = DEFAULT_RUN.workers,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+) -> None:
+    """The whole pipeline on the bundled digits set, offline on a CPU: train, probe, report."""
+    from rich.console import Console
+
+    from ddsweep import data
+    from ddsweep import quickstart as qs
+    from ddsweep.study import RunOptions
+
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    opts = RunOptions(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workers=workers,
+        data_dir=data_dir or data.default_data_dir(),
+    )
+    console = Console()
+    with bar(Console(stderr=True)) as progress:
+        cfg = qs.run(opts, progress, study_progress(progress, qs.STUDY))
+    files = qs.write_report(cfg, console)
+    where = files[0].parent if files else "reports/"
+    console.print(
+        f"\nThe report files are in {where}/. Run `mlflow ui` in this folder to browse every "
+        "run: the training run with its loss curve and samples, and the study with one child "
+        "run per grid point."
+    )

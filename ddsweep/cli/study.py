@@ -1,0 +1,260 @@
+"""`ddsweep study ...`: a sweep file's grid as an Optuna study, every trial an MLflow child run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated, Any
+
+import typer
+
+from ddsweep.cli._options import (
+    DEFAULT_RUN,
+    AttentionAxis,
+    BlockAxis,
+    DataDir,
+    DatasetAxis,
+    EpochAxis,
+    Experiment,
+    FeatureHelp,
+    GracePeriod,
+    HeartbeatInterval,
+    InceptionWeights,
+    KAxis,
+    MaxRetries,
+    NoiseAxis,
+    ProbeAxis,
+    ResolutionAxis,
+    Storage,
+    StudyName,
+    TrackingUri,
+    Workers,
+    axis_overrides,
+    bar,
+    run_options,
+    study_progress,
+)
+from ddsweep.errors import UserError
+from ddsweep.fid import DDIM_STEPS, FIDConfig
+from ddsweep.tracking import DEFAULT_EXPERIMENT
+
+F = FIDConfig  # the defaults a sweep file leaves in place
+_FILE = "(default: the sweep file's fid: section, else"
+
+
+def study_config(name: str, overrides: dict[str, list[str]]) -> Any:
+    """The study of sweeps/NAME.yaml (or of the command line alone) with the given axes."""
+    from ddsweep import sweep
+
+    return sweep.with_overrides(sweep.load_study(name), name, overrides)
+
+
+def fid_study_config(name: str, overrides: dict[str, list[str]], fid: dict[str, Any]) -> Any:
+    """The fid-grid study of `name`: a probe study's checkpoints get their own study NAME_fid
+    beside it; `fid` holds the FIDConfig settings given on the command line."""
+    from ddsweep import fid as fid_mod
+    from ddsweep import sweep
+
+    base = sweep.load_study(name)
+    cfg = replace(sweep.with_overrides(base, name, overrides), kind="fid-grid")
+    if base is not None and base.kind == "probe-grid":
+        cfg = replace(cfg, study=f"{base.study}_fid")
+    cfg = replace(cfg, fid=replace(cfg.fid, **{k: v for k, v in fid.items() if v is not None}))
+    fid_mod.validate_config(cfg.fid)
+    fid_mod.feature_network(cfg.fid.feature)
+    return cfg
+
+
+def run_grid(cfg: Any, opts: Any) -> None:
+    """Run the study with a progress display (from its first trial on), then say what is left."""
+    from rich.console import Console
+
+    from ddsweep.study import run_study
+
+    progress = bar(Console(stderr=True))
+    show = study_progress(progress, cfg.study)
+
+    def show_started(*args: Any) -> None:
+        if not progress.live.is_started:  # only once the study is prepared: errors stay one line
+            progress.start()
+        show(*args)
+
+    try:
+        ctx, outcomes = run_study(cfg, opts, progress=show_started)
+    finally:
+        progress.stop()
+    done = sum(1 for p in ctx.ids if p in ctx.board.tally().complete)
+    ran = outcomes["complete"]
+    if ran == 0 and done == len(ctx.ids):
+        typer.echo(f"{cfg.study}: all {done} points were already complete; nothing to do")
+    else:
+        typer.echo(
+            f"{cfg.study}: {done}/{len(ctx.ids)} points complete ({ran} evaluated now, "
+            f"{outcomes['failed']} failed, {outcomes['adopted']} adopted from earlier runs)"
+        )
+    if done < len(ctx.ids):
+        typer.echo(f"see `ddsweep study status --study {cfg.study}` for what is left")
+
+
+def probe_grid(
+    study: StudyName,
+    dataset: DatasetAxis = None,
+    resolution: ResolutionAxis = None,
+    attention: AttentionAxis = None,
+    epoch: EpochAxis = None,
+    block: BlockAxis = None,
+    noise_step: NoiseAxis = None,
+    probe_kind: ProbeAxis = None,
+    k: KAxis = None,
+    storage: Storage = None,
+    workers: Workers = DEFAULT_RUN.workers,
+    max_retries: MaxRetries = DEFAULT_RUN.max_retries,
+    grace_period: GracePeriod = DEFAULT_RUN.grace_period,
+    heartbeat_interval: HeartbeatInterval = DEFAULT_RUN.heartbeat_interval,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+) -> None:
+    """Run (or resume) the probe grid of a study; re-running does only what is left."""
+    axes = axis_overrides(
+        dataset=dataset,
+        resolution=resolution,
+        attention=attention,
+        epoch=epoch,
+        block=block,
+        noise_step=noise_step,
+        probe=probe_kind,
+        k=k,
+    )
+    cfg = study_config(study, axes)
+    if cfg.kind != "probe-grid":
+        raise UserError(f"{cfg.source} is a {cfg.kind} study: run `ddsweep study {cfg.kind}`")
+    opts = run_options(
+        storage=storage,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workers=workers,
+        max_retries=max_retries,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        data_dir=data_dir,
+    )
+    run_grid(cfg, opts)
+
+
+def fid_grid(
+    study: StudyName,
+    dataset: DatasetAxis = None,
+    resolution: ResolutionAxis = None,
+    attention: AttentionAxis = None,
+    epoch: EpochAxis = None,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Generated images per checkpoint {_FILE} {F.samples}).", show_default=False
+        ),
+    ] = None,
+    sampler: Annotated[
+        str | None,
+        typer.Option(help=f"ddpm (1000 steps) or ddim {_FILE} {F.sampler}).", show_default=False),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help=f"DDIM steps {_FILE} {DDIM_STEPS}).", show_default=False)
+    ] = None,
+    feature: Annotated[
+        str | None,
+        typer.Option(help=f"{FeatureHelp[:-1]} {_FILE} {F.feature}).", show_default=False),
+    ] = None,
+    inception_weights: InceptionWeights = None,
+    storage: Storage = None,
+    workers: Workers = DEFAULT_RUN.workers,
+    max_retries: MaxRetries = DEFAULT_RUN.max_retries,
+    grace_period: GracePeriod = DEFAULT_RUN.grace_period,
+    heartbeat_interval: HeartbeatInterval = DEFAULT_RUN.heartbeat_interval,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+) -> None:
+    """FID of every checkpoint of a study's backbones: one trial and child run per checkpoint."""
+    axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention, epoch=epoch)
+    fid = {"samples": samples, "sampler": sampler, "steps": steps, "feature": feature}
+    cfg = fid_study_config(study, axes, fid)
+    opts = run_options(
+        storage=storage,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workers=workers,
+        max_retries=max_retries,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        data_dir=data_dir,
+        inception_weights=inception_weights,
+    )
+    run_grid(cfg, opts)
+
+
+def train_grid(
+    study: StudyName,
+    dataset: DatasetAxis = None,
+    resolution: ResolutionAxis = None,
+    attention: AttentionAxis = None,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+) -> None:
+    """Train one backbone per (dataset, resolution, attention) of a study (reuse, resume)."""
+    from ddsweep import backbones, data
+
+    axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention)
+    cfg = study_config(study, axes)
+    with bar() as progress:
+
+        def show(tc: Any, run_id: str, how: str) -> None:
+            progress.console.print(
+                f"{tc.dataset} {tc.model.resolution} px attention={tc.model.attention}: "
+                f"run {run_id} ({how})"
+            )
+
+        backbones.ensure_all(
+            cfg,
+            data_dir or data.default_data_dir(),
+            progress,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            on_backbone=show,
+        )
+
+
+def status(
+    study: StudyName,
+    dataset: DatasetAxis = None,
+    resolution: ResolutionAxis = None,
+    attention: AttentionAxis = None,
+    epoch: EpochAxis = None,
+    block: BlockAxis = None,
+    noise_step: NoiseAxis = None,
+    probe_kind: ProbeAxis = None,
+    k: KAxis = None,
+    storage: Storage = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+) -> None:
+    """Complete / running / failed / left, in total and per axis value."""
+    from rich.console import Console
+
+    from ddsweep.study import status_tables
+
+    axes = axis_overrides(
+        dataset=dataset,
+        resolution=resolution,
+        attention=attention,
+        epoch=epoch,
+        block=block,
+        noise_step=noise_step,
+        probe=probe_kind,
+        k=k,
+    )
+    cfg = study_config(study, axes)
+    for table in status_tables(
+        cfg, storage=storage, tracking_uri=tracking_uri, experiment=experiment
+    ):
+        Console().print(table)

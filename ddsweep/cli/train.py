@@ -1,0 +1,136 @@
+"""`ddsweep train`: one backbone, one MLflow run."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ddsweep.cli._options import DataDir, Experiment, FeatureHelp, TrackingUri, bar, given_fields
+from ddsweep.errors import UserError
+from ddsweep.model import ModelConfig
+from ddsweep.tracking import DEFAULT_EXPERIMENT
+from ddsweep.train import TrainConfig
+
+D = TrainConfig  # the defaults of every option below
+
+
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    """'32,64,64,64' -> (32, 64, 64, 64)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError as err:
+        raise UserError(
+            f"--channels {text!r}: give comma-separated widths, e.g. 32,64,64,64"
+        ) from err
+
+
+def train(
+    dataset: Annotated[
+        str | None,
+        typer.Argument(
+            help="cifar10, stl10, flowers102, digits (bundled, offline) or folder:PATH "
+            "(none with --resume: the run's).",
+            show_default=False,
+        ),
+    ] = None,
+    resolution: Annotated[
+        int | None,
+        typer.Option(
+            help="Image size (default: the dataset's: 32, 64, 64, 16).", show_default=False
+        ),
+    ] = None,
+    attention: Annotated[
+        bool, typer.Option(help="Attention in the second level and its mirror (the seed net).")
+    ] = ModelConfig.attention,
+    channels: Annotated[
+        str | None,
+        typer.Option(
+            help="U-Net widths (default: the dataset's: 128,256,256,256; digits 32,64,64,64).",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = D.epochs,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Batch size (default: the study's: 320 at 32 px, 20 at 64 px, 1024 and 320 "
+            "without attention; digits 128).",
+            show_default=False,
+        ),
+    ] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = D.lr,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay (with warm-up).")] = D.ema_decay,
+    grad_clip: Annotated[
+        float, typer.Option(help="Gradient-norm clip; 0 turns it off.")
+    ] = D.grad_clip,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Save a checkpoint every N epochs (and at 0 and the end).")
+    ] = D.checkpoint_every,
+    sample_every: Annotated[
+        int,
+        typer.Option(
+            help="Log a sample grid every N epochs (and at the end); 0 = only at the end."
+        ),
+    ] = D.sample_every,
+    max_steps: Annotated[
+        int, typer.Option(help="Stop after N optimiser steps; 0 = no limit.")
+    ] = D.max_steps,
+    sample_count: Annotated[
+        int, typer.Option(help="Images per logged sample grid; 0 = none.")
+    ] = D.sample_count,
+    sample_steps: Annotated[
+        int, typer.Option(help="DDIM steps for the sample grids.")
+    ] = D.sample_steps,
+    fid_every: Annotated[
+        int, typer.Option(help="Log the FID of the EMA weights every N epochs; 0 = off.")
+    ] = D.fid_every,
+    fid_samples: Annotated[int, typer.Option(help="Generated images per FID.")] = D.fid_samples,
+    fid_sampler: Annotated[
+        str, typer.Option(help="ddpm (1000 steps) or ddim (100).")
+    ] = D.fid_sampler,
+    fid_feature: Annotated[str, typer.Option(help=FeatureHelp)] = D.fid_feature,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = D.seed,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")
+    ] = D.device,
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = D.num_workers,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue this training run (MLflow run id) from its last checkpoint, with its "
+            "recorded config (only --device, --num-workers and --max-steps apply); "
+            "none by default: a new run.",
+            show_default=False,
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+) -> None:
+    """Train one DDPM backbone without labels; one MLflow run with checkpoints and samples."""
+    options = dict(locals())  # first: the options, named as TrainConfig's fields
+    from ddsweep import data
+    from ddsweep import train as lib
+
+    if resume is None and dataset is None:
+        raise UserError("missing DATASET: e.g. `ddsweep train digits` (or --resume RUN_ID)")
+    cfg = TrainConfig(model=ModelConfig(attention=attention), **given_fields(TrainConfig, options))
+    if resume is None:  # checked before MLflow: a bad option leaves no mlflow.db behind
+        cfg = lib.for_dataset(
+            cfg, resolution=resolution, channels=parse_channels(channels), batch_size=batch_size
+        )
+    with bar() as progress:
+        run_id = lib.run_training(
+            cfg,
+            data_dir=data_dir or data.default_data_dir(),
+            resume=resume,
+            dataset=dataset,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            progress=progress,
+        )
+    if run_id:  # "" on the other processes of a torchrun job
+        typer.echo(f"training run {run_id} finished; `mlflow ui` in this folder shows it")
