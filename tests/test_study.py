@@ -728,3 +728,21 @@ def test_a_trial_is_visible_to_optunas_own_stale_check_from_its_start(tmp_path: 
     time.sleep(2.2)  # the database clock counts whole seconds
     optuna.storages.fail_stale_trials(s)
     assert s.trials[0].state == TrialState.FAIL
+
+
+def test_a_study_defined_on_the_command_line_is_found_by_name_alone(home: Path) -> None:
+    define = ["--dataset", "digits", "--resolution", "8", "--block", "pixels", "--probe", "knn"]
+    result = cli("study", "probe-grid", "--study", "adhoc", *define, "--k", "3")
+    assert result.exit_code == 0, result.output
+    # No sweep file and no axes: the definition stored with the study is used.
+    status = cli("study", "status", "--study", "adhoc")
+    assert status.exit_code == 0, status.output
+    assert status_rows(status.stdout)["total"] == [1, 0, 0, 0]
+    again = cli("study", "probe-grid", "--study", "adhoc")
+    assert again.exit_code == 0 and "already complete" in summary(again)
+    report = cli("report", "--study", "adhoc", "--format", "table")
+    assert report.exit_code == 0, report.output
+    assert "pixels" in report.stdout
+    # A name never run is still the one-line error it was.
+    unknown = cli("study", "status", "--study", "never")
+    assert unknown.exit_code == 2 and "no sweep file" in unknown.stderr

@@ -41,11 +41,12 @@ F = FIDConfig  # the defaults a sweep file leaves in place
 _FILE = "(default: the sweep file's fid: section, else"
 
 
-def study_config(name: str, overrides: dict[str, list[str]]) -> Any:
-    """The study of sweeps/NAME.yaml (or of the command line alone) with the given axes."""
-    from ddsweep import sweep
+def study_config(name: str, overrides: dict[str, list[str]], storage: str | None = None) -> Any:
+    """The study of sweeps/NAME.yaml (else the definition stored with it, else the command line
+    alone) with the given axes."""
+    from ddsweep import study
 
-    return sweep.with_overrides(sweep.load_study(name), name, overrides)
+    return study.study_config(name, overrides, storage)
 
 
 def fid_study_config(name: str, overrides: dict[str, list[str]], fid: dict[str, Any]) -> Any:
@@ -125,7 +126,7 @@ def probe_grid(
         probe=probe_kind,
         k=k,
     )
-    cfg = study_config(study, axes)
+    cfg = study_config(study, axes, storage)
     if cfg.kind != "probe-grid":
         raise UserError(f"{cfg.source} is a {cfg.kind} study: run `ddsweep study {cfg.kind}`")
     opts = run_options(
@@ -253,7 +254,7 @@ def status(
         probe=probe_kind,
         k=k,
     )
-    cfg = study_config(study, axes)
+    cfg = study_config(study, axes, storage)
     for table in status_tables(
         cfg, storage=storage, tracking_uri=tracking_uri, experiment=experiment
     ):
