@@ -62,7 +62,8 @@ def table_claim(facet: Facet) -> str:
         return ""
     cell = facet.cells[claim.best]
     value = pct_ci(cell.top1, cell.low, cell.high)
-    return f"best cell: {spot_label(claim.best, True)}, {value} % {claim_verdict(claim)}".rstrip()
+    said = claim_verdict(claim)
+    return f"best cell: {spot_label(claim.best, True)}, {value} %" + (f", {said}" if said else "")
 
 
 def _fid_line(curve: FidCurve) -> str:
