@@ -41,6 +41,7 @@ KNN_ATTN = {  # (top1, top3), k=5
     "up4": {50: (0.65, 0.85), 100: (0.66, 0.90)},
 }
 PIXELS_TOP1 = 0.50
+BACKBONE = {True: "abc", False: "def", None: "abc"}  # training run id by attention
 
 
 def params(block: str, epoch: int | None, attention: bool | None, probe: str = "linear") -> dict:
@@ -55,7 +56,8 @@ def params(block: str, epoch: int | None, attention: bool | None, probe: str = "
         "k": "5" if probe == "knn" else "0",
         "pool": "avg",
         "weights": "ema",
-        "linear_epochs": "30",  # other probe settings: ignored by the report
+        "linear_epochs": "30",  # a param, not in the point id: not a setting of the facet
+        "backbone": "none" if block == "pixels" else f"{BACKBONE[attention]}@{epoch}",
     }
 
 
@@ -122,7 +124,7 @@ def store(
 
         def fid(attention: bool, epoch: int, metrics: dict[str, float]) -> str:
             p = {
-                "backbone_run": "abc",
+                "backbone_run": BACKBONE[attention],
                 "dataset": "digits",
                 "resolution": "16",
                 "attention": str(attention),
@@ -255,18 +257,20 @@ def test_write_report_files_artifacts_and_overwrite(store: Planted) -> None:
         ["top1 %", "up4", "26.0", "72.0", ""],
     ]
     summary_csv = read_csv(out / "summary.csv")
-    assert summary_csv[0][8:] == [
+    header = summary_csv[0]
+    columns = [
         "best_block",
         "best_epoch",
         "best_top1 %",
         "pixels_top1 %",
         "epoch0_block",
         "epoch0_top1 %",
+        "chosen_on",
     ]
-    assert [r[8:] for r in summary_csv[1:]] == [
-        ["up4", "50", "80.0", "50.0", "down3", "30.0"],
-        ["up4", "100", "66.0", "", "", ""],
-        ["up4", "50", "72.0", "50.0", "down3", "31.0"],
+    assert [[r[header.index(c)] for c in columns] for r in summary_csv[1:]] == [
+        ["up4", "50", "80.0", "50.0", "down3", "30.0", "test"],  # no val metrics: on test
+        ["up4", "100", "66.0", "", "", "", "test"],
+        ["up4", "50", "72.0", "50.0", "down3", "31.0", "test"],
     ]
 
     md = (out / "report.md").read_text()

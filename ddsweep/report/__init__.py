@@ -1,56 +1,69 @@
-"""The answer to the study's question: block × epoch tables of probe accuracy, in the terminal and
-as CSV, Markdown and PNG files logged back to the study's MLflow run.
+"""The answer to the study's question: block × epoch tables of probe accuracy, each cell with a
+bootstrap interval, each "best" a paired test against its runner-up, in the terminal and as CSV,
+Markdown and PNG files logged back to the study's MLflow run.
 
-`tables` is the pure core (plain rows in, tables out), `render` draws them, and `loader` is the
-edge that reads the tracking store and logs the files back (the only module here that imports
-mlflow).
+`tables` is the pure core (plain rows in, tables and tested claims out), `stats` its statistics,
+`headline` the summary of each table, `fidcurves` the FID curves, `text`, `render`,
+`summary_views` and `plot` draw them, and `loader` is the edge that reads the tracking store and
+logs the files back (the only module here that imports mlflow).
 """
 
 from __future__ import annotations
 
-from ddsweep.report.loader import STUDY_TAG, find_study, gather_fid, load_trials, write_report
+from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
+from ddsweep.report.headline import SummaryRow, attach_fid, choice_metric, summary
+from ddsweep.report.loader import (
+    STUDY_TAG,
+    count_trials,
+    find_study,
+    gather_fid,
+    load_fid_runs,
+    load_trials,
+    with_predictions,
+    write_report,
+)
+from ddsweep.report.plot import plot_facet
 from ddsweep.report.render import (
     FORMATS,
     REPORT_MD,
     SUMMARY_CSV,
-    block_label,
     default_out_dir,
     markdown,
     markdown_table,
     parse_formats,
-    pct,
-    plot_facet,
     print_report,
-    rich_summary,
     rich_tables,
+    status_line,
     write_csv,
     write_files,
-    write_summary_csv,
 )
+from ddsweep.report.summary_views import rich_summary, write_summary_csv
 from ddsweep.report.tables import (
     DEFAULT_POOL,
     DEFAULT_WEIGHTS,
+    POINT_TAG,
     Cell,
+    Claim,
     Epoch,
     Facet,
     FacetKey,
-    FidCurve,
-    SummaryRow,
-    attach_fid,
     build_tables,
-    fid_curves,
+    contest,
     kind_metrics,
-    summary,
+    paired_p,
 )
+from ddsweep.report.text import block_label, pct, pct_ci
 
 __all__ = [
     "DEFAULT_POOL",
     "DEFAULT_WEIGHTS",
     "FORMATS",
+    "POINT_TAG",
     "REPORT_MD",
     "STUDY_TAG",
     "SUMMARY_CSV",
     "Cell",
+    "Claim",
     "Epoch",
     "Facet",
     "FacetKey",
@@ -59,21 +72,30 @@ __all__ = [
     "attach_fid",
     "block_label",
     "build_tables",
+    "choice_metric",
+    "contest",
+    "count_trials",
     "default_out_dir",
+    "fid_by_backbone",
     "fid_curves",
     "find_study",
     "gather_fid",
     "kind_metrics",
+    "load_fid_runs",
     "load_trials",
     "markdown",
     "markdown_table",
+    "paired_p",
     "parse_formats",
     "pct",
+    "pct_ci",
     "plot_facet",
     "print_report",
     "rich_summary",
     "rich_tables",
+    "status_line",
     "summary",
+    "with_predictions",
     "write_csv",
     "write_files",
     "write_report",

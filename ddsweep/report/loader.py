@@ -1,15 +1,20 @@
 """The MLflow edge of the report, and the only module of it that imports mlflow: find the
-study's parent run, load its trials and the FID runs, and log the report files back."""
+study's parent run, load its trials (with their per-example predictions) and the FID runs, and
+log the report files back."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ddsweep import predictions
 from ddsweep.errors import UserError
-from ddsweep.report.render import parse_formats, print_report, write_files
-from ddsweep.report.tables import FidCurve, attach_fid, build_tables, fid_curves, summary
+from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
+from ddsweep.report.headline import attach_fid, summary
+from ddsweep.report.render import parse_formats, print_report, status_line, write_files
+from ddsweep.report.tables import build_tables
 from ddsweep.tracking import KIND_TAG
 
 if TYPE_CHECKING:
@@ -19,51 +24,111 @@ if TYPE_CHECKING:
 STUDY_TAG = "ddsweep.study"
 
 
-def find_study(study: str) -> str:
-    """Run id of the study's parent run (the oldest when several match), in any experiment."""
+def _experiment_ids(experiment: str | None) -> dict[str, Any]:
+    """search_runs' arguments for one experiment by name, or for every one (None)."""
     import mlflow
 
+    if experiment is None:
+        return {"search_all_experiments": True}
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        from ddsweep.tracking import redact
+
+        raise UserError(
+            f"no experiment {experiment!r} at {redact(mlflow.get_tracking_uri())}: "
+            "check --experiment (or --tracking-uri)"
+        )
+    return {"experiment_ids": [found.experiment_id]}
+
+
+def find_study(study: str, experiment: str | None = None) -> str:
+    """Run id of the study's parent run (the oldest when several match) in `experiment` (by
+    name; None: in any experiment)."""
+    import mlflow
+
+    where = _experiment_ids(experiment)
     runs = []
     if "'" not in study:  # MLflow filters cannot escape quotes; no study name has one
         runs = mlflow.search_runs(
-            search_all_experiments=True,
             filter_string=f"tags.`{KIND_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'",
             order_by=["attributes.start_time ASC"],
             max_results=1,
             output_format="list",
+            **where,
         )
     if not runs:
         from ddsweep.tracking import redact
 
+        within = "" if experiment is None else f" in experiment {experiment!r}"
         raise UserError(
-            f"no study {study!r} at {redact(mlflow.get_tracking_uri())}: run "
+            f"no study {study!r}{within} at {redact(mlflow.get_tracking_uri())}: run "
             f"`ddsweep study probe-grid --study {study}` first (or check --tracking-uri)"
         )
     return str(runs[0].info.run_id)
 
 
+def _children(parent_run_id: str, status: str | None) -> pd.DataFrame:
+    import mlflow
+
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{KIND_TAG}` = 'trial'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    return mlflow.search_runs(search_all_experiments=True, filter_string=query)
+
+
 def load_trials(parent_run_id: str) -> pd.DataFrame:
     """The study's finished trial runs, as `mlflow.search_runs` frames them."""
+    return _children(parent_run_id, "FINISHED")
+
+
+def count_trials(parent_run_id: str) -> dict[str, int]:
+    """{status: number of the study's trial runs}, e.g. {'FINISHED': 40, 'FAILED': 2}."""
+    frame = _children(parent_run_id, None)
+    if frame.empty:
+        return {}
+    return {str(k): int(v) for k, v in frame["status"].value_counts().items()}
+
+
+def with_predictions(trials: pd.DataFrame) -> pd.DataFrame:
+    """`trials` with a `predictions` column: each run's `predictions.safetensors` read by
+    `ddsweep.predictions.load` ({split: (pred, label)}), None for a run without one (ddsweep
+    0.1) or whose file cannot be read. Files pass through a temporary folder, removed after."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="ddsweep-report-") as tmp:
+        for run_id in trials.get("run_id", []):
+            found.append(_read_predictions(client, str(run_id), Path(tmp) / str(run_id)))
+    out = trials.copy()
+    out["predictions"] = found if found else None
+    return out
+
+
+def _read_predictions(client: Any, run_id: str, folder: Path) -> Any:
+    try:
+        if predictions.FILE not in {a.path for a in client.list_artifacts(run_id)}:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        return predictions.load(Path(client.download_artifacts(run_id, predictions.FILE, folder)))
+    except Exception:  # an unreadable artifact costs that cell its interval, not the report
+        return None
+
+
+def load_fid_runs() -> pd.DataFrame:
+    """Every finished FID run in the tracking store."""
     import mlflow
 
     return mlflow.search_runs(
         search_all_experiments=True,
-        filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{KIND_TAG}` = 'trial' "
-            "and attributes.status = 'FINISHED'"
-        ),
+        filter_string=f"tags.`{KIND_TAG}` = 'fid' and attributes.status = 'FINISHED'",
     )
 
 
 def gather_fid() -> dict[tuple[str, int, bool], FidCurve]:
-    """Every finished FID run in the tracking store, as curves per (dataset, resolution, attention)."""
-    import mlflow
-
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`{KIND_TAG}` = 'fid' and attributes.status = 'FINISHED'",
-    )
-    return fid_curves(runs)
+    """Every finished FID run in the tracking store, as curves per (dataset, resolution,
+    attention): an overview; the report pairs tables with `fid_by_backbone` instead."""
+    return fid_curves(load_fid_runs())
 
 
 def write_report(
@@ -71,29 +136,33 @@ def write_report(
     out_dir: Path,
     formats: Iterable[str] = ("all",),
     console: Console | None = None,
+    *,
+    experiment: str | None = None,
 ) -> list[Path]:
-    """Read the study from the current MLflow tracking store, print its tables ('table'), write
-    CSV / Markdown / PNG files into `out_dir` and log them under `report/` of the study's parent
-    run; returns the files written. UserError for an unknown study; a study with no finished
-    trial yet prints one line and writes nothing."""
+    """Read the study (in `experiment`, by name; None: any) from the current MLflow tracking
+    store, print its tables ('table'), write CSV / Markdown / PNG files into `out_dir` and log
+    them under `report/` of the study's parent run; returns the files written. UserError for an
+    unknown study; a study with no finished trial yet prints one line and writes nothing."""
     from mlflow.tracking import MlflowClient
     from rich.console import Console
 
     wanted = parse_formats(formats)
     console = console or Console()
-    parent = find_study(study)
-    facets = build_tables(load_trials(parent))
+    parent = find_study(study, experiment)
+    header = status_line(study, count_trials(parent))
+    console.print(header)
+    facets = build_tables(with_predictions(load_trials(parent)))
     if not facets:
         console.print(
             f"study {study}: no finished trials yet, nothing to report "
             f"(`ddsweep study status --study {study}` shows progress)"
         )
         return []
-    attach_fid(facets, gather_fid())
+    attach_fid(facets, fid_by_backbone(load_fid_runs()))
     rows = summary(facets)
     if "table" in wanted:
         print_report(console, study, facets, rows)
-    paths = write_files(study, facets, rows, out_dir, wanted)
+    paths = write_files(study, facets, rows, out_dir, wanted, header=header)
     client = MlflowClient()
     for path in paths:
         client.log_artifact(parent, str(path), "report")

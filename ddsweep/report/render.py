@@ -1,37 +1,69 @@
-"""The report's views of the tables: Rich tables for the terminal, CSV, Markdown and PNG files."""
+"""The report's views of the tables: Rich tables for the terminal, CSV and Markdown files (the
+PNG plots are in `plot`)."""
 
 from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ddsweep.errors import UserError
-from ddsweep.model import BLOCKS, PIXELS
-from ddsweep.report.tables import Epoch, Facet, FidCurve, SummaryRow
+from ddsweep.model import PIXELS
+from ddsweep.report import stats
+from ddsweep.report.fidcurves import FidCurve
+from ddsweep.report.headline import SummaryRow
+from ddsweep.report.plot import plot_facet
+from ddsweep.report.summary_views import markdown_summary, rich_summary, write_summary_csv
+from ddsweep.report.tables import Cell, Claim, Epoch, Facet
+from ddsweep.report.text import block_label, epoch_label, pct, pct_ci, spot_label, verdict
 
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
     from rich.console import Console
     from rich.table import Table
 
 FORMATS: tuple[str, ...] = ("table", "csv", "md", "png")
 SUMMARY_CSV, REPORT_MD = "summary.csv", "report.md"
+BEST, TIED = "*", "≈"  # the table's best cell (significantly); the cells tied for best
+LEGEND = (
+    "accuracy in % on the test split, ± half the 95 % bootstrap interval over test examples "
+    f"({stats.RESAMPLES} resamples, seed {stats.SEED}); bold: the best block of each epoch and "
+    "any block not significantly worse (exact McNemar test on the same test examples, 5 %); "
+    f"{BEST} the best cell of the table, significantly better than the runner-up; {TIED} cells "
+    f"tied for best; {PIXELS} (baseline): the input image itself, the same in every epoch column"
+)
+NO_VAL = (
+    "no trial scored a validation split (trials of ddsweep 0.1): best blocks and epochs were "
+    "chosen on the test split itself, so their accuracy is optimistic"
+)
 
 
-def pct(value: float | None) -> str:
-    """A fraction as a percentage with one decimal; blank for a missing cell."""
-    return "" if value is None else f"{100 * value:.1f}"
+def claim_verdict(claim: Claim, with_epoch: bool = True) -> str:
+    """The claim's verdict against its runner-up (see `text.verdict`)."""
+    more = len(claim.tied) - 2
+    return verdict(claim.runner_up, claim.p, claim.is_tie, with_epoch, more)
 
 
-def block_label(block: str) -> str:
-    return f"{PIXELS} (baseline)" if block == PIXELS else block
+def column_claims(facet: Facet) -> str:
+    """'best block by epoch: 0: pixels beats down3 (p < 0.001); 50: up4 tied with mid (…)'."""
+    parts = []
+    for epoch in facet.epochs:
+        claim = facet.claim(epoch)
+        if claim is not None:
+            said = claim_verdict(claim, with_epoch=False)
+            parts.append(f"{epoch_label(epoch)}: {block_label(claim.best[0])} {said}".rstrip())
+    return "best block by epoch: " + "; ".join(parts)
 
 
-def _epoch_label(epoch: Epoch) -> str:
-    return "any" if epoch is None else str(epoch)
+def table_claim(facet: Facet) -> str:
+    claim = facet.claim()
+    if claim is None:
+        return ""
+    cell = facet.cells[claim.best]
+    value = pct_ci(cell.top1, cell.low, cell.high)
+    said = claim_verdict(claim)
+    return f"best cell: {spot_label(claim.best, True)}, {value} %" + (f", {said}" if said else "")
 
 
 def _fid_line(curve: FidCurve) -> str:
@@ -39,26 +71,52 @@ def _fid_line(curve: FidCurve) -> str:
     return f"{curve.label()} by epoch: {points}"
 
 
+def status_line(study: str, counts: Mapping[str, int]) -> str:
+    """'study grid: 40 trials finished, 2 failed' (and any other status by its name)."""
+    finished, failed = counts.get("FINISHED", 0), counts.get("FAILED", 0)
+    others = [
+        f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s not in ("FINISHED", "FAILED")
+    ]
+    return f"study {study}: " + ", ".join(
+        [f"{finished} trials finished", f"{failed} failed", *others]
+    )
+
+
+def cell_text(facet: Facet, block: str, epoch: Epoch, metric: str, ci: bool) -> tuple[str, str]:
+    """(text, mark) of one cell: the value (± interval for top1 when `ci`) and BEST, TIED or ''."""
+    cell: Cell | None = facet.cells.get((block, epoch))
+    value = None if cell is None else cell.get(metric)
+    if value is None or cell is None:
+        return "", ""
+    text = pct_ci(value, cell.low, cell.high) if ci and metric == "top1" else pct(value)
+    if metric == "top1":
+        claim = facet.claim()
+        if claim is not None and (block, epoch) in claim.tied:
+            return text, TIED if claim.is_tie else BEST
+        return text, ""
+    best = facet.best(metric)
+    return text, BEST if best is not None and (block, epoch) == best[:2] else ""
+
+
 def rich_tables(facet: Facet, width: int = 200) -> list[Table]:
-    """The facet's tables for the terminal: best block of each epoch bold, best cell bold green
-    with `*`. When block × epoch is wider than `width` the table is transposed (rows epochs)."""
+    """The facet's tables for the terminal: the best block(s) of each epoch bold, the best cell
+    bold green with BEST (or the cells tied for best with TIED), intervals where width allows.
+    When block × epoch is wider than `width` the table is transposed (rows epochs)."""
     from rich.table import Table
     from rich.text import Text
 
+    ci = facet.has_intervals() and 22 + 14 * len(facet.epochs) <= width
     tables = []
     for metric in facet.metrics():
-        best = facet.best(metric)
         transposed = 22 + 8 * len(facet.epochs) > width
-        title = f"{metric} %"
+        title = f"{metric} %" + (" (± 95 % interval)" if ci and metric == "top1" else "")
         table = Table(title=title)
 
-        def cell(block: str, epoch: Epoch, metric: str = metric, best: Any = best) -> Text:
-            text = pct(facet.value(block, epoch, metric))
-            if best is not None and (block, epoch) == best[:2]:
-                return Text(f"{text} *", style="bold green")
-            if text and block in facet.best_blocks(epoch, metric):
-                return Text(text, style="bold")
-            return Text(text)
+        def cell(block: str, epoch: Epoch, metric: str = metric) -> Text:
+            text, mark = cell_text(facet, block, epoch, metric, ci)
+            if mark:
+                return Text(f"{text} {mark}", style="bold green")
+            return Text(text, style="bold" if block in facet.best_blocks(epoch, metric) else "")
 
         if transposed:
             table.title = f"{title} (rows: epochs)"
@@ -66,11 +124,11 @@ def rich_tables(facet: Facet, width: int = 200) -> list[Table]:
             for block in facet.blocks:
                 table.add_column(block_label(block), justify="right")
             for epoch in facet.epochs:
-                table.add_row(_epoch_label(epoch), *(cell(b, epoch) for b in facet.blocks))
+                table.add_row(epoch_label(epoch), *(cell(b, epoch) for b in facet.blocks))
         else:
             table.add_column("block")
             for epoch in facet.epochs:
-                table.add_column(_epoch_label(epoch), justify="right")
+                table.add_column(epoch_label(epoch), justify="right")
             for block in facet.blocks:
                 label = Text(block_label(block), style="dim" if block == PIXELS else "")
                 table.add_row(label, *(cell(block, e) for e in facet.epochs))
@@ -79,75 +137,29 @@ def rich_tables(facet: Facet, width: int = 200) -> list[Table]:
 
 
 def print_report(console: Console, study: str, facets: list[Facet], rows: list[SummaryRow]) -> None:
-    """Every facet's tables under a rule naming it, its FID curve, then the summary."""
+    """Every facet's tables under a rule naming it, its tested claims and FID curves, then the
+    summary."""
     for f in facets:
         console.rule(f.key.title())
         for table in rich_tables(f, console.width):
             console.print(table)
-        if f.fid is not None:
-            console.print(_fid_line(f.fid))
+        console.print(table_claim(f))
+        console.print(column_claims(f))
+        for fid in f.fids:
+            console.print(_fid_line(fid))
     console.rule()
-    console.print(
-        f"accuracy in %; bold: the best block of each epoch; * the best cell of the table; "
-        f"{PIXELS} (baseline): the input image itself, the same in every epoch column"
-    )
+    console.print(LEGEND)
+    if any(r.chosen_on == "test" for r in rows):
+        console.print(NO_VAL)
     console.print(rich_summary(rows, study))
 
 
-def _summary_cells(row: SummaryRow) -> list[str]:
-    k = row.key
-    best = "" if row.best_block is None else block_label(row.best_block)
-    return [
-        k.dataset,
-        str(k.resolution),
-        {True: "yes", False: "no", None: "any"}[k.attention],
-        f"{k.probe} k={k.k}" if k.k else k.probe,
-        str(k.noise_step),
-        k.pool,
-        k.weights,
-        best,
-        "" if row.best_block is None else _epoch_label(row.best_epoch),
-        pct(row.best_top1),
-        pct(row.pixels_top1),
-        row.epoch0_block or "",
-        pct(row.epoch0_top1),
-    ]
-
-
-_SUMMARY_HEADERS = (
-    "dataset",
-    "res",
-    "attn",
-    "probe",
-    "t",
-    "pool",
-    "weights",
-    "best block",
-    "best epoch",
-    "best top1 %",
-    "pixels top1 %",
-    "epoch-0 block",
-    "epoch-0 top1 %",
-)
-
-
-def rich_summary(rows: Iterable[SummaryRow], study: str) -> Table:
-    """The summary as one Rich table."""
-    from rich.table import Table
-
-    table = Table(title=f"study {study}: best block and epoch per facet")
-    for i, header in enumerate(_SUMMARY_HEADERS):
-        table.add_column(header, justify="left" if i in (0, 2, 3, 5, 6, 7, 11) else "right")
-    for row in rows:
-        table.add_row(*_summary_cells(row))
-    return table
-
-
 def write_csv(facet: Facet, path: Path) -> Path:
-    """The facet as CSV: columns metric, block, then one per epoch; values in % (one decimal)."""
+    """The facet as CSV: columns metric, block, then one per epoch; values in % (one decimal);
+    with intervals, rows `top1 low %` and `top1 high %` per block after the metrics."""
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["metric", "block", *(_epoch_label(e) for e in facet.epochs)])
+        w.writerow(["metric", "block", *(epoch_label(e) for e in facet.epochs)])
         for metric in facet.metrics():
             for block in facet.blocks:
                 w.writerow(
@@ -157,67 +169,29 @@ def write_csv(facet: Facet, path: Path) -> Path:
                         *(pct(facet.value(block, e, metric)) for e in facet.epochs),
                     ]
                 )
-    return path
-
-
-def write_summary_csv(rows: Iterable[SummaryRow], path: Path) -> Path:
-    """One line per facet: its key, best block/epoch/top1 %, pixels top1 %, epoch-0 block/top1 %."""
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(
-            [
-                "dataset",
-                "resolution",
-                "attention",
-                "probe",
-                "k",
-                "noise_step",
-                "pool",
-                "weights",
-                "best_block",
-                "best_epoch",
-                "best_top1 %",
-                "pixels_top1 %",
-                "epoch0_block",
-                "epoch0_top1 %",
-            ]
-        )
-        for r in rows:
-            k = r.key
-            w.writerow(
-                [
-                    k.dataset,
-                    k.resolution,
-                    k.attention,
-                    k.probe,
-                    k.k,
-                    k.noise_step,
-                    k.pool,
-                    k.weights,
-                    r.best_block or "",
-                    "" if r.best_block is None else _epoch_label(r.best_epoch),
-                    pct(r.best_top1),
-                    pct(r.pixels_top1),
-                    r.epoch0_block or "",
-                    pct(r.epoch0_top1),
-                ]
-            )
+        if facet.has_intervals():
+            for bound in ("low", "high"):
+                for block in facet.blocks:
+                    values = [
+                        getattr(facet.cells.get((block, e)), bound, None) for e in facet.epochs
+                    ]
+                    w.writerow([f"top1 {bound} %", block, *(pct(v) for v in values)])
     return path
 
 
 def markdown_table(facet: Facet, metric: str = "top1") -> str:
-    """Block × epoch in Markdown: best block of each epoch **bold**, best overall **bold** *."""
-    best = facet.best(metric)
+    """Block × epoch in Markdown: best block(s) of each epoch **bold**, best cell **bold** *
+    (cells tied for best **bold** ≈); top1 with ± its interval."""
     lines = [
-        "| block | " + " | ".join(_epoch_label(e) for e in facet.epochs) + " |",
+        "| block | " + " | ".join(epoch_label(e) for e in facet.epochs) + " |",
         "|---|" + "---:|" * len(facet.epochs),
     ]
     for block in facet.blocks:
         cells = []
         for epoch in facet.epochs:
-            text = pct(facet.value(block, epoch, metric))
-            if best is not None and (block, epoch) == best[:2]:
-                text = f"**{text}** *"
+            text, mark = cell_text(facet, block, epoch, metric, ci=True)
+            if mark:
+                text = f"**{text}** {mark}"
             elif text and block in facet.best_blocks(epoch, metric):
                 text = f"**{text}**"
             cells.append(text)
@@ -225,22 +199,27 @@ def markdown_table(facet: Facet, metric: str = "top1") -> str:
     return "\n".join(lines)
 
 
-def markdown(study: str, facets: list[Facet], rows: list[SummaryRow], plots: bool) -> str:
-    """The whole report as Markdown: the summary, then each facet's tables (and plot)."""
-    out = [
-        f"# ddsweep report: {study}",
+def markdown(
+    study: str, facets: list[Facet], rows: list[SummaryRow], plots: bool, header: str = ""
+) -> str:
+    """The whole report as Markdown: the trial counts, the summary, then each facet's tables,
+    tested claims, plot and FID curves."""
+    out = [f"# ddsweep report: {study}", ""]
+    if header:
+        out += [header, ""]
+    out += [
+        f"Test-set accuracy in %, ± half its 95 % bootstrap interval over test examples "
+        f"({stats.RESAMPLES} resamples, seed {stats.SEED}). Rows are blocks in forward order, "
+        "columns training epochs (0 = the untrained net). **Bold**: the best block of the epoch "
+        "and any block not significantly worse (exact McNemar test on the same test examples, "
+        f"5 %); **bold** \\*: the best cell of the table, significantly better than the runner-up; "
+        f"**bold** {TIED}: cells tied for best. `{PIXELS} (baseline)` probes the input image "
+        "itself and reads the same in every epoch column. A blank cell has no finished trial yet.",
         "",
-        "Test-set accuracy in %. Rows are blocks in forward order, columns training epochs "
-        "(0 = the untrained net). **Bold**: the best block of the epoch; **bold** \\*: the best "
-        f"cell of the table. `{PIXELS} (baseline)` probes the input image itself and reads the "
-        "same in every epoch column. A blank cell has no finished trial yet.",
-        "",
-        "## Summary",
-        "",
-        "| " + " | ".join(_SUMMARY_HEADERS) + " |",
-        "|" + "---|" * len(_SUMMARY_HEADERS),
     ]
-    out += ["| " + " | ".join(_summary_cells(r)) + " |" for r in rows]
+    if any(r.chosen_on == "test" for r in rows):
+        out += [NO_VAL[0].upper() + NO_VAL[1:] + ".", ""]
+    out += ["## Summary", "", markdown_summary(rows)]
     for f in facets:
         out += ["", f"## {f.key.title()}", ""]
         if plots:
@@ -249,88 +228,9 @@ def markdown(study: str, facets: list[Facet], rows: list[SummaryRow], plots: boo
             if len(f.metrics()) > 1:
                 out += [f"{metric}:", ""]
             out += [markdown_table(f, metric), ""]
-        if f.fid is not None:
-            out += [_fid_line(f.fid)]
+        out += [table_claim(f), "", column_claims(f), ""]
+        out += [line for fid in f.fids for line in (_fid_line(fid), "")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).rstrip() + "\n"
-
-
-# tab10 without its grey (kept for pixels): nine distinct colours for the nine blocks.
-_BLOCK_COLORS = (0, 1, 2, 3, 4, 5, 6, 8, 9)
-
-
-def _block_style(block: str, extra: list[str]) -> dict[str, Any]:
-    """Line style: pixels grey dashed; down blocks circles, mid squares, up blocks triangles."""
-    from matplotlib import colormaps
-
-    if block == PIXELS:
-        return {"color": "0.45", "linestyle": "--", "marker": ""}
-    if block in BLOCKS:
-        marker = "o" if block.startswith("down") else "s" if block == "mid" else "^"
-        color = colormaps["tab10"](_BLOCK_COLORS[BLOCKS.index(block)])
-        return {"color": color, "linestyle": "-", "marker": marker}
-    # other module paths: the light tab20 shades, dash-dotted apart from the nine blocks
-    color = colormaps["tab20"](2 * (extra.index(block) % 10) + 1)
-    return {"color": color, "linestyle": "-.", "marker": "d"}
-
-
-def _plot_fid(ax: Axes, fid: FidCurve) -> tuple[list[Any], list[str]]:
-    """The FID curve on a second y axis (log scale when it spans more than 10x); its legend."""
-    ax2 = ax.twinx()
-    fx, fy = zip(*fid.values.items(), strict=True)
-    ax2.plot(fx, fy, color="black", linestyle=":", marker="s", markersize=3, label=fid.label())
-    ax2.set_ylabel(f"{fid.label()} (lower is better)")
-    if min(fy) > 0 and max(fy) / min(fy) > 10:
-        ax2.set_yscale("log")
-    return ax2.get_legend_handles_labels()
-
-
-def plot_facet(facet: Facet, path: Path) -> Path:
-    """PNG: top1 % against epoch, one line per block (pixels dashed); FID on a second axis."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # A bare Figure with the Agg canvas: no pyplot state, no GUI backend, safe in threads.
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax: Axes = fig.add_subplot()
-    extra = [b for b in facet.blocks if b != PIXELS and b not in BLOCKS]
-    epochs = [e for e in facet.epochs if e is not None]
-    for block in facet.blocks:
-        points = [(e, v) for e in epochs if (v := facet.value(block, e)) is not None]
-        if not points:
-            continue
-        xs, ys = zip(*points, strict=True)
-        ax.plot(
-            xs,
-            [100 * y for y in ys],
-            markersize=4,
-            label=block_label(block),
-            **_block_style(block, extra),
-        )
-    best = facet.best()
-    if best is not None and best[1] is not None:
-        ax.plot(
-            [best[1]],
-            [100 * best[2]],
-            linestyle="",
-            marker="*",
-            markersize=14,
-            color="crimson",
-            zorder=5,
-            label=f"best: {best[0]}, epoch {best[1]}",
-        )
-    ax.set_xlabel("training epoch")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(facet.key.title(), fontsize=10)
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if facet.fid is not None and facet.fid.values:
-        h2, l2 = _plot_fid(ax, facet.fid)
-        handles, labels = handles + h2, labels + l2
-    if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
 
 
 # ------------------------------------------------------------------------------------ files
@@ -359,7 +259,13 @@ def default_out_dir(study: str) -> Path:
 
 
 def write_files(
-    study: str, facets: list[Facet], rows: list[SummaryRow], out_dir: Path, formats: set[str]
+    study: str,
+    facets: list[Facet],
+    rows: list[SummaryRow],
+    out_dir: Path,
+    formats: set[str],
+    *,
+    header: str = "",
 ) -> list[Path]:
     """Write the report files; same names each time, so a rerun replaces them and nothing else."""
     wanted = formats & {"csv", "md", "png"}
@@ -376,6 +282,6 @@ def write_files(
         paths.append(write_summary_csv(rows, out_dir / SUMMARY_CSV))
     if "md" in wanted:
         md = out_dir / REPORT_MD
-        md.write_text(markdown(study, facets, rows, plots="png" in wanted))
+        md.write_text(markdown(study, facets, rows, plots="png" in wanted, header=header))
         paths.append(md)
     return paths

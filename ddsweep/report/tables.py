@@ -1,33 +1,41 @@
-"""The pure core of the report: block × epoch tables built from plain rows of trial results, the
-summary of each table, and FID curves. Nothing here reads MLflow or writes files.
+"""The pure core of the report: block × epoch tables built from plain rows of trial results, and
+the tested claims of which cell is best. Nothing here reads MLflow or writes files.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ddsweep import probes
+import numpy as np
+
+from ddsweep import predictions, probes
 from ddsweep.model import PIXELS, block_order
-from ddsweep.tracking import KIND_TAG
+from ddsweep.points import split_id
+from ddsweep.report import rows as rd
+from ddsweep.report import stats
+from ddsweep.report.fidcurves import FidCurve
 
 if TYPE_CHECKING:
     import pandas as pd
 
 # Trials logged before `pool` and `weights` were params used ProbeConfig's defaults.
 DEFAULT_POOL, DEFAULT_WEIGHTS = "avg", "ema"
+POINT_TAG = "ddsweep.point"  # the point id of a trial (ddsweep.tracking.recorder.POINT_TAG)
 
 # A table column: a training epoch (0 = the untrained net). None only in a facet with no trained
 # epoch at all (pixels results alone), as the one column that holds them.
 Epoch = int | None
+Spot = tuple[str, Epoch]  # (block, epoch): one cell of a table
+Settings = tuple[tuple[str, str], ...]  # (name, value as text) of settings off their default
 
 
 @dataclass(frozen=True)
 class FacetKey:
-    """What one table holds fixed; its rows are blocks and its columns epochs."""
+    """What one table holds fixed; its rows are blocks and its columns epochs. `settings` are
+    the point's other settings off their defaults (from its id), e.g. (("knn.metric", "cos"),)."""
 
     dataset: str
     resolution: int
@@ -37,26 +45,30 @@ class FacetKey:
     noise_step: int
     pool: str
     weights: str
+    settings: Settings = ()
 
     def slug(self) -> str:
-        """File-name stem, e.g. digits-16px-attn-linear-t0-avg-ema or cifar10-32px-noattn-knn50-…"""
+        """File-name stem, e.g. digits-16px-attn-linear-t0-avg-ema or …-knn50-t0-avg-ema-seed=1"""
         attn = {True: "-attn", False: "-noattn", None: ""}[self.attention]
         probe = f"{self.probe}{self.k}" if self.k else self.probe
+        extra = "".join(f"-{n}={v}" for n, v in self.settings)
         text = (
             f"{self.dataset}-{self.resolution}px{attn}-{probe}"
-            f"-t{self.noise_step}-{self.pool}-{self.weights}"
+            f"-t{self.noise_step}-{self.pool}-{self.weights}{extra}"
         )
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+        return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
 
     def title(self) -> str:
-        """Human heading, e.g. 'digits 16 px, attention: linear probe, t=0, avg pool, ema weights'."""
+        """Human heading, e.g. 'digits 16 px, attention: linear probe, t=0, avg pool, ema weights'
+        then any other setting off its default ('…, knn.metric=cosine')."""
         attn = {True: ", attention", False: ", no attention", None: ""}[self.attention]
         kind = probes.find(self.probe)
         name = kind.title() if kind else self.probe
         probe = f"{name} probe (k={self.k})" if self.k else f"{name} probe"
+        extra = "".join(f", {n}={v}" for n, v in self.settings)
         return (
             f"{self.dataset} {self.resolution} px{attn}: {probe}, t={self.noise_step}, "
-            f"{self.pool} pool, {self.weights} weights"
+            f"{self.pool} pool, {self.weights} weights{extra}"
         )
 
     def sort_key(self) -> tuple[Any, ...]:
@@ -74,45 +86,104 @@ class FacetKey:
             self.noise_step,
             self.pool,
             self.weights,
+            self.settings,
         )
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid point's metrics: top1 and top3 (accuracies, fractions in [0, 1]) and the other
-    metrics its probe kind reports (e.g. train_top1), in the kind's order."""
+    """One grid point's metrics: top1 and top3 (test accuracies, fractions in [0, 1]), the other
+    metrics its probe kind reports (e.g. train_top1), in the kind's order; the 95 % bootstrap
+    interval (low, high) of top1 and val_top1 when the trial logged them; and its per-example
+    test hits and labels (for paired tests; not part of equality)."""
 
     top1: float
     top3: float | None = None
     others: tuple[tuple[str, float], ...] = ()
+    low: float | None = None
+    high: float | None = None
+    val_top1: float | None = None
+    hits: np.ndarray | None = field(default=None, compare=False, repr=False)
+    labels: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def get(self, metric: str) -> float | None:
         """The metric's value, or None when the trial did not report it."""
-        if metric in ("top1", "top3"):
+        if metric in ("top1", "top3", "val_top1"):
             return getattr(self, metric)
         return dict(self.others).get(metric)
 
 
+def paired_p(a: Cell, b: Cell) -> float | None:
+    """Exact McNemar p-value of two cells' top1 on the same test examples; None when either has
+    no per-example predictions or they were scored on different test sets."""
+    if a.hits is None or b.hits is None or a.labels is None or b.labels is None:
+        return None
+    if a.labels.shape != b.labels.shape or not np.array_equal(a.labels, b.labels):
+        return None
+    return stats.mcnemar_p(a.hits, b.hits)
+
+
 @dataclass(frozen=True)
-class FidCurve:
-    """A generative-quality metric of one backbone against its training epoch."""
+class Claim:
+    """The best of some cells by `by` (top1, or val_top1 to choose on validation), and its
+    runner-up compared on the same test examples by exact McNemar's test (`stats.mcnemar_p`).
 
-    metric: str  # "fid", or "fd_<network>" for a Fréchet distance in another network's features
-    values: dict[int, float]
+    `tied` holds the best cell and every cell not significantly different from it (p >= 5 %;
+    for a cell without predictions: an exactly equal value). The runner-up is the first tied
+    cell when there is one, else the next cell by `by`; `p` is its p-value, None when untested.
+    """
 
-    def label(self) -> str:
-        return "FID" if self.metric == "fid" else self.metric
+    best: Spot
+    runner_up: Spot | None
+    p: float | None
+    tied: frozenset[Spot]
+
+    @property
+    def is_tie(self) -> bool:
+        return len(self.tied) > 1
+
+
+def contest(cells: Mapping[Spot, Cell], by: str = "top1") -> Claim | None:
+    """The claim over `cells` (in preference order: an exact tie goes to the first); None when
+    no cell has `by`."""
+    ranked = [(v, i, s) for i, (s, c) in enumerate(cells.items()) if (v := c.get(by)) is not None]
+    ranked.sort(key=lambda t: (-t[0], t[1]))
+    if not ranked:
+        return None
+    top_value, _, best = ranked[0]
+    others = []
+    for value, _, spot in ranked[1:]:
+        p = paired_p(cells[best], cells[spot])
+        others.append((spot, p, value == top_value if p is None else p >= stats.ALPHA))
+    tied = [o for o in others if o[2]]
+    pick = tied[0] if tied else others[0] if others else None
+    return Claim(
+        best=best,
+        runner_up=pick[0] if pick else None,
+        p=pick[1] if pick else None,
+        tied=frozenset([best, *(o[0] for o in tied)]),
+    )
 
 
 @dataclass
 class Facet:
-    """One block × epoch table: `blocks` in forward order (pixels first), `epochs` ascending."""
+    """One block × epoch table: `blocks` in forward order (pixels first), `epochs` ascending;
+    `backbones` the training runs its trials probed, `fids` their generative-quality curves."""
 
     key: FacetKey
     blocks: list[str]
     epochs: list[Epoch]
     cells: dict[tuple[str, Epoch], Cell]
-    fid: FidCurve | None = None
+    fids: list[FidCurve] = field(default_factory=list)
+    backbones: tuple[str, ...] = ()
+    _claims: dict[tuple[Any, ...], Claim | None] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    @property
+    def fid(self) -> FidCurve | None:
+        """The first FID curve, or None."""
+        return self.fids[0] if self.fids else None
 
     def metrics(self) -> tuple[str, ...]:
         """Each metric the facet's probe kind declares (top1 first) that some cell holds."""
@@ -127,8 +198,28 @@ class Facet:
         cell = self.cells.get((block, epoch))
         return None if cell is None else cell.get(metric)
 
+    def has_intervals(self) -> bool:
+        return any(c.low is not None for c in self.cells.values())
+
+    def claim(
+        self, epoch: Epoch | str = "all", *, pixels: bool = True, by: str = "top1"
+    ) -> Claim | None:
+        """The tested best of one epoch column, or of the whole table (epoch "all"), by `by`;
+        an exact tie goes to the earliest epoch, then the earliest block in forward order."""
+        memo = (epoch, pixels, by)
+        if memo not in self._claims:
+            epochs = self.epochs if isinstance(epoch, str) else [epoch]
+            blocks = self.blocks if pixels else [b for b in self.blocks if b != PIXELS]
+            cells = {(b, e): c for e in epochs for b in blocks if (c := self.cells.get((b, e)))}
+            self._claims[memo] = contest(cells, by)
+        return self._claims[memo]
+
     def best_blocks(self, epoch: Epoch, metric: str = "top1") -> set[str]:
-        """The best block(s) of one epoch column, pixels included; all of them when tied."""
+        """The best block(s) of one epoch column, pixels included: for top1, every block not
+        significantly worse than the best (see `Claim`); for other metrics, exact ties."""
+        if metric == "top1":
+            found = self.claim(epoch)
+            return set() if found is None else {b for b, _ in found.tied}
         column = {b: v for b in self.blocks if (v := self.value(b, epoch, metric)) is not None}
         if not column:
             return set()
@@ -155,19 +246,23 @@ class _Result:
     block: str
     cell: Cell
     when: tuple[float, int]  # (start time, input position): the newest rerun of a cell wins
+    backbone: str | None  # the training run probed (RUNID of the backbone param RUNID@EPOCH)
 
 
 def build_tables(trials: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[Facet]:
     """Block × epoch tables from finished trials.
 
     `trials` is `mlflow.search_runs`' frame (columns `params.*`, `metrics.*`, `status`, `tags.*`)
-    or rows with the bare param and metric names. Rows not FINISHED, of another kind than trial, or
-    without a readable top1, dataset or block are left out. A pixels result whose attention is
-    "None" goes into every attention facet of its group, and one whose epoch is "None" into every
-    epoch column, so the baseline reads alike wherever one looks; a result for one attention or
-    one epoch overrides it there. When a cell was run more than once the newest run wins.
+    or rows with the bare param and metric names; a row's `predictions` ({split: (pred, label)},
+    see `ddsweep.predictions`) gives its cell an interval and paired tests. Rows not FINISHED, of
+    another kind than trial, or without a readable top1, dataset or block are left out. Trials
+    that differ in any setting (the point id's settings, pool, weights) never share a table. A
+    pixels result whose attention is "None" goes into every attention facet of its group, and
+    one whose epoch is "None" into every epoch column, so the baseline reads alike wherever one
+    looks; a result for one attention or one epoch overrides it there. When a cell was run more
+    than once the newest run wins.
     """
-    results = [r for i, raw in enumerate(_records(trials)) if (r := _result(raw, i)) is not None]
+    results = [r for i, raw in enumerate(rd.records(trials)) if (r := _result(raw, i)) is not None]
     groups: dict[tuple[Any, ...], list[_Result]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
@@ -178,129 +273,29 @@ def build_tables(trials: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[Fac
         attentions: list[bool | None] = [*known] or [None]
         for attention in attentions:
             mine = [r for r in members if r.attention is None or r.attention == attention]
-            trained = sorted({r.epoch for r in mine if r.epoch is not None})
-            epochs: list[Epoch] = [*trained] or [None]
-            cells: dict[tuple[str, Epoch], Cell] = {}
-            # Broadcast results first, so a specific result (and a newer one) overwrites them.
-            for r in sorted(
-                mine, key=lambda r: (r.attention is not None, r.epoch is not None, r.when)
-            ):
-                for epoch in epochs if r.epoch is None else [r.epoch]:
-                    cells[(r.block, epoch)] = r.cell
-            dataset, resolution, probe, k, noise_step, pool, weights = group
-            facets.append(
-                Facet(
-                    key=FacetKey(
-                        dataset, resolution, attention, probe, k, noise_step, pool, weights
-                    ),
-                    blocks=sorted({b for b, _ in cells}, key=lambda b: (block_order(b), b)),
-                    epochs=epochs,
-                    cells=cells,
-                )
+            dataset, resolution, probe, k, noise_step, pool, weights, settings = group
+            key = FacetKey(
+                dataset, resolution, attention, probe, k, noise_step, pool, weights, settings
             )
+            facets.append(_facet(key, mine))
     return sorted(facets, key=lambda f: f.key.sort_key())
 
 
-@dataclass(frozen=True)
-class SummaryRow:
-    """The headline of one facet: its best block of the net (the study's question), the pixels
-    baseline beside it, and the untrained net."""
-
-    key: FacetKey
-    best_block: str | None
-    best_epoch: Epoch
-    best_top1: float | None
-    pixels_top1: float | None  # None when the facet has no pixels baseline
-    epoch0_block: str | None  # best block of the untrained net (epoch 0), pixels not counted
-    epoch0_top1: float | None
-
-    @property
-    def baseline_wins(self) -> bool:
-        """The pixels baseline beats every block of the net at every epoch."""
-        if self.pixels_top1 is None:
-            return False
-        return self.best_top1 is None or self.pixels_top1 > self.best_top1
-
-
-def summary(facets: Iterable[Facet]) -> list[SummaryRow]:
-    """One row per facet: the best block of the net (block, epoch, top1), the pixels top1 and
-    the best epoch-0 top1."""
-    rows = []
-    for f in facets:
-        best = f.best("top1", pixels=False)
-        pixels = [v for e in f.epochs if (v := f.value(PIXELS, e)) is not None]
-        e0: tuple[float, str] | None = None  # a tie goes to the earliest block in forward order
-        for b in f.blocks:
-            v = f.value(b, 0)
-            if b != PIXELS and v is not None and (e0 is None or v > e0[0]):
-                e0 = (v, b)
-        rows.append(
-            SummaryRow(
-                key=f.key,
-                best_block=best[0] if best else None,
-                best_epoch=best[1] if best else None,
-                best_top1=best[2] if best else None,
-                pixels_top1=max(pixels) if pixels else None,
-                epoch0_block=e0[1] if e0 else None,
-                epoch0_top1=e0[0] if e0 else None,
-            )
-        )
-    return rows
-
-
-def fid_curves(
-    fid_runs: pd.DataFrame | Iterable[Mapping[str, Any]],
-) -> dict[tuple[str, int, bool], FidCurve]:
-    """FID (or FD) against epoch per (dataset, resolution, attention), from `ddsweep fid` runs.
-
-    Takes the same shapes as `build_tables`. The metric is `fid` when any run of the backbone has
-    it, else the first `fd_*` name in alphabetical order; the newest run of an epoch wins.
-    """
-    groups: dict[tuple[str, int, bool], list[tuple[tuple[float, int], int, dict[str, float]]]] = {}
-    for i, raw in enumerate(_records(fid_runs)):
-        row = _bare(raw)
-        if _text(row.get("status")) not in (None, "FINISHED"):
-            continue
-        if _text(row.get(f"tags.{KIND_TAG}")) not in (None, "fid"):
-            continue
-        try:
-            dataset = _text(row.get("dataset"))
-            resolution = _opt_int(row.get("resolution"))
-            attention = _opt_bool(row.get("attention"))
-            epoch = _opt_int(row.get("epoch"))
-        except ValueError:
-            continue
-        if dataset is None or resolution is None or attention is None or epoch is None:
-            continue
-        values = {
-            name: v
-            for name, raw_v in row.items()
-            if isinstance(name, str)
-            and (name == "fid" or name.startswith("fd_"))
-            and (v := _number(raw_v)) is not None
-        }
-        if values:
-            groups.setdefault((dataset, resolution, attention), []).append(
-                (_when(row, i), epoch, values)
-            )
-
-    curves = {}
-    for key, runs in groups.items():
-        names = {n for _, _, values in runs for n in values}
-        metric = "fid" if "fid" in names else min(names)
-        by_epoch: dict[int, float] = {}
-        for _, epoch, values in sorted(runs, key=lambda r: r[0]):
-            if metric in values:
-                by_epoch[epoch] = values[metric]
-        curves[key] = FidCurve(metric, dict(sorted(by_epoch.items())))
-    return curves
-
-
-def attach_fid(facets: Iterable[Facet], curves: Mapping[tuple[str, int, bool], FidCurve]) -> None:
-    """Give each facet the FID curve of its (dataset, resolution, attention), when there is one."""
-    for f in facets:
-        if f.key.attention is not None:
-            f.fid = curves.get((f.key.dataset, f.key.resolution, f.key.attention))
+def _facet(key: FacetKey, mine: list[_Result]) -> Facet:
+    trained = sorted({r.epoch for r in mine if r.epoch is not None})
+    epochs: list[Epoch] = [*trained] or [None]
+    cells: dict[tuple[str, Epoch], Cell] = {}
+    # Broadcast results first, so a specific result (and a newer one) overwrites them.
+    for r in sorted(mine, key=lambda r: (r.attention is not None, r.epoch is not None, r.when)):
+        for epoch in epochs if r.epoch is None else [r.epoch]:
+            cells[(r.block, epoch)] = r.cell
+    return Facet(
+        key=key,
+        blocks=sorted({b for b, _ in cells}, key=lambda b: (block_order(b), b)),
+        epochs=epochs,
+        cells=cells,
+        backbones=tuple(sorted({r.backbone for r in mine if r.backbone})),
+    )
 
 
 def kind_metrics(probe: str) -> tuple[str, ...]:
@@ -310,104 +305,66 @@ def kind_metrics(probe: str) -> tuple[str, ...]:
     return kind.metrics if kind is not None else ("top1", "top3")
 
 
-def _records(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
-        return list(rows.to_dict("records"))
-    return list(rows)
+def point_settings(row: Mapping[str, Any]) -> Settings:
+    """The settings off their defaults that the trial's point id names, by name; pool and
+    weights left out (they are fields of the key, read from params, which old runs have too).
+    Positional ids of ddsweep 0.1, and rows without an id, name none."""
+    pid = rd.text(row.get(f"tags.{POINT_TAG}"))
+    if not pid:
+        return ()
+    try:
+        _, named = split_id(pid)
+    except (TypeError, ValueError):
+        return ()
+    return tuple(sorted((n, str(v)) for n, v in named.items() if n not in ("pool", "weights")))
 
 
-def _bare(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """`params.x` and `metrics.x` as plain `x`; tags and attributes keep their names."""
-    out: dict[str, Any] = {}
-    for name, value in raw.items():
-        for prefix in ("params.", "metrics."):
-            if isinstance(name, str) and name.startswith(prefix):
-                name = name[len(prefix) :]
-                break
-        out[name] = value
-    return out
+def _cell(row: Mapping[str, Any], probe: str, top1: float) -> Cell:
+    others = tuple(
+        (m, v)
+        for m in kind_metrics(probe)
+        if m not in ("top1", "top3") and (v := rd.number(row.get(m))) is not None
+    )
+    top3, val_top1 = rd.number(row.get("top3")), rd.number(row.get("val_top1"))
+    preds = row.get("predictions")
+    if not isinstance(preds, Mapping) or "test" not in preds:
+        return Cell(top1, top3, others, val_top1=val_top1)
+    pred, label = preds["test"]
+    hits = predictions.hits(pred, label)
+    low, high = stats.bootstrap_interval(hits)
+    return Cell(top1, top3, others, low, high, val_top1, hits, np.asarray(label))
 
 
 def _result(raw: Mapping[str, Any], position: int) -> _Result | None:
-    row = _bare(raw)
-    if _text(row.get("status")) not in (None, "FINISHED"):
+    row = rd.bare(raw)
+    if not rd.kept(row, "trial"):
         return None
-    if _text(row.get(f"tags.{KIND_TAG}")) not in (None, "trial"):
-        return None
-    top1 = _number(row.get("top1"))
-    dataset, block, probe = (_text(row.get(n)) for n in ("dataset", "block", "probe"))
+    top1 = rd.number(row.get("top1"))
+    dataset, block, probe = (rd.text(row.get(n)) for n in ("dataset", "block", "probe"))
     if top1 is None or dataset is None or block is None or probe is None:
         return None
     try:
-        resolution = _opt_int(row.get("resolution"))
-        attention = _opt_bool(row.get("attention"))
-        epoch = _opt_int(row.get("epoch"))
-        k = _opt_int(row.get("k")) or 0
-        noise_step = _opt_int(row.get("noise_step")) or 0
+        resolution = rd.opt_int(row.get("resolution"))
+        attention = rd.opt_bool(row.get("attention"))
+        epoch = rd.opt_int(row.get("epoch"))
+        k = rd.opt_int(row.get("k")) or 0
+        noise_step = rd.opt_int(row.get("noise_step")) or 0
     except ValueError:
         return None  # not a trial this version of ddsweep wrote
     if resolution is None:
         return None
-    pool = _text(row.get("pool")) or DEFAULT_POOL
-    weights = _text(row.get("weights")) or DEFAULT_WEIGHTS
+    pool = rd.text(row.get("pool")) or DEFAULT_POOL
+    weights = rd.text(row.get("weights")) or DEFAULT_WEIGHTS
     kind = probes.find(probe)
     if kind is not None and not kind.uses_k:
         k = 0  # k does not multiply this kind: one facet whatever was logged
-    others = tuple(
-        (m, v)
-        for m in kind_metrics(probe)
-        if m not in ("top1", "top3") and (v := _number(row.get(m))) is not None
-    )
+    backbone = rd.text(row.get("backbone"))
     return _Result(
-        group=(dataset, resolution, probe, k, noise_step, pool, weights),
+        group=(dataset, resolution, probe, k, noise_step, pool, weights, point_settings(row)),
         attention=attention,
         epoch=epoch,
         block=block,
-        cell=Cell(top1, _number(row.get("top3")), others),
-        when=_when(row, position),
+        cell=_cell(row, probe, top1),
+        when=rd.when(row, position),
+        backbone=backbone.split("@")[0] if backbone and backbone != "none" else None,
     )
-
-
-def _text(value: Any) -> str | None:
-    """A param as text; None for a missing one (pandas gives None or NaN)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return str(value)
-
-
-def _number(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(x) else x
-
-
-def _opt_int(value: Any) -> int | None:
-    """'50' -> 50; 'None' or missing -> None (the result holds for every value)."""
-    text = _text(value)
-    if text is None or text in ("None", ""):
-        return None
-    return int(float(text))
-
-
-def _opt_bool(value: Any) -> bool | None:
-    """'True' -> True; 'None' or missing -> None (the result holds for either)."""
-    text = _text(value)
-    if text is None or text in ("None", ""):
-        return None
-    low = text.lower()
-    if low in ("true", "1"):
-        return True
-    if low in ("false", "0"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-def _when(row: Mapping[str, Any], position: int) -> tuple[float, int]:
-    start: Any = row.get("start_time")
-    try:
-        t = float(start.timestamp()) if hasattr(start, "timestamp") else float(start)
-    except (TypeError, ValueError):
-        t = 0.0
-    return (0.0 if math.isnan(t) else t, position)

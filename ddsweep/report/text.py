@@ -1,0 +1,51 @@
+"""How the report writes values and claims in words, the same in every view: percentages, their
+intervals, p-values and "tied with X" verdicts."""
+
+from __future__ import annotations
+
+from ddsweep.model import PIXELS
+from ddsweep.report.tables import Epoch, Spot
+
+
+def pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal; blank for a missing cell."""
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def pct_ci(value: float | None, low: float | None, high: float | None) -> str:
+    """'81.3 ± 0.8' (half the interval's width), or the value alone without an interval."""
+    if value is None or low is None or high is None:
+        return pct(value)
+    return f"{pct(value)} ± {100 * (high - low) / 2:.1f}"
+
+
+def p_text(p: float) -> str:
+    """'p = 0.41', 'p = 0.004', 'p < 0.001'."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
+
+
+def block_label(block: str) -> str:
+    return f"{PIXELS} (baseline)" if block == PIXELS else block
+
+
+def epoch_label(epoch: Epoch) -> str:
+    return "any" if epoch is None else str(epoch)
+
+
+def spot_label(spot: Spot, with_epoch: bool = True) -> str:
+    """'mid @ 50', or 'mid' alone."""
+    block, epoch = spot
+    return f"{block_label(block)} @ {epoch_label(epoch)}" if with_epoch else block_label(block)
+
+
+def verdict(
+    runner_up: Spot | None, p: float | None, tied: bool, with_epoch: bool = True, more: int = 0
+) -> str:
+    """'tied with mid @ 50 (p = 0.41)', 'beats mid @ 50 (p < 0.001)', 'untested vs mid @ 50' or
+    '' (no runner-up); `more` other cells also tied are counted ('tied with mid and 2 more')."""
+    if runner_up is None:
+        return ""
+    who = spot_label(runner_up, with_epoch) + (f" and {more} more" if more > 0 else "")
+    if p is None:
+        return f"tied with {who} (equal, untested)" if tied else f"untested vs {who}"
+    return f"tied with {who} ({p_text(p)})" if tied else f"beats {who} ({p_text(p)})"
