@@ -46,15 +46,13 @@ def report(
     """Block x epoch tables of a study from MLflow: terminal, CSV, Markdown and PNG plots."""
     from ddsweep import report as report_mod
     from ddsweep import tracking
-    from ddsweep.tracking import runs
 
     wanted = formats or ["all"]
     tracking.setup(tracking_uri, create=False)
     report_mod.parse_formats(wanted)
     tracking.check_reachable()
-    if experiment is not None:
-        runs.check_study_in(study, experiment)
-    report_mod.write_report(study, out or report_mod.default_out_dir(study), wanted)
+    out_dir = out or report_mod.default_out_dir(study)
+    report_mod.write_report(study, out_dir, wanted, experiment=experiment)
 
 
 def quickstart(
