@@ -179,11 +179,15 @@ def test_a_kind_defined_in_a_test_runs_in_a_study_and_its_report(
     assert result.exit_code == 0, result.output
     assert "nearest-mean probe" in result.stdout and "margin %" in result.stdout
     out = Path("reports") / "reg"
-    assert read_csv(out / "digits-8px-centroid-t0-avg-ema.csv") == [
+    # Tables are named for the settings off their defaults; each metric of the kind is a row,
+    # then the 95 % interval of top1.
+    centroid_csv = read_csv(out / "digits-8px-centroid-t0-avg-ema-centroid.normalise=True.csv")
+    assert centroid_csv[:3] == [
         ["metric", "block", "any"],
         ["top1 %", "pixels", report.pct(run.data.metrics["top1"])],
         ["margin %", "pixels", report.pct(margin)],
     ]
+    assert [row[0] for row in centroid_csv[3:]] == ["top1 low %", "top1 high %"]
     # Facets in registry order: linear, knn (k=3, 5), then the new kind.
     md = (out / "report.md").read_text()
     headings = [line for line in md.splitlines() if line.startswith("## digits")]
@@ -194,5 +198,5 @@ def test_a_kind_defined_in_a_test_runs_in_a_study_and_its_report(
         "nearest-mean probe",
     ]
     # top3 is shown for every kind that reports it: the linear facet has it too.
-    linear_csv = read_csv(out / "digits-8px-linear-t0-avg-ema.csv")
-    assert [row[0] for row in linear_csv[1:]] == ["top1 %", "top3 %", "train_top1 %"]
+    linear_csv = read_csv(out / "digits-8px-linear-t0-avg-ema-linear.epochs=2.csv")
+    assert [row[0] for row in linear_csv[1:4]] == ["top1 %", "top3 %", "train_top1 %"]
