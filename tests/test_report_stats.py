@@ -230,3 +230,24 @@ def test_predictions_round_trip_feeds_the_cells(tmp_path) -> None:  # type: igno
         [{**trial("up4", 50), "top1": 0.75, "predictions": predictions.load(path)}]
     )
     assert facet.cells[("up4", 50)].hits is not None and facet.cells[("up4", 50)].low is not None
+
+
+def test_a_baseline_shown_in_every_epoch_column_is_not_tied_with_itself() -> None:
+    from ddsweep.report.tables import Cell, contest
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, 360)
+    good = np.where(rng.random(360) < 0.95, labels, (labels + 1) % 10)
+    poor = np.where(rng.random(360) < 0.70, labels, (labels + 1) % 10)
+
+    def cell(pred: np.ndarray) -> Cell:
+        hits = pred == labels
+        return Cell(top1=float(hits.mean()), hits=hits, labels=labels)
+
+    pixels = cell(good)  # one result, broadcast to three epoch columns
+    cells = {("pixels", 0): pixels, ("pixels", 2): pixels, ("pixels", 4): pixels}
+    cells[("mid", 2)] = cell(poor)
+    claim = contest(cells)
+    assert claim is not None
+    assert claim.best == ("pixels", 0) and not claim.is_tie
+    assert claim.runner_up == ("mid", 2) and claim.p is not None and claim.p < 0.05

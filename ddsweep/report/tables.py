@@ -145,8 +145,13 @@ class Claim:
 
 def contest(cells: Mapping[Spot, Cell], by: str = "top1") -> Claim | None:
     """The claim over `cells` (in preference order: an exact tie goes to the first); None when
-    no cell has `by`."""
-    ranked = [(v, i, s) for i, (s, c) in enumerate(cells.items()) if (v := c.get(by)) is not None]
+    no cell has `by`. A result shown in several cells (the pixels baseline, broadcast to every
+    epoch column) takes part once, at its first cell: it is not tied with itself."""
+    firsts: dict[int, Spot] = {}
+    for spot, c in cells.items():
+        firsts.setdefault(id(c), spot)
+    unique = {s: cells[s] for s in firsts.values()}
+    ranked = [(v, i, s) for i, (s, c) in enumerate(unique.items()) if (v := c.get(by)) is not None]
     ranked.sort(key=lambda t: (-t[0], t[1]))
     if not ranked:
         return None
