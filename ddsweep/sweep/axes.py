@@ -1,0 +1,176 @@
+"""One axis from a sweep file or the command line: values checked, ranges counted before they
+are built, duplicates dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from ddsweep import data, probes
+from ddsweep.errors import UserError
+from ddsweep.model import BLOCKS, PIXELS
+from ddsweep.points import AXES
+from ddsweep.sweep.config import CLI_SOURCE, _too_many, max_points
+
+# --- values -------------------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """A value problem; the caller adds the file and key."""
+
+
+class _TooMany(_Bad):
+    """More values than `max_points()`; says its own fix."""
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return v.lower() in ("true", "yes", "1")
+    raise _Bad(f"{v!r} is not true or false")
+
+
+def _as_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise _Bad(f"{v!r} is not an integer")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        try:  # int() itself: str.isdigit() passes "²", which int() refuses
+            return int(v.strip())
+        except ValueError:
+            pass
+    raise _Bad(f"{v!r} is not an integer")
+
+
+def _int_range(v: Any) -> Sequence[int]:
+    """{start, stop, step} (stop included) or 'start:stop:step' into a list of ints."""
+    if isinstance(v, str) and ":" in v:
+        parts = v.split(":")
+        if len(parts) not in (2, 3):
+            raise _Bad(f"{v!r} is not START:STOP or START:STOP:STEP")
+        v = dict(zip(("start", "stop", "step"), parts, strict=False))
+    if isinstance(v, Mapping):
+        unknown = set(v) - {"start", "stop", "step"}
+        if unknown:
+            raise _Bad(f"unknown range key(s) {sorted(unknown)}; allowed: start, stop, step")
+        if "start" not in v or "stop" not in v:
+            raise _Bad("a range needs start and stop (and optionally step)")
+        start, stop, step = _as_int(v["start"]), _as_int(v["stop"]), _as_int(v.get("step", 1))
+        if step <= 0 or stop < start:
+            raise _Bad(f"empty range {start}..{stop} step {step}")
+        # Counted before it is built: 0:1000000000:1 must not fill the memory first.
+        count = (stop - start) // step + 1
+        if count > max_points():
+            raise _TooMany(_too_many(count, f"the range {start}..{stop} step {step}"))
+        return range(start, stop + 1, step)
+    return [_as_int(v)]
+
+
+def _check_dataset(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"{v!r} is not a dataset name")
+    if v not in data.KNOWN_DATASETS and not v.startswith(data.FOLDER_PREFIX):
+        raise _Bad(f"unknown dataset {v!r}")  # parse_axis adds the allowed names
+    try:
+        return data.dataset_info(v).name
+    except UserError as err:  # a folder: dataset that is not there or not laid out right
+        raise _Bad(str(err)) from err
+
+
+def _check_block(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise _Bad(f"{v!r} is not a block name")
+    if v in BLOCKS or v == PIXELS or "." in v or v.endswith("_block"):
+        return v
+    raise _Bad(f"unknown block {v!r}; allowed: {', '.join(BLOCKS)}, {PIXELS} or a module path")
+
+
+def _check_probe(v: Any) -> str:
+    if not isinstance(v, str) or probes.find(v) is None:
+        raise _Bad(f"unknown probe {v!r}; allowed: {', '.join(probes.names())}")
+    return v
+
+
+def _positive(v: int) -> int:
+    if v <= 0:
+        raise _Bad(f"{v} must be positive")
+    return v
+
+
+def _noise(v: int) -> int:
+    if not 0 <= v < 1000:
+        raise _Bad(f"{v} is outside the 1000-step schedule; allowed: 0..999")
+    return v
+
+
+def _resolution(v: int) -> int:
+    if v <= 0 or v % 8:
+        raise _Bad(f"{v} is not a positive multiple of 8 (the U-Net halves it three times)")
+    return v
+
+
+def _epoch(v: int) -> int:
+    if v < 0:
+        raise _Bad(f"{v} is negative; epochs start at 0 (the untrained network)")
+    return v
+
+
+# What each axis accepts, for error messages (the probe axis: see `axis_allowed`).
+AXIS_ALLOWED: dict[str, str] = {
+    "dataset": ", ".join((*data.KNOWN_DATASETS, "folder:PATH")),
+    "resolution": "positive multiples of 8, e.g. [32]",
+    "attention": "true, false",
+    "epoch": "integers >= 0, or {start, stop, step} (stop included)",
+    "block": f"{', '.join(BLOCKS)}, {PIXELS} or a named_modules() path",
+    "noise_step": "integers 0..999, or {start, stop, step}",
+    "k": "positive integers, e.g. [10, 50]",
+}
+
+
+def axis_allowed(name: str) -> str:
+    """What axis `name` accepts; for `probe`, the kinds registered now."""
+    return ", ".join(probes.names()) if name == "probe" else AXIS_ALLOWED[name]
+
+
+AXIS_PARSERS: dict[str, Callable[[Any], Iterable[Any]]] = {
+    "dataset": lambda v: [_check_dataset(v)],
+    "resolution": lambda v: map(_resolution, _int_range(v)),
+    "attention": lambda v: [_as_bool(v)],
+    "epoch": lambda v: map(_epoch, _int_range(v)),
+    "block": lambda v: [_check_block(v)],
+    "noise_step": lambda v: map(_noise, _int_range(v)),
+    "probe": lambda v: [_check_probe(v)],
+    "k": lambda v: map(_positive, _int_range(v)),
+}
+
+
+def parse_axis(name: str, raw: Any, source: str) -> tuple[Any, ...]:
+    """One axis from YAML (a scalar, a list or a range mapping) or CLI strings."""
+    if source == CLI_SOURCE:
+        where = f"{source}: --{'probe' if name == 'probe' else name.replace('_', '-')}"
+    else:
+        where = f"{source}: axes.{name}"
+    if name not in AXIS_PARSERS:
+        raise UserError(f"{source}: unknown axis {name!r}; allowed: {', '.join(AXES)}")
+    # `block:` with nothing after it is an empty axis, not the value None.
+    items: Iterable[Any] = raw if isinstance(raw, list | tuple) else [] if raw is None else [raw]
+    out: dict[Any, None] = {}  # ordered and deduplicated in linear time
+    limit = max_points()
+    try:
+        for item in items:
+            for value in AXIS_PARSERS[name](item):
+                out[value] = None
+                if len(out) > limit:
+                    raise _TooMany(_too_many(None, "the axis"))
+    except _Bad as err:
+        text = str(err)
+        if "allowed" not in text and not isinstance(err, _TooMany):
+            text += f"; allowed: {axis_allowed(name)}"
+        raise UserError(f"{where}: {text}") from err
+    if not out:
+        raise UserError(
+            f"{where}: the axis is empty; give at least one value ({axis_allowed(name)})"
+        )
+    return tuple(out)

@@ -1,0 +1,103 @@
+"""What a study is: its axes and its shared settings, in one frozen StudyConfig; and the
+limits on its size."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddsweep import probes
+from ddsweep.errors import UserError
+from ddsweep.evaluate import ProbeConfig
+from ddsweep.fid import FIDConfig
+from ddsweep.model import BLOCKS
+
+KINDS: tuple[str, ...] = ("probe-grid", "fid-grid", "train-grid")
+CLI_SOURCE = "the command line"  # the `source` of axes given as options
+TOP_KEYS: tuple[str, ...] = ("study", "kind", "axes", "probe", "train", "fid")
+FID_KEYS: tuple[str, ...] = ("samples", "sampler", "steps", "seed", "batch_size", "feature")
+# A fid-grid has one point per checkpoint: the probe axes do not apply.
+FID_AXES: tuple[str, ...] = ("dataset", "resolution", "attention", "epoch")
+FID = "fid"  # the block and probe of a fid-grid point
+# The `probe:` section's own keys; beside them, one `<kind>:` section per registered probe kind.
+PROBE_KEYS: tuple[str, ...] = (
+    "pool",
+    "weights",
+    "noise_seed",
+    "noise_draws",
+    "flowers_add_val",
+    "val_fraction",
+    "seed",
+)
+# TrainConfig fields a sweep file's `train:` section may set for train-grid.
+TRAIN_KEYS: tuple[str, ...] = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "ema_decay",
+    "grad_clip",
+    "checkpoint_every",
+    "sample_every",
+    "max_steps",
+    "seed",
+    "channels",
+    "device",
+)
+
+
+MAX_POINTS = 100_000  # per axis and per grid, unless DDSWEEP_MAX_POINTS says otherwise
+MAX_POINTS_ENV = "DDSWEEP_MAX_POINTS"
+MAX_NAME = 100  # a study name becomes a file name (and part of others): far below NAME_MAX
+MAX_SWEEP_BYTES = 1 << 20  # a sweep file is a page of YAML, not a data set
+MAX_YAML_DEPTH = 16  # the deepest real sweep file nests 3 levels (probe.linear.lr)
+
+
+def max_points() -> int:
+    """The most points an axis or a grid may have: $DDSWEEP_MAX_POINTS, else 100,000."""
+    raw = os.environ.get(MAX_POINTS_ENV, "").strip()
+    if not raw:
+        return MAX_POINTS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UserError(f"{MAX_POINTS_ENV}={raw!r} is not a positive integer")
+    return value
+
+
+def _too_many(count: int | None, what: str) -> str:
+    has = f"{count:,} points, more than" if count is not None else "more points than"
+    return (
+        f"{what} has {has} the limit of {max_points():,}: narrow it (e.g. a larger step), "
+        f"or raise the limit with {MAX_POINTS_ENV}=N"
+    )
+
+
+@dataclass(frozen=True)
+class Axes:
+    """The eight axes; an empty `resolution` means each dataset's default, an empty `epoch`
+    means every checkpoint the backbone saved."""
+
+    dataset: tuple[str, ...]
+    resolution: tuple[int, ...] = ()
+    attention: tuple[bool, ...] = (True,)
+    epoch: tuple[int, ...] = ()
+    block: tuple[str, ...] = BLOCKS
+    noise_step: tuple[int, ...] = (0,)
+    probe: tuple[str, ...] = field(default_factory=probes.names)  # every registered kind
+    k: tuple[int, ...] = (50,)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study: its name, kind, axes and the settings shared by every point."""
+
+    study: str
+    axes: Axes
+    kind: str = "probe-grid"
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    train: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides for train-grid
+    source: str = CLI_SOURCE
+    fid: FIDConfig = field(default_factory=FIDConfig)  # fid-grid: how images are made and scored

@@ -1,0 +1,83 @@
+"""The grid a study spans: its backbones, its size (counted before expanding), its points."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ddsweep import data, probes
+from ddsweep.errors import UserError
+from ddsweep.model import PIXELS
+from ddsweep.points import Point
+from ddsweep.sweep.config import FID, Axes, StudyConfig, _too_many, max_points
+
+# --- the grid -----------------------------------------------------------------------------------
+
+Backbone3 = tuple[str, int, bool]  # (dataset, resolution, attention)
+
+
+def resolutions(axes: Axes, dataset: str) -> tuple[int, ...]:
+    """The resolution axis for one dataset (its default when the axis is empty)."""
+    return axes.resolution or (data.dataset_info(dataset).default_resolution,)
+
+
+def backbones(axes: Axes) -> list[Backbone3]:
+    """Every (dataset, resolution, attention) the study needs a trained backbone for."""
+    return [(d, r, a) for d in axes.dataset for r in resolutions(axes, d) for a in axes.attention]
+
+
+def grid_size(axes: Axes, kind: str = "probe-grid") -> int:
+    """The number of points the axes span (an empty epoch axis counted as one epoch), computed
+    without expanding them."""
+    size = len(axes.dataset) * max(len(axes.resolution), 1) * len(axes.attention)
+    size *= max(len(axes.epoch), 1)
+    if kind == "probe-grid":
+        per_probe = sum(len(axes.k) if probes.get(p).uses_k else 1 for p in axes.probe)
+        size *= len(axes.block) * len(axes.noise_step) * per_probe
+    return size
+
+
+def check_grid_size(cfg: StudyConfig) -> StudyConfig:
+    """`cfg`, or UserError when its grid is larger than `max_points()`."""
+    size = grid_size(cfg.axes, cfg.kind)
+    if size > max_points():
+        raise UserError(f"{cfg.source}: " + _too_many(size, f"the grid of study {cfg.study}"))
+    return cfg
+
+
+def _bounded(points: list[Point]) -> None:
+    """Stop a grid that grows past the limit (an empty epoch axis is only known here)."""
+    if len(points) > max_points():
+        raise UserError(_too_many(None, "the grid"))
+
+
+def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
+    """Every grid point. `k` multiplies only the probe kinds that use it (knn); the others get
+    k=0. `pixels` appears once per (dataset, resolution, noise step, probe, k), with no epoch and
+    no attention."""
+    points: list[Point] = []
+    net_blocks = [b for b in axes.block if b != PIXELS]
+    for d in axes.dataset:
+        for r in resolutions(axes, d):
+            for t in axes.noise_step:
+                for p in axes.probe:
+                    for k in axes.k if probes.get(p).uses_k else (0,):
+                        if PIXELS in axes.block:
+                            points.append(Point(d, r, None, None, PIXELS, t, p, k))
+                        # Pixels alone need no backbone: do not ask for its epochs.
+                        for a in axes.attention if net_blocks else ():
+                            for e in axes.epoch or epochs_of((d, r, a)):
+                                for b in net_blocks:
+                                    points.append(Point(d, r, a, e, b, t, p, k))
+                                _bounded(points)
+    return points
+
+
+def expand_fid(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
+    """Every point of a fid-grid: one per (dataset, resolution, attention, epoch)."""
+    points = [
+        Point(d, r, a, e, FID, 0, FID, 0)
+        for d, r, a in backbones(axes)
+        for e in axes.epoch or epochs_of((d, r, a))
+    ]
+    _bounded(points)
+    return points
