@@ -1,5 +1,7 @@
-"""Backbones for studies: reuse a finished training run with the same config, resume an
-interrupted one, or train a new one (`ddsweep study train-grid` and `ddsweep quickstart`)."""
+"""Backbones: one `ddsweep train` (a new config with its dataset's defaults, or a run resumed
+with its recorded config), and every backbone of a study (reuse a finished training run with the
+same config, resume an interrupted one, or train a new one: `ddsweep study train-grid` and
+`ddsweep quickstart`)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddsweep import sweep, tracking
+from ddsweep import data, sweep, tracking
+from ddsweep.distributed import close_distributed, init_distributed
+from ddsweep.errors import UserError
 from ddsweep.model import ModelConfig
 from ddsweep.tracking import runs
-from ddsweep.train import TrainConfig, train, validate, with_dataset_defaults
+from ddsweep.train import (
+    TrainConfig,
+    config_from_params,
+    train,
+    validate,
+    with_dataset_defaults,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -79,3 +89,71 @@ def ensure_all(
             on_backbone(tc, run_id, how)
         done.append((tc, run_id, how))
     return done
+
+
+# --- one backbone: `ddsweep train` --------------------------------------------------------------
+
+
+def for_dataset(
+    cfg: TrainConfig,
+    *,
+    resolution: int | None = None,
+    channels: tuple[int, ...] | None = None,
+    batch_size: int | None = None,
+) -> TrainConfig:
+    """A new training's config: `cfg` with its dataset's defaults where nothing was given,
+    checked (UserError for an unknown dataset or options no training can use)."""
+    from ddsweep.model import validate as validate_model
+
+    data.dataset_info(cfg.dataset)
+    out = with_dataset_defaults(
+        cfg, resolution=resolution, channels=channels, batch_size=batch_size
+    )
+    validate(out)
+    validate_model(out.model)
+    return out
+
+
+def resumed_config(
+    run_id: str, recorded: dict[str, str], how: TrainConfig, dataset: str | None = None
+) -> TrainConfig:
+    """The config recorded by run `run_id`, with how to run taken from `how` (device,
+    workers, max steps: another machine may resume); what is computed may not change, so a
+    `dataset` other than the recorded one is a UserError."""
+    cfg = config_from_params(recorded)
+    if dataset is not None and dataset != cfg.dataset:
+        raise UserError(f"--resume {run_id} trains {cfg.dataset}, not {dataset}; drop DATASET")
+    return dataclasses.replace(
+        cfg, device=how.device, num_workers=how.num_workers, max_steps=how.max_steps
+    )
+
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    data_dir: Path,
+    resume: str | None = None,
+    dataset: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    progress: Progress | None = None,
+) -> str:
+    """One `ddsweep train`: train `cfg` as a new MLflow run, or continue run `resume` with its
+    recorded config (see `resumed_config`; `dataset` is the one the user named, if any). Under
+    torchrun only rank 0 creates or writes runs; returns the run id ("" on other ranks)."""
+    from ddsweep.tracking import runs
+
+    dist = init_distributed()
+    try:
+        tracking.setup(tracking_uri, experiment, create=dist.is_main)
+        if resume is not None:
+            cfg = resumed_config(resume, runs.training_params(resume), cfg, dataset)
+        return train(
+            cfg,
+            data_dir=data_dir,
+            resume_run_id=resume,
+            progress=progress if dist.is_main else None,
+            dist=dist,
+        )
+    finally:
+        close_distributed(dist)

@@ -112,8 +112,8 @@ def train(
 ) -> None:
     """Train one DDPM backbone without labels; one MLflow run with checkpoints and samples."""
     options = dict(locals())  # first: the options, named as TrainConfig's fields
+    from ddsweep import backbones as lib
     from ddsweep import data
-    from ddsweep import train as lib
 
     if resume is None and dataset is None:
         raise UserError("missing DATASET: e.g. `ddsweep train digits` (or --resume RUN_ID)")
