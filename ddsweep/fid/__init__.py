@@ -158,6 +158,16 @@ def validate_config(cfg: FIDConfig) -> None:
 # --- the feature network ------------------------------------------------------------------------
 
 
+def _check_backbone(unet: UNet2DModel, resolution: int) -> None:
+    """UserError unless `unet` makes RGB images at `resolution` px."""
+    if int(unet.config.sample_size) != resolution:
+        raise UserError(
+            f"the backbone generates {unet.config.sample_size} px images, not {resolution} px"
+        )
+    if int(unet.config.in_channels) != 3:
+        raise UserError(f"FID needs RGB images; the backbone makes {unet.config.in_channels}")
+
+
 def fid_of_checkpoint(
     unet: UNet2DModel,
     dataset: str,
@@ -181,38 +191,23 @@ def fid_of_checkpoint(
     """
     cfg = cfg or FIDConfig()
     validate_config(cfg)
-    if int(unet.config.sample_size) != resolution:
-        raise UserError(
-            f"the backbone generates {unet.config.sample_size} px images, not {resolution} px"
-        )
-    if int(unet.config.in_channels) != 3:
-        raise UserError(f"FID needs RGB images; the backbone makes {unet.config.in_channels}")
+    _check_backbone(unet, resolution)
     name = metric_name(feature, feature_name)
     device = next(unet.parameters()).device
     metric = make_metric(feature, weights).to(device)
 
     t0 = time.perf_counter()
     stats, computed = real_stats(
-        metric,
-        dataset,
-        resolution,
-        data_dir,
-        batch_size=cfg.batch_size,
-        cache_root=cache_root,
-        on_batch=on_real_batch,
-    )
+        metric, dataset, resolution, data_dir,
+        batch_size=cfg.batch_size, cache_root=cache_root, on_batch=on_real_batch,
+    )  # fmt: skip
     real_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     images = diffusion.sample(
-        unet,
-        cfg.samples,
-        sampler=cfg.sampler,  # type: ignore[arg-type]
-        steps=sampler_steps(cfg),
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        on_batch=on_batch,
-    )
+        unet, cfg.samples, sampler=cfg.sampler,  # type: ignore[arg-type]
+        steps=sampler_steps(cfg), seed=cfg.seed, batch_size=cfg.batch_size, on_batch=on_batch,
+    )  # fmt: skip
     sample_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
