@@ -251,3 +251,26 @@ def test_a_baseline_shown_in_every_epoch_column_is_not_tied_with_itself() -> Non
     assert claim is not None
     assert claim.best == ("pixels", 0) and not claim.is_tie
     assert claim.runner_up == ("mid", 2) and claim.p is not None and claim.p < 0.05
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_terminal_shows_every_cell_s_interval_whatever_its_width(width: int) -> None:
+    from rich.console import Console
+
+    from ddsweep.report.render import rich_tables
+    from ddsweep.report.tables import Cell, Facet, FacetKey
+
+    epochs = [0, 2, 4, 6, 8]
+    cells = {
+        (b, e): Cell(top1=0.5 + 0.01 * e, low=0.45 + 0.01 * e, high=0.56 + 0.01 * e)
+        for b in ("mid", "up4")
+        for e in epochs
+    }
+    key = FacetKey("digits", 16, True, "knn", 10, 0, "avg", "ema")
+    facet = Facet(key, ["mid", "up4"], list(epochs), cells)
+    console = Console(record=True, width=width)
+    for table in rich_tables(facet, width):
+        console.print(table)
+    text = console.export_text()
+    # Inline ("50.0 ± 5.5") when wide enough, else a table of the ± values of its own.
+    assert text.count("± 5.5") + text.count("±5.5") == 2 * len(epochs)

@@ -82,9 +82,17 @@ def status_line(study: str, counts: Mapping[str, int]) -> str:
     )
 
 
+# The pseudo-metric of a terminal table that holds each top1 cell's interval (half its width).
+HALF_WIDTH = "top1 ±"
+
+
 def cell_text(facet: Facet, block: str, epoch: Epoch, metric: str, ci: bool) -> tuple[str, str]:
     """(text, mark) of one cell: the value (± interval for top1 when `ci`) and BEST, TIED or ''."""
     cell: Cell | None = facet.cells.get((block, epoch))
+    if metric == HALF_WIDTH:
+        if cell is None or cell.low is None or cell.high is None:
+            return "", ""
+        return f"±{100 * (cell.high - cell.low) / 2:.1f}", ""
     value = None if cell is None else cell.get(metric)
     if value is None or cell is None:
         return "", ""
@@ -107,16 +115,22 @@ def rich_tables(facet: Facet, width: int = 200) -> list[Table]:
 
     ci = facet.has_intervals() and 22 + 14 * len(facet.epochs) <= width
     tables = []
-    for metric in facet.metrics():
+    metrics = list(facet.metrics())
+    if facet.has_intervals() and not ci:  # too narrow for "95.3 ± 2.2": the ± in a table of its own
+        metrics.insert(1, HALF_WIDTH)
+    for metric in metrics:
         transposed = 22 + 8 * len(facet.epochs) > width
         title = f"{metric} %" + (" (± 95 % interval)" if ci and metric == "top1" else "")
+        if metric == HALF_WIDTH:
+            title = "top1 ± % (half the 95 % bootstrap interval)"
         table = Table(title=title)
 
         def cell(block: str, epoch: Epoch, metric: str = metric) -> Text:
             text, mark = cell_text(facet, block, epoch, metric, ci)
             if mark:
                 return Text(f"{text} {mark}", style="bold green")
-            return Text(text, style="bold" if block in facet.best_blocks(epoch, metric) else "")
+            bold = metric != HALF_WIDTH and block in facet.best_blocks(epoch, metric)
+            return Text(text, style="bold" if bold else "")
 
         if transposed:
             table.title = f"{title} (rows: epochs)"
