@@ -255,6 +255,38 @@ def run_study(
     return ctx, outcomes
 
 
+def outcome_lines(ctx: Context, outcomes: Counter[str]) -> tuple[list[str], list[str]]:
+    """(lines for stdout, lines for stderr) that say how a run of the grid ended; the stderr
+    lines are there exactly when some point of the grid is failed or left (the run failed)."""
+    t = ctx.board.tally()
+    total, name = len(ctx.ids), ctx.cfg.study
+    done = sum(1 for p in ctx.ids if p in t.complete)
+    ran = outcomes["complete"]
+    if ran == 0 and done == total:
+        return [f"{name}: all {done} points were already complete; nothing to do"], []
+    out = [
+        f"{name}: {done}/{total} points complete ({ran} evaluated now, {outcomes['failed']} "
+        f"failed, {outcomes['adopted']} adopted from earlier runs)"
+    ]
+    if done == total:
+        return out, []
+    failed = [p for p in ctx.ids if p not in t.complete and t.failures[p]]
+    given_up = [p for p in failed if t.failures[p] > ctx.opts.max_retries]
+    err = [f"ddsweep: {len(failed)} of {total} points failed, {total - done - len(failed)} left"]
+    if failed:
+        err.append(f"first error ({ctx.board.grid.name(failed[0])}): {t.last_error[failed[0]]}")
+    if given_up:
+        more = max(t.failures[p] for p in given_up)
+        err.append(
+            f"{len(given_up)} used up their {ctx.opts.max_retries} retries: fix the cause, then "
+            f"re-run with --max-retries {more}"
+        )
+    else:
+        err.append("re-run the same command to retry them")
+    err.append(f"`ddsweep study status --study {name}` shows what is left")
+    return out, err
+
+
 # --- status -------------------------------------------------------------------------------------
 
 

@@ -372,8 +372,12 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     assert len(broken) == 4
 
     first = grid("--max-retries", "1")
-    assert first.exit_code == 0, first.output
+    # Failed points make a failed run: exit status 1, how many, the first error, what to do.
+    assert first.exit_code == 1, first.output
     assert f"{GRID - 4}/{GRID} points complete ({GRID - 4} evaluated now, 4 failed" in first.stdout
+    assert f"4 of {GRID} points failed, 0 left" in first.stderr
+    assert "cannot load" in first.stderr and "re-run the same command" in first.stderr
+    assert "Traceback" not in first.output
     failed = children("FAILED")
     assert {r.data.tags[study.POINT_TAG] for r in failed} == broken
     assert all(r.data.tags["error"] for r in failed)
@@ -389,8 +393,11 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     # The next run retries (and fails again); after --max-retries retries it gives up.
     second = grid("--max-retries", "1")
     assert "0 evaluated now, 4 failed" in second.stdout
+    assert second.exit_code == 1 and "re-run with --max-retries 2" in second.stderr
     third = grid("--max-retries", "1")
     assert "0 evaluated now, 0 failed" in third.stdout
+    # Given up on, the points still fail the run: it never says "done" for work not done.
+    assert third.exit_code == 1 and "4 used up their 1 retries" in third.stderr
     assert len(children("FAILED")) == 8
     status = cli("study", "status", "--study", STUDY)
     assert status_rows(status.stdout)["total"] == [GRID - 4, 0, 4, 0]

@@ -66,10 +66,11 @@ def fid_study_config(name: str, overrides: dict[str, list[str]], fid: dict[str, 
 
 
 def run_grid(cfg: Any, opts: Any) -> None:
-    """Run the study with a progress display (from its first trial on), then say what is left."""
+    """Run the study with a progress display (from its first trial on), then say how it ended:
+    exit status 1 when a point of the grid failed or is left."""
     from rich.console import Console
 
-    from ddsweep.study import run_study
+    from ddsweep.study import outcome_lines, run_study
 
     progress = bar(Console(stderr=True))
     show = study_progress(progress, cfg.study)
@@ -83,17 +84,13 @@ def run_grid(cfg: Any, opts: Any) -> None:
         ctx, outcomes = run_study(cfg, opts, progress=show_started)
     finally:
         progress.stop()
-    done = sum(1 for p in ctx.ids if p in ctx.board.tally().complete)
-    ran = outcomes["complete"]
-    if ran == 0 and done == len(ctx.ids):
-        typer.echo(f"{cfg.study}: all {done} points were already complete; nothing to do")
-    else:
-        typer.echo(
-            f"{cfg.study}: {done}/{len(ctx.ids)} points complete ({ran} evaluated now, "
-            f"{outcomes['failed']} failed, {outcomes['adopted']} adopted from earlier runs)"
-        )
-    if done < len(ctx.ids):
-        typer.echo(f"see `ddsweep study status --study {cfg.study}` for what is left")
+    out, err = outcome_lines(ctx, outcomes)
+    for line in out:
+        typer.echo(line)
+    for line in err:
+        typer.echo(line, err=True)
+    if err:  # a point of the grid failed or is left: the run did not do what was asked
+        raise typer.Exit(1)
 
 
 def probe_grid(
