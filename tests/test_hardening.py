@@ -450,3 +450,107 @@ def test_a_non_finite_lr_in_a_sweep_file_is_refused(
         write_sweep(tmp_path, f"study: s\naxes: {{dataset: [digits]}}\n{section}{lr}\n")
         with pytest.raises(UserError, match="must be a number"):
             sweep.load_study("s")
+
+
+# --- the environment: dead servers, unwritable paths, full disks --------------------------------
+
+
+def one_error_line(result: object, *words: str) -> str:
+    """The single `ddsweep: error:` line of a CLI result that exited 2 without a traceback."""
+    exit_code, output = result.exit_code, result.output  # type: ignore[attr-defined]
+    assert exit_code == 2, (exit_code, output)
+    assert "Traceback" not in output
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ddsweep: error: "), output
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "--study", "s"],
+        ["study", "status", "--study", "s", "--dataset", "digits"],
+        ["probe", "--dataset", "digits", "--block", "pixels", "--probe", "knn", "--k", "3"],
+    ],
+)
+def test_a_dead_tracking_server_is_one_line_at_once(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from ddsweep.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://user:s3cret@127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DDSWEEP_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, args)
+    line = one_error_line(result, "no MLflow server answers", "127.0.0.1")
+    assert "s3cret" not in line
+
+
+@pytest.mark.parametrize(
+    "home",
+    ["a-file/optuna-home", "a-file"],  # a folder under a file; a file where a folder should be
+)
+def test_an_unusable_ddsweep_home_is_one_line_naming_it(
+    home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workdir: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from ddsweep.cli import app
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("DDSWEEP_HOME", str(tmp_path / home))
+    args = ["study", "probe-grid", "--study", "s", "--dataset", "digits", "--block", "pixels"]
+    result = CliRunner().invoke(app, [*args, "--probe", "knn", "--k", "3"])
+    one_error_line(result, "a-file")
+
+
+def test_a_full_disk_is_one_line_naming_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workdir: str
+) -> None:
+    import errno
+
+    from typer.testing import CliRunner
+
+    from ddsweep import features
+    from ddsweep.cli import app
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x"))
+
+    monkeypatch.setattr(features.FeatureCache, "put", full)
+    args = ["probe", "--dataset", "digits", "--resolution", "8", "--block", "pixels"]
+    result = CliRunner().invoke(app, [*args, "--probe", "knn", "--k", "3"])
+    one_error_line(result, "no space left", str(tmp_path / "cache" / "x"))
+
+
+def test_an_oserror_that_is_not_the_environment_s_still_shows_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, workdir: str
+) -> None:
+    import errno
+
+    from typer.testing import CliRunner
+
+    from ddsweep import features
+    from ddsweep.cli import app
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(features.FeatureCache, "put", broken)
+    args = ["probe", "--dataset", "digits", "--resolution", "8", "--block", "pixels"]
+    result = CliRunner().invoke(app, [*args, "--probe", "knn", "--k", "3"])
+    assert result.exit_code == 1 and isinstance(result.exception, OSError)

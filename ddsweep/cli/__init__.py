@@ -6,6 +6,7 @@ app, its error handling and the table of commands.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Annotated, Any
@@ -19,6 +20,30 @@ from ddsweep.errors import UserError
 
 # MLflow's per-file download bars would drown our own progress output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+# Errors of the machine the user can fix (a full disk, a read-only or missing folder, a path
+# through a file): one line naming the path, not a traceback.
+ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.ENOTDIR,
+        errno.EISDIR,
+    }
+)
+
+
+def environment_error(err: OSError) -> str:
+    """One line for an OSError of the environment: what, which path, and the fix."""
+    path = err.filename or "a file"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space (or point DDSWEEP_HOME, DDSWEEP_CACHE or --out elsewhere) and re-run"
+        return f"no space left writing {path}; {fix}: finished work is kept and resumes"
+    return f"cannot write or read {path}: {err.strerror}; check the path and its permissions"
 
 
 class _Group(TyperGroup):
@@ -40,6 +65,11 @@ class _Group(TyperGroup):
             sys.exit(2)
         except UserError as err:
             typer.echo(f"ddsweep: error: {err}", err=True)
+            sys.exit(2)
+        except OSError as err:
+            if err.errno not in ENVIRONMENT_ERRNOS:
+                raise  # anything else is a bug: its traceback is what a report needs
+            typer.echo(f"ddsweep: error: {environment_error(err)}", err=True)
             sys.exit(2)
         code = rv if isinstance(rv, int) else 0
         if code == 130:  # typer turns Ctrl-C into 130 before we see it

@@ -32,6 +32,7 @@ def setup(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    check_server(str(mlflow.get_tracking_uri()))
     if not create:
         return ""
     # MLflow announces at INFO every table and experiment it creates; on a first run that
@@ -50,6 +51,30 @@ def setup(
     finally:
         mlflow_logger.setLevel(level)
     return str(exp.experiment_id)
+
+
+SERVER_TIMEOUT_S = 5.0  # MLflow's own retries take minutes to give up on a dead server
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
+    """UserError, within `timeout` seconds, when an http(s) tracking server does not answer
+    (MLflow itself retries for minutes before it says anything)."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: a server is there (some proxies have no /health)
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"no MLflow server answers at {redact(uri)} within {timeout:.0f} s ({reason}): "
+            "start it, or check --tracking-uri / MLFLOW_TRACKING_URI"
+        ) from err
 
 
 def flat_params(cfg: Any, prefix: str = "") -> dict[str, str]:
