@@ -250,7 +250,7 @@ def run_study(
     current[0] = None
     report()
     t = ctx.board.tally()
-    ctx.recorder.close(all(p in t.complete for p in ctx.ids))
+    ctx.recorder.close(sum(p in t.complete for p in ctx.ids), len(ctx.ids))
     ctx.recorder.link_project_run()
     return ctx, outcomes
 

@@ -378,6 +378,12 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     assert f"4 of {GRID} points failed, 0 left" in first.stderr
     assert "cannot load" in first.stderr and "re-run the same command" in first.stderr
     assert "Traceback" not in first.output
+    # The report says the study is incomplete in its first line, and in its files.
+    report = cli("report", "--study", STUDY, "--format", "table", "--format", "md")
+    assert report.exit_code == 0, report.output
+    head = f"study {STUDY}: INCOMPLETE, {GRID - 4} of {GRID} points complete"
+    assert report.stdout.splitlines()[0].startswith(head)
+    assert head in (home / "reports" / STUDY / "report.md").read_text()
     failed = children("FAILED")
     assert {r.data.tags[study.POINT_TAG] for r in failed} == broken
     assert all(r.data.tags["error"] for r in failed)
@@ -406,6 +412,8 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     shutil.rmtree(copy)
     fourth = grid("--max-retries", "2")
     assert f"{GRID}/{GRID} points complete (4 evaluated now, 0 failed" in fourth.stdout
+    report = cli("report", "--study", STUDY, "--format", "table")
+    assert report.stdout.startswith(f"study {STUDY}: all {GRID} points complete")
     assert_each_point_evaluated_once(expected_ids())
     assert len(children("FAILED")) == 8
 

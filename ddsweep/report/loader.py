@@ -89,6 +89,19 @@ def count_trials(parent_run_id: str) -> dict[str, int]:
     return {str(k): int(v) for k, v in frame["status"].value_counts().items()}
 
 
+def grid_progress(parent_run_id: str) -> tuple[int, int] | None:
+    """(points complete, points of the grid) as the study's last run recorded them, or None."""
+    from mlflow.tracking import MlflowClient
+
+    from ddsweep.tracking.recorder import DONE_TAG, GRID_TAG
+
+    tags = MlflowClient().get_run(parent_run_id).data.tags
+    try:
+        return int(tags[DONE_TAG]), int(tags[GRID_TAG])
+    except (KeyError, ValueError):
+        return None
+
+
 def with_predictions(trials: pd.DataFrame) -> pd.DataFrame:
     """`trials` with a `predictions` column: each run's `predictions.safetensors` read by
     `ddsweep.predictions.load` ({split: (pred, label)}), None for a run without one (ddsweep
@@ -149,7 +162,7 @@ def write_report(
     wanted = parse_formats(formats)
     console = console or Console()
     parent = find_study(study, experiment)
-    header = status_line(study, count_trials(parent))
+    header = status_line(study, count_trials(parent), grid_progress(parent))
     console.print(header)
     facets = build_tables(with_predictions(load_trials(parent)))
     if not facets:

@@ -71,15 +71,26 @@ def _fid_line(curve: FidCurve) -> str:
     return f"{curve.label()} by epoch: {points}"
 
 
-def status_line(study: str, counts: Mapping[str, int]) -> str:
-    """'study grid: 40 trials finished, 2 failed' (and any other status by its name)."""
+def status_line(
+    study: str, counts: Mapping[str, int], progress: tuple[int, int] | None = None
+) -> str:
+    """'study grid: INCOMPLETE, 40 of 42 points complete; 40 trials finished, 2 failed' (and any
+    other status by its name); `progress` is (points complete, points of the grid) as the last
+    run of the grid recorded them, None when unknown (studies of ddsweep 0.1)."""
     finished, failed = counts.get("FINISHED", 0), counts.get("FAILED", 0)
     others = [
         f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s not in ("FINISHED", "FAILED")
     ]
-    return f"study {study}: " + ", ".join(
-        [f"{finished} trials finished", f"{failed} failed", *others]
+    trials = ", ".join([f"{finished} trials finished", f"{failed} failed", *others])
+    if progress is None:
+        return f"study {study}: {trials}"
+    done, total = progress
+    state = (
+        f"all {total} points complete"
+        if done >= total
+        else (f"INCOMPLETE, {done} of {total} points complete")
     )
+    return f"study {study}: {state}; {trials}"
 
 
 # The pseudo-metric of a terminal table that holds each top1 cell's interval (half its width).

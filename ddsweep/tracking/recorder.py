@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 STUDY_TAG = "ddsweep.study"
 POINT_TAG = "ddsweep.point"
 TRIAL_TAG = "optuna.trial_number"
+GRID_TAG = "ddsweep.grid_points"  # on the parent: points of the grid last run
+DONE_TAG = "ddsweep.points_complete"  # on the parent: how many of them are complete
 MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -82,9 +84,12 @@ class StudyRecorder:
         self.parent_id = found
         return found
 
-    def close(self, complete: bool) -> None:
-        """The parent run is FINISHED once every point is complete, RUNNING while work is left."""
-        if complete:
+    def close(self, done: int, total: int) -> None:
+        """The parent run is FINISHED once every point is complete, RUNNING while work is left;
+        its tags say how far the grid of this run got (the report's first line reads them)."""
+        self.client.set_tag(self.parent_id, GRID_TAG, str(total))
+        self.client.set_tag(self.parent_id, DONE_TAG, str(done))
+        if done == total:
             self.client.set_terminated(self.parent_id, "FINISHED")
         elif self.client.get_run(self.parent_id).info.status != "RUNNING":
             self.client.update_run(self.parent_id, status="RUNNING")
