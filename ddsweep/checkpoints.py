@@ -125,7 +125,15 @@ def _check_config(sub: Path) -> None:
 def read_meta(folder: Path) -> dict[str, Any]:
     """The ddsweep metadata of a checkpoint, or {} for a foreign diffusers folder."""
     path = folder / META
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path} is not readable ddsweep metadata: {first_line(err)}") from err
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not readable ddsweep metadata: not a JSON object")
+    return meta
 
 
 def content_hash(folder: Path | str, weights: Weights = "ema") -> str:

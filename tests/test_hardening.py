@@ -554,3 +554,43 @@ def test_an_oserror_that_is_not_the_environment_s_still_shows_its_traceback(
     args = ["probe", "--dataset", "digits", "--resolution", "8", "--block", "pixels"]
     result = CliRunner().invoke(app, [*args, "--probe", "knn", "--k", "3"])
     assert result.exit_code == 1 and isinstance(result.exception, OSError)
+
+
+def test_a_folder_dataset_with_a_quote_in_its_path_finds_its_training_runs(
+    workdir: str,
+) -> None:
+    # Regression: the path was pasted into an MLflow filter string, which cannot escape a '.
+    from mlflow.tracking import MlflowClient
+
+    from ddsweep import tracking
+
+    tracking.setup(None, tracking.DEFAULT_EXPERIMENT)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    assert exp is not None
+    for name in ("folder:/data/it's", "folder:/data/its"):
+        tags = {tracking.KIND_TAG: "train", "dataset": name, "resolution": "8", "attention": "True"}
+        client.set_terminated(client.create_run(exp.experiment_id, tags=tags).info.run_id)
+    (found,) = tracking.training_runs("folder:/data/it's", 8, True, finished=True)
+    assert found.data.tags["dataset"] == "folder:/data/it's"
+    (other,) = tracking.training_runs("folder:/data/its", 8, True)
+    assert other.info.run_id != found.info.run_id
+
+
+@pytest.mark.parametrize("meta", [b"{not json", b"\xff\xfe", b"[1, 2]"])
+def test_an_unreadable_ddsweep_json_is_one_line_naming_it(
+    meta: bytes, tmp_path: Path, workdir: str
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ddsweep.cli import app
+
+    folder = tmp_path / "net"
+    folder.mkdir()
+    config = {"sample_size": 8, "down_block_types": ["DownBlock2D"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "ddsweep.json").write_bytes(meta)
+    result = CliRunner().invoke(app, ["probe", "--backbone", str(folder), "--dataset", "digits"])
+    one_error_line(result, "ddsweep.json", "not readable")

@@ -138,12 +138,17 @@ def training_runs(
     client = MlflowClient()
     exps = [e.experiment_id for e in client.search_experiments()]
     query = (
-        f"tags.`{KIND_TAG}` = 'train' and tags.dataset = '{dataset}' "
-        f"and tags.resolution = '{resolution}' and tags.attention = '{attention}'"
+        f"tags.`{KIND_TAG}` = 'train' and tags.resolution = '{resolution}' "
+        f"and tags.attention = '{attention}'"
     )
+    # MLflow's filter strings cannot escape a quote, and a folder dataset's path may hold one:
+    # such a name is compared here, not in the filter.
+    if "'" not in dataset:
+        query += f" and tags.dataset = '{dataset}'"
     if finished:
         query += " and attributes.status = 'FINISHED'"
-    return list(client.search_runs(exps, query, order_by=["attributes.start_time DESC"]))
+    runs = client.search_runs(exps, query, order_by=["attributes.start_time DESC"])
+    return [r for r in runs if r.data.tags.get("dataset") == dataset]
 
 
 def latest_training_run(dataset: str, resolution: int, attention: bool) -> Run:

@@ -103,6 +103,8 @@ class StudyRecorder:
     # --- child runs
     def adopted(self, pid: str) -> tuple[str, dict[str, float]] | None:
         """(run id, metrics) of a FINISHED child already logged for point `pid`, if any."""
+        if "'" in pid:  # only a positional id of ddsweep 0.1 can hold one; no filter can
+            return None
         runs = self.client.search_runs(
             [self.experiment_id],
             f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{POINT_TAG}` = '{pid}' "
