@@ -594,3 +594,23 @@ def test_an_unreadable_ddsweep_json_is_one_line_naming_it(
     (folder / "ddsweep.json").write_bytes(meta)
     result = CliRunner().invoke(app, ["probe", "--backbone", str(folder), "--dataset", "digits"])
     one_error_line(result, "ddsweep.json", "not readable")
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["p%2Fss%23w%40rd", "plain-s3cret", "p%40ss"],  # /, # and @ percent-encoded
+)
+def test_a_dead_storage_with_a_special_password_is_one_line_without_it(
+    password: str, tmp_path: Path, workdir: str
+) -> None:
+    from urllib.parse import unquote
+
+    from typer.testing import CliRunner
+
+    from ddsweep.cli import app
+
+    url = f"postgresql://user:{password}@127.0.0.1:{closed_port()}/optuna"
+    args = ["study", "probe-grid", "--study", "s", "--dataset", "digits", "--block", "pixels"]
+    result = CliRunner().invoke(app, [*args, "--probe", "knn", "--k", "3", "--storage", url])
+    line = one_error_line(result, "cannot open Optuna storage", "127.0.0.1")
+    assert password not in line and unquote(password) not in line

@@ -27,7 +27,10 @@ from pathlib import Path
 import pytest
 
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-PASSWORD = "s3cret-never-logged"
+# URL-special characters, percent-encoded as a user must write them in a URL (/ and #); the
+# decoded form must not leak either.
+PASSWORD = "s3cret%2Fnever%23logged"
+DECODED = "s3cret/never#logged"
 
 
 def free_port() -> int:
@@ -220,9 +223,7 @@ def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
     assert victim is not None, "no worker was seen in the middle of a trial"
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    for w in workers:
-        if w is not victim:
-            finish(w)
+    outputs = [finish(w) for w in workers if w is not victim]
 
     # Every grid point evaluated exactly once, counted from the server's child runs.
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -248,9 +249,14 @@ def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
     assert states["COMPLETE"] == 10
     assert states["FAIL"] >= 1  # the killed trial, failed by the heartbeat check and re-run
 
-    # No password anywhere in what MLflow recorded.
-    for run in [*parents, *children]:
-        assert PASSWORD not in json.dumps({**run.data.params, **run.data.tags})
+    # No password anywhere: in what MLflow recorded, in Optuna's storage, or in what the workers
+    # printed.
+    recorded = [json.dumps({**run.data.params, **run.data.tags}) for run in [*parents, *children]]
+    recorded.append(json.dumps(study.user_attrs, default=str))
+    for t in study.get_trials(deepcopy=False):
+        recorded.append(json.dumps([t.user_attrs, t.system_attrs, t.params], default=str))
+    for text in [*recorded, *outputs]:
+        assert PASSWORD not in text and DECODED not in text
 
     # The report reads everything back through the server.
     out = finish(
