@@ -575,3 +575,43 @@ def test_a_failing_training_fails_its_record(tiny_folder: str, tmp_path: Path) -
     with pytest.raises(OSError, match="went away"):
         train(tiny_config(tiny_folder), data_dir=tmp_path / "data", tracker=fake)
     assert fake.events[-2:] == [("metrics", 1, ("epoch_loss", "images_per_s")), ("fail",)]
+
+
+def test_a_full_disk_fails_the_run_and_resume_continues_from_the_last_checkpoint(
+    tiny_folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from ddsweep import train as train_mod
+
+    tracking.setup()
+    data_dir = tmp_path / "data"
+    real_save = train_mod.save_checkpoint
+
+    def disk_full_at_4(job: object, epoch: int, *args: object, **kwargs: object) -> None:
+        if epoch == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt"))
+        real_save(job, epoch, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", disk_full_at_4)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_config(tiny_folder), data_dir=data_dir)
+    (run,) = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()],
+        "tags.`ddsweep.kind` = 'train'",
+    )
+    assert run.info.status == "FAILED"  # not left RUNNING
+    assert artifact_dirs(run.info.run_id, checkpoints.CHECKPOINTS) == [
+        checkpoints.epoch_dir(e) for e in (0, 2)
+    ]
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)  # space again: resume
+    resumed = train(
+        config_from_params(run.data.params), data_dir=data_dir, resume_run_id=run.info.run_id
+    )
+    after = MlflowClient().get_run(resumed)
+    assert resumed == run.info.run_id and after.info.status == "FINISHED"
+    assert after.data.tags["last_epoch"] == "4"
+    assert artifact_dirs(resumed, checkpoints.CHECKPOINTS) == [
+        checkpoints.epoch_dir(e) for e in (0, 2, 4)
+    ]
