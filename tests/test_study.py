@@ -381,7 +381,7 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     # The report says the study is incomplete in its first line, and in its files.
     report = cli("report", "--study", STUDY, "--format", "table", "--format", "md")
     assert report.exit_code == 0, report.output
-    head = f"study {STUDY}: INCOMPLETE, {GRID - 4} of {GRID} points complete"
+    head = f"study {STUDY}: INCOMPLETE, {GRID - 4} of {GRID} points of its last grid complete"
     assert report.stdout.splitlines()[0].startswith(head)
     assert head in (home / "reports" / STUDY / "report.md").read_text()
     failed = children("FAILED")
@@ -413,7 +413,7 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     fourth = grid("--max-retries", "2")
     assert f"{GRID}/{GRID} points complete (4 evaluated now, 0 failed" in fourth.stdout
     report = cli("report", "--study", STUDY, "--format", "table")
-    assert report.stdout.startswith(f"study {STUDY}: all {GRID} points complete")
+    assert report.stdout.startswith(f"study {STUDY}: all {GRID} points of its last grid")
     assert_each_point_evaluated_once(expected_ids())
     assert len(children("FAILED")) == 8
 

@@ -74,8 +74,8 @@ def _fid_line(curve: FidCurve) -> str:
 def status_line(
     study: str, counts: Mapping[str, int], progress: tuple[int, int] | None = None
 ) -> str:
-    """'study grid: INCOMPLETE, 40 of 42 points complete; 40 trials finished, 2 failed' (and any
-    other status by its name); `progress` is (points complete, points of the grid) as the last
+    """'study grid: INCOMPLETE, 40 of 42 points of its last grid complete; 40 trials finished,
+    2 failed' (and any other status by its name); `progress` is (points complete, points of the grid) as the last
     run of the grid recorded them, None when unknown (studies of ddsweep 0.1)."""
     finished, failed = counts.get("FINISHED", 0), counts.get("FAILED", 0)
     others = [
@@ -85,11 +85,9 @@ def status_line(
     if progress is None:
         return f"study {study}: {trials}"
     done, total = progress
-    state = (
-        f"all {total} points complete"
-        if done >= total
-        else (f"INCOMPLETE, {done} of {total} points complete")
-    )
+    # Of the grid of the study's last run: a run of a sub-grid counts its own points only.
+    grid = "points of its last grid complete"
+    state = f"all {total} {grid}" if done >= total else f"INCOMPLETE, {done} of {total} {grid}"
     return f"study {study}: {state}; {trials}"
 
 
