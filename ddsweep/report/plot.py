@@ -83,20 +83,25 @@ def plot_facet(facet: Facet, path: Path) -> Path:
     for block in facet.blocks:
         _plot_block(ax, facet, block, extra)
     claim = facet.claim()
-    for block, epoch in sorted(claim.tied if claim else (), key=str):
-        if epoch is None:
-            continue
-        tie = claim is not None and claim.is_tie
+    spots = [(b, e) for b, e in sorted(claim.tied if claim else (), key=str) if e is not None]
+    if claim is not None and spots:
+        # One marker series and one legend entry, however many cells are tied.
+        tie = claim.is_tie
+        best = claim.best
         ax.plot(
-            [epoch],
-            [100 * facet.cells[(block, epoch)].top1],
+            [e for _, e in spots],
+            [100 * facet.cells[s].top1 for s in spots],
             linestyle="",
             marker="o" if tie else "*",
             markersize=12 if tie else 14,
             markerfacecolor="none" if tie else "crimson",
             color="crimson",
             zorder=5,
-            label=f"{'tied best' if tie else 'best'}: {block}, epoch {epoch}",
+            label=(
+                f"tied for best ({len(spots)} cells, McNemar p >= 0.05)"
+                if tie
+                else f"best: {best[0]}, epoch {best[1]}"
+            ),
         )
     ax.set_xlabel("training epoch")
     ax.set_ylabel("top-1 accuracy (%)")
