@@ -162,7 +162,9 @@ class GridStudy:
 
     def _claim(self, trial: optuna.Trial) -> str | None:
         """Write the point's params into the trial (the claim, visible before we read)."""
-        params = dict(trial._fixed_params)
+        # An enqueued retry's params (Optuna keeps no public accessor for them before the
+        # trial suggests them).
+        params = dict(getattr(trial, "_fixed_params", None) or {})
         if "point" in params:
             return None  # a retry enqueued by ddsweep 0.1
         if not params:
@@ -178,7 +180,8 @@ class GridStudy:
                 trial.suggest_categorical(name, dist.choices)
             else:
                 trial.suggest_int(name, 0, INT_HIGH)
-        return id_of(params)
+        # The point is what the storage now holds for the trial, whatever handed it out.
+        return id_of(trial.params)
 
     def _run_claimed(
         self, trial: optuna.Trial, evaluator: Evaluator, on_point: Callable[[str], None] | None
