@@ -358,23 +358,6 @@ def _validation(
     return (x[fit], y[fit]), (x[val], y[val])
 
 
-def evaluate(
-    backbone: Backbone | None,
-    point: Point,
-    cfg: ProbeConfig,
-    cache: FeatureCache,
-    data_dir: Path,
-    *,
-    fill_blocks: tuple[str, ...] = (),
-    on_batch: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """The metrics of `evaluate_point`: those the probe kind reports (top1 first), timings."""
-    found = evaluate_point(
-        backbone, point, cfg, cache, data_dir, fill_blocks=fill_blocks, on_batch=on_batch
-    )
-    return found.metrics
-
-
 def point_params(point: Point, cfg: ProbeConfig, backbone: Backbone | None) -> dict[str, str]:
     """MLflow params of one evaluation: the axes, the probe settings and the backbone."""
     from ddsweep.tracking import flat_params

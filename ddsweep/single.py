@@ -76,7 +76,10 @@ def probe(
     evaluate.validate_probe_config(cfg)
     exp_id = tracking.setup(tracking_uri, experiment)
     bb, point = evaluate.resolve_point(**where)
-    metrics = evaluate.evaluate(bb, point, cfg, FeatureCache(), data_dir or data.default_data_dir())
+    found = evaluate.evaluate_point(
+        bb, point, cfg, FeatureCache(), data_dir or data.default_data_dir()
+    )
+    metrics = found.metrics
     run_id = tracking.log_run(
         exp_id,
         f"probe-{point.block}-e{point.epoch}-t{point.noise_step}-{point.probe}",

@@ -124,8 +124,9 @@ class Context:
 class _Trials:
     """The scheduler's view of a study: evaluate with the objective, log with the recorder."""
 
-    def __init__(self, objective: Objective, recorder: StudyRecorder) -> None:
+    def __init__(self, objective: Objective, recorder: StudyRecorder, legacy: bool) -> None:
         self.objective, self.recorder = objective, recorder
+        self.legacy = legacy  # the study has trials of ddsweep 0.1, whose children may be adopted
 
     def _outcome(self, run_id: str, metrics: dict[str, float]) -> Outcome:
         return Outcome(float(metrics[self.objective.metric]), {"mlflow_run_id": run_id})
@@ -135,7 +136,7 @@ class _Trials:
     def adopt(self, pid: str) -> Outcome | None:
         point = self.objective.points[pid]
         found = self.recorder.adopted(point_id(point))
-        if found is None and not point.settings:  # a child logged by ddsweep 0.1
+        if found is None and self.legacy and not point.settings:  # logged by ddsweep 0.1
             found = self.recorder.adopted(legacy_id(point))
         return self._outcome(*found) if found else None
 
@@ -198,7 +199,8 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
 
 def work(ctx: Context, on_point: Callable[[str], None] | None = None) -> Counter[str]:
     """Run trials until every point is complete, given up on, or running elsewhere."""
-    return ctx.board.work(_Trials(ctx.objective, ctx.recorder), on_point)
+    trials = _Trials(ctx.objective, ctx.recorder, ctx.board.has_legacy_trials())
+    return ctx.board.work(trials, on_point)
 
 
 def _worker_main(cfg: sweep.StudyConfig, opts: RunOptions) -> None:

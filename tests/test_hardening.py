@@ -614,3 +614,21 @@ def test_a_dead_storage_with_a_special_password_is_one_line_without_it(
     result = CliRunner().invoke(app, [*args, "--probe", "knn", "--k", "3", "--storage", url])
     line = one_error_line(result, "cannot open Optuna storage", "127.0.0.1")
     assert password not in line and unquote(password) not in line
+
+
+def test_probe_takes_noise_draws_and_val_fraction_and_refuses_bad_ones(workdir: str) -> None:
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from ddsweep.cli import app
+
+    base = ["probe", "--dataset", "digits", "--resolution", "8", "--block", "pixels"]
+    base += ["--probe", "knn", "--k", "3", "--noise-step", "50"]
+    for bad, words in ((["--noise-draws", "0"], "noise_draws"), (["--val-fraction", "0.9"], "val")):
+        one_error_line(CliRunner().invoke(app, [*base, *bad]), words)
+    result = CliRunner().invoke(app, [*base, "--noise-draws", "2", "--val-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.params["noise_draws"] == "2" and run.data.params["val_fraction"] == "0.0"
+    assert "top1" in run.data.metrics and "val_top1" not in run.data.metrics  # no validation

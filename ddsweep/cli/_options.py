@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ddsweep import probes
 from ddsweep.errors import UserError
 from ddsweep.study import RunOptions
 
@@ -94,7 +95,11 @@ NoiseAxis = Annotated[
 ]
 ProbeAxis = Annotated[
     list[str] | None,
-    typer.Option("--probe", help=f"Probe axis: linear and/or knn {_AXIS}.", show_default=False),
+    typer.Option(
+        "--probe",
+        help=f"Probe axis: any of {', '.join(probes.names())} {_AXIS}.",
+        show_default=False,
+    ),
 ]
 KAxis = Annotated[
     list[str] | None, typer.Option(help=f"k axis (knn only) {_AXIS}.", show_default=False)

@@ -78,6 +78,13 @@ def probe(
     noise_seed: Annotated[
         int, typer.Option(help="Seed of the per-image noise.")
     ] = ProbeConfig.noise_seed,
+    noise_draws: Annotated[
+        int, typer.Option(help="Average the features over N noise draws (noise steps > 0).")
+    ] = ProbeConfig.noise_draws,
+    val_fraction: Annotated[
+        float,
+        typer.Option(help="Part of the train split held out and scored as validation (0: none)."),
+    ] = ProbeConfig.val_fraction,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = DEFAULT_EXPERIMENT,
@@ -93,6 +100,8 @@ def probe(
         pool=pool,
         weights=weights,
         noise_seed=noise_seed,
+        noise_draws=noise_draws,
+        val_fraction=val_fraction,
     )
     where = {"run": run, "backbone": backbone, "dataset": dataset, "resolution": resolution}
     where |= {"attention": attention, "epoch": epoch, "block": block, "noise_step": noise_step}

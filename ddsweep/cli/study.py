@@ -30,11 +30,13 @@ from ddsweep.cli._options import (
     Workers,
     axis_overrides,
     bar,
+    given_fields,
     run_options,
     study_progress,
 )
 from ddsweep.errors import UserError
 from ddsweep.fid import DDIM_STEPS, FIDConfig
+from ddsweep.study import RunOptions
 from ddsweep.tracking import DEFAULT_EXPERIMENT
 
 F = FIDConfig  # the defaults a sweep file leaves in place
@@ -113,6 +115,7 @@ def probe_grid(
     experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """Run (or resume) the probe grid of a study; re-running does only what is left."""
+    opts = run_options(**given_fields(RunOptions, locals()))  # first: checked before any work
     axes = axis_overrides(
         dataset=dataset,
         resolution=resolution,
@@ -126,16 +129,6 @@ def probe_grid(
     cfg = study_config(study, axes, storage)
     if cfg.kind != "probe-grid":
         raise UserError(f"{cfg.source} is a {cfg.kind} study: run `ddsweep study {cfg.kind}`")
-    opts = run_options(
-        storage=storage,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        workers=workers,
-        max_retries=max_retries,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        data_dir=data_dir,
-    )
     run_grid(cfg, opts)
 
 
@@ -173,20 +166,10 @@ def fid_grid(
     experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """FID of every checkpoint of a study's backbones: one trial and child run per checkpoint."""
+    opts = run_options(**given_fields(RunOptions, locals()))  # first: checked before any work
     axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention, epoch=epoch)
     fid = {"samples": samples, "sampler": sampler, "steps": steps, "feature": feature}
     cfg = fid_study_config(study, axes, fid)
-    opts = run_options(
-        storage=storage,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        workers=workers,
-        max_retries=max_retries,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        data_dir=data_dir,
-        inception_weights=inception_weights,
-    )
     run_grid(cfg, opts)
 
 

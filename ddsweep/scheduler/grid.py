@@ -20,7 +20,15 @@ from optuna.trial import FrozenTrial, TrialState
 from ddsweep.errors import UserError, first_line
 from ddsweep.points import id_of
 from ddsweep.scheduler.storage import make_storage
-from ddsweep.scheduler.trials import Heartbeat, Tally, fail_stale, is_fresh, tally, trial_point
+from ddsweep.scheduler.trials import (
+    Heartbeat,
+    Tally,
+    fail_stale,
+    is_fresh,
+    tally,
+    trial_params,
+    trial_point,
+)
 from ddsweep.scheduler.types import Evaluator, Grid, Outcome, Policy
 
 CREATED_ATTR = "created_at"
@@ -122,6 +130,10 @@ class GridStudy:
 
     def tally(self) -> Tally:
         return tally(self.study, self.policy.grace_period, self.grid.legacy)
+
+    def has_legacy_trials(self) -> bool:
+        """Whether ddsweep 0.1 ran trials of this study (one opaque `point` param each)."""
+        return any("point" in trial_params(t) for t in self.study.get_trials(deepcopy=False))
 
     def watch(self, grid: Grid) -> None:
         """Read the study's progress on `grid` without running it (nothing is written)."""
