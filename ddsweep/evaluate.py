@@ -27,6 +27,7 @@ from ddsweep.features import (
 )
 from ddsweep.model import PIXELS
 from ddsweep.points import Point
+from ddsweep.probes import protocols
 
 MAX_NOISE_DRAWS = 64  # each draw is one more pass of the backbone over every split
 
@@ -84,6 +85,38 @@ class ProbeConfig:
             if f.name != "settings":
                 out[f.name] = str(getattr(self, f.name))
         return out
+
+
+def protocol_of(point: Point) -> str | None:
+    """The protocol a point names (None: the study's own settings, as before protocols)."""
+    return dict(point.settings).get("protocol")
+
+
+def config_for(cfg: ProbeConfig, point: Point) -> ProbeConfig:
+    """The probe config `point` is evaluated with: the study's, with its probe kind's settings
+    set by the point's protocol when it names one."""
+    name = protocol_of(point)
+    if name is None:
+        return cfg
+    part = next(p for p in protocols.protocol(name).parts if p.probe == point.probe)
+    others = tuple((n, v) for n, v in cfg.settings if n != point.probe)
+    return dataclasses.replace(cfg, settings=(*others, (point.probe, part.settings_of())))
+
+
+def kind_settings(cfg: ProbeConfig, probe: str) -> tuple[tuple[str, str], ...]:
+    """The settings off their defaults that change a `probe` point's number: that kind's own
+    (another kind's do not) and the shared ones (pool, weights, seeds, noise draws, ...)."""
+    mine = {n: v for n, v in cfg.params().items() if "." not in n or n.startswith(f"{probe}.")}
+    default = ProbeConfig().params()
+    return tuple(sorted((n, v) for n, v in mine.items() if default.get(n) != v))
+
+
+def point_settings(cfg: ProbeConfig, point: Point) -> tuple[tuple[str, str], ...]:
+    """A grid point's settings as its id names them: `kind_settings` of the config it is
+    evaluated with, and its protocol's name when it has one."""
+    named = protocol_of(point)
+    found = kind_settings(config_for(cfg, point), point.probe)
+    return tuple(sorted((*found, ("protocol", named)))) if named else found
 
 
 def validate_probe_config(cfg: ProbeConfig) -> None:
@@ -315,7 +348,9 @@ def evaluate_point(
 
     `fill_blocks` are extracted alongside on a cache miss, so later points of the same
     checkpoint and noise step read them from the cache instead of running the network again.
+    A point that names a protocol is probed with that protocol's settings (`config_for`).
     """
+    cfg = config_for(cfg, point)
     blocks = (
         (PIXELS,) if point.block == PIXELS else tuple(dict.fromkeys((point.block, *fill_blocks)))
     )
@@ -362,8 +397,11 @@ def point_params(point: Point, cfg: ProbeConfig, backbone: Backbone | None) -> d
     """MLflow params of one evaluation: the axes, the probe settings and the backbone."""
     from ddsweep.tracking import flat_params
 
-    params = {**flat_params(point), **cfg.params()}
+    params = {**flat_params(point), **config_for(cfg, point).params()}
     params["backbone"] = backbone.label() if backbone else "none"
+    named = protocol_of(point)
+    if named:
+        params["protocol"] = named
     return params
 
 

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 BLOCKS: tuple[str, ...] = ("down1", "down2", "down3", "down4", "mid", "up4", "up3", "up2", "up1")
 # The input image itself: a baseline row in every report.
 PIXELS = "pixels"
+# Readable names for layers inside a block, {alias: what it is}. `ddae_layer`: the last ResNet
+# of up3 (the decoder block at a quarter of the resolution, 8x8 at 32 px), before its
+# upsampler; DDAE's best layer for this U-Net (its `out_6`), at 32 px `up_blocks.1.resnets.2`.
+ALIASES: dict[str, str] = {"ddae_layer": "up3's last ResNet, before upsampling"}
 # The DDPM CIFAR-10 channels; the 35.7 M-parameter network of the study and of DDAE.
 SEED_CHANNELS: tuple[int, ...] = (128, 256, 256, 256)
 
@@ -98,8 +102,12 @@ def config_of(unet: UNet2DModel) -> ModelConfig:
     )
 
 
-def block_path(name: str, levels: int = 4) -> str | None:
-    """The `named_modules()` path of a study block name, or None when `name` is not one."""
+def block_path(name: str, levels: int = 4, layers_per_block: int = 2) -> str | None:
+    """The `named_modules()` path of a study block name or alias, or None when `name` is not
+    one."""
+    if name == "ddae_layer" and levels >= 3:
+        # An up block has layers_per_block + 1 ResNets; the upsampler follows the last.
+        return f"up_blocks.{levels - 3}.resnets.{layers_per_block}"
     if name == "mid":
         return "mid_block"
     if name.startswith("down") and name[4:].isdigit():
@@ -115,20 +123,24 @@ def resolve_block(unet: nn.Module, name: str) -> nn.Module:
     """The module whose output is block `name`: a study name or any `named_modules()` path."""
     modules = dict(unet.named_modules())
     levels = len(getattr(unet, "down_blocks", [])) or 4
-    path = block_path(name, levels) or name
+    layers = int(getattr(getattr(unet, "config", None), "layers_per_block", 2))
+    path = block_path(name, levels, layers) or name
     if path not in modules or path == "":
         raise UserError(
-            f"unknown block {name!r}: use one of {', '.join(BLOCKS)}, {PIXELS}, "
+            f"unknown block {name!r}: use one of {', '.join((*BLOCKS, *ALIASES))}, {PIXELS}, "
             "or a named_modules() path of the U-Net such as up_blocks.1.resnets.2"
         )
     return modules[path]
 
 
 def block_order(name: str) -> int:
-    """Sort key: pixels first, then the nine blocks in forward order, then other paths."""
+    """Sort key: pixels first, then the nine blocks and the aliases in forward order, then
+    other paths."""
     if name == PIXELS:
         return -1
-    return BLOCKS.index(name) if name in BLOCKS else len(BLOCKS)
+    if name in ALIASES:  # inside up3: after up4's output, before up3's
+        return 2 * BLOCKS.index("up3") - 1
+    return 2 * BLOCKS.index(name) if name in BLOCKS else 2 * len(BLOCKS)
 
 
 def count_parameters(module: nn.Module) -> int:

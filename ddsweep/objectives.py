@@ -119,7 +119,8 @@ class ProbeGrid(Objective):
     def expand(self) -> list[Point]:
         points = sweep.expand(self.cfg.axes, lambda key: self.pins[key][1])
         return [
-            dataclasses.replace(p, settings=probe_settings(self.cfg.probe, p.probe)) for p in points
+            dataclasses.replace(p, settings=evaluate.point_settings(self.cfg.probe, p))
+            for p in points
         ]
 
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
@@ -156,8 +157,7 @@ def _off_default(
 def probe_settings(cfg: evaluate.ProbeConfig, probe: str) -> tuple[tuple[str, str], ...]:
     """The settings off their defaults that change a `probe` point's number: that kind's own
     (another kind's do not) and the shared ones (pool, weights, seeds, noise draws, ...)."""
-    mine = {n: v for n, v in cfg.params().items() if "." not in n or n.startswith(f"{probe}.")}
-    return _off_default(mine, evaluate.ProbeConfig().params())
+    return evaluate.kind_settings(cfg, probe)
 
 
 def fid_settings(cfg: sweep.StudyConfig) -> tuple[tuple[str, str], ...]:

@@ -92,11 +92,15 @@ def doc(probe_section: dict[str, Any], probe_axis: list[str]) -> dict[str, Any]:
 def test_registry_order_and_unknown_names_list_the_registered_kinds(
     centroid: probes.ProbeKind,
 ) -> None:
-    assert probes.names() == ("linear", "knn", "centroid")
+    assert probes.names() == ("linear", "knn", "logreg", "centroid")
     assert probes.get("centroid") is centroid
-    with pytest.raises(UserError, match=r"unknown probe 'svm'; allowed: linear, knn, centroid$"):
+    with pytest.raises(
+        UserError, match=r"unknown probe 'svm'; allowed: linear, knn, logreg, centroid$"
+    ):
         probes.get("svm")
-    with pytest.raises(UserError, match=r"axes\.probe.*'svm'.*allowed: linear, knn, centroid"):
+    with pytest.raises(
+        UserError, match=r"axes\.probe.*'svm'.*allowed: linear, knn, logreg, centroid"
+    ):
         parse_study(doc({}, ["svm"]), "x.yaml")
     with pytest.raises(ValueError, match="already registered"):
         probes.register(centroid)
@@ -105,7 +109,7 @@ def test_registry_order_and_unknown_names_list_the_registered_kinds(
 def test_unregistered_kinds_are_unknown_again() -> None:
     with probes.registered(CENTROID):
         parse_study(doc({}, ["centroid"]), "x.yaml")
-    with pytest.raises(UserError, match=r"'centroid'.*allowed: linear, knn$"):
+    with pytest.raises(UserError, match=r"'centroid'.*allowed: linear, knn, logreg$"):
         parse_study(doc({}, ["centroid"]), "x.yaml")
     with pytest.raises(UserError, match=r"x\.yaml: probe: unknown key 'centroid'"):
         parse_study(doc({"centroid": {"normalise": True}}, ["linear"]), "x.yaml")
@@ -127,7 +131,7 @@ def test_the_probe_section_of_a_new_kind_is_checked_against_its_settings() -> No
     with pytest.raises(UserError, match=r"probe\.centroid\.normalise must be true or false"):
         parse_study(doc({"centroid": {"normalise": "yes please"}}, ["centroid"]), "x.yaml")
     # The settings of every kind, new ones included, are the allowed keys of `probe:`.
-    with pytest.raises(UserError, match=r"allowed: linear, knn, centroid, pool"):
+    with pytest.raises(UserError, match=r"allowed: linear, knn, logreg, centroid, pool"):
         parse_study(doc({"svm": {}}, ["centroid"]), "x.yaml")
 
 
@@ -140,6 +144,7 @@ def test_k_multiplies_only_kinds_that_use_it() -> None:
         ("knn", 3),
         ("knn", 5),
         ("linear", 0),
+        ("logreg", 0),
     ]
 
 

@@ -2,13 +2,13 @@
 
 Pure functions: no files, no tracking, no global device. Everything runs on the device of the
 features (or the one passed), so CUDA tensors give a GPU probe. One module per probe kind
-(`linear`, `knn`), each registering itself; importing this package registers the built-in
+(`linear`, `knn`, `logreg`), each registering itself; importing this package registers the built-in
 kinds, in this order.
 """
 
 from __future__ import annotations
 
-from ddsweep.probes import knn, linear
+from ddsweep.probes import knn, linear, logreg
 from ddsweep.probes.common import accuracy, ranked, standardise, topk_hits
 from ddsweep.probes.knn import (
     DINO_TEMPERATURE,
@@ -23,10 +23,12 @@ from ddsweep.probes.knn import (
     knn_votes,
 )
 from ddsweep.probes.linear import LinearSettings, linear_probe
+from ddsweep.probes.logreg import LogregSettings, logreg_probe
 from ddsweep.probes.registry import (
     Fit,
     ProbeKind,
     Scored,
+    default_axis,
     find,
     get,
     names,
@@ -43,17 +45,20 @@ __all__ = [
     "Fit",
     "KnnSettings",
     "LinearSettings",
+    "LogregSettings",
     "Metric",
     "ProbeKind",
     "Scored",
     "Weighting",
     "accuracy",
+    "default_axis",
     "find",
     "get",
     "knn_probe",
     "knn_search",
     "knn_votes",
     "linear_probe",
+    "logreg_probe",
     "names",
     "ranked",
     "register",
@@ -63,6 +68,6 @@ __all__ = [
     "unregister",
 ]
 
-# Report order: the linear probe first, as in the study.
-for _kind in (linear.LINEAR, knn.KNN):
+# Report order: the study's linear probe and k-NN first, then the converged logistic regression.
+for _kind in (linear.LINEAR, knn.KNN, logreg.LOGREG):
     register(_kind)

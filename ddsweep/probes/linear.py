@@ -13,7 +13,9 @@ from ddsweep.errors import UserError
 from ddsweep.probes.common import accuracy, check_pair, count_classes, standardise
 from ddsweep.probes.registry import ProbeKind, Scored, Split
 
-__all__ = ["LinearSettings", "linear_logits", "linear_probe"]
+__all__ = ["SCHEDULES", "LinearSettings", "linear_logits", "linear_probe"]
+
+SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 def linear_probe(
@@ -25,27 +27,31 @@ def linear_probe(
     epochs: int = 30,
     lr: float = 1e-3,
     batch_size: int = 256,
+    schedule: str = "constant",
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """Train one nn.Linear on (N, D) features, (N,) labels; top1/top3/train_top1 in [0, 1].
+    """Train one nn.Linear on (N, D) features, (N,) labels; top1/top3/train_top1 in [0, 1] and
+    train_loss (the final mean cross entropy on all of train).
 
     Features are standardised with the TRAIN mean and std (a zero std is left at 1), then a
     linear layer is fitted with Adam and cross entropy for `epochs` passes over shuffled
-    mini-batches. Initialisation and shuffling draw from a generator seeded with `seed`, so a
+    mini-batches, the learning rate constant or cosine-annealed to 0 over the epochs (stepped
+    once an epoch, as DDAE's probe does). Initialisation and shuffling draw from a generator seeded with `seed`, so a
     run is repeatable (on CPU bit for bit). With fewer than 3 classes top3 is the top-C
     accuracy, i.e. 1.0.
     """
     check_pair(train_x, train_y, test_x, test_y)
-    test_logits, train_top1 = linear_logits(
+    test_logits, train_top1, train_loss = linear_logits(
         train_x, train_y, test_x, count_classes(train_y, test_y),
-        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+        epochs=epochs, lr=lr, batch_size=batch_size, schedule=schedule, seed=seed, device=device,
     )  # fmt: skip
     yte = test_y.to(test_logits.device, torch.long)
     return {
         "top1": accuracy(test_logits, yte, 1),
         "top3": accuracy(test_logits, yte, 3),
         "train_top1": train_top1,
+        "train_loss": train_loss,
     }
 
 
@@ -58,14 +64,18 @@ def linear_logits(
     epochs: int = 30,
     lr: float = 1e-3,
     batch_size: int = 256,
+    schedule: str = "constant",
     seed: int = 0,
     device: torch.device | str | None = None,
-) -> tuple[Tensor, float]:
-    """(test logits (N_test, n_classes), train top1) of the linear probe (see linear_probe)."""
+) -> tuple[Tensor, float, float]:
+    """(test logits (N_test, n_classes), train top1, train loss) of the linear probe (see
+    linear_probe)."""
     if epochs < 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(
             f"need epochs >= 0, batch_size > 0, lr > 0; got {epochs}, {batch_size}, {lr}"
         )
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
     dev = torch.device(device) if device is not None else train_x.device
     xtr, xte = standardise(train_x.to(dev), test_x.to(dev))
     ytr = train_y.to(dev, torch.long)
@@ -79,6 +89,11 @@ def linear_logits(
         layer.bias.uniform_(-bound, bound, generator=gen)
     layer.to(dev)
     opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    # DDAE's CosineAnnealingLR(T_max=epochs), stepped after each epoch; "constant" never steps
+    # one, so the seed probe's arithmetic is unchanged.
+    cosine = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) if schedule == "cosine" else None
+    )
 
     n = xtr.shape[0]
     for _ in range(epochs):
@@ -89,9 +104,13 @@ def linear_logits(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if cosine is not None:
+            cosine.step()
 
     with torch.no_grad():
-        return layer(xte), accuracy(layer(xtr), ytr, 1)
+        train_logits = layer(xtr)
+        train_loss = float(F.cross_entropy(train_logits, ytr))
+        return layer(xte), accuracy(train_logits, ytr, 1), train_loss
 
 
 @dataclass(frozen=True)
@@ -101,11 +120,16 @@ class LinearSettings:
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 256
+    schedule: str = "constant"  # the learning rate: constant | cosine (annealed to 0, per epoch)
 
 
 def _check(s: LinearSettings) -> None:
     if s.epochs <= 0 or not (s.lr > 0 and math.isfinite(s.lr)) or s.batch_size <= 0:
         raise UserError("linear probe epochs, lr and batch size must be positive (lr finite)")
+    if s.schedule not in SCHEDULES:
+        raise UserError(
+            f"unknown linear schedule {s.schedule!r}: use one of {', '.join(SCHEDULES)}"
+        )
 
 
 def _fit(
@@ -113,11 +137,11 @@ def _fit(
 ) -> dict[int, Scored]:
     del ks  # one fit per point: `k` does not apply
     check_pair(*train, *test)
-    logits, train_top1 = linear_logits(
+    logits, train_top1, train_loss = linear_logits(
         train[0], train[1], test[0], count_classes(train[1], test[1]),
-        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=seed,
+        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, schedule=s.schedule, seed=seed,
     )  # fmt: skip
-    return {0: Scored(logits, {"train_top1": train_top1})}
+    return {0: Scored(logits, {"train_top1": train_top1, "train_loss": train_loss})}
 
 
 # Registered by ddsweep/probes/__init__.py, which fixes the order of the built-in kinds.
@@ -125,7 +149,7 @@ LINEAR = ProbeKind(
     name="linear",
     settings=LinearSettings,
     uses_k=False,
-    metrics=("top1", "top3", "train_top1"),
+    metrics=("top1", "top3", "train_top1", "train_loss"),
     fit=_fit,
     help="a linear layer trained with Adam on standardised features",
     check=_check,

@@ -19,7 +19,17 @@ from torch import Tensor
 
 from ddsweep.errors import UserError
 
-__all__ = ["Fit", "ProbeKind", "Scored", "get", "names", "register", "registered", "unregister"]
+__all__ = [
+    "Fit",
+    "ProbeKind",
+    "Scored",
+    "default_axis",
+    "get",
+    "names",
+    "register",
+    "registered",
+    "unregister",
+]
 
 Split = tuple[Tensor, Tensor]  # (N, D) features, (N,) integer labels
 
@@ -56,6 +66,9 @@ class ProbeKind:
     label: str = ""  # how titles name it ("k-NN"); the name when empty
     # Raises UserError for settings the kind cannot use (types are checked before).
     check: Callable[[Any], None] | None = None
+    # Whether a study without a `probe` axis runs it (kinds added later stay out, so the grid
+    # of such a study does not grow).
+    in_default_axis: bool = True
 
     def defaults(self) -> Any:
         """The kind's settings at the study's defaults."""
@@ -137,3 +150,8 @@ def find(name: str) -> ProbeKind | None:
 def names() -> tuple[str, ...]:
     """Every registered kind, in registration order."""
     return tuple(_KINDS)
+
+
+def default_axis() -> tuple[str, ...]:
+    """The kinds a study without a `probe` axis runs, in registration order."""
+    return tuple(n for n, kind in _KINDS.items() if kind.in_default_axis)

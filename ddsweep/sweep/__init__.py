@@ -26,6 +26,8 @@ from ddsweep.sweep.config import (
     MAX_POINTS,
     MAX_POINTS_ENV,
     PROBE_KEYS,
+    PROTOCOL,
+    STUDY_AXES,
     TOP_KEYS,
     TRAIN_KEYS,
     Axes,
@@ -44,6 +46,7 @@ from ddsweep.sweep.grid import (
 from ddsweep.sweep.yamlfile import read_yaml
 
 __all__ = [
+    "AXES",
     "AXIS_ALLOWED",
     "AXIS_PARSERS",
     "CLI_SOURCE",
@@ -55,6 +58,8 @@ __all__ = [
     "MAX_POINTS",
     "MAX_POINTS_ENV",
     "PROBE_KEYS",
+    "PROTOCOL",
+    "STUDY_AXES",
     "TOP_KEYS",
     "TRAIN_KEYS",
     "Axes",
@@ -241,12 +246,15 @@ def parse_study(doc: Any, source: str) -> StudyConfig:
     if kind not in KINDS:
         raise UserError(f"{source}: kind: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
     axes_raw = _mapping(top.get("axes"), f"{source}: axes")
-    _unknown(axes_raw, AXES, f"{source}: axes")
+    _unknown(axes_raw, STUDY_AXES, f"{source}: axes")
     if "dataset" not in axes_raw:
         raise UserError(f"{source}: axes.dataset: missing; name at least one dataset")
     parsed = {k: parse_axis(k, v, source) for k, v in axes_raw.items()}
     if kind == "fid-grid":
         _unknown(axes_raw, FID_AXES, f"{source}: axes (a fid-grid has one point per checkpoint)")
+    if PROTOCOL in axes_raw:
+        section = _mapping(top.get("probe"), f"{source}: probe")
+        _check_protocol_study(axes_raw, section, source, "axes.")
     cfg = StudyConfig(
         study=name,
         kind=kind,
@@ -257,6 +265,25 @@ def parse_study(doc: Any, source: str) -> StudyConfig:
         fid=parse_fid_section(top.get("fid"), source),
     )
     return check_grid_size(cfg)
+
+
+def _check_protocol_study(
+    axes: Iterable[str], probe_section: Iterable[str], source: str, prefix: str
+) -> None:
+    """A protocol sets probe, k and every probe kind's settings: a study that also sets them
+    is ambiguous, so UserError names the clash."""
+    for axis in ("probe", "k"):
+        if axis in axes:
+            raise UserError(
+                f"{source}: {prefix}{axis}: a study with a protocol axis takes its probe kinds "
+                f"and k values from the protocols; remove {axis} (or the protocol axis)"
+            )
+    for key in probe_section:
+        if key in probes.names():
+            raise UserError(
+                f"{source}: probe.{key}: a study with a protocol axis takes every probe "
+                "setting from its protocols; remove this section (or the protocol axis)"
+            )
 
 
 def parse_fid_section(raw: Any, source: str) -> FIDConfig:
@@ -310,6 +337,8 @@ def with_overrides(
         check_study_name(name, "--study")
         return check_grid_size(StudyConfig(study=name, axes=Axes(**parsed), source=source))
     axes = dataclasses.replace(base.axes, **parsed)
+    if axes.protocol:
+        _check_protocol_study(given, (), CLI_SOURCE, "--")
     return check_grid_size(dataclasses.replace(base, axes=axes))
 
 

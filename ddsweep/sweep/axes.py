@@ -8,9 +8,9 @@ from typing import Any
 
 from ddsweep import data, probes
 from ddsweep.errors import UserError
-from ddsweep.model import BLOCKS, PIXELS
-from ddsweep.points import AXES
-from ddsweep.sweep.config import CLI_SOURCE, _too_many, max_points
+from ddsweep.model import ALIASES, BLOCKS, PIXELS
+from ddsweep.probes import protocols
+from ddsweep.sweep.config import CLI_SOURCE, STUDY_AXES, _too_many, max_points
 
 # --- values -------------------------------------------------------------------------------------
 
@@ -82,14 +82,22 @@ def _check_dataset(v: Any) -> str:
 def _check_block(v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise _Bad(f"{v!r} is not a block name")
-    if v in BLOCKS or v == PIXELS or "." in v or v.endswith("_block"):
+    if v in BLOCKS or v in ALIASES or v == PIXELS or "." in v or v.endswith("_block"):
         return v
-    raise _Bad(f"unknown block {v!r}; allowed: {', '.join(BLOCKS)}, {PIXELS} or a module path")
+    raise _Bad(
+        f"unknown block {v!r}; allowed: {', '.join((*BLOCKS, *ALIASES))}, {PIXELS} or a module path"
+    )
 
 
 def _check_probe(v: Any) -> str:
     if not isinstance(v, str) or probes.find(v) is None:
         raise _Bad(f"unknown probe {v!r}; allowed: {', '.join(probes.names())}")
+    return v
+
+
+def _check_protocol(v: Any) -> str:
+    if not isinstance(v, str) or v not in protocols.PROTOCOLS:
+        raise _Bad(f"unknown protocol {v!r}; allowed: {', '.join(protocols.names())}")
     return v
 
 
@@ -123,9 +131,10 @@ AXIS_ALLOWED: dict[str, str] = {
     "resolution": "positive multiples of 8, e.g. [32]",
     "attention": "true, false",
     "epoch": "integers >= 0, or {start, stop, step} (stop included)",
-    "block": f"{', '.join(BLOCKS)}, {PIXELS} or a named_modules() path",
+    "block": f"{', '.join((*BLOCKS, *ALIASES))}, {PIXELS} or a named_modules() path",
     "noise_step": "integers 0..999, or {start, stop, step}",
     "k": "positive integers, e.g. [10, 50]",
+    "protocol": ", ".join(protocols.names()),
 }
 
 
@@ -143,6 +152,7 @@ AXIS_PARSERS: dict[str, Callable[[Any], Iterable[Any]]] = {
     "noise_step": lambda v: map(_noise, _int_range(v)),
     "probe": lambda v: [_check_probe(v)],
     "k": lambda v: map(_positive, _int_range(v)),
+    "protocol": lambda v: [_check_protocol(v)],
 }
 
 
@@ -153,7 +163,7 @@ def parse_axis(name: str, raw: Any, source: str) -> tuple[Any, ...]:
     else:
         where = f"{source}: axes.{name}"
     if name not in AXIS_PARSERS:
-        raise UserError(f"{source}: unknown axis {name!r}; allowed: {', '.join(AXES)}")
+        raise UserError(f"{source}: unknown axis {name!r}; allowed: {', '.join(STUDY_AXES)}")
     # `block:` with nothing after it is an empty axis, not the value None.
     items: Iterable[Any] = raw if isinstance(raw, list | tuple) else [] if raw is None else [raw]
     out: dict[Any, None] = {}  # ordered and deduplicated in linear time

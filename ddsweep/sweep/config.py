@@ -12,8 +12,13 @@ from ddsweep.errors import UserError
 from ddsweep.evaluate import ProbeConfig
 from ddsweep.fid import FIDConfig
 from ddsweep.model import BLOCKS
+from ddsweep.points import AXES
 
 KINDS: tuple[str, ...] = ("probe-grid", "fid-grid", "train-grid")
+# The axes a sweep file may give: the eight of a point, and `protocol`, which sets several of
+# them (and probe settings) at once.
+PROTOCOL = "protocol"
+STUDY_AXES: tuple[str, ...] = (*AXES, PROTOCOL)
 CLI_SOURCE = "the command line"  # the `source` of axes given as options
 TOP_KEYS: tuple[str, ...] = ("study", "kind", "axes", "probe", "train", "fid")
 FID_KEYS: tuple[str, ...] = ("samples", "sampler", "steps", "seed", "batch_size", "feature")
@@ -86,8 +91,11 @@ class Axes:
     epoch: tuple[int, ...] = ()
     block: tuple[str, ...] = BLOCKS
     noise_step: tuple[int, ...] = (0,)
-    probe: tuple[str, ...] = field(default_factory=probes.names)  # every registered kind
+    probe: tuple[str, ...] = field(default_factory=probes.default_axis)  # linear, knn
     k: tuple[int, ...] = (50,)
+    # Named probe protocols (seed, ddae, dino, clip); when given, each sets the probe kinds, k
+    # values, probe settings (and DDAE's noise step) of its points, in place of probe and k.
+    protocol: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

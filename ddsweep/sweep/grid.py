@@ -8,6 +8,7 @@ from ddsweep import data, probes
 from ddsweep.errors import UserError
 from ddsweep.model import PIXELS
 from ddsweep.points import Point
+from ddsweep.probes import protocols
 from ddsweep.sweep.config import FID, Axes, StudyConfig, _too_many, max_points
 
 # --- the grid -----------------------------------------------------------------------------------
@@ -25,14 +26,41 @@ def backbones(axes: Axes) -> list[Backbone3]:
     return [(d, r, a) for d in axes.dataset for r in resolutions(axes, d) for a in axes.attention]
 
 
+# (noise step, probe, k, point settings): one probe setting of every block and epoch.
+ProbeCombo = tuple[int, str, int, tuple[tuple[str, str], ...]]
+
+
+def probe_combos(axes: Axes) -> list[ProbeCombo]:
+    """Every (noise step, probe, k, settings) the axes ask for, in grid order. Without a
+    protocol axis: noise_step x probe x k (k only for kinds that use it), no settings. With
+    one: each protocol's own kinds and k values, at its noise step or the axis's; the points of
+    a protocol other than seed carry its name as the setting `protocol`."""
+    if not axes.protocol:
+        return [
+            (t, p, k, ())
+            for t in axes.noise_step
+            for p in axes.probe
+            for k in (axes.k if probes.get(p).uses_k else (0,))
+        ]
+    out: dict[ProbeCombo, None] = {}
+    for name in axes.protocol:
+        proto = protocols.protocol(name)
+        named = () if name == protocols.SEED else (("protocol", name),)
+        steps = axes.noise_step if proto.noise_step is None else (proto.noise_step,)
+        for t in steps:
+            for part in proto.parts:
+                for k in part.ks or (0,):
+                    out[(t, part.probe, k, named)] = None
+    return list(out)
+
+
 def grid_size(axes: Axes, kind: str = "probe-grid") -> int:
     """The number of points the axes span (an empty epoch axis counted as one epoch), computed
     without expanding them."""
     size = len(axes.dataset) * max(len(axes.resolution), 1) * len(axes.attention)
     size *= max(len(axes.epoch), 1)
     if kind == "probe-grid":
-        per_probe = sum(len(axes.k) if probes.get(p).uses_k else 1 for p in axes.probe)
-        size *= len(axes.block) * len(axes.noise_step) * per_probe
+        size *= len(axes.block) * len(probe_combos(axes))
     return size
 
 
@@ -53,22 +81,21 @@ def _bounded(points: list[Point]) -> None:
 def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
     """Every grid point. `k` multiplies only the probe kinds that use it (knn); the others get
     k=0. `pixels` appears once per (dataset, resolution, noise step, probe, k), with no epoch and
-    no attention."""
+    no attention. A protocol axis sets noise step, probe and k (see `probe_combos`)."""
     points: list[Point] = []
     net_blocks = [b for b in axes.block if b != PIXELS]
+    combos = probe_combos(axes)
     for d in axes.dataset:
         for r in resolutions(axes, d):
-            for t in axes.noise_step:
-                for p in axes.probe:
-                    for k in axes.k if probes.get(p).uses_k else (0,):
-                        if PIXELS in axes.block:
-                            points.append(Point(d, r, None, None, PIXELS, t, p, k))
-                        # Pixels alone need no backbone: do not ask for its epochs.
-                        for a in axes.attention if net_blocks else ():
-                            for e in axes.epoch or epochs_of((d, r, a)):
-                                for b in net_blocks:
-                                    points.append(Point(d, r, a, e, b, t, p, k))
-                                _bounded(points)
+            for t, p, k, named in combos:
+                if PIXELS in axes.block:
+                    points.append(Point(d, r, None, None, PIXELS, t, p, k, named))
+                # Pixels alone need no backbone: do not ask for its epochs.
+                for a in axes.attention if net_blocks else ():
+                    for e in axes.epoch or epochs_of((d, r, a)):
+                        for b in net_blocks:
+                            points.append(Point(d, r, a, e, b, t, p, k, named))
+                        _bounded(points)
     return points
 
 
