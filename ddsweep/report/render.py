@@ -17,7 +17,17 @@ from ddsweep.report.headline import SummaryRow
 from ddsweep.report.plot import plot_facet
 from ddsweep.report.summary_views import markdown_summary, rich_summary, write_summary_csv
 from ddsweep.report.tables import Cell, Claim, Epoch, Facet
-from ddsweep.report.text import block_label, epoch_label, pct, pct_ci, spot_label, verdict
+from ddsweep.report.text import (
+    block_label,
+    epoch_label,
+    is_accuracy,
+    metric_heading,
+    metric_value,
+    pct,
+    pct_ci,
+    spot_label,
+    verdict,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -111,6 +121,8 @@ def cell_text(facet: Facet, block: str, epoch: Epoch, metric: str, ci: bool) -> 
         if claim is not None and (block, epoch) in claim.tied:
             return text, TIED if claim.is_tie else BEST
         return text, ""
+    if not is_accuracy(metric):  # train_loss, chosen_l2: shown beside, never "best"
+        return metric_value(metric, value), ""
     best = facet.best(metric)
     return text, BEST if best is not None and (block, epoch) == best[:2] else ""
 
@@ -129,7 +141,7 @@ def rich_tables(facet: Facet, width: int = 200) -> list[Table]:
         metrics.insert(1, HALF_WIDTH)
     for metric in metrics:
         transposed = 22 + 8 * len(facet.epochs) > width
-        title = f"{metric} %" + (" (± 95 % interval)" if ci and metric == "top1" else "")
+        title = metric_heading(metric) + (" (± 95 % interval)" if ci and metric == "top1" else "")
         if metric == HALF_WIDTH:
             title = "top1 ± % (half the 95 % bootstrap interval)"
         table = Table(title=title)
@@ -138,7 +150,11 @@ def rich_tables(facet: Facet, width: int = 200) -> list[Table]:
             text, mark = cell_text(facet, block, epoch, metric, ci)
             if mark:
                 return Text(f"{text} {mark}", style="bold green")
-            bold = metric != HALF_WIDTH and block in facet.best_blocks(epoch, metric)
+            bold = (
+                metric != HALF_WIDTH
+                and is_accuracy(metric)
+                and block in facet.best_blocks(epoch, metric)
+            )
             return Text(text, style="bold" if bold else "")
 
         if transposed:
@@ -187,9 +203,12 @@ def write_csv(facet: Facet, path: Path) -> Path:
             for block in facet.blocks:
                 w.writerow(
                     [
-                        f"{metric} %",
+                        metric_heading(metric),
                         block,
-                        *(pct(facet.value(block, e, metric)) for e in facet.epochs),
+                        *(
+                            metric_value(metric, facet.value(block, e, metric))
+                            for e in facet.epochs
+                        ),
                     ]
                 )
         if facet.has_intervals():
@@ -215,7 +234,7 @@ def markdown_table(facet: Facet, metric: str = "top1") -> str:
             text, mark = cell_text(facet, block, epoch, metric, ci=True)
             if mark:
                 text = f"**{text}** {mark}"
-            elif text and block in facet.best_blocks(epoch, metric):
+            elif text and is_accuracy(metric) and block in facet.best_blocks(epoch, metric):
                 text = f"**{text}**"
             cells.append(text)
         lines.append(f"| {block_label(block)} | " + " | ".join(cells) + " |")

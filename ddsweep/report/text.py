@@ -12,6 +12,24 @@ def pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
 
 
+def is_accuracy(metric: str) -> bool:
+    """Accuracies (top1, top3, train_top1, ...) are fractions, shown in %; the other metrics a
+    probe reports (train_loss, chosen_l2) are shown as they are, and no cell of them is best."""
+    return metric.rsplit("_", 1)[-1].startswith("top")
+
+
+def metric_value(metric: str, value: float | None) -> str:
+    """A cell's value: an accuracy in % (one decimal), any other metric to 4 digits."""
+    if is_accuracy(metric) or value is None:
+        return pct(value)
+    return f"{value:.4g}"
+
+
+def metric_heading(metric: str) -> str:
+    """'top1 %', or the bare name of a metric that is no accuracy ('train_loss')."""
+    return f"{metric} %" if is_accuracy(metric) else metric
+
+
 def pct_ci(value: float | None, low: float | None, high: float | None) -> str:
     """'81.3 ± 0.8' (half the interval's width), or the value alone without an interval."""
     if value is None or low is None or high is None:
