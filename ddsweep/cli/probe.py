@@ -117,6 +117,8 @@ def print_metrics(point: Any, metrics: dict[str, float], run_id: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ddsweep.report.text import is_accuracy
+
     kind = probes.get(point.probe)
     shown = [m for m in kind.metrics if m in metrics]
     table = Table(
@@ -130,7 +132,7 @@ def print_metrics(point: Any, metrics: dict[str, float], run_id: str) -> None:
         str(point.epoch),
         str(point.noise_step),
         point.probe + (f" k={point.k}" if kind.uses_k else ""),
-        *(f"{100 * metrics[m]:.1f} %" for m in shown),
+        *(f"{100 * metrics[m]:.1f} %" if is_accuracy(m) else f"{metrics[m]:.4g}" for m in shown),
         f"{metrics['extract_s']:.1f}",
         f"{metrics['fit_s']:.1f}",
     )
