@@ -150,6 +150,7 @@ LINEAR = ProbeKind(
     settings=LinearSettings,
     uses_k=False,
     metrics=("top1", "top3", "train_top1", "train_loss"),
+    plain=("train_loss",),
     fit=_fit,
     help="a linear layer trained with Adam on standardised features",
     check=_check,

@@ -221,6 +221,7 @@ LOGREG = ProbeKind(
     settings=LogregSettings,
     uses_k=False,
     metrics=("top1", "top3", "train_top1", "train_loss", "chosen_l2"),
+    plain=("train_loss", "chosen_l2"),
     fit=_fit,
     help="logistic regression fitted to convergence (L-BFGS), L2 chosen on held-out train data",
     check=_check,

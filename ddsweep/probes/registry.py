@@ -26,6 +26,7 @@ __all__ = [
     "default_axis",
     "get",
     "names",
+    "plain_metrics",
     "register",
     "registered",
     "unregister",
@@ -69,6 +70,9 @@ class ProbeKind:
     # Whether a study without a `probe` axis runs it (kinds added later stay out, so the grid
     # of such a study does not grow).
     in_default_axis: bool = True
+    # Metrics that are no fraction in [0, 1] (a loss, a chosen strength): the report shows them
+    # as they are, not in %, and never marks one best.
+    plain: tuple[str, ...] = ()
 
     def defaults(self) -> Any:
         """The kind's settings at the study's defaults."""
@@ -150,6 +154,11 @@ def find(name: str) -> ProbeKind | None:
 def names() -> tuple[str, ...]:
     """Every registered kind, in registration order."""
     return tuple(_KINDS)
+
+
+def plain_metrics() -> frozenset[str]:
+    """Every registered kind's metrics that are no fraction (see ProbeKind.plain)."""
+    return frozenset(m for kind in _KINDS.values() for m in kind.plain)
 
 
 def default_axis() -> tuple[str, ...]:

@@ -3,6 +3,7 @@ intervals, p-values and "tied with X" verdicts."""
 
 from __future__ import annotations
 
+from ddsweep import probes
 from ddsweep.model import PIXELS
 from ddsweep.report.tables import Epoch, Spot
 
@@ -13,9 +14,10 @@ def pct(value: float | None) -> str:
 
 
 def is_accuracy(metric: str) -> bool:
-    """Accuracies (top1, top3, train_top1, ...) are fractions, shown in %; the other metrics a
-    probe reports (train_loss, chosen_l2) are shown as they are, and no cell of them is best."""
-    return metric.rsplit("_", 1)[-1].startswith("top")
+    """Accuracies (top1, top3, train_top1, ...) are fractions, shown in %; the metrics a probe
+    kind declares plain (train_loss, chosen_l2) are shown as they are, and none of them is
+    best."""
+    return metric not in probes.plain_metrics()
 
 
 def metric_value(metric: str, value: float | None) -> str:
