@@ -18,7 +18,14 @@ from ddsweep.errors import UserError
 from ddsweep.model import ModelConfig, block_order, build_unet, resolve_block
 from ddsweep.points import Point, point_id
 from ddsweep.probes import protocols
-from ddsweep.sweep import expand, grid_size, load_study, parse_study, with_overrides
+from ddsweep.sweep import (
+    expand,
+    grid_size,
+    load_study,
+    parse_study,
+    to_document,
+    with_overrides,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAVED = (0, 2, 4)
@@ -97,6 +104,11 @@ def test_one_study_holds_the_four_protocols_side_by_side() -> None:
     # per block: seed (2 x 2 noise steps) + ddae (1, its own t) + dino (4 x 2) + clip (1 x 2)
     assert len(found) == 2 * (4 + 1 + 8 + 2)
     assert {"protocol=ddae" in i for i in found if "noise_step=10" in i} == {True}
+
+
+def test_a_protocol_study_reads_back_from_its_stored_document() -> None:
+    cfg = study({"block": ["ddae_layer"], "protocol": ["ddae", "clip"]})
+    assert parse_study(to_document(cfg), "x.yaml") == cfg
 
 
 def test_a_study_without_a_probe_axis_keeps_linear_and_knn() -> None:

@@ -56,7 +56,11 @@ def probe(
         ),
     ] = None,
     block: Annotated[
-        str, typer.Option(help="down1..down4, mid, up4..up1, pixels, or a named_modules() path.")
+        str,
+        typer.Option(
+            help="down1..down4, mid, up4..up1, pixels, ddae_layer (up3's last ResNet, DDAE's "
+            "layer), or a named_modules() path."
+        ),
     ] = DEFAULT_BLOCK,
     noise_step: Annotated[
         int, typer.Option(help="Noise the images to step t (0 = clean).")

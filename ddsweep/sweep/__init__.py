@@ -351,6 +351,8 @@ def to_document(cfg: StudyConfig) -> dict[str, Any]:
         return {k: v for k, v in pairs if getattr(default, k) != v and k != "settings"}
 
     axes = {k: list(v) for k, v in dataclasses.asdict(cfg.axes).items() if v}
+    if cfg.axes.protocol:  # the protocols set probe and k; the file may not repeat them
+        del axes["probe"], axes["k"]
     probe: dict[str, Any] = {n: dataclasses.asdict(v) for n, v in cfg.probe.settings}
     probe.update(changed(cfg.probe, ProbeConfig()))
     train = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.train}
