@@ -18,24 +18,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.environment import _PythonEnv
 from typer.testing import CliRunner
 
-from ddsweep import evaluate, tracking
+from ddsweep import evaluate
 from ddsweep.cli import app
-from ddsweep.model import ModelConfig
 from ddsweep.scheduler.storage import default_storage_path
-from ddsweep.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = "mlproject_tiny"
-SWEEP = f"""\
-study: {STUDY}
-axes:
-  dataset: [digits]
-  resolution: [8]
-  attention: [true]
-  block: [pixels, up4]
-  probe: [knn]
-  k: [5]
-"""
 MLFLOW_RUN = (sys.executable, "-m", "mlflow", "run")
 GRID = 1 + 2  # pixels once, up4 at epochs 0 and 1
 
@@ -88,22 +76,34 @@ def project_copy(folder: Path) -> Path:
     return folder
 
 
-def tiny_backbone(data: Path) -> str:
-    """A tiny digits U-Net (8 px) trained for one step: checkpoints of epochs 0 and 1."""
-    tracking.setup(None, tracking.DEFAULT_EXPERIMENT)
-    cfg = TrainConfig(
-        dataset="digits",
-        model=ModelConfig(resolution=8, channels=(32, 32, 64, 64)),
-        epochs=2,
-        batch_size=32,
-        checkpoint_every=1,
-        max_steps=1,
-        sample_every=0,
-        sample_count=0,
+def tiny_backbone() -> str:
+    """A tiny digits U-Net (8 px) trained for one step by `ddsweep train`: checkpoints of epochs
+    0 and 1; its run id."""
+    tiny = ["--resolution", "8", "--channels", "32,32,64,64", "--epochs", "2", "--batch-size", "32"]
+    once = [
+        "--checkpoint-every",
+        "1",
+        "--max-steps",
+        "1",
+        "--sample-every",
+        "0",
+        "--sample-count",
+        "0",
+    ]
+    done = CliRunner().invoke(app, ["train", "digits", *tiny, *once])
+    assert done.exit_code == 0, done.output
+    (run,) = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()], "params.dataset = 'digits'"
     )
-    run_id = train(cfg, data_dir=data)
-    assert evaluate.saved_epochs(run_id) == [0, 1]
-    return run_id
+    assert evaluate.saved_epochs(run.info.run_id) == [0, 1]
+    return str(run.info.run_id)
+
+
+def tiny_sweep(study: str, blocks: list[str], ks: list[int]) -> str:
+    """A k-NN study of the tiny backbone."""
+    axes = {"dataset": ["digits"], "resolution": [8], "attention": [True], "block": blocks}
+    doc = {"study": study, "axes": {**axes, "probe": ["knn"], "k": ks}}
+    return yaml.safe_dump(doc)
 
 
 def finished_trials() -> list[Any]:
@@ -122,9 +122,9 @@ def test_mlflow_run_from_a_copy_shares_the_study_with_a_plain_run(tmp_path, isol
     home.mkdir()
     copy = project_copy(tmp_path / "copy")
     with isolated_store(home) as uri:
-        tiny_backbone(home / "data")
+        tiny_backbone()
         (home / "sweeps").mkdir()
-        (home / "sweeps" / f"{STUDY}.yaml").write_text(SWEEP)
+        (home / "sweeps" / f"{STUDY}.yaml").write_text(tiny_sweep(STUDY, ["pixels", "up4"], [5]))
         env = {k: v for k, v in os.environ.items() if not k.startswith("DDSWEEP_")}
         env["MLFLOW_TRACKING_URI"] = uri
         env["PYTHONPATH"] = str(ROOT)  # the `ddsweep` command runs this checkout's code

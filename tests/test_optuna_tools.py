@@ -8,7 +8,7 @@ from typing import Any
 
 import matplotlib
 import pytest
-from test_mlproject import tiny_backbone
+from test_mlproject import tiny_backbone, tiny_sweep
 from typer.testing import CliRunner
 
 from ddsweep.cli import app
@@ -17,16 +17,6 @@ matplotlib.use("Agg")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # before the module's study fixture
 
 STUDY = "optuna_tools"
-SWEEP = f"""\
-study: {STUDY}
-axes:
-  dataset: [digits]
-  resolution: [8]
-  attention: [true]
-  block: [down4, mid, up4]
-  probe: [knn]
-  k: [1, 5]
-"""
 GRID = 2 * 3 * 2  # epochs 0 and 1, three blocks, two k
 VARYING = ["block", "epoch", "k"]
 
@@ -39,9 +29,10 @@ def study(tmp_path_factory: pytest.TempPathFactory, isolated_store: Any) -> Iter
 
     folder = tmp_path_factory.mktemp("optuna_tools")
     with isolated_store(folder):
-        tiny_backbone(folder / "data")
+        tiny_backbone()
         (folder / "sweeps").mkdir()
-        (folder / "sweeps" / f"{STUDY}.yaml").write_text(SWEEP)
+        sweep = tiny_sweep(STUDY, ["down4", "mid", "up4"], [1, 5])
+        (folder / "sweeps" / f"{STUDY}.yaml").write_text(sweep)
         done = CliRunner().invoke(app, ["study", "probe-grid", "--study", STUDY])
         assert done.exit_code == 0, done.output
         journal = folder / ".ddsweep" / "optuna" / f"{STUDY}.journal"
