@@ -34,8 +34,8 @@ def clean_env() -> dict[str, str]:
 
 def build_wheel(out: Path) -> Path:
     """The wheel of a copy of this checkout (pip in-tree builds write build/ into the source)."""
-    if shutil.which("git") is None and not (ROOT / "pyproject.toml").is_file():
-        pytest.skip("no source tree to build")
+    if not (ROOT / "pyproject.toml").is_file():
+        pytest.skip("no source tree to build (tests run from an installed copy)")
     source = out / "src"
     shutil.copytree(ROOT, source, symlinks=True, ignore=NOT_SOURCE)
     subprocess.run(
