@@ -114,6 +114,7 @@ def finished_trials() -> list[Any]:
     return [r for r in runs if "block" in r.data.params and "mlflow.parentRunId" in r.data.tags]
 
 
+@pytest.mark.slow  # 14 s on the idle 2-core CPU, 30+ s when busy: mlflow and ddsweep start anew
 @pytest.mark.usefixtures("one_torch_thread")
 def test_mlflow_run_from_a_copy_shares_the_study_with_a_plain_run(tmp_path, isolated_store):
     """`mlflow run COPY -e study --env-manager local`, called from the user's folder, keeps the
