@@ -337,16 +337,11 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def lock(self, key: CacheKey) -> Iterator[None]:
-        """An exclusive inter-process lock named after `key` (fcntl where available)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f".lock-{key.digest()}"
-        with open(path, "a") as f:
-            try:
-                import fcntl
+        """An exclusive inter-process lock named after `key` (filelock: POSIX and Windows)."""
+        from filelock import FileLock
 
-                fcntl.flock(f, fcntl.LOCK_EX)
-            except ImportError:  # not POSIX: no cross-process lock, extraction may repeat
-                pass
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / f".lock-{key.digest()}"):
             yield
 
     def put(self, key: CacheKey, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

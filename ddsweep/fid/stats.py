@@ -95,15 +95,11 @@ def save_stats(path: Path, stats: RealStats, key: dict[str, str]) -> None:
 
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock on `path` (fcntl where available)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            import fcntl
+    """An exclusive inter-process lock on `path` (filelock: POSIX and Windows)."""
+    from filelock import FileLock
 
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except ImportError:  # not POSIX: concurrent workers may compute the statistics twice
-            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path):
         yield
 
 

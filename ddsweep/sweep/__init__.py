@@ -7,6 +7,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ __all__ = [
     "parse_train_section",
     "read_yaml",
     "resolutions",
+    "shipped_sweep_dir",
     "sweep_dirs",
     "to_document",
     "with_overrides",
@@ -90,10 +92,18 @@ __all__ = [
 # --- files --------------------------------------------------------------------------------------
 
 
+def shipped_sweep_dir() -> Path:
+    """The sweep files shipped with ddsweep: package data in ddsweep/sweeps/ (the checkout's
+    top-level sweeps/ is a link to it), found through importlib.resources."""
+    shipped = resources.files("ddsweep") / "sweeps"
+    # ddsweep is installed as files on disk (a zipped torch stack cannot be imported), so the
+    # resource is a folder; a Path keeps the file name in every error message.
+    return shipped if isinstance(shipped, Path) else Path(str(shipped))
+
+
 def sweep_dirs() -> list[Path]:
     """Where `--study NAME` looks for NAME.yaml: ./sweeps, then the sweeps shipped with ddsweep."""
-    shipped = Path(__file__).resolve().parents[2] / "sweeps"  # the source tree's sweeps/
-    return [Path("sweeps"), shipped]
+    return [Path("sweeps"), shipped_sweep_dir()]
 
 
 def find_sweep_file(name: str) -> Path | None:
