@@ -247,6 +247,18 @@ def project_experiment() -> str | None:
         ) from err
 
 
+def run_experiment(run_id: str) -> str | None:
+    """The experiment of run `run_id`; None when the store has no such run (or it is deleted)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else str(run.info.experiment_id)
+
+
 @functools.cache
 def context_tags() -> dict[str, str]:
     """The tags `mlflow.start_run` gives a run (mlflow.user, mlflow.source.name and .type,
@@ -282,6 +294,7 @@ def log_inputs(run_id: str, inputs: Iterable[DataInput]) -> None:
     dataset and split, with the split's fingerprint as source and digest, its size as profile,
     and the split as the input's context (train, test, val)."""
     import hashlib
+    import json
 
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
@@ -301,6 +314,9 @@ def log_inputs(run_id: str, inputs: Iterable[DataInput]) -> None:
         @property
         def profile(self) -> dict[str, int]:
             return {"num_rows": self.size}
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
 
     rows = []
     for dataset, split, fingerprint, size in inputs:
