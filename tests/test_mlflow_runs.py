@@ -17,10 +17,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from ddsweep import evaluate, tracking
+from ddsweep import evaluate
 from ddsweep.cli import app
-from ddsweep.model import BLOCKS, ModelConfig
-from ddsweep.train import TrainConfig, train
+from ddsweep.model import BLOCKS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -70,18 +69,12 @@ def studied(tmp_path_factory: pytest.TempPathFactory, isolated_store: Any) -> It
     with isolated_store(folder), pytest.MonkeyPatch.context() as mp:
         for name in ENV_DIRS:
             mp.delenv(name, raising=False)
-        tracking.setup(None, tracking.DEFAULT_EXPERIMENT)
-        cfg = TrainConfig(
-            dataset="digits",
-            model=ModelConfig(resolution=8, channels=(32, 32, 64, 64)),
-            epochs=2,
-            batch_size=32,
-            checkpoint_every=1,
-            max_steps=1,
-            sample_every=0,
-            sample_count=0,
-        )
-        run_id = train(cfg, data_dir=folder / "data")
+        tiny = ["digits", "--resolution", "8", "--channels", "32,32,64,64", "--epochs", "2"]
+        steps = ["--checkpoint-every", "1", "--max-steps", "1", "--batch-size", "32"]
+        done = cli("train", *tiny, *steps, "--sample-every", "0", "--sample-count", "0")
+        assert done.exit_code == 0, done.output
+        (trained,) = runs("tags.`ddsweep.kind` = 'train'")
+        run_id = trained.info.run_id
         assert evaluate.saved_epochs(run_id) == [0, 1]
         for _ in range(2):  # the second finds every point complete and republishes the answer
             result = cli("study", "probe-grid", "--study", STUDY)
