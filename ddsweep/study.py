@@ -187,12 +187,12 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
             {pid: point_id(p) for pid, p in objective.points.items()},
         )
     )
-    # A worker that did not create the study waits for the creator's parent run, unless the
-    # study is old enough that its creator must have given up.
     # A study keeps the experiment of its parent run: a plain run and one under `mlflow run`
     # (whose project run, in mlflow run's experiment, became the parent) share one parent.
     pinned = board.attrs.get(PARENT_ATTR)
     exp_id = (tracking.run_experiment(pinned) if pinned else None) or exp_id
+    # A worker that did not create the study waits for the creator's parent run, unless the
+    # study is old enough that its creator must have given up.
     recorder = StudyRecorder(exp_id, cfg.study)
     wait = 0.0 if board.created else max(0.0, PARENT_WAIT_S - board.age())
     parent = recorder.open_parent(*_parent_fields(cfg), wait_s=wait)

@@ -198,6 +198,9 @@ def mlflow_run_env(folder: Path) -> dict[str, str]:
     return env
 
 
+# 11 s alone, 44 s on a loaded 2-core machine (mlflow's CLI, then a fresh ddsweep process);
+# test_quickstart's mlflow-run test checks the nesting in the fast suite.
+@pytest.mark.slow
 def test_under_mlflow_run_the_project_run_is_the_studys_parent(
     workdir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -211,6 +214,7 @@ def test_under_mlflow_run_the_project_run_is_the_studys_parent(
     (parent,) = runs("tags.`ddsweep.kind` = 'study'")
     assert parent.data.tags["mlflow.project.entryPoint"] == "study"  # the project's own run
     assert parent.data.tags["ddsweep.study"] == "pix"
+    assert parent.info.run_name == "pix"
     kids = runs(f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert [r.data.params["k"] for r in kids] == ["3"]
     assert {r.info.experiment_id for r in kids} == {parent.info.experiment_id}  # nested in the UI

@@ -102,6 +102,7 @@ class StudyRecorder:
         if run.info.experiment_id != self.experiment_id:
             return None
         self.client.log_batch(project, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.update_run(project, name=self.study)  # named after the study, as any parent
         return project
 
     def close(self, done: int, total: int) -> None:
