@@ -28,15 +28,9 @@ STUDY = "runs"
 SWEEP = f"""\
 study: {STUDY}
 kind: probe-grid
-axes:
-  dataset: [digits]
-  resolution: [8]
-  attention: [true]
-  block: [pixels, mid, up4]
-  noise_step: [0]
-  probe: [linear]
-probe:
-  linear: {{epochs: 2}}
+axes: {{dataset: [digits], resolution: [8], attention: [true], block: [pixels, mid, up4],
+       noise_step: [0], probe: [linear]}}
+probe: {{linear: {{epochs: 2}}}}
 """
 SLUG = "digits-8px-attn-linear-t0-avg-ema-linear.epochs=2"  # FacetKey.slug of its one table
 SLUG_KEY = SLUG.replace("=", "_")  # as a metric-name prefix

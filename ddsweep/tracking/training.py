@@ -221,6 +221,7 @@ def enable_system_metrics() -> None:
     training runs this process starts; UserError when psutil, which MLflow reads them with, is
     missing."""
     import importlib.util
+    import logging
 
     import mlflow
 
@@ -229,6 +230,8 @@ def enable_system_metrics() -> None:
             "--system-metrics needs psutil: `pip install 'ddsweep[system]'` (or psutil)"
         )
     mlflow.enable_system_metrics_logging()
+    # Its INFO lines (started, stopping, terminated) would land among the progress bar's.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 LOADER = """The EMA weights of {run} at epoch {epoch}, a diffusers folder (safetensors):
