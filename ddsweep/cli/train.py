@@ -110,7 +110,7 @@ def train(
         bool,
         typer.Option(
             help="Record MLflow's system metrics (CPU, memory, GPU) on the run; needs psutil "
-            "(pip install 'ddsweep[system]')."
+            "(ddsweep's `system` extra)."
         ),
     ] = False,
     register: Annotated[
