@@ -331,6 +331,7 @@ class Evaluation:
 
     metrics: dict[str, float]
     predictions: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    inputs: tuple[tuple[str, str, str, int], ...] = ()  # (dataset, split, fingerprint, size)
 
 
 def evaluate_point(
@@ -373,7 +374,26 @@ def evaluate_point(
     metrics["extract_s"] = extract_s
     metrics["backbone_passes"] = float(passes)
     metrics["feature_dim"] = float(train[0].shape[1])
-    return Evaluation(metrics, predictions)
+    return Evaluation(
+        metrics, predictions, split_inputs(point, cfg, feats, len(val[1]) if val else 0)
+    )
+
+
+def split_inputs(
+    point: Point, cfg: ProbeConfig, feats: dict[str, dict[str, Features]], carved: int
+) -> tuple[tuple[str, str, str, int], ...]:
+    """(dataset, split, fingerprint, size) of every split a point read; a validation split
+    carved from train (`carved` images) is named by its rule after train's fingerprint."""
+    add_val = cfg.flowers_add_val
+    fps = {
+        s: data.split_fingerprint(point.dataset, s, point.resolution, flowers_add_val=add_val)  # type: ignore[arg-type]
+        for s in feats
+    }
+    out = [(point.dataset, s, fps[s], len(feats[s][point.block][1])) for s in feats]
+    if carved and "val" not in feats:
+        rule = f"{fps['train']}:val{cfg.val_fraction:g}:seed{cfg.seed}"
+        out.append((point.dataset, "val", rule, carved))
+    return tuple(out)
 
 
 Features = tuple[torch.Tensor, torch.Tensor]

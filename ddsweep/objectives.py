@@ -39,6 +39,7 @@ class Record:
     end: float = 0.0
     # {split: (top-1 prediction, label)} per example (ddsweep.predictions), for probe points
     predictions: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    inputs: tuple[tuple[str, str, str, int], ...] = ()  # (dataset, split, fingerprint, size)
 
 
 @dataclass
@@ -142,7 +143,9 @@ class ProbeGrid(Objective):
         )
         params = evaluate.point_params(point, self.cfg.probe, backbone)
         predictions = {s: (p.numpy(), y.numpy()) for s, (p, y) in found.predictions.items()}
-        return Record(run_name(point), params, found.metrics, self.run_kind, 0, 0, predictions)
+        return Record(
+            run_name(point), params, found.metrics, self.run_kind, 0, 0, predictions, found.inputs
+        )
 
     def failure(self, point: Point) -> tuple[str, dict[str, str]]:
         return run_name(point), evaluate.point_params(point, self.cfg.probe, None)

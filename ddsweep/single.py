@@ -86,6 +86,7 @@ def probe(
         evaluate.point_params(point, cfg, bb),
         metrics,
         {tracking.KIND_TAG: "probe", "backbone_run": bb.run_id or "" if bb else ""},
+        inputs=found.inputs,
     )
     return point, metrics, run_id
 

@@ -187,6 +187,10 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
             {pid: point_id(p) for pid, p in objective.points.items()},
         )
     )
+    # A study keeps the experiment of its parent run: a plain run and one under `mlflow run`
+    # (whose project run, in mlflow run's experiment, became the parent) share one parent.
+    pinned = board.attrs.get(PARENT_ATTR)
+    exp_id = (tracking.run_experiment(pinned) if pinned else None) or exp_id
     # A worker that did not create the study waits for the creator's parent run, unless the
     # study is old enough that its creator must have given up.
     recorder = StudyRecorder(exp_id, cfg.study)
@@ -252,9 +256,30 @@ def run_study(
     current[0] = None
     report()
     t = ctx.board.tally()
-    ctx.recorder.close(sum(p in t.complete for p in ctx.ids), len(ctx.ids))
+    done = sum(p in t.complete for p in ctx.ids)
+    publish_answer(ctx, done)
+    ctx.recorder.close(done, len(ctx.ids))
     ctx.recorder.link_project_run()
     return ctx, outcomes
+
+
+def publish_answer(ctx: Context, done: int) -> None:
+    """The study's definition and, for a probe grid, its answer so far (best block, epoch and
+    top1, chosen as the report chooses them; the report's tables) on the parent run, with
+    `done` points complete."""
+    from ddsweep import report
+    from ddsweep.report import answer
+
+    cfg = ctx.cfg
+    source = None if cfg.source == sweep.CLI_SOURCE else Path(cfg.source)
+    ctx.recorder.log_definition(source, sweep.to_document(cfg))
+    if cfg.kind != "probe-grid":
+        return
+    facets = report.build_tables(report.load_trials(ctx.parent_id))
+    if facets:
+        rows = report.summary(facets)
+        metrics, tags = answer.headline(facets, rows)
+        ctx.recorder.log_answer(metrics, tags, answer.tables(facets, rows), done)
 
 
 def outcome_lines(ctx: Context, outcomes: Counter[str]) -> tuple[list[str], list[str]]:

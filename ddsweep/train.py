@@ -412,7 +412,18 @@ def record_start(job: Job, train_images: int) -> None:
         "train_images": str(train_images),
     }
     job.tracker.log_config(params, tags)
+    job.tracker.log_inputs([training_input(cfg, train_images)])
     save_checkpoint(job, 0, 0)  # epoch 0: the untrained baseline
+
+
+def training_input(cfg: TrainConfig, size: int) -> tracking.DataInput:
+    """(dataset, split, fingerprint, size) of the images a training reads: the train split
+    (Flowers-102: train+val; STL-10: train+unlabeled, see `data.training_set`)."""
+    res = cfg.model.resolution
+    fp = data.split_fingerprint(cfg.dataset, "train", res, flowers_add_val=True)
+    if data.dataset_info(cfg.dataset).name == "stl10":
+        return cfg.dataset, "train+unlabeled", f"stl10:train+unlabeled:{res}", size
+    return cfg.dataset, "train", fp, size
 
 
 def train(

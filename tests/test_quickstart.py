@@ -107,6 +107,5 @@ def test_mlflow_run_study_entry_point(
     # epochs 0 and 1 x up4 x noise steps 0 and 50 x knn (k = 10)
     assert len(kids) == 4
     assert {r.data.params["k"] for r in kids} == {"10"}
-    projects = client.search_runs(exps, "tags.`ddsweep.study_parent_run` != ''")
-    assert [p.data.tags["ddsweep.study_parent_run"] for p in projects] == [parent.info.run_id]
+    assert parent.data.tags["mlflow.project.entryPoint"] == "study"  # the project's run
     assert (tmp_path / ".ddsweep" / "optuna" / "digits_blocks.journal").is_file()

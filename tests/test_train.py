@@ -493,6 +493,9 @@ class RecordingTracker:
         self.params, self.tags = dict(params), dict(tags)
         self.events.append(("config",))
 
+    def log_inputs(self, inputs: list[tuple[str, str, str, int]]) -> None:
+        self.events.append(("inputs", *(split for _, split, _, _ in inputs)))
+
     def log_loss(self, step: int, loss: float) -> None:
         self.losses.append((step, loss))
 
@@ -548,6 +551,7 @@ def test_a_tracker_sees_everything_a_run_records_in_order(tiny_folder: str, tmp_
     assert fake.events == [
         ("start", f"{tiny_folder}-8px-attn", None),
         ("config",),
+        ("inputs", "train"),
         *saved(0),
         ("metrics", 1, epoch_metrics),
         ("metrics", 2, epoch_metrics),

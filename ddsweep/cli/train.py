@@ -106,6 +106,21 @@ def train(
             show_default=False,
         ),
     ] = None,
+    system_metrics: Annotated[
+        bool,
+        typer.Option(
+            help="Record MLflow's system metrics (CPU, memory, GPU) on the run; needs psutil "
+            "(ddsweep's `system` extra)."
+        ),
+    ] = False,
+    register: Annotated[
+        str | None,
+        typer.Option(
+            help="Register the final checkpoint as a new version of this model in MLflow's "
+            "model registry; none by default.",
+            show_default=False,
+        ),
+    ] = None,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = DEFAULT_EXPERIMENT,
@@ -114,9 +129,12 @@ def train(
     options = dict(locals())  # first: the options, named as TrainConfig's fields
     from ddsweep import backbones as lib
     from ddsweep import data
+    from ddsweep.tracking import training
 
     if resume is None and dataset is None:
         raise UserError("missing DATASET: e.g. `ddsweep train digits` (or --resume RUN_ID)")
+    if system_metrics:
+        training.enable_system_metrics()
     cfg = TrainConfig(model=ModelConfig(attention=attention), **given_fields(TrainConfig, options))
     if resume is None:  # checked before MLflow: a bad option leaves no mlflow.db behind
         cfg = lib.for_dataset(
@@ -134,3 +152,6 @@ def train(
         )
     if run_id:  # "" on the other processes of a torchrun job
         typer.echo(f"training run {run_id} finished; `mlflow ui` in this folder shows it")
+        if register:
+            uri, epoch = training.register_backbone(run_id, register)
+            typer.echo(f"registered epoch {epoch} as {uri} (a diffusers folder)")

@@ -194,31 +194,32 @@ def print_report(console: Console, study: str, facets: list[Facet], rows: list[S
 
 
 def write_csv(facet: Facet, path: Path) -> Path:
-    """The facet as CSV: columns metric, block, then one per epoch; values in % (one decimal);
-    with intervals, rows `top1 low %` and `top1 high %` per block after the metrics."""
+    """The facet as CSV (see `csv_rows`)."""
     with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["metric", "block", *(epoch_label(e) for e in facet.epochs)])
-        for metric in facet.metrics():
-            for block in facet.blocks:
-                w.writerow(
-                    [
-                        metric_heading(metric),
-                        block,
-                        *(
-                            metric_value(metric, facet.value(block, e, metric))
-                            for e in facet.epochs
-                        ),
-                    ]
-                )
-        if facet.has_intervals():
-            for bound in ("low", "high"):
-                for block in facet.blocks:
-                    values = [
-                        getattr(facet.cells.get((block, e)), bound, None) for e in facet.epochs
-                    ]
-                    w.writerow([f"top1 {bound} %", block, *(pct(v) for v in values)])
+        csv.writer(fh).writerows(csv_rows(facet))
     return path
+
+
+def csv_rows(facet: Facet) -> list[list[str]]:
+    """The facet as rows, a header first: columns metric, block, then one per epoch; values in %
+    (one decimal); with intervals, rows `top1 low %` and `top1 high %` per block after the
+    metrics."""
+    rows = [["metric", "block", *(epoch_label(e) for e in facet.epochs)]]
+    for metric in facet.metrics():
+        for block in facet.blocks:
+            rows.append(
+                [
+                    metric_heading(metric),
+                    block,
+                    *(metric_value(metric, facet.value(block, e, metric)) for e in facet.epochs),
+                ]
+            )
+    if facet.has_intervals():
+        for bound in ("low", "high"):
+            for block in facet.blocks:
+                bounds = [getattr(facet.cells.get((block, e)), bound, None) for e in facet.epochs]
+                rows.append([f"top1 {bound} %", block, *(pct(v) for v in bounds)])
+    return rows
 
 
 def markdown_table(facet: Facet, metric: str = "top1") -> str:

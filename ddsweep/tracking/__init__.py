@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
 
 DEFAULT_EXPERIMENT = "ddsweep"
 KIND_TAG = "ddsweep.kind"  # train | probe | study | trial | fid
+# (dataset, split, fingerprint, size): one dataset a run read, as `mlflow ui` lists its inputs
+DataInput = tuple[str, str, str, int]
 
 
 def setup(
@@ -35,6 +39,10 @@ def setup(
     check_server(str(mlflow.get_tracking_uri()))
     if not create:
         return ""
+    project = project_experiment()
+    if project is not None:  # under `mlflow run` its run's experiment is the experiment
+        mlflow.set_experiment(experiment_id=project)
+        return project
     # MLflow announces at INFO every table and experiment it creates; on a first run that
     # would put lines of its own before ours (and before a one-line error).
     mlflow_logger = logging.getLogger("mlflow")
@@ -183,8 +191,10 @@ def log_run(
     tags: dict[str, str],
     *,
     parent_run_id: str | None = None,
+    inputs: Iterable[DataInput] = (),
 ) -> str:
-    """Create one finished run with explicit ids (thread- and process-safe); returns its id."""
+    """Create one finished run with explicit ids (thread- and process-safe), with the
+    datasets it read (`log_inputs`); returns its id."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -199,7 +209,8 @@ def log_run(
         run_id, finish = project_run, False
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
     else:
-        run_id = client.create_run(experiment_id, tags=all_tags, run_name=name).info.run_id
+        run_tags = {**context_tags(), **all_tags}
+        run_id = client.create_run(experiment_id, tags=run_tags, run_name=name).info.run_id
         finish = True
     now = int(time.time() * 1000)
     client.log_batch(
@@ -207,6 +218,7 @@ def log_run(
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
         params=[Param(k, v) for k, v in params.items()],
     )
+    log_inputs(run_id, inputs)
     if finish:
         client.set_terminated(run_id, "FINISHED")
     return str(run_id)
@@ -215,6 +227,54 @@ def log_run(
 def project_run_id() -> str | None:
     """The run `mlflow run` started for this command (MLFLOW_RUN_ID), if any."""
     return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def project_experiment() -> str | None:
+    """The experiment of the run `mlflow run` started for this command, if any: the study's
+    runs go there too, or `mlflow ui` could not show its trials nested under it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run_id = project_run_id()
+    if run_id is None:
+        return None
+    try:
+        return str(MlflowClient().get_run(run_id).info.experiment_id)
+    except MlflowException as err:
+        raise UserError(
+            f"MLFLOW_RUN_ID={run_id} names no run at {redact(_uri())}: unset it "
+            "(`mlflow run` sets it for the command it starts)"
+        ) from err
+
+
+def run_experiment(run_id: str) -> str | None:
+    """The experiment of run `run_id`; None when the store has no such run (or it is deleted)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else str(run.info.experiment_id)
+
+
+@functools.cache
+def context_tags() -> dict[str, str]:
+    """The tags `mlflow.start_run` gives a run (mlflow.user, mlflow.source.name and .type,
+    mlflow.source.git.commit, ...) from MLflow's own context registry, for runs created with
+    the client. The git commit is ddsweep's own checkout's when the command's main file (e.g.
+    a console script in a virtual environment) is in none."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.git_utils import get_git_commit
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    tags = {k: str(v) for k, v in resolve_tags().items()}
+    if MLFLOW_GIT_COMMIT not in tags:
+        commit = get_git_commit(str(Path(__file__).resolve().parent))
+        if commit:
+            tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 def check_reachable() -> None:
@@ -227,3 +287,40 @@ def check_reachable() -> None:
         raise UserError(
             f"cannot read MLflow tracking at {redact(_uri())}: {first_line(err)}"
         ) from err
+
+
+def log_inputs(run_id: str, inputs: Iterable[DataInput]) -> None:
+    """Record the datasets run `run_id` read (MLflow's dataset inputs): each named after its
+    dataset and split, with the split's fingerprint as source and digest, its size as profile,
+    and the split as the input's context (train, test, val)."""
+    import hashlib
+    import json
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    class SplitDataset(MetaDataset):
+        """A split known by its fingerprint and size (the images stay where they are)."""
+
+        def __init__(self, name: str, fingerprint: str, size: int) -> None:
+            self.size = size
+            digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:8]
+            source = CodeDatasetSource({"fingerprint": fingerprint, "size": str(size)})
+            super().__init__(source, name=name, digest=digest)
+
+        @property
+        def profile(self) -> dict[str, int]:
+            return {"num_rows": self.size}
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+    rows = []
+    for dataset, split, fingerprint, size in inputs:
+        entity = SplitDataset(f"{dataset}:{split}", fingerprint, size)._to_mlflow_entity()
+        rows.append(DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, split)]))
+    if rows:
+        MlflowClient().log_inputs(run_id, datasets=rows)

@@ -1,6 +1,7 @@
 """Every MLflow call of a study: its parent run, one child run per evaluated point (with the
-point's real start and end), adoption of a child logged by a worker that died before telling
-Optuna, failure runs, and closing the parent when the grid is complete.
+point's real start and end, MLflow's context tags and its datasets), adoption of a child logged
+by a worker that died before telling Optuna, failure runs, the answer so far on the parent, and
+closing the parent when the grid is complete. Under `mlflow run` the project's run is the parent.
 
 The client API with explicit run ids throughout: workers are threads and processes, and the
 fluent API's active-run stack is neither.
@@ -8,18 +9,19 @@ fluent API's active-run stack is neither.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from ddsweep import predictions
-from ddsweep.tracking import KIND_TAG, code_version, project_run_id
+from ddsweep.tracking import KIND_TAG, code_version, context_tags, log_inputs, project_run_id
 
 if TYPE_CHECKING:
     from ddsweep.objectives import Record
@@ -29,6 +31,7 @@ POINT_TAG = "ddsweep.point"
 TRIAL_TAG = "optuna.trial_number"
 GRID_TAG = "ddsweep.grid_points"  # on the parent: points of the grid last run
 DONE_TAG = "ddsweep.points_complete"  # on the parent: how many of them are complete
+PROJECT_TAG = "ddsweep.study_parent_run"  # on a project run that could not be the parent
 MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -71,18 +74,36 @@ class StudyRecorder:
             found = self._oldest_parent()
         if found is None:
             all_tags = {KIND_TAG: "study", STUDY_TAG: self.study, "code_version": code_version()}
-            run = self.client.create_run(
-                self.experiment_id, tags={**all_tags, **tags}, run_name=self.study
-            )
-            self.client.log_batch(
-                run.info.run_id, params=[Param(k, v[:MAX_PARAM]) for k, v in params.items()]
-            )
+            all_tags.update(tags)
+            mine = self._adopt_project_run(all_tags)
+            if mine is None:
+                all_tags = {**context_tags(), **all_tags}
+                mine = self.client.create_run(
+                    self.experiment_id, tags=all_tags, run_name=self.study
+                ).info.run_id
+            self.client.log_batch(mine, params=[Param(k, v[:MAX_PARAM]) for k, v in params.items()])
             found = self._oldest_parent()
-            if found and found != run.info.run_id:  # two workers raced: keep the oldest only
-                self.client.delete_run(run.info.run_id)
-            found = found or run.info.run_id
+            if found and found != mine:  # two workers raced: keep the oldest only
+                if mine == project_run_id():
+                    self.client.delete_tag(mine, KIND_TAG)  # mlflow run's own: keep it
+                else:
+                    self.client.delete_run(mine)
+            found = found or mine
         self.parent_id = found
         return found
+
+    def _adopt_project_run(self, tags: Mapping[str, str]) -> str | None:
+        """Under `mlflow run`, the project's run becomes the study's parent (its trials nest
+        under it in `mlflow ui`), when it is in the study's experiment; else None."""
+        project = project_run_id()
+        if project is None:
+            return None
+        run = self.client.get_run(project)
+        if run.info.experiment_id != self.experiment_id:
+            return None
+        self.client.log_batch(project, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.update_run(project, name=self.study)  # named after the study, as any parent
+        return project
 
     def close(self, done: int, total: int) -> None:
         """The parent run is FINISHED once every point is complete, RUNNING while work is left;
@@ -95,10 +116,58 @@ class StudyRecorder:
             self.client.update_run(self.parent_id, status="RUNNING")
 
     def link_project_run(self) -> None:
-        """Under `mlflow run`, point the project's run at the study's parent run."""
+        """Under `mlflow run` of a study begun before (its parent run exists already), point
+        the project's run at the study's parent run, where the trials are."""
         project = project_run_id()
         if project and project != self.parent_id:
-            self.client.set_tag(project, "ddsweep.study_parent_run", self.parent_id)
+            self.client.set_tag(project, PROJECT_TAG, self.parent_id)
+
+    def log_answer(
+        self,
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str],
+        tables: Mapping[str, Mapping[str, Sequence[Any]]],
+        step: int,
+    ) -> None:
+        """The study's answer so far on its parent run: metrics at `step` (points complete),
+        so their history shows how the answer moved; tags; and tables (artifact path: columns)
+        shown by the UI's artifact view, each replaced by its latest version."""
+        now = _ms(time.time())
+        self.client.log_batch(
+            self.parent_id,
+            metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        for path, columns in tables.items():
+            self._log_table(path, columns)
+
+    def _log_table(self, path: str, columns: Mapping[str, Sequence[Any]]) -> None:
+        import pandas as pd
+
+        frame = pd.DataFrame({k: list(v) for k, v in columns.items()})
+        folder = path.rpartition("/")[0] or None
+        if path not in {a.path for a in self.client.list_artifacts(self.parent_id, folder)}:
+            self.client.log_table(self.parent_id, frame, path)
+            return
+        # MLflow's log_table appends to a table logged before; the answer replaces it (in the
+        # file format log_table writes, so the UI still shows it as a table).
+        with tempfile.TemporaryDirectory(prefix="ddsweep-table-") as tmp:
+            file = Path(tmp) / path.rpartition("/")[2]
+            frame.to_json(file, orient="split", index=False, date_format="iso")
+            self.client.log_artifact(self.parent_id, str(file), folder)
+
+    def log_definition(self, sweep_file: Path | None, document: Mapping[str, Any]) -> None:
+        """The study's sweep file (when it came from one) and the definition this run used
+        (with command-line axes applied) under sweep/ of the parent run."""
+        import yaml
+
+        if sweep_file is not None and sweep_file.is_file():
+            self.client.log_artifact(self.parent_id, str(sweep_file), "sweep")
+        with tempfile.TemporaryDirectory(prefix="ddsweep-sweep-") as tmp:
+            file = Path(tmp) / "as_run.yaml"
+            plain = json.loads(json.dumps(document))  # tuples as lists: safe_dump refuses tuples
+            file.write_text(yaml.safe_dump(plain, sort_keys=False))
+            self.client.log_artifact(self.parent_id, str(file), "sweep")
 
     # --- child runs
     def adopted(self, pid: str) -> tuple[str, dict[str, float]] | None:
@@ -115,6 +184,7 @@ class StudyRecorder:
 
     def _child(self, pid: str, trial: int, name: str, kind: str, start: float, **tags: str) -> str:
         all_tags = {
+            **context_tags(),
             KIND_TAG: kind,
             STUDY_TAG: self.study,
             POINT_TAG: pid,
@@ -136,6 +206,7 @@ class StudyRecorder:
             metrics=[Metric(k, float(v), end, 0) for k, v in record.metrics.items()],
             params=[Param(k, v) for k, v in record.params.items()],
         )
+        log_inputs(run_id, record.inputs)
         if record.predictions:
             with tempfile.TemporaryDirectory(prefix="ddsweep-pred-") as tmp:
                 path = predictions.save(Path(tmp) / predictions.FILE, record.predictions)

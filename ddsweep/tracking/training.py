@@ -1,5 +1,7 @@
 """The record of one training run: every MLflow call `train.train` makes goes through a
-`TrainingTracker`; the non-main processes of a torchrun job get a `NullTracker` instead."""
+`TrainingTracker`; the non-main processes of a torchrun job get a `NullTracker` instead. Also
+MLflow's system metrics for training runs, and a finished run's last checkpoint registered as a
+model version."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ddsweep import checkpoints
 from ddsweep.errors import UserError
-from ddsweep.tracking import runs
+from ddsweep.tracking import DataInput, log_inputs, runs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,6 +26,7 @@ class Tracker(Protocol):
 
     def start(self, name: str | None, resume_run_id: str | None = None) -> str: ...
     def log_config(self, params: Mapping[str, str], tags: Mapping[str, str]) -> None: ...
+    def log_inputs(self, inputs: list[DataInput]) -> None: ...
     def log_loss(self, step: int, loss: float) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_samples(self, grid: np.ndarray, epoch: int) -> None: ...
@@ -73,7 +76,14 @@ class TrainingTracker:
         Under `mlflow run` a new run is the project's own run (MLFLOW_RUN_ID)."""
         import mlflow
 
-        run = mlflow.start_run(run_id=resume_run_id, run_name=name)
+        from ddsweep.tracking import context_tags, project_run_id
+
+        # A new run gets what start_run would give it, plus ddsweep's git commit when the
+        # command's main file (a console script) is in no checkout.
+        new = resume_run_id is None and project_run_id() is None
+        run = mlflow.start_run(
+            run_id=resume_run_id, run_name=name, tags=context_tags() if new else None
+        )
         self.run_id = str(run.info.run_id)
         return self.run_id
 
@@ -83,6 +93,10 @@ class TrainingTracker:
 
         mlflow.log_params(dict(params))
         mlflow.set_tags(dict(tags))
+
+    def log_inputs(self, inputs: list[DataInput]) -> None:
+        """The datasets the run trains on (see `tracking.log_inputs`)."""
+        log_inputs(self.run_id, inputs)
 
     def log_loss(self, step: int, loss: float) -> None:
         """The loss of one optimizer step; sent in batches, one request per `log_every`."""
@@ -169,6 +183,9 @@ class NullTracker:
     def log_config(self, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
         """Nothing."""
 
+    def log_inputs(self, inputs: list[DataInput]) -> None:
+        """Nothing."""
+
     def log_loss(self, step: int, loss: float) -> None:
         """Nothing."""
 
@@ -197,3 +214,60 @@ class NullTracker:
     def download_checkpoint(self, run_id: str, epoch: int, dst: Path) -> Path:
         """The checkpoint of `epoch` of run `run_id` under `dst`, as rank 0 reads it."""
         return download_resumed_checkpoint(run_id, epoch, dst)
+
+
+def enable_system_metrics() -> None:
+    """Record MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) on the
+    training runs this process starts; UserError when psutil, which MLflow reads them with, is
+    missing."""
+    import importlib.util
+    import logging
+
+    import mlflow
+
+    if importlib.util.find_spec("psutil") is None:
+        raise UserError(
+            "--system-metrics needs psutil: `pip install 'ddsweep[system]'` (or psutil)"
+        )
+    mlflow.enable_system_metrics_logging()
+    # Its INFO lines (started, stopping, terminated) would land among the progress bar's.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
+LOADER = """The EMA weights of {run} at epoch {epoch}, a diffusers folder (safetensors):
+
+    import mlflow
+    from diffusers import UNet2DModel
+    unet = UNet2DModel.from_pretrained(mlflow.artifacts.download_artifacts("{uri}"))
+
+`raw/` holds the raw (non-EMA) weights, `ddsweep.json` the training config."""
+
+
+def register_backbone(run_id: str, name: str) -> tuple[str, int]:
+    """Register the last checkpoint of finished training run `run_id` as a new version of
+    model `name` in MLflow's model registry: the checkpoint's files as they are (a diffusers
+    folder, nothing pickled), loaded with `UNet2DModel.from_pretrained` on the folder that
+    `mlflow.artifacts.download_artifacts("models:/NAME/VERSION")` returns. (models:/ URI,
+    epoch)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    epoch = int(client.get_run(run_id).data.tags["last_epoch"])
+    try:
+        client.create_registered_model(
+            name, description="ddsweep backbones: diffusers UNet2DModel folders (safetensors)"
+        )
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise UserError(f"--register {name!r}: {err.message}") from err
+    source = f"runs:/{run_id}/{checkpoints.epoch_dir(epoch)}"
+    version = client.create_model_version(
+        name, source, run_id=run_id, tags={"epoch": str(epoch), "weights": "ema"}
+    )
+    uri = f"models:/{name}/{version.version}"
+    client.update_model_version(
+        name, version.version, LOADER.format(run=run_id, epoch=epoch, uri=uri)
+    )
+    return uri, epoch
