@@ -17,7 +17,7 @@ from ddsweep.distributed import Dist, mean_over_processes
 from ddsweep.distributed import close_distributed as close_distributed  # the CLI's
 from ddsweep.distributed import init_distributed as init_distributed
 from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig, build_unet, resolve_block
+from ddsweep.model import PIXELS, ModelConfig, build_unet, resolve_block
 from ddsweep.tracking.training import NullTracker, Tracker, TrainingTracker
 
 if TYPE_CHECKING:
@@ -496,7 +496,8 @@ def train(
     job = build_job(cfg, data_dir, d, tracker, device)
     if prober is not None:
         for block in prober.blocks:
-            resolve_block(job.unet, block)  # an unknown --probe-block: one line, now
+            if block != PIXELS:  # the raw pixels: a baseline beside the curves
+                resolve_block(job.unet, block)  # an unknown --probe-block: one line, now
         job.prober = prober
     start_epoch, step = 0, 0
     if resume_run_id is not None:
