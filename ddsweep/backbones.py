@@ -77,13 +77,14 @@ def ensure_all(
     tracking_uri: str | None = None,
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     on_backbone: Callable[[TrainConfig, str, str], None] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[tuple[TrainConfig, str, str]]:
     """Every backbone of the study trained (reused, resumed or trained anew) in `experiment`:
     (config, run id, what happened) per backbone, each also passed to `on_backbone` as soon as
-    it is ready."""
+    it is ready. `extra`: TrainConfig fields over the study's `train:` section."""
     tracking.setup(tracking_uri, experiment)
     done = []
-    for tc in configs_for(cfg):
+    for tc in configs_for(cfg, **(extra or {})):
         run_id, how = ensure_trained(tc, data_dir, progress)
         if on_backbone is not None:
             on_backbone(tc, run_id, how)
