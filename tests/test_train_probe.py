@@ -201,3 +201,20 @@ def test_a_plateau_stops_training_keeps_its_checkpoint_and_resume_goes_on(
         assert [s for s, _ in history(run_id, metric)] == [1, 2, 3, 4]
         assert runs.saved_epochs(run_id) == [0, 2, 3, 4]
         assert run.data.tags[STOP_TAG].startswith(f"{metric} plateaued")
+
+
+def test_a_saved_checkpoint_s_features_wait_in_the_cache_for_the_study(
+    probed: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, run_id = probed
+    # Epoch 2 is saved (checkpoint_every=2), epoch 1 is not: only epoch 2's features are kept,
+    # two blocks of two splits.
+    assert len(list((folder / ".ddsweep" / "cache").glob("*.safetensors"))) == 2 * 2
+    monkeypatch.setenv("DDSWEEP_CHECKPOINTS", str(tmp_path / "ckpts"))
+    args = ["probe", "--run", run_id, "--epoch", "2", "--block", "mid", "--probe", "knn"]
+    result = CliRunner().invoke(app, [*args, "--k", "10"])
+    assert result.exit_code == 0, result.output
+    found = re.search(r"logged as MLflow run (\w+)", result.output)
+    assert found is not None, result.output
+    # The checkpoint's weights file hashes as the probed weights did: no pass of the network.
+    assert MlflowClient().get_run(found.group(1)).data.metrics["backbone_passes"] == 0
