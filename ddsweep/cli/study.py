@@ -159,7 +159,7 @@ def probe_grid(
         typer.Option(
             "--follow",
             help="Probe each checkpoint as the backbones' training runs write it; end once "
-            "every followed run has ended and its points are done.",
+            "every followed run has ended and its points are done (off by default).",
         ),
     ] = False,
     follow_interval: Annotated[
