@@ -77,13 +77,14 @@ def ensure_all(
     tracking_uri: str | None = None,
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     on_backbone: Callable[[TrainConfig, str, str], None] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[tuple[TrainConfig, str, str]]:
     """Every backbone of the study trained (reused, resumed or trained anew) in `experiment`:
     (config, run id, what happened) per backbone, each also passed to `on_backbone` as soon as
-    it is ready."""
+    it is ready. `extra`: TrainConfig fields over the study's `train:` section."""
     tracking.setup(tracking_uri, experiment)
     done = []
-    for tc in configs_for(cfg):
+    for tc in configs_for(cfg, **(extra or {})):
         run_id, how = ensure_trained(tc, data_dir, progress)
         if on_backbone is not None:
             on_backbone(tc, run_id, how)
@@ -157,3 +158,41 @@ def run_training(
         )
     finally:
         close_distributed(dist)
+
+
+# --- following training runs as they write checkpoints: `probe-grid --follow` --------------------
+
+LIVE = ("RUNNING", "SCHEDULED")  # MLflow statuses of a run that may still write checkpoints
+
+
+def followed_run(dataset: str, resolution: int, attention: bool) -> str | None:
+    """The training run a --follow study follows for this backbone: the newest one running or
+    finished; None while there is none."""
+    for run in tracking.training_runs(dataset, resolution, attention):
+        if run.info.status in (*LIVE, "FINISHED"):
+            return str(run.info.run_id)
+    return None
+
+
+def resume_epoch(run_id: str) -> int:
+    """The epoch the resume state of run `run_id` names (-1 when it has none yet): every
+    checkpoint up to it is complete, since a training writes the state after the checkpoint."""
+    import json
+    import tempfile
+
+    from ddsweep import checkpoints
+
+    with tempfile.TemporaryDirectory(prefix="ddsweep-follow-") as tmp:
+        try:
+            got = runs.download(run_id, f"{checkpoints.RESUME}/{checkpoints.STATE}", Path(tmp))
+            return int(json.loads(got.read_text())["epoch"])
+        except Exception:  # not written yet (MLflow's error), or being replaced
+            return -1
+
+
+def ready_epochs(run_id: str) -> tuple[tuple[int, ...], bool]:
+    """(epochs of run `run_id` whose checkpoints are complete, whether the run has ended). The
+    status is read first: once it says ended, the epochs read after it are all there will be."""
+    ended = tracking.get_run(run_id).info.status not in LIVE
+    last = resume_epoch(run_id)
+    return tuple(e for e in runs.saved_epochs(run_id) if e <= last), ended

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ddsweep import backbones, report, sweep
 from ddsweep.errors import UserError
+from ddsweep.model import PIXELS
 from ddsweep.study import RunOptions, run_study
 
 if TYPE_CHECKING:
@@ -38,6 +39,17 @@ def study_config(reduced: bool = False) -> sweep.StudyConfig:
     )
 
 
+def probe_options(cfg: sweep.StudyConfig) -> dict[str, Any]:
+    """`ddsweep train --probe-every` for the quickstart's backbone: k-NN on the grid's blocks at
+    each checkpoint, so `mlflow ui` shows the probe curves beside the loss and the grid finds
+    the clean features of every checkpoint already in the cache."""
+    return {
+        "probe_every": dict(cfg.train).get("checkpoint_every", 1),
+        "probe_block": tuple(b for b in cfg.axes.block if b != PIXELS),
+        "probe": tuple(f"knn{k}" for k in cfg.axes.k),
+    }
+
+
 def run(
     opts: RunOptions,
     progress: Progress,
@@ -60,6 +72,7 @@ def run(
         tracking_uri=opts.tracking_uri,
         experiment=opts.experiment,
         on_backbone=show,
+        extra=probe_options(cfg),
     )
     run_study(cfg, opts, progress=study_progress)
     return cfg

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -78,8 +79,7 @@ def pin_backbones(board: GridStudy | None, cfg: sweep.StudyConfig) -> Pins:
     study yet, the runs are only found and checked (a bad --epoch records nothing)."""
     out = {}
     pinned = board.attrs if board is not None else {}
-    needs_net = any(b != PIXELS for b in cfg.axes.block) or cfg.kind == "fid-grid"
-    for key in sweep.backbones(cfg.axes) if needs_net else []:
+    for key in sweep.backbones(cfg.axes) if _needs_net(cfg) else []:
         d, r, a = key
         attr = f"backbone:{d}/{r}/{a}"
         run_id = pinned.get(attr)
@@ -169,16 +169,28 @@ def _parent_fields(cfg: sweep.StudyConfig) -> tuple[dict[str, str], dict[str, st
 
 def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
     """Open the study, pin backbones, expand the grid, find the MLflow parent."""
+    exp_id, board = _open(cfg, opts)
+    return _start(cfg, opts, exp_id, board, _objective(cfg, opts, pin_backbones(board, cfg)))
+
+
+def _open(
+    cfg: sweep.StudyConfig, opts: RunOptions, *, follow: bool = False
+) -> tuple[str, GridStudy]:
+    """(MLflow experiment id, the study, created if new)."""
     exp_id = tracking.setup(opts.tracking_uri, opts.experiment)
     make = OBJECTIVES[cfg.kind]
     # What would fail every point (no FID weights offline) is one line now, not N failed trials.
     make.check(cfg, opts.inception_weights)
     board = scheduler.open_study(cfg.study, opts.policy(), make.direction, create=False)
     if board is None:  # a new study: check its backbones before recording anything
-        pin_backbones(None, cfg)
+        if not follow:  # a followed study's checkpoints are still to come
+            pin_backbones(None, cfg)
         board = scheduler.open_study(cfg.study, opts.policy(), make.direction)
         assert board is not None
-    objective = _objective(cfg, opts, pin_backbones(board, cfg))
+    return exp_id, board
+
+
+def _use(board: GridStudy, objective: Objective) -> None:
     board.use(
         scheduler.Grid(
             {pid: objective.params(p) for pid, p in objective.points.items()},
@@ -187,6 +199,13 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
             {pid: point_id(p) for pid, p in objective.points.items()},
         )
     )
+
+
+def _start(
+    cfg: sweep.StudyConfig, opts: RunOptions, exp_id: str, board: GridStudy, objective: Objective
+) -> Context:
+    """Run `objective`'s grid on the study and open (or find) its MLflow parent run."""
+    _use(board, objective)
     # A study keeps the experiment of its parent run: a plain run and one under `mlflow run`
     # (whose project run, in mlflow run's experiment, became the parent) share one parent.
     pinned = board.attrs.get(PARENT_ATTR)
@@ -280,6 +299,99 @@ def publish_answer(ctx: Context, done: int) -> None:
         rows = report.summary(facets)
         metrics, tags = answer.headline(facets, rows)
         ctx.recorder.log_answer(metrics, tags, answer.tables(facets, rows), done)
+
+
+FOLLOW_INTERVAL = 10.0  # seconds between two looks at the followed training runs
+
+
+def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:
+    """({backbone: (training run id, epochs whose checkpoints are complete and asked for)},
+    whether every followed training run has ended). A backbone whose run has not started yet
+    has no epochs; the run found first is pinned in the study, as `pin_backbones` does."""
+    from ddsweep import backbones
+
+    out: dict[sweep.Backbone3, tuple[str, tuple[int, ...]]] = {}
+    ended = True
+    pinned = board.attrs
+    asked = set(cfg.axes.epoch)
+    for key in sweep.backbones(cfg.axes) if _needs_net(cfg) else []:
+        attr = f"backbone:{key[0]}/{key[1]}/{key[2]}"
+        run_id = pinned.get(attr) or backbones.followed_run(*key)
+        if run_id is None:
+            out[key], ended = ("", ()), False
+            continue
+        if attr not in pinned:
+            board.set_attr(attr, run_id)
+        epochs, done = backbones.ready_epochs(run_id)
+        ended = ended and done
+        out[key] = (run_id, tuple(e for e in epochs if not asked or e in asked))
+    return out, ended
+
+
+def _needs_net(cfg: sweep.StudyConfig) -> bool:
+    return any(b != PIXELS for b in cfg.axes.block) or cfg.kind == "fid-grid"
+
+
+def run_follow(
+    cfg: sweep.StudyConfig,
+    opts: RunOptions,
+    *,
+    interval: float = FOLLOW_INTERVAL,
+    progress: Progress | None = None,
+) -> tuple[Context | None, Counter[str]]:
+    """Evaluate every checkpoint of the study's backbones as their training runs write it:
+    look every `interval` seconds (sleeping between looks), run the points found, and return
+    once every followed run has ended and its points are done. The scheduler's exactly-once
+    rules hold as in `run_study`: Ctrl-C and re-running lose and double nothing."""
+    if opts.workers > 1:
+        raise UserError("--follow runs one worker: start more followers in other shells")
+    exp_id, board = _open(cfg, opts, follow=True)
+    # Every checkpoint written so far (those asked for by --epoch are kept by follow_pins).
+    grid_cfg = dataclasses.replace(cfg, axes=dataclasses.replace(cfg.axes, epoch=()))
+    ctx: Context | None = None
+    outcomes: Counter[str] = Counter()
+    while True:
+        pins, ended = follow_pins(board, cfg)
+        objective = _objective(grid_cfg, opts, pins)
+        if objective.points:
+            if ctx is None:
+                ctx = _start(cfg, opts, exp_id, board, objective)
+            else:
+                ctx.objective = objective
+                _use(board, objective)
+            outcomes += work(ctx, _shown(ctx, progress))
+        if ended:
+            break
+        time.sleep(interval)
+    if ctx is not None:
+        t = ctx.board.tally()
+        done = sum(p in t.complete for p in ctx.ids)
+        publish_answer(ctx, done)
+        ctx.recorder.close(done, len(ctx.ids))
+        ctx.recorder.link_project_run()
+    return ctx, outcomes
+
+
+def _shown(ctx: Context, progress: Progress | None) -> Callable[[str], None] | None:
+    """The on_point callback that shows `ctx`'s progress, if there is a display."""
+    if progress is None:
+        return None
+    return lambda pid: progress(ctx, ctx.board.tally(), pid)
+
+
+def missing_epochs(cfg: sweep.StudyConfig, ctx: Context | None) -> list[str]:
+    """What --epoch asked for that a followed training run ended without, one line a run."""
+    if not cfg.axes.epoch or ctx is None:
+        return []
+    lines = []
+    for key, (run_id, epochs) in ctx.objective.pins.items():
+        gone = [e for e in cfg.axes.epoch if e not in epochs]
+        if gone:
+            lines.append(
+                f"training run {run_id or '(none)'} ({key[0]}, {key[1]} px, attention "
+                f"{key[2]}) ended without epochs {', '.join(map(str, gone))}: left out"
+            )
+    return lines
 
 
 def outcome_lines(ctx: Context, outcomes: Counter[str]) -> tuple[list[str], list[str]]:

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from ddsweep import checkpoints, data, diffusion, tracking
+from ddsweep import checkpoints, data, diffusion, tracking, trainprobe
 from ddsweep.distributed import Dist, mean_over_processes
 from ddsweep.distributed import close_distributed as close_distributed  # the CLI's
 from ddsweep.distributed import init_distributed as init_distributed
 from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig, build_unet
+from ddsweep.model import PIXELS, ModelConfig, build_unet, resolve_block
 from ddsweep.tracking.training import NullTracker, Tracker, TrainingTracker
 
 if TYPE_CHECKING:
@@ -51,6 +51,12 @@ class TrainConfig:
     fid_samples: int = 2000
     fid_sampler: str = "ddpm"
     fid_feature: str = "inception"  # or randconv (offline, logged as fd_randconv)
+    probe_every: int = 0  # 0: off; else probe the EMA weights every N epochs (ddsweep.trainprobe)
+    probe_block: tuple[str, ...] = trainprobe.DEFAULT_BLOCKS
+    probe: tuple[str, ...] = trainprobe.DEFAULT_PROBES  # knn50, linear, ...
+    probe_noise_step: int = 0
+    stop_when_probe_plateaus: str = ""  # a probe metric; "": train all epochs
+    patience: int = 5  # probe evaluations without a gain beyond the bootstrap interval
 
 
 def study_batch_size(resolution: int, attention: bool) -> int:
@@ -93,6 +99,10 @@ def validate(cfg: TrainConfig) -> None:
             f"--sample-steps {cfg.sample_steps}: DDIM can take at most "
             f"{diffusion.NUM_TRAIN_TIMESTEPS} steps (the training schedule's length)"
         )
+    trainprobe.validate(
+        cfg.probe_every, cfg.probe_block, cfg.probe, cfg.probe_noise_step,
+        cfg.stop_when_probe_plateaus, cfg.patience,
+    )  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,6 +137,8 @@ def config_from_params(params: dict[str, str]) -> TrainConfig:
         value: Any
         if isinstance(default, bool):
             value = raw == "True"
+        elif isinstance(default, tuple) and default and isinstance(default[0], str):
+            value = tuple(raw.split(",")) if raw else ()
         elif isinstance(default, tuple):
             value = tuple(int(x) for x in raw.split(","))
         else:
@@ -186,6 +198,9 @@ class Job:
     optimizer: torch.optim.Optimizer
     scheduler: DDPMScheduler
     model: torch.nn.Module  # the U-Net, or its DDP wrapper under torchrun
+    prober: trainprobe.Prober | None = None  # --probe-every
+    seconds: float = 0.0  # spent in the epochs' training passes
+    stop_reason: str | None = None  # why --stop-when-probe-plateaus stopped it
 
 
 def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
@@ -283,7 +298,9 @@ def run_epoch(job: Job, epoch: int, step: int, step_limit: int) -> tuple[int, Ep
         if step_limit and step >= step_limit:
             stopped = True
             break
-    ips = job.dist.world_size * seen / max(time.perf_counter() - t0, 1e-9)
+    spent = time.perf_counter() - t0
+    job.seconds += spent
+    ips = job.dist.world_size * seen / max(spent, 1e-9)
     return step, EpochStats(total_loss / max(batches, 1), ips, stopped)
 
 
@@ -316,12 +333,51 @@ def run_epochs(
     epoch = start_epoch
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         step, stats = run_epoch(job, epoch, step, step_limit)
+        if probe_epoch(job, epoch):
+            stats = replace(stats, stopped=True)  # end_epoch then saves the last checkpoint
         end_epoch(job, epoch, step, stats)
         if progress is not None and task is not None:
             progress.update(task, completed=epoch, loss=stats.loss, ips=stats.images_per_s)
         if stats.stopped:
             break
+    if job.prober is not None and job.prober.evaluations and job.tracker.records:
+        p = job.prober
+        share = p.seconds / max(job.seconds + p.seconds, 1e-9)
+        job.tracker.log_metrics({"probe_overhead": share}, epoch)
+        if progress is not None:
+            progress.console.print(
+                f"probing: {p.evaluations} evaluations, {p.seconds:.1f} s; training "
+                f"{job.seconds:.1f} s; overhead {share:.1%} of the time"
+            )
     return epoch
+
+
+def probe_epoch(job: Job, epoch: int) -> bool:
+    """Probe the EMA weights when their turn has come (--probe-every) and log the metrics;
+    whether training should stop (--stop-when-probe-plateaus). The probe draws from no global
+    RNG that training uses, so a probed run trains the very weights of an unprobed one."""
+    cfg, prober = job.cfg, job.prober
+    if prober is None or epoch % cfg.probe_every:
+        return False
+    reason = None
+    if job.tracker.records:  # one process probes; the others wait for its verdict
+        devices = [job.device] if job.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            shadow = ema_unet(job.unet, job.ema).float()
+            metrics, reason = prober.probe(shadow, epoch, keep_features=is_saved(cfg, epoch))
+        job.tracker.log_metrics(metrics, epoch)
+        job.stop_reason = reason
+    if job.dist.world_size > 1:
+        return mean_over_processes(float(reason is not None), job.device) > 0
+    return reason is not None
+
+
+STOP_TAG = "stop_reason"
+
+
+def is_saved(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether `epoch` gets a checkpoint on the regular schedule."""
+    return epoch % cfg.checkpoint_every == 0
 
 
 def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
@@ -444,10 +500,16 @@ def train(
     validate(cfg)
     if cfg.fid_every and tracker.records:
         fid_settings(cfg)  # no Inception weights offline: one line now, not after an epoch
+    prober = prober_for(cfg, data_dir)
     device = pick_device(cfg, d)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)  # fail early
     job = build_job(cfg, data_dir, d, tracker, device)
+    if prober is not None:
+        for block in prober.blocks:
+            if block != PIXELS:  # the raw pixels: a baseline beside the curves
+                resolve_block(job.unet, block)  # an unknown --probe-block: one line, now
+        job.prober = prober
     start_epoch, step = 0, 0
     if resume_run_id is not None:
         start_epoch, step = restore(job, resume_run_id)
@@ -463,6 +525,9 @@ def train(
         if resume_run_id is None:
             record_start(job, len(dataset))  # type: ignore[arg-type]
         last_epoch = run_epochs(job, start_epoch, step, step_limit, progress if d.is_main else None)
+        if cfg.stop_when_probe_plateaus:  # also replaces the reason a resumed run stopped for
+            reason = job.stop_reason or "no plateau in the epochs trained"
+            tracker.log_config({}, {STOP_TAG: reason})
     except BaseException:
         tracker.fail()
         raise
@@ -472,6 +537,17 @@ def train(
 
         torch_dist.barrier()  # no process leaves before the last checkpoint is written
     return run_id
+
+
+def prober_for(cfg: TrainConfig, data_dir: Path) -> trainprobe.Prober | None:
+    """What probes the training's EMA weights (--probe-every), or None."""
+    if not cfg.probe_every:
+        return None
+    data.labelled_split(cfg.dataset, "test", cfg.model.resolution, data_dir)  # fail early
+    return trainprobe.Prober(
+        cfg.dataset, cfg.model.resolution, data_dir, cfg.probe_block, cfg.probe,
+        cfg.probe_noise_step, cfg.stop_when_probe_plateaus, cfg.patience,
+    )  # fmt: skip
 
 
 def restore(job: Job, run_id: str) -> tuple[int, int]:

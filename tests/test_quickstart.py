@@ -39,7 +39,7 @@ def test_quickstart_trains_probes_and_reports_then_reuses_everything(
 
     files = run()
     names = {p.name for p in files}
-    assert {"report.md", "summary.csv"} <= names
+    assert {"report.md", "summary.csv", "training_probes.csv"} <= names  # + --probe-every
     assert sum(n.endswith(".png") for n in names) == 4  # (linear, knn) x (t=0, t=50)
     # The reduced study's 2 linear epochs are off the default: its tables are named for them.
     table = next(p for p in files if p.name.endswith("linear-t0-avg-ema-linear.epochs=2.csv"))

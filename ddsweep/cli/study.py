@@ -36,7 +36,7 @@ from ddsweep.cli._options import (
 )
 from ddsweep.errors import UserError
 from ddsweep.fid import DDIM_STEPS, FIDConfig
-from ddsweep.study import RunOptions
+from ddsweep.study import FOLLOW_INTERVAL, RunOptions
 from ddsweep.tracking import DEFAULT_EXPERIMENT
 
 F = FIDConfig  # the defaults a sweep file leaves in place
@@ -65,6 +65,47 @@ def fid_study_config(name: str, overrides: dict[str, list[str]], fid: dict[str, 
     fid_mod.validate_config(cfg.fid)
     fid_mod.feature_network(cfg.fid.feature)
     return cfg
+
+
+def run_follow(cfg: Any, opts: Any, interval: float) -> None:
+    """`probe-grid --follow`: evaluate checkpoints as training writes them, then say how it
+    ended (exit 1 when a point failed, 2 when an asked-for epoch never came)."""
+    from rich.console import Console
+
+    from ddsweep.study import missing_epochs, outcome_lines
+    from ddsweep.study import run_follow as follow
+
+    if interval <= 0:
+        raise UserError(f"--follow-interval must be positive, got {interval}")
+    console = Console(stderr=True)
+    console.print(
+        f"{cfg.study}: following the training runs of its backbones (a look every "
+        f"{interval:g} s); Ctrl-C stops, running it again goes on where it stopped"
+    )
+    progress = bar(console)
+    show = study_progress(progress, cfg.study)
+
+    def show_started(*args: Any) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        show(*args)
+
+    try:
+        ctx, outcomes = follow(cfg, opts, interval=interval, progress=show_started)
+    finally:
+        progress.stop()
+    if ctx is None:
+        raise UserError(f"{cfg.study}: the followed training runs ended with nothing to probe")
+    out, err = outcome_lines(ctx, outcomes)
+    for line in out:
+        typer.echo(line)
+    for line in err:
+        typer.echo(line, err=True)
+    gone = missing_epochs(cfg, ctx)
+    if gone:
+        raise UserError("; ".join(gone))
+    if err:
+        raise typer.Exit(1)
 
 
 def run_grid(cfg: Any, opts: Any) -> None:
@@ -113,6 +154,17 @@ def probe_grid(
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = DEFAULT_EXPERIMENT,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            help="Probe each checkpoint as the backbones' training runs write it; end once "
+            "every followed run has ended and its points are done (off by default).",
+        ),
+    ] = False,
+    follow_interval: Annotated[
+        float, typer.Option(help="Seconds between two looks at the followed training runs.")
+    ] = FOLLOW_INTERVAL,
 ) -> None:
     """Run (or resume) the probe grid of a study; re-running does only what is left."""
     opts = run_options(**given_fields(RunOptions, locals()))  # first: checked before any work
@@ -129,7 +181,10 @@ def probe_grid(
     cfg = study_config(study, axes, storage)
     if cfg.kind != "probe-grid":
         raise UserError(f"{cfg.source} is a {cfg.kind} study: run `ddsweep study {cfg.kind}`")
-    run_grid(cfg, opts)
+    if follow:
+        run_follow(cfg, opts, follow_interval)
+    else:
+        run_grid(cfg, opts)
 
 
 def fid_grid(

@@ -92,6 +92,43 @@ def train(
         str, typer.Option(help="ddpm (1000 steps) or ddim (100).")
     ] = D.fid_sampler,
     fid_feature: Annotated[str, typer.Option(help=FeatureHelp)] = D.fid_feature,
+    probe_every: Annotated[
+        int,
+        typer.Option(
+            help="Probe the EMA weights every N epochs on the labelled train/test splits and log "
+            "probe.BLOCK.PROBE.top1 (epoch as step); 0 = off."
+        ),
+    ] = D.probe_every,
+    probe_block: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Block to probe while training; repeat for more (default: "
+            f"{' '.join(D.probe_block)}).",
+            show_default=False,
+        ),
+    ] = None,
+    probe: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Probe while training: knnK (knn = knn50) or linear; repeat for more "
+            f"(default: {' '.join(D.probe)}).",
+            show_default=False,
+        ),
+    ] = None,
+    probe_noise_step: Annotated[
+        int, typer.Option(help="Noise step t of the probed features (0: clean images).")
+    ] = D.probe_noise_step,
+    stop_when_probe_plateaus: Annotated[
+        str | None,
+        typer.Option(
+            help="Stop when this probe metric (e.g. probe.up3.knn50.top1) has not beaten its "
+            "own 95 % bootstrap interval for --patience evaluations; none by default.",
+            show_default=False,
+        ),
+    ] = None,
+    patience: Annotated[
+        int, typer.Option(help="Probe evaluations without a gain before stopping.")
+    ] = D.patience,
     seed: Annotated[int, typer.Option(help="Random seed.")] = D.seed,
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")
@@ -135,6 +172,8 @@ def train(
         raise UserError("missing DATASET: e.g. `ddsweep train digits` (or --resume RUN_ID)")
     if system_metrics:
         training.enable_system_metrics()
+    for name in ("probe_block", "probe"):  # lists from Typer, tuples in the config
+        options[name] = tuple(options[name]) if options[name] else None
     cfg = TrainConfig(model=ModelConfig(attention=attention), **given_fields(TrainConfig, options))
     if resume is None:  # checked before MLflow: a bad option leaves no mlflow.db behind
         cfg = lib.for_dataset(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ddsweep import predictions
 from ddsweep.errors import UserError
+from ddsweep.report import traincurves as tc
 from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
 from ddsweep.report.headline import attach_fid, summary
 from ddsweep.report.render import parse_formats, print_report, status_line, write_files
@@ -144,6 +145,23 @@ def gather_fid() -> dict[tuple[str, int, bool], FidCurve]:
     return fid_curves(load_fid_runs())
 
 
+def load_training_probes(run_ids: Iterable[str]) -> dict[str, dict[str, dict[int, float]]]:
+    """{run id: {probe metric: {epoch: value}}} of training runs that probed while training."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for run_id in run_ids:
+        try:
+            names = [m for m in client.get_run(run_id).data.metrics if m.startswith(tc.PREFIX)]
+        except Exception:  # a deleted or foreign backbone: no curves, the report stands
+            continue
+        out[run_id] = {
+            m: {h.step: h.value for h in client.get_metric_history(run_id, m)} for m in names
+        }
+    return out
+
+
 def write_report(
     study: str,
     out_dir: Path,
@@ -164,7 +182,8 @@ def write_report(
     parent = find_study(study, experiment)
     header = status_line(study, count_trials(parent), grid_progress(parent))
     console.print(header)
-    facets = build_tables(with_predictions(load_trials(parent)))
+    trials = load_trials(parent)
+    facets = build_tables(with_predictions(trials))
     if not facets:
         console.print(
             f"study {study}: no finished trials yet, nothing to report "
@@ -176,6 +195,11 @@ def write_report(
     if "table" in wanted:
         print_report(console, study, facets, rows)
     paths = write_files(study, facets, rows, out_dir, wanted, header=header)
+    curves = tc.curves(load_training_probes(tc.backbone_runs(trials.get("params.backbone", []))))
+    if curves and "table" in wanted:
+        for table in tc.rich_tables(curves):
+            console.print(table)
+    paths += tc.write_files(curves, out_dir, wanted) if curves else []
     client = MlflowClient()
     for path in paths:
         client.log_artifact(parent, str(path), "report")
