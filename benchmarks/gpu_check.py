@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import json
 import os
+import pickle
 import platform
 import signal
 import statistics
@@ -41,21 +42,23 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from bench_probes import clustered_features
 from bench_sampling import first_steps
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.datasets import cifar
 
-from ddsweep import diffusion, fid, probes
+from ddsweep import data, diffusion, fid, probes
 from ddsweep.distributed import Dist
 from ddsweep.evaluate import ProbeConfig, run_probe
 from ddsweep.features import FeatureRequest, extract
 from ddsweep.model import BLOCKS, ModelConfig, build_unet, count_parameters
 from ddsweep.tracking.training import NullTracker
-from ddsweep.train import Job, TrainConfig, batch_step, build_job, train_step
+from ddsweep.train import Job, TrainConfig, batch_step, build_job, make_loader, train_step
 
 # --- the study's numbers behind the goals (issue 16) ---------------------------------------------
 STUDY_EPOCHS, CIFAR_TRAIN, CIFAR_TEST = 2000, 50_000, 10_000
@@ -94,6 +97,8 @@ class Sizes:
     extract_images: int
     extract_batch: int  # ddsweep's default (features.cached_features)
     extract_big_batch: int
+    cifar_per_file: int  # images in each of the 5 made-up CIFAR-10 train files
+    loader_workers: tuple[int, ...]  # DataLoader workers tried (0: ddsweep's default)
     knn_train: int
     knn_test: int
     probe_dim: int
@@ -119,6 +124,8 @@ FULL = Sizes(
     extract_images=20_480,
     extract_batch=256,
     extract_big_batch=1024,
+    cifar_per_file=2000,
+    loader_workers=(0, 4, 8),
     knn_train=CIFAR_TRAIN,
     knn_test=CIFAR_TEST,
     probe_dim=256,
@@ -143,6 +150,8 @@ SMOKE = Sizes(
     extract_images=32,
     extract_batch=8,
     extract_big_batch=16,
+    cifar_per_file=200,
+    loader_workers=(0, 2),
     knn_train=2000,
     knn_test=400,
     probe_dim=32,
@@ -370,6 +379,62 @@ def section_compile(sizes: Sizes, device: torch.device, argv_base: list[str]) ->
 def compile_child(sizes: Sizes, device: torch.device, out: Path) -> None:
     row = measure_training(sizes, COMPILE_VARIANT, device)
     out.write_text(json.dumps(row))
+
+
+# --- the data path: CIFAR-10 images through ddsweep's loaders, on the CPU ---------------------
+
+
+def write_cifar10(root: Path, per_file: int) -> None:
+    """A made-up CIFAR-10 in torchvision's format (cifar-10-batches-py): random images."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        pixels = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": pixels, "labels": [i % 10 for i in range(per_file)]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+
+
+def loader_rate(loader: DataLoader[Any]) -> tuple[int, float]:
+    """(images, images/s) of one pass over a loader."""
+    start, n = time.perf_counter(), 0
+    for x, _ in loader:
+        n += len(x)
+    return n, n / (time.perf_counter() - start)
+
+
+def section_data(sizes: Sizes) -> dict[str, Any]:
+    """images/s of the training loader (train.make_loader) and of a probe split read as
+    features.extract reads it: per-image PIL transforms, in the main process by default."""
+
+    def exists(path: str | Path, md5: str | None = None) -> bool:
+        return os.path.isfile(path)  # made-up files cannot match CIFAR-10's MD5 sums
+
+    out: dict[str, Any] = {"train_loader": {}, "goal_images_per_s": {}}
+    with (
+        tempfile.TemporaryDirectory(prefix="gpu-check-cifar-") as tmp,
+        mock.patch.object(cifar, "check_integrity", exists),
+    ):
+        root = Path(tmp)
+        write_cifar10(root, sizes.cifar_per_file)
+        for workers in sizes.loader_workers:
+            cfg = TrainConfig(batch_size=sizes.train_batch, num_workers=workers)
+            n, ips = loader_rate(make_loader(cfg, root, epoch=1))
+            out["train_loader"][str(workers)] = {"images": n, "images_per_s": ips}
+        split = data.labelled_split("cifar10", "train", 32, root)
+        n, ips = loader_rate(DataLoader(split, batch_size=sizes.extract_batch, shuffle=False))
+        out["probe_split_loader"] = {"images": n, "images_per_s": ips, "workers": 0}
+    base = out["train_loader"]["0"]["images_per_s"]
+    for row in out["train_loader"].values():
+        row["vs_default"] = row["images_per_s"] / base
+    out["goal_images_per_s"] = {
+        "training": STUDY_EPOCHS * CIFAR_TRAIN / (TRAIN_GOAL_H * 3600),
+        "extraction": STUDY_PASSES * (CIFAR_TRAIN + CIFAR_TEST) / EXTRACT_GOAL_S,
+    }
+    return out
 
 
 # --- feature extraction ---------------------------------------------------------------------------
@@ -649,6 +714,24 @@ def goals(results: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
         None if hours is None else hours <= TRAIN_GOAL_H,
         speed=True,
     )
+    need = STUDY_EPOCHS * CIFAR_TRAIN / (TRAIN_GOAL_H * 3600)
+    rate = _get(results, "data", "train_loader", "0", "images_per_s")
+    add(
+        "data: train.make_loader (CIFAR-10, --num-workers 0) keeps up with the training goal",
+        f">= {need:,.0f} images/s",
+        None if rate is None else f"{rate:,.0f} images/s",
+        None if rate is None else rate >= need,
+        speed=True,
+    )
+    need = STUDY_PASSES * (CIFAR_TRAIN + CIFAR_TEST) / EXTRACT_GOAL_S
+    rate = _get(results, "data", "probe_split_loader", "images_per_s")
+    add(
+        "data: a probe split read as features.extract reads it keeps up with the extraction goal",
+        f">= {need:,.0f} images/s",
+        None if rate is None else f"{rate:,.0f} images/s",
+        None if rate is None else rate >= need,
+        speed=True,
+    )
     secs = _get(results, "extraction", "variants", "default", "projected_study_s")
     add(
         f"extraction: cifar_blocks, {STUDY_PASSES} passes x 60,000 images, nine blocks (bf16)",
@@ -657,6 +740,41 @@ def goals(results: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
         None if secs is None else secs <= EXTRACT_GOAL_S,
         speed=True,
     )
+    # ddsweep reads batches in the training process (--num-workers 0) and features.extract
+    # always does: loading and the GPU's work then take turns, so their times add up.
+    for what, gpu_rate, loader_rate_, target in (
+        (
+            "training end to end: loader (0 workers) + step, 2,000 epochs",
+            _get(results, "training", "variants", "default", "images_per_s"),
+            _get(results, "data", "train_loader", "0", "images_per_s"),
+            TRAIN_GOAL_H * 3600,
+        ),
+        (
+            "extraction end to end: probe-split loader + features.extract, the study",
+            _get(results, "extraction", "variants", "default", "images_per_s"),
+            _get(results, "data", "probe_split_loader", "images_per_s"),
+            EXTRACT_GOAL_S,
+        ),
+    ):
+        images = (
+            STUDY_EPOCHS * CIFAR_TRAIN
+            if what.startswith("training")
+            else STUDY_PASSES * (CIFAR_TRAIN + CIFAR_TEST)
+        )
+        total = (
+            None
+            if gpu_rate is None or loader_rate_ is None
+            else images * (1 / gpu_rate + 1 / loader_rate_)
+        )
+        add(
+            what,
+            f"<= {target / 3600:.0f} h" if target >= 3600 else f"<= {target / 60:.0f} min",
+            None
+            if total is None
+            else (f"{total / 3600:.2f} h" if target >= 3600 else f"{total / 60:.1f} min"),
+            None if total is None else total <= target,
+            speed=True,
+        )
     knn_s = _get(results, "probes", "knn_probe", "seconds")
     add(
         "knn_probe: six k, 50,000 x 256 vs 10,000",
@@ -754,6 +872,16 @@ def candidate_fixes(results: dict[str, Any]) -> list[dict[str, Any]]:
         {"fix": fix, "measured_by": f"{section}.{key}", "speedup": ratio(section, key)}
         for fix, section, key in fixes
     ]
+    loaders = _get(results, "data", "train_loader") or {}
+    for workers, row in loaders.items():
+        if workers != "0":
+            out.append(
+                {
+                    "fix": f"train --num-workers {workers} (the option exists; default 0)",
+                    "measured_by": f"data.train_loader.{workers}",
+                    "speedup": row["vs_default"],
+                }
+            )
     out.append(
         {
             "fix": "torch.compile(unet) for training (with the four above)",
@@ -771,6 +899,8 @@ def candidate_fixes(results: dict[str, Any]) -> list[dict[str, Any]]:
             {"fix": fix, "measured_by": f"sampling.{key}", "speedup": ratio("sampling", key, base)}
         )
     for fix in (
+        "features.extract: DataLoader workers, or CIFAR-10 kept as one decoded uint8 tensor "
+        "(scaled to [-1, 1] a batch at a time) instead of per-image PIL transforms",
         "features: each hook copies its block to the CPU (.cpu() inside the forward pass: nine "
         "syncs a batch); keep them on the device and copy once a batch",
         "train_step returns float(loss) every step (one sync a step); sync every log_every steps",
@@ -796,10 +926,10 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return t
 
 
-def render(section: str, data: dict[str, Any]) -> Table | None:
+def render(section: str, res: dict[str, Any]) -> Table | None:
     """The Rich table of one finished section."""
-    if "error" in data:
-        return table(section, ["error"], [[data["error"]]])
+    if "error" in res:
+        return table(section, ["error"], [[res["error"]]])
     if section == "training":
         rows = [
             [
@@ -810,14 +940,27 @@ def render(section: str, data: dict[str, Any]) -> Table | None:
                 r["vs_default"],
                 r["peak_gib"],
             ]
-            for r in data["variants"].values()
+            for r in res["variants"].values()
         ]
         cols = ["variant", "ms/step", "images/s", "2,000 epochs (h)", "vs default", "peak GiB"]
-        batch = next(iter(data["variants"].values()))["batch"]
+        batch = next(iter(res["variants"].values()))["batch"]
         return table(f"Training step, batch {batch}", cols, rows)
+    if section == "data":
+        rows = [
+            [f"train.make_loader, {w} workers", r["images_per_s"], r["vs_default"]]
+            for w, r in res["train_loader"].items()
+        ]
+        rows.append(
+            [
+                "probe split as features.extract reads it",
+                res["probe_split_loader"]["images_per_s"],
+                None,
+            ]
+        )
+        return table("CIFAR-10 loaders (CPU)", ["loader", "images/s", "vs default"], rows)
     if section == "compile":
         keys = ("status", "backend", "compile_s", "images_per_s", "projected_h", "note")
-        return table("torch.compile (child process)", list(keys), [[data.get(k) for k in keys]])
+        return table("torch.compile (child process)", list(keys), [[res.get(k) for k in keys]])
     if section == "extraction":
         rows = [
             [
@@ -827,22 +970,22 @@ def render(section: str, data: dict[str, Any]) -> Table | None:
                 r["projected_study_s"] / 60,
                 r["vs_default"],
             ]
-            for r in data["variants"].values()
+            for r in res["variants"].values()
         ]
         cols = ["variant", "batch", "images/s", f"study: {STUDY_PASSES} passes (min)", "vs default"]
         return table("features.extract, nine blocks", cols, rows)
     if section == "probes":
-        knn = data["knn_probe"]
+        knn = res["knn_probe"]
         rows = [
             ["knn_probe, six k", knn["seconds"], knn["cpu_figure_s"], knn["top1"]["50"]],
             *(
                 [f"run_probe {name}", r.get("seconds"), r.get("cpu_figure_s"), r.get("top1")]
                 if "skipped" not in r
                 else [f"run_probe {name}: {r['skipped']}", None, None, None]
-                for name, r in data["kinds"].items()
+                for name, r in res["kinds"].items()
             ),
         ]
-        shape = f"{data['train'][0]:,} x {data['train'][1]} vs {data['test'][0]:,}"
+        shape = f"{res['train'][0]:,} x {res['train'][1]} vs {res['test'][0]:,}"
         return table(f"Probes, {shape}", ["probe", "s", "2-core CPU s", "top1 (k=50)"], rows)
     if section == "sampling":
         rows = [
@@ -854,12 +997,12 @@ def render(section: str, data: dict[str, Any]) -> Table | None:
                 r["images_per_s"],
                 r["fid_samples_s"] / 60,
             ]
-            for key, r in data["variants"].items()
+            for key, r in res["variants"].items()
         ]
         cols = ["variant", "steps", "timed", "batch", "images/s", "2,000 samples (min)"]
         return table("diffusion.sample", cols, rows)
     if section == "sanity":
-        loss, feats = data["loss"], data["features"]
+        loss, feats = res["loss"], res["features"]
         rows = [
             [
                 "loss, first 20 steps (bf16 / fp32)",
@@ -878,7 +1021,7 @@ def render(section: str, data: dict[str, Any]) -> Table | None:
     return None
 
 
-SECTIONS = ("training", "extraction", "probes", "sampling", "sanity", "compile")
+SECTIONS = ("training", "data", "extraction", "probes", "sampling", "sanity", "compile")
 
 
 def describe(device: torch.device, smoke: bool, argv: list[str]) -> dict[str, Any]:
@@ -938,6 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "training": lambda: section_training(sizes, device),
+        "data": lambda: section_data(sizes),
         "extraction": lambda: section_extraction(sizes, device),
         "probes": lambda: section_probes(sizes, device),
         "sampling": lambda: section_sampling(sizes, device),

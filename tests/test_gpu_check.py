@@ -20,10 +20,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-SECTIONS = ("training", "extraction", "probes", "sampling", "sanity", "compile")
+SECTIONS = ("training", "data", "extraction", "probes", "sampling", "sanity", "compile")
 
 
-def run_check(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[int, dict[str, Any]]:
+def run_check(tmp_path: Path, *args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -76,6 +76,9 @@ def test_smoke_runs_every_section_and_the_bf16_checks_pass(tmp_path: Path) -> No
     training = results["training"]["variants"]
     assert {"fp32", "bf16", "default", "all_four"} <= set(training)
     assert all(r["images_per_s"] > 0 and r["projected_h"] > 0 for r in training.values())
+    loaders = results["data"]["train_loader"]
+    assert set(loaders) == {"0", "2"} and all(r["images"] == 5 * 200 for r in loaders.values())
+    assert results["data"]["probe_split_loader"]["images"] == 5 * 200
     assert set(results["extraction"]["blocks"]) == {
         "down1", "down2", "down3", "down4", "mid", "up4", "up3", "up2", "up1"
     }  # fmt: skip
@@ -128,5 +131,5 @@ def test_an_unknown_section_is_one_line_and_status_2(
     rc = load_script(monkeypatch).main(["--smoke", "--sections", "probes,bogus"])
     assert rc == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "unknown section(s) bogus: use training, extraction, probes, sampling, sanity, compile"
+        "unknown section(s) bogus: use training, data, extraction, probes, sampling, sanity, compile"
     ]
