@@ -226,6 +226,23 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def guarded(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """fn(), or {"label", "error"} when it raises: one broken variant keeps the others."""
+    try:
+        return fn()
+    except Exception as err:
+        traceback.print_exc()
+        return {"label": label, "error": f"{type(err).__name__}: {err}"}
+
+
+def compare(variants: dict[str, dict[str, Any]], base: str = "default") -> None:
+    """Add each variant's images/s relative to `base`'s (None where either failed)."""
+    ref = variants.get(base, {}).get("images_per_s")
+    for row in variants.values():
+        ips = row.get("images_per_s")
+        row["vs_default"] = None if ips is None or ref is None else ips / ref
+
+
 # --- training -------------------------------------------------------------------------------------
 
 
@@ -334,10 +351,11 @@ def measure_training(sizes: Sizes, v: TrainVariant, device: torch.device) -> dic
 
 
 def section_training(sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    variants = {v.key: measure_training(sizes, v, device) for v in TRAIN_VARIANTS}
-    base = variants["default"]["images_per_s"]
-    for row in variants.values():
-        row["vs_default"] = row["images_per_s"] / base
+    variants = {
+        v.key: guarded(v.label, lambda v=v: measure_training(sizes, v, device))
+        for v in TRAIN_VARIANTS
+    }
+    compare(variants)
     return {
         "model": dataclasses.asdict(sizes.model),
         "parameters": count_parameters(build_unet(sizes.model)),
@@ -494,10 +512,11 @@ def section_extraction(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     n = sizes.extract_images
     images = smooth_images(n, sizes.model.resolution, seed=1)
     dataset = TensorDataset(images, torch.zeros(n, dtype=torch.long))
-    variants = {v.key: measure_extraction(sizes, v, dataset, device) for v in EXTRACT_VARIANTS}
-    base = variants["default"]["images_per_s"]
-    for row in variants.values():
-        row["vs_default"] = row["images_per_s"] / base
+    variants = {
+        v.key: guarded(v.label, lambda v=v: measure_extraction(sizes, v, dataset, device))
+        for v in EXTRACT_VARIANTS
+    }
+    compare(variants)
     return {"blocks": list(BLOCKS), "variants": variants}
 
 
@@ -612,7 +631,10 @@ def measure_sampling(sizes: Sizes, v: SampleVariant, device: torch.device) -> di
 
 
 def section_sampling(sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    variants = {v.key: measure_sampling(sizes, v, device) for v in SAMPLE_VARIANTS}
+    variants = {
+        v.key: guarded(v.key, lambda v=v: measure_sampling(sizes, v, device))
+        for v in SAMPLE_VARIANTS
+    }
     return {"fid_samples": FID_SAMPLES, "variants": variants}
 
 
@@ -851,7 +873,9 @@ def candidate_fixes(results: dict[str, Any]) -> list[dict[str, Any]]:
     def ratio(section: str, key: str, base: str = "default") -> float | None:
         row = _get(results, section, "variants", key)
         ref = _get(results, section, "variants", base)
-        return None if row is None or ref is None else row["images_per_s"] / ref["images_per_s"]
+        ips = None if row is None else row.get("images_per_s")
+        base_ips = None if ref is None else ref.get("images_per_s")
+        return None if ips is None or base_ips is None else ips / base_ips
 
     compiled = _get(results, "compile", "images_per_s")
     default = _get(results, "training", "variants", "default", "images_per_s")
@@ -926,25 +950,37 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return t
 
 
+def variant_table(
+    title: str, variants: dict[str, dict[str, Any]], cols: list[tuple[str, str, float]]
+) -> Table:
+    """One row per variant: its label, then each (header, key, scale) column, or its error."""
+    rows = []
+    for key, r in variants.items():
+        if "error" in r:
+            rows.append([r.get("label", key), *([None] * (len(cols) - 1)), r["error"]])
+            continue
+        values = [r.get(k) for _, k, _ in cols]
+        rows.append(
+            [r.get("label", key)]
+            + [v * scale if isinstance(v, float | int) and scale != 1 else v
+               for v, (_, _, scale) in zip(values, cols, strict=True)]
+        )  # fmt: skip
+    return table(title, ["variant", *(h for h, _, _ in cols)], rows)
+
+
 def render(section: str, res: dict[str, Any]) -> Table | None:
     """The Rich table of one finished section."""
     if "error" in res:
         return table(section, ["error"], [[res["error"]]])
     if section == "training":
-        rows = [
-            [
-                r["label"],
-                r["step_ms"],
-                r["images_per_s"],
-                r["projected_h"],
-                r["vs_default"],
-                r["peak_gib"],
-            ]
-            for r in res["variants"].values()
+        cols = [
+            ("ms/step", "step_ms", 1),
+            ("images/s", "images_per_s", 1),
+            ("2,000 epochs (h)", "projected_h", 1),
+            ("vs default", "vs_default", 1),
+            ("peak GiB", "peak_gib", 1),
         ]
-        cols = ["variant", "ms/step", "images/s", "2,000 epochs (h)", "vs default", "peak GiB"]
-        batch = next(iter(res["variants"].values()))["batch"]
-        return table(f"Training step, batch {batch}", cols, rows)
+        return variant_table("Training step", res["variants"], cols)
     if section == "data":
         rows = [
             [f"train.make_loader, {w} workers", r["images_per_s"], r["vs_default"]]
@@ -962,18 +998,13 @@ def render(section: str, res: dict[str, Any]) -> Table | None:
         keys = ("status", "backend", "compile_s", "images_per_s", "projected_h", "note")
         return table("torch.compile (child process)", list(keys), [[res.get(k) for k in keys]])
     if section == "extraction":
-        rows = [
-            [
-                r["label"],
-                r["batch"],
-                r["images_per_s"],
-                r["projected_study_s"] / 60,
-                r["vs_default"],
-            ]
-            for r in res["variants"].values()
+        cols = [
+            ("batch", "batch", 1),
+            ("images/s", "images_per_s", 1),
+            (f"study: {STUDY_PASSES} passes (min)", "projected_study_s", 1 / 60),
+            ("vs default", "vs_default", 1),
         ]
-        cols = ["variant", "batch", "images/s", f"study: {STUDY_PASSES} passes (min)", "vs default"]
-        return table("features.extract, nine blocks", cols, rows)
+        return variant_table("features.extract, nine blocks", res["variants"], cols)
     if section == "probes":
         knn = res["knn_probe"]
         rows = [
@@ -988,19 +1019,14 @@ def render(section: str, res: dict[str, Any]) -> Table | None:
         shape = f"{res['train'][0]:,} x {res['train'][1]} vs {res['test'][0]:,}"
         return table(f"Probes, {shape}", ["probe", "s", "2-core CPU s", "top1 (k=50)"], rows)
     if section == "sampling":
-        rows = [
-            [
-                key,
-                r["steps"],
-                r["steps_timed"],
-                r["batch"],
-                r["images_per_s"],
-                r["fid_samples_s"] / 60,
-            ]
-            for key, r in res["variants"].items()
+        cols = [
+            ("steps", "steps", 1),
+            ("timed", "steps_timed", 1),
+            ("batch", "batch", 1),
+            ("images/s", "images_per_s", 1),
+            ("2,000 samples (min)", "fid_samples_s", 1 / 60),
         ]
-        cols = ["variant", "steps", "timed", "batch", "images/s", "2,000 samples (min)"]
-        return table("diffusion.sample", cols, rows)
+        return variant_table("diffusion.sample", res["variants"], cols)
     if section == "sanity":
         loss, feats = res["loss"], res["features"]
         rows = [
@@ -1124,9 +1150,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     console.print(f"results: {args.out} ({results['meta']['total_s']:.0f} s)")
-    errors = [s for s in SECTIONS if isinstance(results.get(s), dict) and "error" in results[s]]
+    errors = [name for name in SECTIONS if failed(results.get(name))]
     broken = [g for g in final["goals"] if g["kind"] == "check" and g["status"] == "FAIL"]
     return 1 if errors or broken else 0
+
+
+def failed(section: dict[str, Any] | None) -> bool:
+    """Whether a section, or one of its variants, raised."""
+    if not isinstance(section, dict):
+        return False
+    variants = section.get("variants", {}).values()
+    return "error" in section or any("error" in row for row in variants)
 
 
 def write(path: Path, results: dict[str, Any], smoke: bool) -> dict[str, Any]:

@@ -70,6 +70,8 @@ def test_smoke_runs_every_section_and_the_bf16_checks_pass(tmp_path: Path) -> No
     for section in SECTIONS:
         assert section in results, section
         assert "error" not in results[section], results[section]
+        for row in results[section].get("variants", {}).values():
+            assert "error" not in row, (section, row)
         values = numbers(results[section])
         assert values and all(math.isfinite(v) for v in values), section
 
