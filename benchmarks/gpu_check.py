@@ -702,168 +702,205 @@ def _get(results: dict[str, Any], *path: str) -> Any:
     return node
 
 
+TRAIN_IMAGES = STUDY_EPOCHS * CIFAR_TRAIN  # one backbone's 2,000 epochs
+EXTRACT_IMAGES = STUDY_PASSES * (CIFAR_TRAIN + CIFAR_TEST)  # the study's extraction
+
+
+def _serial_s(images: int, *rates: float | None) -> float | None:
+    """Seconds for `images` when stages at these images/s take turns (None if one is missing)."""
+    if any(r is None for r in rates):
+        return None
+    return images * sum(1 / r for r in rates if r is not None)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal of issue 16: where its value sits in the results, how it is shown and met."""
+
+    goal: str
+    target: str
+    value: Callable[[dict[str, Any]], Any]
+    show: Callable[[Any], str]
+    met: Callable[[Any], bool | None]
+    speed: bool  # SKIP at --smoke sizes; else a correctness check, which counts there too
+    note: Callable[[dict[str, Any]], str] = lambda _results: ""
+
+
+def _hours(s: float) -> str:
+    return f"{s / 3600:.2f} h"
+
+
+def _minutes(s: float) -> str:
+    return f"{s / 60:.1f} min"
+
+
+def _rate(r: float) -> str:
+    return f"{r:,.0f} images/s"
+
+
+def _worst_block(features: dict[str, Any]) -> str:
+    errors = features["error_vs_spread"]
+    block = max(errors, key=errors.get)
+    return f"{errors[block]:.4f} ({block})"
+
+
+def _probe_kind(name: str) -> Goal:
+    def row(results: dict[str, Any]) -> dict[str, Any]:
+        return _get(results, "probes", "kinds", name) or {}
+
+    cpu = {"linear": CPU_LINEAR_S}.get(name)
+    return Goal(
+        f"{name} probe (evaluate.run_probe), 50,000 x 256 vs 10,000",
+        f"faster than the 2-core CPU's {cpu:.2f} s" if cpu else "timed (no CPU figure yet)",
+        lambda r: row(r).get("seconds"),
+        lambda v: f"{v:.3f} s",
+        lambda v: v < cpu if cpu else None,
+        speed=True,
+        note=lambda r: row(r).get("skipped") or ("" if cpu else "no CPU figure to compare with"),
+    )
+
+
+TRAIN_RATE = TRAIN_IMAGES / (TRAIN_GOAL_H * 3600)
+EXTRACT_RATE = EXTRACT_IMAGES / EXTRACT_GOAL_S
+GOALS = (
+    Goal(
+        "training: 2,000 CIFAR-10 epochs, seed U-Net, batch 320 (bf16 + channels_last)",
+        f"<= {TRAIN_GOAL_H:.0f} h (>= {TRAIN_RATE:,.0f} images/s)",
+        lambda r: _get(r, "training", "variants", "default", "projected_h"),
+        lambda h: f"{h:.2f} h",
+        lambda h: h <= TRAIN_GOAL_H,
+        speed=True,
+    ),
+    Goal(
+        "data: train.make_loader (CIFAR-10, --num-workers 0) keeps up with the training goal",
+        f">= {TRAIN_RATE:,.0f} images/s",
+        lambda r: _get(r, "data", "train_loader", "0", "images_per_s"),
+        _rate,
+        lambda v: v >= TRAIN_RATE,
+        speed=True,
+    ),
+    # ddsweep reads batches in the training process (--num-workers 0), and features.extract
+    # always does: loading and the GPU's work then take turns, so their times add up.
+    Goal(
+        "training end to end: loader (0 workers) + step, 2,000 epochs",
+        f"<= {TRAIN_GOAL_H:.0f} h",
+        lambda r: _serial_s(
+            TRAIN_IMAGES,
+            _get(r, "training", "variants", "default", "images_per_s"),
+            _get(r, "data", "train_loader", "0", "images_per_s"),
+        ),
+        _hours,
+        lambda s: s <= TRAIN_GOAL_H * 3600,
+        speed=True,
+    ),
+    Goal(
+        f"extraction: cifar_blocks, {STUDY_PASSES} passes x 60,000 images, nine blocks (bf16)",
+        f"<= {EXTRACT_GOAL_S / 60:.0f} min",
+        lambda r: _get(r, "extraction", "variants", "default", "projected_study_s"),
+        _minutes,
+        lambda s: s <= EXTRACT_GOAL_S,
+        speed=True,
+    ),
+    Goal(
+        "data: a probe split read as features.extract reads it keeps up with the extraction goal",
+        f">= {EXTRACT_RATE:,.0f} images/s",
+        lambda r: _get(r, "data", "probe_split_loader", "images_per_s"),
+        _rate,
+        lambda v: v >= EXTRACT_RATE,
+        speed=True,
+    ),
+    Goal(
+        "extraction end to end: probe-split loader + features.extract, the study",
+        f"<= {EXTRACT_GOAL_S / 60:.0f} min",
+        lambda r: _serial_s(
+            EXTRACT_IMAGES,
+            _get(r, "extraction", "variants", "default", "images_per_s"),
+            _get(r, "data", "probe_split_loader", "images_per_s"),
+        ),
+        _minutes,
+        lambda s: s <= EXTRACT_GOAL_S,
+        speed=True,
+    ),
+    Goal(
+        "knn_probe: six k, 50,000 x 256 vs 10,000",
+        f"faster than the 2-core CPU's {CPU_KNN_S:.2f} s",
+        lambda r: _get(r, "probes", "knn_probe", "seconds"),
+        lambda v: f"{v:.3f} s",
+        lambda v: v < CPU_KNN_S,
+        speed=True,
+    ),
+    Goal(
+        "k-NN on the device agrees with k-NN on the CPU",
+        f"|top1 difference| <= {KNN_AGREE} for every k",
+        lambda r: _get(r, "probes", "knn_probe", "max_top1_delta_vs_cpu"),
+        lambda v: f"{v:.4f}",
+        lambda v: v <= KNN_AGREE,
+        speed=False,
+    ),
+    _probe_kind("linear"),
+    _probe_kind("logreg"),
+    Goal(
+        "torch.compile of the U-Net (training step)",
+        f"compiles in under {FULL.compile_limit_s:.0f} s",
+        lambda r: _get(r, "compile"),
+        lambda c: f"{c['status']}, first step {c.get('compile_s') or 0:.1f} s",
+        lambda c: c["status"] == "ok",
+        speed=True,
+        note=lambda r: str(_get(r, "compile", "note") or ""),
+    ),
+    Goal(
+        "bf16: the training loss falls over 200 steps on random images",
+        f"last-20 mean <= {LOSS_DROP} x first-20 mean, all finite",
+        lambda r: _get(r, "sanity", "loss"),
+        lambda v: f"{v['last20_mean']['bf16'] / v['first20_mean']['bf16']:.3f} x",
+        lambda v: bool(v["decreases"] and v["finite"]),
+        speed=False,
+    ),
+    Goal(
+        "bf16: the loss tracks float32's",
+        f"last-20 means within {LOSS_TRACK:.0%}",
+        lambda r: _get(r, "sanity", "loss"),
+        lambda v: f"{v['last20_mean']['bf16']:.4f} vs {v['last20_mean']['fp32']:.4f}",
+        lambda v: bool(v["tracks_fp32"]),
+        speed=False,
+    ),
+    Goal(
+        "bf16: features of all nine blocks close to float32",
+        f"|bf16 - fp32| <= {FEATURE_TOL:.0%} of the features' spread, every block",
+        lambda r: _get(r, "sanity", "features"),
+        _worst_block,
+        lambda v: bool(v["within"]),
+        speed=False,
+    ),
+)
+
+
 def goals(results: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
     """Each goal of issue 16 against its measured value: PASS, FAIL or SKIP.
 
     Speed goals are SKIP in --smoke (tiny sizes on a CPU); the correctness checks count there.
     """
-    rows: list[dict[str, Any]] = []
-
-    def add(goal: str, target: str, measured: Any, met: bool | None, speed: bool, note: str = ""):
-        if measured is None and met is None:
+    rows = []
+    for g in GOALS:
+        value, note = g.value(results), g.note(results)
+        met = None if value is None else g.met(value)
+        if value is None:
             status, note = "SKIP", note or "not measured (section failed or skipped)"
-        elif met is None or (speed and smoke):
+        elif met is None or (g.speed and smoke):
             status = "SKIP"
             note = note or ("smoke sizes: speeds mean nothing" if smoke else "")
         else:
             status = "PASS" if met else "FAIL"
         rows.append(
             {
-                "goal": goal,
-                "kind": "speed" if speed else "check",
-                "target": target,
-                "measured": measured,
+                "goal": g.goal,
+                "kind": "speed" if g.speed else "check",
+                "target": g.target,
+                "measured": None if value is None else g.show(value),
                 "status": status,
                 "note": note,
             }
         )
-
-    hours = _get(results, "training", "variants", "default", "projected_h")
-    add(
-        "training: 2,000 CIFAR-10 epochs, seed U-Net, batch 320 (bf16 + channels_last)",
-        f"<= {TRAIN_GOAL_H:.0f} h (>= {STUDY_EPOCHS * CIFAR_TRAIN / TRAIN_GOAL_H / 3600:,.0f} images/s)",
-        None if hours is None else f"{hours:.2f} h",
-        None if hours is None else hours <= TRAIN_GOAL_H,
-        speed=True,
-    )
-    need = STUDY_EPOCHS * CIFAR_TRAIN / (TRAIN_GOAL_H * 3600)
-    rate = _get(results, "data", "train_loader", "0", "images_per_s")
-    add(
-        "data: train.make_loader (CIFAR-10, --num-workers 0) keeps up with the training goal",
-        f">= {need:,.0f} images/s",
-        None if rate is None else f"{rate:,.0f} images/s",
-        None if rate is None else rate >= need,
-        speed=True,
-    )
-    need = STUDY_PASSES * (CIFAR_TRAIN + CIFAR_TEST) / EXTRACT_GOAL_S
-    rate = _get(results, "data", "probe_split_loader", "images_per_s")
-    add(
-        "data: a probe split read as features.extract reads it keeps up with the extraction goal",
-        f">= {need:,.0f} images/s",
-        None if rate is None else f"{rate:,.0f} images/s",
-        None if rate is None else rate >= need,
-        speed=True,
-    )
-    secs = _get(results, "extraction", "variants", "default", "projected_study_s")
-    add(
-        f"extraction: cifar_blocks, {STUDY_PASSES} passes x 60,000 images, nine blocks (bf16)",
-        f"<= {EXTRACT_GOAL_S / 60:.0f} min",
-        None if secs is None else f"{secs / 60:.1f} min",
-        None if secs is None else secs <= EXTRACT_GOAL_S,
-        speed=True,
-    )
-    # ddsweep reads batches in the training process (--num-workers 0) and features.extract
-    # always does: loading and the GPU's work then take turns, so their times add up.
-    for what, gpu_rate, loader_rate_, target in (
-        (
-            "training end to end: loader (0 workers) + step, 2,000 epochs",
-            _get(results, "training", "variants", "default", "images_per_s"),
-            _get(results, "data", "train_loader", "0", "images_per_s"),
-            TRAIN_GOAL_H * 3600,
-        ),
-        (
-            "extraction end to end: probe-split loader + features.extract, the study",
-            _get(results, "extraction", "variants", "default", "images_per_s"),
-            _get(results, "data", "probe_split_loader", "images_per_s"),
-            EXTRACT_GOAL_S,
-        ),
-    ):
-        images = (
-            STUDY_EPOCHS * CIFAR_TRAIN
-            if what.startswith("training")
-            else STUDY_PASSES * (CIFAR_TRAIN + CIFAR_TEST)
-        )
-        total = (
-            None
-            if gpu_rate is None or loader_rate_ is None
-            else images * (1 / gpu_rate + 1 / loader_rate_)
-        )
-        add(
-            what,
-            f"<= {target / 3600:.0f} h" if target >= 3600 else f"<= {target / 60:.0f} min",
-            None
-            if total is None
-            else (f"{total / 3600:.2f} h" if target >= 3600 else f"{total / 60:.1f} min"),
-            None if total is None else total <= target,
-            speed=True,
-        )
-    knn_s = _get(results, "probes", "knn_probe", "seconds")
-    add(
-        "knn_probe: six k, 50,000 x 256 vs 10,000",
-        f"faster than the 2-core CPU's {CPU_KNN_S:.2f} s",
-        None if knn_s is None else f"{knn_s:.3f} s",
-        None if knn_s is None else knn_s < CPU_KNN_S,
-        speed=True,
-    )
-    delta = _get(results, "probes", "knn_probe", "max_top1_delta_vs_cpu")
-    add(
-        "k-NN on the device agrees with k-NN on the CPU",
-        f"|top1 difference| <= {KNN_AGREE} for every k",
-        None if delta is None else f"{delta:.4f}",
-        None if delta is None else delta <= KNN_AGREE,
-        speed=False,
-    )
-    for name in ("linear", "logreg"):
-        row = _get(results, "probes", "kinds", name) or {}
-        cpu = row.get("cpu_figure_s")
-        skipped = row.get("skipped")
-        seconds = row.get("seconds")
-        add(
-            f"{name} probe (evaluate.run_probe), 50,000 x 256 vs 10,000",
-            f"faster than the 2-core CPU's {cpu:.2f} s" if cpu else "timed (no CPU figure yet)",
-            None if seconds is None else f"{seconds:.3f} s",
-            None if seconds is None or cpu is None else seconds < cpu,
-            speed=True,
-            note=skipped or ("" if cpu else "no CPU figure in BENCHMARKS.md to compare with"),
-        )
-    ok = _get(results, "compile", "status")
-    add(
-        "torch.compile of the U-Net (training step)",
-        f"compiles in under {SMOKE.compile_limit_s if smoke else FULL.compile_limit_s:.0f} s",
-        None
-        if ok is None
-        else f"{ok}, first step {_get(results, 'compile', 'compile_s') or 0:.1f} s",
-        None if ok is None else ok == "ok",
-        speed=True,
-        note=str(_get(results, "compile", "note") or ""),
-    )
-    loss = _get(results, "sanity", "loss")
-    drop = None if loss is None else loss["last20_mean"]["bf16"] / loss["first20_mean"]["bf16"]
-    add(
-        "bf16: the training loss falls over 200 steps on random images",
-        f"last-20 mean <= {LOSS_DROP} x first-20 mean, all finite",
-        None if drop is None else f"{drop:.3f} x",
-        None if loss is None else bool(loss["decreases"] and loss["finite"]),
-        speed=False,
-    )
-    add(
-        "bf16: the loss tracks float32's",
-        f"last-20 means within {LOSS_TRACK:.0%}",
-        None
-        if loss is None
-        else f"{loss['last20_mean']['bf16']:.4f} vs {loss['last20_mean']['fp32']:.4f}",
-        None if loss is None else bool(loss["tracks_fp32"]),
-        speed=False,
-    )
-    feats = _get(results, "sanity", "features")
-    worst = None if feats is None else max(feats["error_vs_spread"].items(), key=lambda kv: kv[1])
-    add(
-        "bf16: features of all nine blocks close to float32",
-        f"|bf16 - fp32| <= {FEATURE_TOL:.0%} of the features' spread, every block",
-        None if worst is None else f"{worst[1]:.4f} ({worst[0]})",
-        None if feats is None else bool(feats["within"]),
-        speed=False,
-    )
     return rows
 
 
