@@ -424,6 +424,27 @@ def loader_rate(loader: DataLoader[Any]) -> tuple[int, float]:
     return n, n / (time.perf_counter() - start)
 
 
+def decoded_rates(sizes: Sizes, split: Any) -> dict[str, Any]:
+    """The candidate fix: CIFAR-10 decoded once into data.TensorImages (as digits is read),
+    read by the same loaders; and how far its images are from the per-image PIL path's."""
+    start = time.perf_counter()
+    pixels = torch.from_numpy(split.data).permute(0, 3, 1, 2)  # (N, 32, 32, 3) uint8
+    images = pixels.float().div_(127.5).sub_(1.0)
+    labels = torch.as_tensor(split.targets)
+    decode_s = time.perf_counter() - start
+    train = data.TensorImages(images, labels, flip=True)
+    _, train_ips = loader_rate(DataLoader(train, batch_size=sizes.train_batch, shuffle=True))
+    probe = data.TensorImages(images, labels, flip=False)
+    _, probe_ips = loader_rate(DataLoader(probe, batch_size=sizes.extract_batch, shuffle=False))
+    worst = max(float((probe[i][0] - split[i][0]).abs().max()) for i in range(0, len(split), 97))
+    return {
+        "decode_s": decode_s,
+        "train_images_per_s": train_ips,
+        "probe_images_per_s": probe_ips,
+        "max_abs_diff_vs_pil": worst,
+    }
+
+
 def section_data(sizes: Sizes) -> dict[str, Any]:
     """images/s of the training loader (train.make_loader) and of a probe split read as
     features.extract reads it: per-image PIL transforms, in the main process by default."""
@@ -445,6 +466,7 @@ def section_data(sizes: Sizes) -> dict[str, Any]:
         split = data.labelled_split("cifar10", "train", 32, root)
         n, ips = loader_rate(DataLoader(split, batch_size=sizes.extract_batch, shuffle=False))
         out["probe_split_loader"] = {"images": n, "images_per_s": ips, "workers": 0}
+        out["decoded"] = decoded_rates(sizes, split)
     base = out["train_loader"]["0"]["images_per_s"]
     for row in out["train_loader"].values():
         row["vs_default"] = row["images_per_s"] / base
@@ -933,6 +955,27 @@ def candidate_fixes(results: dict[str, Any]) -> list[dict[str, Any]]:
         {"fix": fix, "measured_by": f"{section}.{key}", "speedup": ratio(section, key)}
         for fix, section, key in fixes
     ]
+    decoded = _get(results, "data", "decoded") or {}
+    for fix, key, base in (
+        (
+            "CIFAR-10 decoded once into data.TensorImages: the training loader",
+            "train_images_per_s",
+            _get(results, "data", "train_loader", "0", "images_per_s"),
+        ),
+        (
+            "CIFAR-10 decoded once into data.TensorImages: a probe split (features.extract)",
+            "probe_images_per_s",
+            _get(results, "data", "probe_split_loader", "images_per_s"),
+        ),
+    ):
+        rate = decoded.get(key)
+        out.append(
+            {
+                "fix": fix,
+                "measured_by": f"data.decoded.{key}",
+                "speedup": None if rate is None or base is None else rate / base,
+            }
+        )
     loaders = _get(results, "data", "train_loader") or {}
     for workers, row in loaders.items():
         if workers != "0":
@@ -960,8 +1003,6 @@ def candidate_fixes(results: dict[str, Any]) -> list[dict[str, Any]]:
             {"fix": fix, "measured_by": f"sampling.{key}", "speedup": ratio("sampling", key, base)}
         )
     for fix in (
-        "features.extract: DataLoader workers, or CIFAR-10 kept as one decoded uint8 tensor "
-        "(scaled to [-1, 1] a batch at a time) instead of per-image PIL transforms",
         "features: each hook copies its block to the CPU (.cpu() inside the forward pass: nine "
         "syncs a batch); keep them on the device and copy once a batch",
         "train_step returns float(loss) every step (one sync a step); sync every log_every steps",
@@ -1023,13 +1064,18 @@ def render(section: str, res: dict[str, Any]) -> Table | None:
             [f"train.make_loader, {w} workers", r["images_per_s"], r["vs_default"]]
             for w, r in res["train_loader"].items()
         ]
-        rows.append(
+        probe = res["probe_split_loader"]["images_per_s"]
+        decoded = res["decoded"]
+        rows += [
+            ["probe split as features.extract reads it", probe, None],
+            ["decoded TensorImages: training loader", decoded["train_images_per_s"], None],
             [
-                "probe split as features.extract reads it",
-                res["probe_split_loader"]["images_per_s"],
-                None,
-            ]
-        )
+                "decoded TensorImages: probe split",
+                decoded["probe_images_per_s"],
+                decoded["probe_images_per_s"] / probe,
+            ],
+            ["decoded vs PIL path: max |difference|", decoded["max_abs_diff_vs_pil"], None],
+        ]
         return table("CIFAR-10 loaders (CPU)", ["loader", "images/s", "vs default"], rows)
     if section == "compile":
         keys = ("status", "backend", "compile_s", "images_per_s", "projected_h", "note")
@@ -1085,6 +1131,7 @@ def render(section: str, res: dict[str, Any]) -> Table | None:
 
 
 SECTIONS = ("training", "data", "extraction", "probes", "sampling", "sanity", "compile")
+CPU_SECTIONS = {"data"}  # runs at full size without a GPU too: the loaders are CPU work
 
 
 def describe(device: torch.device, smoke: bool, argv: list[str]) -> dict[str, Any]:
@@ -1123,13 +1170,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = SMOKE if args.smoke else FULL
-    if not args.smoke and not torch.cuda.is_available():
-        print("no CUDA device here: run with --smoke on a CPU", file=sys.stderr)
-        return 2
-    device = torch.device("cpu" if args.smoke else "cuda")
-    if args.compile_child:
-        compile_child(sizes, device, args.compile_child)
-        return 0
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:
@@ -1137,6 +1177,16 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown section(s) {', '.join(unknown)}: use {', '.join(SECTIONS)}", file=sys.stderr
         )
         return 2
+    cuda = torch.cuda.is_available()
+    if not args.smoke and not cuda and not set(wanted) <= CPU_SECTIONS:
+        print(
+            "no CUDA device here: run with --smoke, or --sections data, on a CPU", file=sys.stderr
+        )
+        return 2
+    device = torch.device("cuda" if cuda and not args.smoke else "cpu")
+    if args.compile_child:
+        compile_child(sizes, device, args.compile_child)
+        return 0
 
     console = Console(width=160)
     child_args = (["--smoke"] if args.smoke else []) + (

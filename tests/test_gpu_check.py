@@ -81,6 +81,9 @@ def test_smoke_runs_every_section_and_the_bf16_checks_pass(tmp_path: Path) -> No
     loaders = results["data"]["train_loader"]
     assert set(loaders) == {"0", "2"} and all(r["images"] == 5 * 200 for r in loaders.values())
     assert results["data"]["probe_split_loader"]["images"] == 5 * 200
+    # The decoded candidate reads the same images as the per-image PIL path, up to rounding.
+    decoded = results["data"]["decoded"]
+    assert decoded["max_abs_diff_vs_pil"] <= 1e-6 and decoded["probe_images_per_s"] > 0
     assert set(results["extraction"]["blocks"]) == {
         "down1", "down2", "down3", "down4", "mid", "up4", "up3", "up2", "up1"
     }  # fmt: skip
