@@ -994,7 +994,11 @@ def candidate_fixes(results: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     for fix, key in (
-        ("diffusion.sample under bf16 autocast (DDPM, as ddsweep fid runs it)", "ddpm_bf16"),
+        (
+            "diffusion.sample under bf16 autocast (DDPM, as ddsweep fid runs it); "
+            "compare a checkpoint's FID in both before adopting it",
+            "ddpm_bf16",
+        ),
         ("diffusion.sample under bf16 autocast, channels_last U-Net (DDPM)", "ddpm_bf16_cl"),
         ("diffusion.sample under bf16 autocast (DDIM)", "ddim_bf16"),
     ):
