@@ -47,16 +47,24 @@ def test_quickstart_trains_probes_and_reports_then_reuses_everything(
     assert rows[0][2:] == ["0", "1"]  # epochs: the untrained net first (max_steps ends epoch 1)
     # Every metric the linear kind reports (probes.get("linear").metrics), block by block.
     # Then the 95 % interval of every top1 cell, as `top1 low %` and `top1 high %` rows.
+    # train_loss is no accuracy: a bare value, not in %.
     assert [r[:2] for r in rows[1:]] == [
-        [f"{metric} %", block]
-        for metric in ("top1", "top3", "train_top1", "top1 low", "top1 high")
+        [heading, block]
+        for heading in (
+            "top1 %",
+            "top3 %",
+            "train_top1 %",
+            "train_loss",
+            "top1 low %",
+            "top1 high %",
+        )
         for block in ("pixels", "mid", "up4")
     ]
     by_row = {(r[0], r[1]): [float(c) for c in r[2:]] for r in rows[1:]}
     for block in ("pixels", "mid", "up4"):
         low, top1, high = (by_row[(f"top1{m} %", block)] for m in (" low", "", " high"))
         assert all(lo <= v <= hi and lo < hi for lo, v, hi in zip(low, top1, high, strict=True))
-    cells = [float(c) for r in rows[1:] for c in r[2:]]
+    cells = [float(c) for r in rows[1:] if r[0].endswith("%") for c in r[2:]]
     assert all(0 <= c <= 100 for c in cells)
     assert max(cells) > 50  # digits are easy: the best cell is far above chance (10 %)
 
