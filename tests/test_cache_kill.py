@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hooked  # pytest puts tests/ on the path
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -86,30 +86,14 @@ def writer(tmp_path: Path) -> Iterator[Any]:
     """writer(MODE) -> the process (see WRITER), stopped at its hook; killed at the end."""
     x, y = images()
     save_file({"images": x.contiguous(), "labels": y.contiguous()}, tmp_path / "images.safetensors")
-    started: list[subprocess.Popen[str]] = []
+    with hooked.processes() as run:
 
-    def start(mode: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, mode, str(tmp_path)],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "at").exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the writer ended before its hook: {proc.communicate()[1][-3000:]}")
-            assert time.monotonic() < deadline, "the writer never reached its hook"
-            time.sleep(0.01)
-        return proc
+        def start(mode: str) -> subprocess.Popen[str]:
+            proc = run(WRITER, mode, str(tmp_path))
+            hooked.reach(proc, tmp_path / "at", timeout=120)
+            return proc
 
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
+        yield start
 
 
 def kill(proc: subprocess.Popen[str]) -> None:

@@ -13,16 +13,17 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hooked  # pytest puts tests/ on the path
 import optuna
 import pytest
-import test_study  # pytest puts tests/ on the path
+import test_study
 from optuna.trial import TrialState
 from test_study import (
     STUDY,
@@ -118,38 +119,19 @@ cli.main()
 def start_worker() -> Iterator[Any]:
     """start_worker(MODE, N, DIR, OFFSET, *ARGS) -> the process (see WORKER); any still alive
     (or stopped) at the end of the test is killed."""
-    started: list[subprocess.Popen[str]] = []
+    with hooked.processes() as start:
 
-    def start(mode: str, n: int, folder: Path, offset: float, *args: str) -> Any:
-        folder.mkdir(exist_ok=True)
-        cmd = [sys.executable, "-c", WORKER, mode, str(n), str(folder), str(offset)]
-        proc = subprocess.Popen(
-            [*cmd, "study", "probe-grid", "--study", STUDY, *args],
-            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        return proc
+        def worker(mode: str, n: int, folder: Path, offset: float, *args: str) -> Any:
+            folder.mkdir(exist_ok=True)
+            grid_args = ("study", "probe-grid", "--study", STUDY, *args)
+            return start(WORKER, mode, str(n), str(folder), str(offset), *grid_args)
 
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
+        yield worker
 
 
-def reach(proc: subprocess.Popen[str], folder: Path, timeout: float = 180) -> str:
+def reach(proc: subprocess.Popen[str], folder: Path) -> str:
     """Wait until the worker stops at its hook; the id of the point it stopped in."""
-    marker = folder / "at"
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the worker ended before its hook: {proc.communicate()[1][-3000:]}")
-        assert time.monotonic() < deadline, "the worker never reached its hook"
-        time.sleep(0.02)
-    return marker.read_text()
+    return hooked.reach(proc, folder / "at")
 
 
 @contextlib.contextmanager
@@ -222,7 +204,15 @@ def test_ctrl_c_exits_130_and_the_rerun_finishes_only_what_was_left_even_without
     assert len(finished_per_point()) == 2
 
     # --max-retries 0: an interrupted point is no failed one; it is run, and only what was left.
-    result = grid(*FAST, "--max-retries", "0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = grid(*FAST, "--max-retries", "0")
+    # The retry holds the point's params as they were, the 48-bit digest of its probe settings
+    # (linear epochs 2) included, within the param's range.
+    assert cut.params["settings"] > 2**31
+    assert not [w for w in caught if "out of range" in str(w.message)]
+    (retry,) = [t for t in load().trials if t.number > cut.number and t.params == cut.params]
+    assert retry.state == TrialState.COMPLETE
     assert result.exit_code == 0, result.output
     assert f"{POINTS}/{POINTS} points complete ({POINTS - 2} evaluated now, 0 failed" in summary(
         result

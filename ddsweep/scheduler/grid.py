@@ -34,7 +34,10 @@ from ddsweep.scheduler.types import Evaluator, Grid, Outcome, Policy
 
 CREATED_ATTR = "created_at"
 CHOICES_ATTR = "choices"  # the categorical params' choices, fixed when the study is created
-INT_HIGH = 2**31 - 1
+# Int params hold epochs, steps, k, and the 48-bit digest of a point's other settings (a retry
+# of such a point warned "out of range" with 2**31 - 1); 2**48 - 1 stays exact in an RDB's
+# float column, and Optuna accepts the wider range beside trials of the narrower one.
+INT_HIGH = 2**48 - 1
 Direction = Literal["minimize", "maximize"]
 
 
