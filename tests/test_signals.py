@@ -301,3 +301,19 @@ def test_liveness_reads_beats_not_clocks_an_hour_off_either_way(tmp_path: Path) 
     assert scheduler.trials.fail_stale(s, live) == 1
     assert storage.get_trial(dead_ahead).state == TrialState.FAIL
     assert storage.get_trial(alive_behind).state == TrialState.RUNNING
+
+
+def test_liveness_on_an_rdb_storage_is_the_database_clock_s_judgment(tmp_path: Path) -> None:
+    policy = scheduler.Policy(
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=2
+    )
+    s = optuna.create_study(study_name="rdb", storage=scheduler.make_storage("rdb", policy))
+    dead, alive = s.ask(), s.ask()
+    for trial in (dead, alive):
+        scheduler.Heartbeat(s, trial._trial_id, interval=600).beat()
+    live = Liveness(s, grace=1.0)
+    running = lambda: s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))  # noqa: E731
+    assert live.stale_ids(running()) == set()
+    with scheduler.Heartbeat(s, alive._trial_id, interval=0.5):
+        time.sleep(3.3)  # past the grace period on the database clock (whole seconds)
+        assert live.stale_ids(running()) == {dead._trial_id}
