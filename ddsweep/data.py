@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import tarfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,20 +426,35 @@ _CONTENT_DIGESTS: dict[tuple[str, str], str] = {}
 
 def _tree_digest(folder: Path) -> str:
     """8 hex digits naming the content of every file ImageFolder loads from `folder`, under its
-    relative path (hence its class), and the way it is decoded."""
+    relative path (hence its class), and the way it is decoded.
+
+    Each process hashes the content on first use; later calls re-hash only when a file's stat
+    changed. The stat names the inode and ctime besides size and mtime: pixels rewritten in
+    place at the same size with the mtime put back (`cp -p`, `rsync -t`, `touch -r`) still
+    change the ctime, which no user call can set. A file changed in the last seconds is never
+    trusted to its stat (it could change again within one timestamp tick, as git's "racy clean"
+    entries can): such a tree is hashed on every call."""
     files = _folder_files(folder)
     listing = hashlib.sha256(_LOADER_VERSION.encode())
+    newest = 0
     for path in files:
         st = path.stat()
-        listing.update(f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+        stat = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}"
+        listing.update(f"{path.relative_to(folder)}\0{stat}\n".encode())
     key = (str(folder), listing.hexdigest())
-    if key not in _CONTENT_DIGESTS:
-        digest = hashlib.sha256(_LOADER_VERSION.encode())
-        for path in files:
-            digest.update(f"{path.relative_to(folder)}\0".encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    if key in _CONTENT_DIGESTS:
+        return _CONTENT_DIGESTS[key]
+    digest = hashlib.sha256(_LOADER_VERSION.encode())
+    for path in files:
+        digest.update(f"{path.relative_to(folder)}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    if newest < time.time_ns() - _RACY_NS:
         _CONTENT_DIGESTS[key] = digest.hexdigest()[:8]
-    return _CONTENT_DIGESTS[key]
+    return digest.hexdigest()[:8]
+
+
+_RACY_NS = 3 * 10**9  # files changed more recently than this are hashed on every call
 
 
 _LOADER_VERSION = "folder-loader-2"  # 2: 16-bit images scaled, not clipped

@@ -302,6 +302,9 @@ class CacheKey:
         return hashlib.sha256(blob).hexdigest()[:32]
 
 
+_TEMP_PREFIX = ".tmp-"
+
+
 class FeatureCache:
     """Pooled features on disk as safetensors; atomic writes, LRU eviction under a size cap."""
 
@@ -353,18 +356,33 @@ class FeatureCache:
         self.root.mkdir(parents=True, exist_ok=True)
         stored = features.half() if _half_is_faithful(features) else features.float()
         meta = {k: str(v) for k, v in asdict(key).items()}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
+        # The temp file is named after its entry: a writer killed before the rename leaves one
+        # that the next writer of the entry (under the same lock) removes.
+        prefix = f"{_TEMP_PREFIX}{key.digest()}-"
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=prefix, suffix=".safetensors")
         os.close(fd)
         try:
             save_file(
                 {"features": stored.contiguous(), "labels": labels.contiguous()}, tmp, metadata=meta
             )
+            with open(tmp, "rb") as f:  # on disk before it is named: a power cut tears nothing
+                os.fsync(f.fileno())
             os.replace(tmp, self.path(key))
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         self.evict()
         return stored.float()
+
+    def remove_leftovers(self, key: CacheKey) -> int:
+        """Delete temp files of `key` that killed writers left; call only while holding the
+        lock every writer of `key` takes (no live writer has one then)."""
+        n = 0
+        for p in self.root.glob(f"{_TEMP_PREFIX}{key.digest()}-*"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
+        return n
 
     def evict(self) -> None:
         """Delete least-recently-used entries until the cache is under its cap."""
@@ -457,11 +475,16 @@ def cached_features(
     out = cache.get_many(keys)
     if len(out) == len(keys):
         return out, 0.0, False
-    with cache.lock(dataclasses.replace(next(iter(keys.values())), block="*")):
+    # One lock per request kind, whichever block comes first: every writer of an entry takes
+    # the same lock (a pixels entry is fp32 in every request), which remove_leftovers needs.
+    group = dataclasses.replace(next(iter(keys.values())), block="*", precision=req.precision)
+    with cache.lock(group):
         out = cache.get_many(keys)  # another worker may have filled it meanwhile
         missing = tuple(b for b in req.blocks if b not in out)
         if not missing:
             return out, 0.0, False
+        for b in missing:
+            cache.remove_leftovers(keys[b])
         return _fill(unet_loader, dataset, req, missing, keys, out, cache, batch_size, on_batch)
 
 

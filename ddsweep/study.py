@@ -9,6 +9,7 @@ nothing of either; this module is the only one that knows all three.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 from ddsweep import evaluate, scheduler, sweep, tracking
 from ddsweep.errors import UserError
 from ddsweep.model import PIXELS
-from ddsweep.objectives import OBJECTIVES, Objective, Pins
+from ddsweep.objectives import OBJECTIVES, Objective, Pins, Record
 from ddsweep.points import AXES, legacy_id, point_id
 from ddsweep.scheduler import GridStudy, Outcome, Tally
 from ddsweep.tracking.recorder import POINT_TAG, STUDY_TAG, StudyRecorder
@@ -140,11 +141,12 @@ class _Trials:
             found = self.recorder.adopted(legacy_id(point))
         return self._outcome(*found) if found else None
 
-    def evaluate(self, pid: str, trial_number: int) -> Outcome:
-        point = self.objective.points[pid]
-        record = self.objective.evaluate(point)
-        run_id = self.recorder.log_trial(point_id(point), trial_number, record)
-        return self._outcome(run_id, record.metrics)
+    def compute(self, pid: str) -> Record:
+        return self.objective.evaluate(self.objective.points[pid])
+
+    def record(self, pid: str, trial_number: int, result: Record) -> Outcome:
+        run_id = self.recorder.log_trial(point_id(self.objective.points[pid]), trial_number, result)
+        return self._outcome(run_id, result.metrics)
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         point = self.objective.points[pid]
@@ -229,8 +231,11 @@ def work(ctx: Context, on_point: Callable[[str], None] | None = None) -> Counter
 def _worker_main(cfg: sweep.StudyConfig, opts: RunOptions) -> None:
     """Entry point of a spawned worker process."""
     scheduler.share_cores(opts.workers)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    work(prepare(cfg, opts))
+    # Ctrl-C reaches every worker of the terminal's process group, and stop_workers sends
+    # SIGTERM: both end the trial as interrupted (retried whatever --max-retries says), quietly.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt):
+        work(prepare(cfg, opts))
 
 
 Progress = Callable[[Context, Tally, str | None], None]

@@ -13,8 +13,12 @@ A trial's params are the point's settings (categorical, int or bool), so `optuna
 3. Before evaluating, the evaluator may adopt a result already recorded for the point (a worker
    killed after recording, before telling Optuna) instead of evaluating again.
 A trial that raises is FAIL with the error as attribute; the next run retries it, up to
-`max_retries`. A trial whose heartbeat stops (SIGKILL, lost machine) is marked FAIL after the
-grace period and retried by any worker.
+`max_retries`. A trial ended by Ctrl-C or SIGTERM is FAIL with attribute `interrupted` and is
+retried whatever the budget. A trial whose heartbeat stops (SIGKILL, lost machine) is marked FAIL
+after the grace period and retried by any worker; its recorded result, if any, is adopted
+whatever the budget. Liveness never compares one machine's clock with another's (`Liveness`).
+A worker that finds its trial ended before it records (paused past the grace period) records
+nothing.
 
 Studies begun by ddsweep 0.1 keep working: their trials hold one opaque `point` param and the
 point's positional id as attribute, which the grid maps to today's ids (`Grid.legacy`), so their

@@ -21,10 +21,11 @@ from ddsweep.errors import UserError, first_line
 from ddsweep.points import id_of
 from ddsweep.scheduler.storage import make_storage
 from ddsweep.scheduler.trials import (
+    INTERRUPTED_ATTR,
     Heartbeat,
+    Liveness,
     Tally,
     fail_stale,
-    is_fresh,
     tally,
     trial_params,
     trial_point,
@@ -33,7 +34,10 @@ from ddsweep.scheduler.types import Evaluator, Grid, Outcome, Policy
 
 CREATED_ATTR = "created_at"
 CHOICES_ATTR = "choices"  # the categorical params' choices, fixed when the study is created
-INT_HIGH = 2**31 - 1
+# Int params hold epochs, steps, k, and the 48-bit digest of a point's other settings (a retry
+# of such a point warned "out of range" with 2**31 - 1); 2**48 - 1 stays exact in an RDB's
+# float column, and Optuna accepts the wider range beside trials of the narrower one.
+INT_HIGH = 2**48 - 1
 Direction = Literal["minimize", "maximize"]
 
 
@@ -115,6 +119,7 @@ class GridStudy:
     def __init__(self, study: optuna.Study, policy: Policy, created: bool) -> None:
         self.study, self.policy, self.created = study, policy, created
         self.grid = Grid({})
+        self.liveness = Liveness(study, policy.grace_period)
 
     # study-wide attributes: pinned backbones, the MLflow parent run, ...
     @property
@@ -129,7 +134,7 @@ class GridStudy:
         return time.time() - float(self.study.user_attrs.get(CREATED_ATTR, 0.0))
 
     def tally(self) -> Tally:
-        return tally(self.study, self.policy.grace_period, self.grid.legacy)
+        return tally(self.study, self.liveness, self.grid.legacy)
 
     def has_legacy_trials(self) -> bool:
         """Whether ddsweep 0.1 ran trials of this study (one opaque `point` param each)."""
@@ -169,8 +174,17 @@ class GridStudy:
         trial = self.study.ask()
         # The heartbeat covers the whole trial: a worker killed while it claims a point leaves
         # a trial that goes stale like any other, not one RUNNING forever.
-        with Heartbeat(self.study, trial._trial_id, self.policy.heartbeat_interval):
-            return self._run_claimed(trial, evaluator, on_point)
+        with Heartbeat(self.study, trial._trial_id, self.policy.heartbeat_interval) as beat:
+            try:
+                return self._run_claimed(trial, evaluator, on_point, beat)
+            except (KeyboardInterrupt, SystemExit) as stop:
+                # Ctrl-C or SIGTERM says nothing about the point: FAIL, but marked so that it
+                # is retried whatever --max-retries says (a point is never lost to a Ctrl-C).
+                with contextlib.suppress(UpdateFinishedTrialError):
+                    trial.set_user_attr(INTERRUPTED_ATTR, True)
+                    trial.set_user_attr("error", f"interrupted ({type(stop).__name__})")
+                self._tell(trial, state=TrialState.FAIL)
+                raise
 
     def _claim(self, trial: optuna.Trial) -> str | None:
         """Write the point's params into the trial (the claim, visible before we read)."""
@@ -196,7 +210,11 @@ class GridStudy:
         return id_of(trial.params)
 
     def _run_claimed(
-        self, trial: optuna.Trial, evaluator: Evaluator, on_point: Callable[[str], None] | None
+        self,
+        trial: optuna.Trial,
+        evaluator: Evaluator,
+        on_point: Callable[[str], None] | None,
+        beat: Heartbeat,
     ) -> str:
         pid = self._claim(trial)
         if pid not in self.grid.params:
@@ -220,10 +238,18 @@ class GridStudy:
             self._finish(trial, adopted)
             return "adopted"
         try:
-            outcome = evaluator.evaluate(pid, trial.number)
-        except (KeyboardInterrupt, SystemExit):
-            self._tell(trial, state=TrialState.FAIL)
-            raise
+            result = evaluator.compute(pid)
+            # A worker paused past the grace period (SIGSTOP, a suspended machine) finds its
+            # trial judged stale and its point handed on: it records nothing (the beat is a
+            # write that fails on an ended trial). And a result recorded meanwhile by a worker
+            # judged stale just after its own check is adopted, not recorded twice.
+            if not beat.beat():
+                return "superseded"
+            adopted = evaluator.adopt(pid)
+            if adopted is not None:
+                self._finish(trial, adopted)
+                return "adopted"
+            outcome = evaluator.record(pid, trial.number, result)
         except Exception as err:
             message = f"{type(err).__name__}: {first_line(err)}"
             evaluator.fail(pid, trial.number, message)
@@ -249,13 +275,14 @@ class GridStudy:
 
     def _step_back_reason(self, trial: optuna.Trial, pid: str) -> str | None:
         """Why this trial must not evaluate point `pid` (another trial has it), or None."""
-        now = time.time()
-        for t in self.study.get_trials(deepcopy=False):
+        trials = self.study.get_trials(deepcopy=False)
+        stale = self.liveness.stale_ids([t for t in trials if t.state == TrialState.RUNNING])
+        for t in trials:
             if t.number == trial.number or trial_point(t, self.grid.legacy) != pid:
                 continue
             if t.state == TrialState.COMPLETE:
                 return f"complete in trial {t.number}"
-            if t.state == TrialState.RUNNING and is_fresh(t, self.policy.grace_period, now):
+            if t.state == TrialState.RUNNING and t._trial_id not in stale:
                 return f"running in trial {t.number}"
         return None
 
@@ -265,23 +292,23 @@ class GridStudy:
     ) -> Counter[str]:
         """Run trials until every point is complete, given up on, or running elsewhere."""
         outcomes: Counter[str] = Counter()
-        grace = self.policy.grace_period
-        fail_stale(self.study, grace)
-        self._enqueue_retries(include_failed=True)
+        live = self.liveness
+        fail_stale(self.study, live)
+        self._enqueue_retries(include_failed=True, evaluator=evaluator)
         sampler = self.study.sampler
         assert isinstance(sampler, GridSampler)
         while True:
             while self._waiting() or not sampler.is_exhausted(self.study):
                 outcomes[self.run_trial(evaluator, on_point)] += 1
-                fail_stale(self.study, grace)
+                fail_stale(self.study, live)
             # Points left by races or by dead workers, within this same run:
-            if self._enqueue_retries(include_failed=False) or self._retry_stale():
+            if self._enqueue_retries(include_failed=False) or self._retry_stale(evaluator):
                 continue
             t = self.tally()
             if not [p for p in t.left(self.grid.ids) if p in t.running]:
                 return outcomes
             time.sleep(min(2.0, self.policy.heartbeat_interval))  # wait for other workers
-            fail_stale(self.study, grace)
+            fail_stale(self.study, live)
 
     def _waiting(self) -> int:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
@@ -289,17 +316,20 @@ class GridStudy:
     def _enqueue(self, pid: str) -> None:
         self.study.enqueue_trial(self.grid.params[pid], skip_if_exists=False)
 
-    def _enqueue_retries(self, *, include_failed: bool) -> int:
+    def _enqueue_retries(self, *, include_failed: bool, evaluator: Evaluator | None = None) -> int:
         """Enqueue points that have no COMPLETE, RUNNING or WAITING trial: failed ones (up to
-        max_retries) when `include_failed`, and those left without a trial by a stepped-back
-        race."""
+        max_retries, or beyond when `evaluator` holds a recorded result to adopt) when
+        `include_failed`, those left without a trial by a stepped-back race, and interrupted
+        ones (a Ctrl-C is no failure of the point)."""
         t = self.tally()
         n = 0
         for pid in t.left(self.grid.ids):
             if pid in t.running or pid in t.waiting:
                 continue
             fails = t.failures[pid]
-            if fails and (not include_failed or fails > self.policy.max_retries):
+            if fails and not include_failed:
+                continue
+            if fails > self.policy.max_retries and not self._recorded(pid, evaluator):
                 continue
             if not fails and pid not in t.visited:
                 continue  # the grid sampler still owes it a trial
@@ -307,8 +337,9 @@ class GridStudy:
             n += 1
         return n
 
-    def _retry_stale(self) -> int:
-        """Enqueue points whose last failure was a dead worker (not an error), within limits."""
+    def _retry_stale(self, evaluator: Evaluator) -> int:
+        """Enqueue points whose last failure was a dead worker (not an error), within limits
+        or with a result recorded before the worker died (adopted whatever the budget)."""
         t = self.tally()
         n = 0
         for pid in t.left(self.grid.ids):
@@ -316,11 +347,17 @@ class GridStudy:
                 continue
             if not t.last_error[pid].startswith("stale"):
                 continue
-            if t.failures[pid] > self.policy.max_retries:
+            if t.failures[pid] > self.policy.max_retries and not self._recorded(pid, evaluator):
                 continue
             self._enqueue(pid)
             n += 1
         return n
+
+    @staticmethod
+    def _recorded(pid: str, evaluator: Evaluator | None) -> bool:
+        """Whether a result of `pid` was recorded (a worker died before telling Optuna):
+        adopting it costs nothing, so it is done whatever the retry budget."""
+        return evaluator is not None and evaluator.adopt(pid) is not None
 
 
 def open_study(

@@ -17,7 +17,8 @@ from optuna.trial import FrozenTrial, TrialState
 from ddsweep.points import id_of
 from ddsweep.scheduler.storage import uses_rdb_heartbeat
 
-HEARTBEAT_ATTR = "heartbeat"
+HEARTBEAT_ATTR = "heartbeat"  # how many times the trial's worker has beaten
+INTERRUPTED_ATTR = "interrupted"  # a FAIL trial ended by Ctrl-C or SIGTERM, not by its point
 
 
 # --- what a trial holds ------------------------------------------------------------------------
@@ -44,16 +45,36 @@ def _id(params: tuple[tuple[str, Any], ...]) -> str:
     return id_of(dict(params))
 
 
-def last_beat(t: FrozenTrial) -> float:
-    """When a RUNNING trial last showed life (its heartbeat attribute, else its start)."""
-    beat = t.user_attrs.get(HEARTBEAT_ATTR)
-    start = t.datetime_start.timestamp() if t.datetime_start else time.time()
-    return max(float(beat), start) if beat is not None else start
+class Liveness:
+    """Which RUNNING trials have a live worker, judged without comparing one machine's clock
+    with stamps written by another (their clocks may differ by an hour either way).
 
+    With Optuna's own heartbeat (RDB storage) the database's clock stamps and judges every
+    beat. Otherwise each worker counts its beats into the trial, and this observer, on its
+    own monotonic clock, calls a trial stale once its count has not moved for the grace
+    period. An observer that has just started gives every trial the benefit of the doubt for
+    one grace period: a dead trial is judged late, a live one never wrongly."""
 
-def is_fresh(t: FrozenTrial, grace: float, now: float | None = None) -> bool:
-    """A RUNNING trial whose worker is alive, as far as its heartbeat tells."""
-    return (now or time.time()) - last_beat(t) <= grace
+    def __init__(self, study: optuna.Study, grace: float) -> None:
+        self.study, self.grace = study, grace
+        self._seen: dict[int, tuple[Any, float]] = {}  # trial id -> (beat, when first seen)
+
+    def stale_ids(self, running: list[FrozenTrial]) -> set[int]:
+        """The ids of the trials among `running` whose worker has shown no life for `grace`."""
+        storage = self.study._storage
+        if uses_rdb_heartbeat(storage):
+            ids = storage._get_stale_trial_ids(self.study._study_id)  # type: ignore[attr-defined]
+            return set(ids) & {t._trial_id for t in running}
+        now = time.monotonic()
+        stale = set()
+        for t in running:
+            beat = t.user_attrs.get(HEARTBEAT_ATTR)
+            seen = self._seen.get(t._trial_id)
+            if seen is None or seen[0] != beat:
+                self._seen[t._trial_id] = seen = (beat, now)
+            if now - seen[1] > self.grace:
+                stale.add(t._trial_id)
+        return stale
 
 
 @dataclass
@@ -80,28 +101,36 @@ class Tally:
         return "failed" if self.failures[pid] else "left"
 
 
-def tally(study: optuna.Study, grace: float, legacy: Mapping[str, str] | None = None) -> Tally:
-    """Count trials per point: complete, running (fresh), waiting, failed."""
+def interrupted(t: FrozenTrial) -> bool:
+    """A FAIL trial that Ctrl-C or SIGTERM ended: its point is retried whatever the budget."""
+    return bool(t.user_attrs.get(INTERRUPTED_ATTR))
+
+
+def tally(
+    study: optuna.Study, liveness: Liveness, legacy: Mapping[str, str] | None = None
+) -> Tally:
+    """Count trials per point: complete, running (live), waiting, failed (not interrupted)."""
     t = Tally(set(), set(), set(), Counter(), set(), {})
-    now = time.time()
-    for tr in study.get_trials(deepcopy=False):  # in trial-number order: the last error wins
+    trials = study.get_trials(deepcopy=False)
+    stale = liveness.stale_ids([tr for tr in trials if tr.state == TrialState.RUNNING])
+    for tr in trials:  # in trial-number order: the last error wins
         pid = trial_point(tr, legacy)
         if pid is None:
             continue
         t.visited.add(pid)
         if tr.state == TrialState.COMPLETE:
             t.complete.add(pid)
-        elif tr.state == TrialState.RUNNING and is_fresh(tr, grace, now):
+        elif tr.state == TrialState.RUNNING and tr._trial_id not in stale:
             t.running.add(pid)
         elif tr.state == TrialState.WAITING:
             t.waiting.add(pid)
-        elif tr.state == TrialState.FAIL:
+        elif tr.state == TrialState.FAIL and not interrupted(tr):
             t.failures[pid] += 1
             t.last_error[pid] = str(tr.user_attrs.get("error", "stale"))
     return t
 
 
-def fail_stale(study: optuna.Study, grace: float) -> int:
+def fail_stale(study: optuna.Study, liveness: Liveness) -> int:
     """Mark RUNNING trials whose heartbeat stopped as FAIL (Optuna's own check on RDB)."""
     storage = study._storage
     if uses_rdb_heartbeat(storage):
@@ -109,13 +138,16 @@ def fail_stale(study: optuna.Study, grace: float) -> int:
         optuna.storages.fail_stale_trials(study)
         return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
     n = 0
-    now = time.time()
-    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if is_fresh(tr, grace, now):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    stale = liveness.stale_ids(running)
+    for tr in running:
+        if tr._trial_id not in stale:
             continue
         try:
             storage.set_trial_user_attr(
-                tr._trial_id, "error", f"stale: no heartbeat for {grace:.0f} s (worker died?)"
+                tr._trial_id,
+                "error",
+                f"stale: no heartbeat for {liveness.grace:.0f} s (worker died?)",
             )
             if storage.set_trial_state_values(tr._trial_id, TrialState.FAIL):
                 n += 1
@@ -129,6 +161,7 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study, trial_id: int, interval: float) -> None:
         self.study, self.trial_id, self.interval = study, trial_id, interval
+        self.beats = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -138,7 +171,9 @@ class Heartbeat:
         try:
             if uses_rdb_heartbeat(storage):
                 storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
-            storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+            # A count, not a time: observers watch it move on their own clocks.
+            self.beats += 1
+            storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, self.beats)
         except Exception:  # the trial ended meanwhile
             return False
         return True

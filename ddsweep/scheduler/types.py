@@ -53,8 +53,11 @@ class Evaluator(Protocol):
     def adopt(self, pid: str) -> Outcome | None:
         """The outcome of `pid` already recorded by an earlier worker, if any."""
 
-    def evaluate(self, pid: str, trial_number: int) -> Outcome:
-        """Evaluate `pid` and record it; raising marks the trial FAIL."""
+    def compute(self, pid: str) -> Any:
+        """Evaluate `pid`, recording nothing yet; raising marks the trial FAIL."""
+
+    def record(self, pid: str, trial_number: int, result: Any) -> Outcome:
+        """Record what `compute` gave, once the trial still holds the point."""
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         """Record that evaluating `pid` raised `message`."""
