@@ -582,8 +582,10 @@ def test_two_workers_started_at_once_evaluate_every_point_once(home: Path, start
         assert w.returncode == 0, err[-3000:]
     assert_each_point_evaluated_once(expected_ids())
     assert len(parents()) == 1  # both found the one parent run, though both began at once
+    # Every point evaluated by one worker or the other; how they shared it is up to the machine
+    # (a loaded one may let the first worker finish before the second claims a point).
     evaluated = [evaluated_now(out) for out, _ in outputs]
-    assert sum(evaluated) == GRID and min(evaluated) > 0, outputs
+    assert sum(evaluated) == GRID, outputs
     # The feature cache's lock: a checkpoint is never run twice, whoever asks for it.
     assert sum(r.data.metrics["backbone_passes"] for r in children("FINISHED")) == 2 * 2
 
@@ -716,7 +718,7 @@ def test_an_unknown_key_in_the_sweep_file_is_one_line_and_exit_status_2(home: Pa
     assert line.startswith("ddsweep: error: ")
     for word in (str(Path("sweeps") / f"{STUDY}.yaml"), "'blocks'", "allowed: dataset"):
         assert word in line
-    assert not (home / ".ddsweep" / "optuna").exists()  # nothing started
+    assert not (home / scheduler.default_storage_path(STUDY)).parent.exists()  # nothing started
 
 
 def test_status_of_a_study_never_run_is_a_user_error(home: Path) -> None:
