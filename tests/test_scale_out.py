@@ -270,7 +270,7 @@ def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
         time.sleep(0.2)
     assert victim is not None, "no worker was seen in the middle of a trial"
     os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    victim.wait(timeout=60)
     outputs = [finish(w) for w in workers if w is not victim]
 
     # Every grid point evaluated exactly once, counted from the server's child runs.

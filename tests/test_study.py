@@ -572,7 +572,7 @@ def start_grid() -> Iterator[Any]:
     for proc in started:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.communicate(timeout=60)
 
 
 def test_two_workers_started_at_once_evaluate_every_point_once(home: Path, start_grid: Any) -> None:
@@ -615,11 +615,13 @@ def test_a_killed_worker_s_point_is_rerun_or_adopted_never_evaluated_twice(
     deadline = time.time() + 120
     while not marker.exists():
         if victim.poll() is not None:
-            pytest.fail(f"the worker ended before hanging: {victim.communicate()[1][-3000:]}")
+            pytest.fail(
+                f"the worker ended before hanging: {victim.communicate(timeout=60)[1][-3000:]}"
+            )
         assert time.time() < deadline, "the worker never reached its third trial"
         time.sleep(0.05)
     os.kill(victim.pid, signal.SIGKILL)
-    victim.communicate()
+    victim.communicate(timeout=60)
     killed = marker.read_text()
     (running,) = [t for t in load().trials if t.state == TrialState.RUNNING]
     assert running.user_attrs["point_id"] == killed
