@@ -65,6 +65,26 @@ def children(parent: str) -> list[Run]:
     return list(found)
 
 
+def test_without_a_tracking_uri_runs_go_to_mlflow_db_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `mlflow ui`, run in the same folder with no flags, reads."""
+    import re
+
+    from mlflow.tracking import _tracking_service
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(_tracking_service.utils, "_tracking_uri", None)
+    probe = ["probe", "--dataset", "digits", "--block", "pixels", "--probe", "knn", "--k", "3"]
+    result = invoke(*probe)
+    match = re.search(r"logged as MLflow run (\w+)", result.stdout)
+    assert match, result.stdout
+    assert (tmp_path / "mlflow.db").is_file()
+    run = MlflowClient(tracking_uri="sqlite:///mlflow.db").get_run(match.group(1))
+    assert run.info.status == "FINISHED" and run.data.params["block"] == "pixels"
+
+
 @pytest.fixture(scope="module")
 def session(
     tmp_path_factory: pytest.TempPathFactory, isolated_store: IsolatedStore, one_torch_thread: None
