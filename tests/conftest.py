@@ -1,12 +1,17 @@
-"""Shared fixtures: a working folder with its own real MLflow store, and one torch thread.
+"""Shared fixtures: an isolated environment, a working folder with its own real MLflow store,
+and one torch thread.
 
-Nothing here is autouse: modules opt in (other modules keep their own stores), e.g.
+Only the environment is autouse: no fixture or test sees a DDSWEEP_* or MLFLOW_* variable of the
+user's, and ddsweep's folders (home, cache, checkpoints, data) are temporary folders, each test's
+own, so a user's own cache, journals, checkpoints or tracking server are never touched.
+The rest is opt-in (other modules keep their own stores), e.g.
 `pytestmark = pytest.mark.usefixtures("workdir")`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -17,6 +22,53 @@ import pytest
 import torch
 
 IsolatedStore = Callable[[Path], AbstractContextManager[str]]
+
+ISOLATED_PREFIXES = ("DDSWEEP_", "MLFLOW_")
+# Every folder ddsweep reads from the environment, and where a test's own copy of it goes.
+FOLDER_VARIABLES = {
+    "DDSWEEP_HOME": "home",
+    "DDSWEEP_CACHE": "cache",
+    "DDSWEEP_CHECKPOINTS": "checkpoints",
+    "DDSWEEP_DATA": "data",
+}
+# The folders a user working in one folder gets by default (relative to it): isolated_store
+# leaves these unset, as a user would.
+HOME_VARIABLES = ("DDSWEEP_HOME", "DDSWEEP_CACHE", "DDSWEEP_CHECKPOINTS")
+
+
+def isolate_environment(mp: pytest.MonkeyPatch, root: Path) -> None:
+    """Drop every DDSWEEP_* and MLFLOW_* variable, then point ddsweep's folders under `root`."""
+    for name in list(os.environ):
+        if name.startswith(ISOLATED_PREFIXES):
+            mp.delenv(name)
+    for name, sub in FOLDER_VARIABLES.items():
+        mp.setenv(name, str(root / sub))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_session_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No DDSWEEP_* or MLFLOW_* variable of the user's reaches any fixture or test: what session
+    and module fixtures see (they are set up before any test's own folders); yields the root."""
+    root = tmp_path_factory.mktemp("session-env")
+    with pytest.MonkeyPatch.context() as mp:
+        isolate_environment(mp, root)
+        yield root
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(
+    isolated_session_environment: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Each test's own ddsweep folders (apart from tmp_path, whose listing stays the test's).
+    A variable a module or class fixture set or removed (e.g. through isolated_store) is that
+    fixture's choice and is left as it is."""
+    session = {n: str(isolated_session_environment / s) for n, s in FOLDER_VARIABLES.items()}
+    root = tmp_path_factory.mktemp("env")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, sub in FOLDER_VARIABLES.items():
+            if os.environ.get(name) == session[name]:
+                mp.setenv(name, str(root / sub))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +86,8 @@ def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def isolated_store(mlflow_template: Path) -> IsolatedStore:
     """`with isolated_store(folder) as uri:` works in `folder`, tracking to folder/mlflow.db
-    (through MLFLOW_TRACKING_URI, as a user would), and undoes it all on exit."""
+    (through MLFLOW_TRACKING_URI, as a user would), with ddsweep's home, cache and checkpoints
+    at their defaults (relative: under `folder`), and undoes it all on exit."""
     import mlflow
     from mlflow.tracking import _tracking_service, fluent
 
@@ -55,6 +108,8 @@ def isolated_store(mlflow_template: Path) -> IsolatedStore:
             mp.chdir(folder)
             mp.setenv("MLFLOW_TRACKING_URI", uri)
             mp.setenv("DDSWEEP_DATA", str(folder / "data"))
+            for name in HOME_VARIABLES:
+                mp.delenv(name, raising=False)
             # Forget what an earlier test set in-process, so the environment decides.
             mp.setattr(_tracking_service.utils, "_tracking_uri", None)
             mp.setattr(fluent, "_active_experiment_id", None)

@@ -36,8 +36,12 @@ TINY = ["--resolution", "8", "--channels", "32,32,32", "--device", "cpu"]
 DIGITS_TRAIN_IMAGES = 1437  # the 80 % split of scikit-learn's 1,797 digits
 BATCH = 64
 EPOCHS = 3
-STEPS = EPOCHS * (DIGITS_TRAIN_IMAGES // BATCH)  # drop_last: 22 steps an epoch
+STEPS_PER_EPOCH = DIGITS_TRAIN_IMAGES // BATCH  # drop_last: 22 steps an epoch
+STEPS = EPOCHS * STEPS_PER_EPOCH
 LR = 1e-3  # high enough that ~60 steps visibly lower the loss
+# The `trained` fixture's run, which the resume test repeats with a kill in the middle.
+TRAIN_ARGS = ["train", "digits", "--epochs", str(EPOCHS), "--checkpoint-every", "1"]
+TRAIN_ARGS += ["--batch-size", str(BATCH), "--lr", str(LR), *TINY]
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,8 @@ def trained(
 ) -> Trained:
     """One `ddsweep train digits` run of 3 epochs with a checkpoint after each."""
     folder = tmp_path_factory.mktemp("cli-train")
-    args = ["train", "digits", "--epochs", str(EPOCHS), "--checkpoint-every", "1"]
-    args += ["--batch-size", str(BATCH), "--lr", str(LR), *TINY]
     with isolated_store(folder) as uri:
-        result = CliRunner().invoke(app, args)
+        result = CliRunner().invoke(app, TRAIN_ARGS)
         assert result.exit_code == 0, result.output
         (run,) = runs()
     return Trained(uri, run, result.output, folder)
@@ -170,43 +172,67 @@ def test_every_epoch_has_a_checkpoint_that_diffusers_loads(trained: Trained) -> 
 
 
 def resume_state(folder: Path) -> dict[str, int] | None:
-    """The resume/state.json of the only run under folder/mlruns, once fully written."""
+    """The resume/state.json of the only run under folder/mlruns."""
     for path in folder.glob("mlruns/*/*/artifacts/resume/state.json"):
-        try:
-            return dict(json.loads(path.read_text()))
-        except ValueError:  # caught mid-copy
-            return None
+        return dict(json.loads(path.read_text()))
     return None
 
 
-def test_a_killed_training_resumes_in_the_same_run(workdir: str, tmp_path: Path) -> None:
-    epochs, batch = 2, 128
-    steps_per_epoch = DIGITS_TRAIN_IMAGES // batch
-    cmd = [sys.executable, "-m", "ddsweep", "train", "digits", "--epochs", str(epochs)]
-    cmd += ["--checkpoint-every", "1", "--batch-size", str(batch), *TINY]
-    log = tmp_path / "train.log"
-    # One thread: two would fight this test process (and others) for a small machine.
+# `python -c KILL_AT_STEP N ARGS...` runs `ddsweep ARGS...` and SIGKILLs itself (no clean-up
+# runs) just before training step N: a fixed point in the middle of an epoch, however fast or
+# loaded the machine is.
+KILL_AT_STEP = r"""
+import os, signal, sys
+from ddsweep import cli, train
+stop, real, steps = int(sys.argv.pop(1)), train.batch_step, [0]
+def batch_step(job, x0):
+    steps[0] += 1
+    if steps[0] == stop:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(job, x0)
+train.batch_step = batch_step
+cli.main()
+"""
+
+
+def final_weights(uri: str, run_id: str, dst: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The EMA and raw weights of the run's last checkpoint (epoch EPOCHS)."""
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path=checkpoints.epoch_dir(EPOCHS),
+            dst_path=str(dst),
+            tracking_uri=uri,
+        )
+    )
+    ema = UNet2DModel.from_pretrained(folder).state_dict()
+    return {"ema": ema, "raw": UNet2DModel.from_pretrained(folder / checkpoints.RAW).state_dict()}
+
+
+def epoch_losses(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "epoch_loss"))
+
+
+def test_a_training_killed_mid_epoch_resumes_in_the_same_run_to_the_same_weights(
+    trained: Trained, workdir: str, tmp_path: Path
+) -> None:
+    kill_at = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2 + 1  # half way through epoch 2 of 3
+    cmd = [sys.executable, "-c", KILL_AT_STEP, str(kill_at), *TRAIN_ARGS]
+    # One thread, as the `trained` run had: the same arithmetic, bit for bit.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=out)
-    try:
-        deadline = time.monotonic() + 120
-        while (state := resume_state(tmp_path)) is None or state["epoch"] < 1:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "no epoch-1 checkpoint in 120 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)  # early in epoch 2 of 2: no clean-up runs
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    killed_proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert killed_proc.returncode == -signal.SIGKILL, killed_proc.stderr[-2000:]
 
     (killed,) = runs()
     run_id = killed.info.run_id
     assert killed.info.status == "RUNNING"  # nobody ended it
     state = resume_state(tmp_path)
-    assert state is not None and 1 <= state["epoch"] < epochs
-    assert state["step"] == state["epoch"] * steps_per_epoch
+    assert state == {"epoch": 1, "step": STEPS_PER_EPOCH, "ema_step": STEPS_PER_EPOCH}
+    client = MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+    assert max(logged) < kill_at  # it died before step kill_at, mid-epoch 2
 
     resumed_at = int(time.time() * 1000)
     result = CliRunner().invoke(app, ["train", "--resume", run_id])
@@ -215,19 +241,23 @@ def test_a_killed_training_resumes_in_the_same_run(workdir: str, tmp_path: Path)
     (run,) = runs()  # the same run, no new one
     assert run.info.run_id == run_id
     assert run.info.status == "FINISHED"
-    assert run.data.tags["last_epoch"] == str(epochs)
-    client = MlflowClient()
+    assert run.data.tags["last_epoch"] == str(EPOCHS)
     history = client.get_metric_history(run_id, "loss")
-    total = epochs * steps_per_epoch
-    assert {m.step for m in history} == set(range(1, total + 1))
+    assert {m.step for m in history} == set(range(1, STEPS + 1))
     # The resumed process counts on from the checkpoint's step, not from 1. (Steps the killed
     # process logged after that checkpoint are logged again, as they are trained again.)
     after = sorted(m.step for m in history if m.timestamp >= resumed_at)
-    assert after == list(range(state["step"] + 1, total + 1))
-    epoch_loss = client.get_metric_history(run_id, "epoch_loss")
-    assert {m.step for m in epoch_loss} == set(range(1, epochs + 1))
+    assert after == list(range(STEPS_PER_EPOCH + 1, STEPS + 1))
     listed = client.list_artifacts(run_id, checkpoints.CHECKPOINTS)
-    assert sorted(a.path for a in listed) == [checkpoints.epoch_dir(e) for e in range(epochs + 1)]
+    assert sorted(a.path for a in listed) == [checkpoints.epoch_dir(e) for e in range(EPOCHS + 1)]
+    # What the uninterrupted run reached: the same epoch losses and the same weights, exactly.
+    original = trained.run.info.run_id
+    assert epoch_losses(client, run_id) == epoch_losses(trained.client, original)
+    resumed = final_weights(workdir, run_id, tmp_path / "resumed")
+    uninterrupted = final_weights(trained.uri, original, tmp_path / "uninterrupted")
+    for kind in ("raw", "ema"):
+        assert resumed[kind].keys() == uninterrupted[kind].keys()
+        assert all(torch.equal(resumed[kind][k], uninterrupted[kind][k]) for k in resumed[kind])
 
 
 # --- errors a user can make -----------------------------------------------------------------

@@ -64,7 +64,8 @@ def test_q_sample_noises_more_at_later_steps() -> None:
 
 @pytest.mark.parametrize("t", [0, 1, 999])
 def test_noise_steps_inside_the_schedule_are_valid(t: int) -> None:
-    diffusion.validate_noise_step(t)
+    diffusion.validate_noise_step(t)  # no error
+    assert 0 <= t < len(diffusion.make_scheduler().alphas_cumprod)  # a step the schedule has
 
 
 @pytest.mark.parametrize("t", [-1, 1000, 5000])

@@ -7,6 +7,7 @@ import contextlib
 import pickle
 import time
 import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -467,13 +468,15 @@ def one_error_line(result: object, *words: str) -> str:
     return lines[0]
 
 
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound by this test and never listened on,
+    so no other process can take it meanwhile."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize(
@@ -485,14 +488,14 @@ def closed_port() -> int:
     ],
 )
 def test_a_dead_tracking_server_is_one_line_at_once(
-    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, closed_port: int
 ) -> None:
     from typer.testing import CliRunner
 
     from ddsweep.cli import app
 
     monkeypatch.chdir(tmp_path)
-    uri = f"http://user:s3cret@127.0.0.1:{closed_port()}"
+    uri = f"http://user:s3cret@127.0.0.1:{closed_port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DDSWEEP_HOME", str(tmp_path / "home"))
     result = CliRunner().invoke(app, args)
@@ -601,7 +604,7 @@ def test_an_unreadable_ddsweep_json_is_one_line_naming_it(
     ["p%2Fss%23w%40rd", "plain-s3cret", "p%40ss"],  # /, # and @ percent-encoded
 )
 def test_a_dead_storage_with_a_special_password_is_one_line_without_it(
-    password: str, tmp_path: Path, workdir: str
+    password: str, tmp_path: Path, workdir: str, closed_port: int
 ) -> None:
     from urllib.parse import unquote
 
@@ -609,7 +612,7 @@ def test_a_dead_storage_with_a_special_password_is_one_line_without_it(
 
     from ddsweep.cli import app
 
-    url = f"postgresql://user:{password}@127.0.0.1:{closed_port()}/optuna"
+    url = f"postgresql://user:{password}@127.0.0.1:{closed_port}/optuna"
     args = ["study", "probe-grid", "--study", "s", "--dataset", "digits", "--block", "pixels"]
     result = CliRunner().invoke(app, [*args, "--probe", "knn", "--k", "3", "--storage", url])
     line = one_error_line(result, "cannot open Optuna storage", "127.0.0.1")

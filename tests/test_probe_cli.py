@@ -22,7 +22,7 @@ from typer.testing import CliRunner, Result
 
 from ddsweep import checkpoints, tracking
 from ddsweep.cli import app
-from ddsweep.evaluate import Point
+from ddsweep.evaluate import Point, checkpoint_store
 
 IsolatedStore = Callable[[Path], AbstractContextManager[str]]  # conftest's isolated_store
 
@@ -177,7 +177,7 @@ def test_a_copied_checkpoint_folder_as_backbone(store: Store, tmp_path: Path) ->
 
 
 def test_a_backbone_with_only_a_pickled_bin_file_is_refused(store: Store, tmp_path: Path) -> None:
-    epoch_1 = store.folder / ".ddsweep" / "checkpoints" / store.run_id / "epoch_0001"
+    epoch_1 = store.folder / checkpoint_store() / store.run_id / "epoch_0001"
     if not epoch_1.is_dir():  # fetched by another test; fetch it here when run alone
         logged_run(probe("--run", store.run_id, "--block", "pixels"))
     folder = tmp_path / "pickled"

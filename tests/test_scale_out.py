@@ -21,8 +21,10 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -31,12 +33,34 @@ PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 # decoded form must not leak either.
 PASSWORD = "s3cret%2Fnever%23logged"
 DECODED = "s3cret/never#logged"
+T = TypeVar("T")
 
 
 def free_port() -> int:
+    """A port free a moment ago: whoever binds it may lose it to another process meanwhile, so
+    every server below is started by `with_free_port`, which retries on a clash."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def with_free_port(start: Callable[[int], T], attempts: int = 5) -> T:
+    """start(port) on a free port; a start that fails with PortTaken is retried on another."""
+    for _ in range(attempts - 1):
+        with contextlib.suppress(PortTaken):
+            return start(free_port())
+    return start(free_port())
+
+
+class PortTaken(Exception):
+    """The server could not bind its port: another process took it first."""
+
+
+PORT_CLASH = ("address already in use", "could not bind", "eaddrinuse")
+
+
+def clashed(text: str) -> bool:
+    return any(words in text.lower() for words in PORT_CLASH)
 
 
 def as_postgres(cmd: list[str]) -> list[str]:
@@ -46,48 +70,62 @@ def as_postgres(cmd: list[str]) -> list[str]:
     return cmd
 
 
+@dataclass(frozen=True)
+class Postgres:
+    url: str  # with the password in it, percent-encoded
+    bare_url: str  # without any password: it must come from PGPASSWORD or ~/.pgpass
+
+
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1; yields a URL with a password in it."""
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 whose TCP connections need the password."""
     if not PG_BIN:
         pytest.skip("PostgreSQL server binaries are not installed (.ci/run installs them)")
     bin_dir = Path(PG_BIN[-1])
     # Not under pytest's tmp folder: the postgres user cannot enter root's 0700 folders.
     root = Path(tempfile.mkdtemp(prefix="ddsweep-pg-"))
+    (root / "pw").write_text(DECODED)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
-    data, port = root / "data", free_port()
-    subprocess.run(
-        as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]),
-        check=True,
-        capture_output=True,
-    )
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root}"
+        shutil.chown(root / "pw", "postgres")
+    data = root / "data"
+    initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={root / 'pw'}"]
+    initdb += ["--auth-local=trust", "--auth-host=scram-sha-256"]
+    subprocess.run(as_postgres(initdb), check=True, capture_output=True, timeout=120)
     ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
-    subprocess.run(
-        as_postgres([*ctl, "-o", opts, "-l", str(root / "log"), "-w", "start"]),
-        check=True,
-        capture_output=True,
-    )
+
+    def start(port: int) -> int:
+        opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root}"
+        log = root / f"log-{port}"
+        done = subprocess.run(
+            as_postgres([*ctl, "-o", opts, "-l", str(log), "-w", "start"]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            text = done.stdout + done.stderr + (log.read_text() if log.exists() else "")
+            if clashed(text):
+                raise PortTaken(port)
+            raise RuntimeError(text[-2000:])
+        return port
+
+    port = with_free_port(start)
     try:
+        createdb = [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port)]
         subprocess.run(
-            [
-                str(bin_dir / "createdb"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-U",
-                "postgres",
-                "optuna",
-            ],
+            [*createdb, "-U", "postgres", "optuna"],
             check=True,
             capture_output=True,
+            timeout=60,
+            env={**os.environ, "PGPASSWORD": DECODED},
         )
-        # trust auth ignores the password: it is there to prove that it is never logged
-        yield f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/optuna"
+        bare = f"postgresql://postgres@127.0.0.1:{port}/optuna"
+        yield Postgres(bare.replace("postgres@", f"postgres:{PASSWORD}@"), bare)
     finally:
-        subprocess.run(as_postgres([*ctl, "-m", "immediate", "-w", "stop"]), capture_output=True)
+        subprocess.run(
+            as_postgres([*ctl, "-m", "immediate", "-w", "stop"]), capture_output=True, timeout=60
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -95,51 +133,61 @@ def postgres() -> Iterator[str]:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 with its own backend store and proxied artifacts."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=open(root / "server.log", "w"),  # noqa: SIM115
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int) -> str:
+        log = root / f"server-{port}.log"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{root / 'server.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "w"),  # noqa: SIM115
+            start_new_session=True,
+        )
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 90
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return url
             except OSError:
                 pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError((root / "server.log").read_text()[-2000:])
+            if proc.poll() is not None:
+                if clashed(log.read_text()):
+                    raise PortTaken(port)
+                raise RuntimeError(log.read_text()[-2000:])
+            if time.time() > deadline:
+                raise RuntimeError(log.read_text()[-2000:])
             time.sleep(0.5)
-        yield url
+
+    try:
+        yield with_free_port(start)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        for proc in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
 
 
 def ddsweep(*args: str, env: dict[str, str], cwd: Path, **kw: object) -> subprocess.Popen[str]:
@@ -176,7 +224,7 @@ probe:
 
 
 def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
-    tmp_path: Path, postgres: str, mlflow_server: str
+    tmp_path: Path, postgres: Postgres, mlflow_server: str
 ) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
@@ -196,7 +244,7 @@ def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
             "1", "--sample-count", "0", env=env, cwd=tmp_path,
         )
     )  # fmt: skip
-    grid = ["study", "probe-grid", "--study", "scale_out", "--storage", postgres]
+    grid = ["study", "probe-grid", "--study", "scale_out", "--storage", postgres.url]
     grid += ["--grace-period", "3", "--heartbeat-interval", "1"]
     # Each worker in its own folder: separate feature caches, like separate machines.
     folders = []
@@ -207,7 +255,7 @@ def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
     workers = [ddsweep(*grid, env=env, cwd=f) for f in folders]
 
     # Kill the worker that holds a RUNNING trial, in the middle of it.
-    storage = optuna.storages.RDBStorage(postgres.replace(PASSWORD, "x"))
+    storage = optuna.storages.RDBStorage(postgres.url)
     victim = None
     deadline = time.time() + 120
     while victim is None and time.time() < deadline:
@@ -222,7 +270,7 @@ def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
         time.sleep(0.2)
     assert victim is not None, "no worker was seen in the middle of a trial"
     os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    victim.wait(timeout=60)
     outputs = [finish(w) for w in workers if w is not victim]
 
     # Every grid point evaluated exactly once, counted from the server's child runs.
@@ -272,6 +320,33 @@ def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
     assert len(artifacts) == 3
 
 
+def test_the_password_comes_from_pgpassword_and_is_never_shown(
+    postgres: Postgres, workdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from ddsweep.cli import app
+
+    # A pixels-only study needs no backbone: one trial, in this process.
+    grid = ["study", "probe-grid", "--study", "pgpass", "--dataset", "digits", "--block", "pixels"]
+    grid += ["--probe", "knn", "--k", "3", "--storage", postgres.bare_url]
+    monkeypatch.setenv("PGPASSFILE", os.devnull)  # no ~/.pgpass of the user's
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    refused = CliRunner().invoke(app, grid)
+    assert refused.exit_code == 2, refused.output
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("ddsweep: error: cannot open Optuna storage"), line
+
+    monkeypatch.setenv("PGPASSWORD", DECODED)
+    result = CliRunner().invoke(app, grid)
+    assert result.exit_code == 0, result.output
+    assert "1/1 points complete" in result.output
+    assert PASSWORD not in result.output and DECODED not in result.output
+    status = CliRunner().invoke(app, ["study", "status", "--study", "pgpass", *grid[-2:]])
+    assert status.exit_code == 0, status.output
+    assert DECODED not in status.output
+
+
 def test_two_process_torchrun_training_matches_a_single_process_run(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -284,9 +359,32 @@ def test_two_process_torchrun_training_matches_a_single_process_run(tmp_path: Pa
     args = ["train", "digits", "--channels", "32,32,32", "--epochs", "1", "--checkpoint-every", "1"]
     args += ["--sample-count", "2", "--sample-steps", "2"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    subprocess.run([*torchrun, "-m", "ddsweep", *args], cwd=tmp_path, env=env, check=True)
-    subprocess.run([sys.executable, "-m", "ddsweep", *args], cwd=tmp_path, env=env, check=True)
+
+    def train_on(port: int) -> None:
+        # The rendezvous binds the port before any process starts training: a clash leaves no run.
+        cmd = [*torchrun, "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        done = subprocess.run(
+            [*cmd, "-m", "ddsweep", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0 and clashed(done.stderr):
+            raise PortTaken(port)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    with_free_port(train_on)
+    done = subprocess.run(
+        [sys.executable, "-m", "ddsweep", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exps = [e.experiment_id for e in client.search_experiments()]

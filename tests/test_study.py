@@ -572,7 +572,7 @@ def start_grid() -> Iterator[Any]:
     for proc in started:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.communicate(timeout=60)
 
 
 def test_two_workers_started_at_once_evaluate_every_point_once(home: Path, start_grid: Any) -> None:
@@ -582,8 +582,10 @@ def test_two_workers_started_at_once_evaluate_every_point_once(home: Path, start
         assert w.returncode == 0, err[-3000:]
     assert_each_point_evaluated_once(expected_ids())
     assert len(parents()) == 1  # both found the one parent run, though both began at once
+    # Every point evaluated by one worker or the other; how they shared it is up to the machine
+    # (a loaded one may let the first worker finish before the second claims a point).
     evaluated = [evaluated_now(out) for out, _ in outputs]
-    assert sum(evaluated) == GRID and min(evaluated) > 0, outputs
+    assert sum(evaluated) == GRID, outputs
     # The feature cache's lock: a checkpoint is never run twice, whoever asks for it.
     assert sum(r.data.metrics["backbone_passes"] for r in children("FINISHED")) == 2 * 2
 
@@ -613,11 +615,13 @@ def test_a_killed_worker_s_point_is_rerun_or_adopted_never_evaluated_twice(
     deadline = time.time() + 120
     while not marker.exists():
         if victim.poll() is not None:
-            pytest.fail(f"the worker ended before hanging: {victim.communicate()[1][-3000:]}")
+            pytest.fail(
+                f"the worker ended before hanging: {victim.communicate(timeout=60)[1][-3000:]}"
+            )
         assert time.time() < deadline, "the worker never reached its third trial"
         time.sleep(0.05)
     os.kill(victim.pid, signal.SIGKILL)
-    victim.communicate()
+    victim.communicate(timeout=60)
     killed = marker.read_text()
     (running,) = [t for t in load().trials if t.state == TrialState.RUNNING]
     assert running.user_attrs["point_id"] == killed
@@ -716,7 +720,7 @@ def test_an_unknown_key_in_the_sweep_file_is_one_line_and_exit_status_2(home: Pa
     assert line.startswith("ddsweep: error: ")
     for word in (str(Path("sweeps") / f"{STUDY}.yaml"), "'blocks'", "allowed: dataset"):
         assert word in line
-    assert not (home / ".ddsweep" / "optuna").exists()  # nothing started
+    assert not (home / scheduler.default_storage_path(STUDY)).parent.exists()  # nothing started
 
 
 def test_status_of_a_study_never_run_is_a_user_error(home: Path) -> None:
