@@ -18,6 +18,7 @@ from ddsweep.tracking import runs
 from ddsweep.train import (
     TrainConfig,
     config_from_params,
+    identity_params,
     train,
     validate,
     with_dataset_defaults,
@@ -48,11 +49,12 @@ def configs_for(cfg: sweep.StudyConfig, **extra: Any) -> list[TrainConfig]:
 
 
 def matching_run(cfg: TrainConfig) -> tuple[str, str] | None:
-    """(run id, status) of the newest training run recorded with exactly this config (any
-    status but deleted), or None."""
-    params = tracking.flat_params(cfg)
+    """(run id, status) of the newest training run that trained this config's network (any
+    status but deleted), or None. Settings that only watch training do not count, and a run
+    recorded before a setting existed matches that setting's default (`identity_params`)."""
+    params, optional = identity_params(cfg)
     return runs.matching_training_run(
-        cfg.dataset, cfg.model.resolution, cfg.model.attention, params
+        cfg.dataset, cfg.model.resolution, cfg.model.attention, params, optional
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,25 @@ class TrainConfig:
     probe_noise_step: int = 0
     stop_when_probe_plateaus: str = ""  # a probe metric; "": train all epochs
     patience: int = 5  # probe evaluations without a gain beyond the bootstrap interval
+
+
+# Settings that only watch training (the probe evaluations run in a forked RNG and change no
+# weight): two runs that differ in them trained the same network, so a backbone's identity
+# (`identity_params`) leaves them out and a run made without probing is reused by one with it.
+WATCH_FIELDS = ("probe_every", "probe_block", "probe", "probe_noise_step")
+
+
+def identity_params(cfg: TrainConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """(params a training run must hold to have trained `cfg`'s network, params it may lack):
+    the second are the settings left at their defaults, which a run recorded before the
+    setting existed does not name; its training behaved as the default does."""
+    params = {k: v for k, v in tracking.flat_params(cfg).items() if k not in WATCH_FIELDS}
+    at_default = {
+        f.name
+        for f in fields(cfg)
+        if f.default is not MISSING and getattr(cfg, f.name) == f.default
+    }
+    return params, {k: v for k, v in params.items() if k in at_default}
 
 
 def study_batch_size(resolution: int, attention: bool) -> int:

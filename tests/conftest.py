@@ -64,11 +64,16 @@ def isolated_environment(
     fixture's choice and is left as it is."""
     session = {n: str(isolated_session_environment / s) for n, s in FOLDER_VARIABLES.items()}
     root = tmp_path_factory.mktemp("env")
+    before = {n for n in os.environ if n.startswith(ISOLATED_PREFIXES)}
     with pytest.MonkeyPatch.context() as mp:
         for name, sub in FOLDER_VARIABLES.items():
             if os.environ.get(name) == session[name]:
                 mp.setenv(name, str(root / sub))
         yield
+    # What the code under test set itself (mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID
+    # for subprocesses) must not reach the next test.
+    for name in [n for n in os.environ if n.startswith(ISOLATED_PREFIXES) and n not in before]:
+        del os.environ[name]
 
 
 @pytest.fixture(scope="session")

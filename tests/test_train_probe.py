@@ -145,6 +145,41 @@ def test_the_logged_value_is_what_ddsweep_probe_gives_for_that_checkpoint(
     assert logged == pytest.approx(given, abs=1e-12)
 
 
+def test_the_report_reads_the_curves_of_the_training_run(probed: tuple[Path, str]) -> None:
+    from ddsweep.report import loader, traincurves
+
+    _, run_id = probed
+    found = traincurves.curves(loader.load_training_probes([run_id]))
+    assert sorted((c.block, c.probe) for c in found) == sorted(
+        (b, p) for b in BLOCKS for p in ("knn10", "linear")
+    )
+    for c in found:
+        assert list(c.values) == [1, 2]
+        assert c.values == dict(history(run_id, c.metric))
+
+
+def test_a_backbone_s_identity_leaves_out_what_only_watches_training(
+    probed: tuple[Path, str],
+) -> None:
+    """A study (or the quickstart) that asks for a backbone with or without --probe-every finds
+    the same run; one that differs in what training does (lr) does not."""
+    from ddsweep import backbones
+    from ddsweep.train import WATCH_FIELDS, identity_params
+
+    _, run_id = probed
+    assert backbones.matching_run(tiny(probe_every=0)) == (run_id, "FINISHED")
+    assert backbones.matching_run(tiny(probe_every=2, probe_block=("mid",))) == (run_id, "FINISHED")
+    assert backbones.matching_run(tiny(lr=2e-3)) is None
+    params, optional = identity_params(tiny())
+    assert not set(WATCH_FIELDS) & set(params)
+    # A run recorded before the plateau stop existed lacks its params: it trained as the
+    # defaults do, so it matches them, and only them.
+    assert {"stop_when_probe_plateaus", "patience"} <= set(optional)
+    assert "lr" not in optional  # off its default here: a run must say it
+    _, changed = identity_params(tiny(patience=2))
+    assert "patience" not in changed
+
+
 def test_probing_does_not_change_what_is_trained(probed: tuple[Path, str], tmp_path: Path) -> None:
     folder, probed_run = probed
     plain = train(tiny(probe_every=0), data_dir=folder / "data")

@@ -3,7 +3,9 @@ config, and the few values other commands add to a run afterwards (a sample grid
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from ddsweep import checkpoints
 from ddsweep.errors import UserError
@@ -40,12 +42,18 @@ def download_checkpoint(run_id: str, epoch: int, dst: Path) -> Path:
 
 
 def matching_training_run(
-    dataset: str, resolution: int, attention: bool, params: dict[str, str]
+    dataset: str,
+    resolution: int,
+    attention: bool,
+    params: dict[str, str],
+    optional: Mapping[str, str] = MappingProxyType({}),
 ) -> tuple[str, str] | None:
     """(run id, status) of the newest `ddsweep train` run for (dataset, resolution, attention)
-    whose params include exactly `params` (any status but deleted), or None."""
+    whose params include exactly `params` (any status but deleted), or None. A key of
+    `optional` (with its value in `params`) may also be missing from the run."""
     for run in training_runs(dataset, resolution, attention):
-        if all(run.data.params.get(k) == v for k, v in params.items()):
+        held = run.data.params
+        if all(held.get(k) == v or (k not in held and k in optional) for k, v in params.items()):
             return str(run.info.run_id), str(run.info.status)
     return None
 
