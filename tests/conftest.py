@@ -118,6 +118,9 @@ def isolated_store(mlflow_template: Path) -> IsolatedStore:
             # Forget what an earlier test set in-process, so the environment decides.
             mp.setattr(_tracking_service.utils, "_tracking_uri", None)
             mp.setattr(fluent, "_active_experiment_id", None)
+            # ...and what it exported for subprocesses (set_experiment: MLFLOW_EXPERIMENT_ID).
+            for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+                mp.delenv(name, raising=False)
             try:
                 yield uri
             finally:

@@ -226,7 +226,7 @@ def assert_one_project_run(folder: Path, training_run: str, probe_kind: str) -> 
     assert (folder / "checkpoints" / training_run).is_dir()  # state kept out of the repo
 
 
-@pytest.mark.slow  # the default-probe run below covers the entry point in the fast suite
+@pytest.mark.slow  # .ci/run runs it; the fast suite covers `mlflow run` through -e study
 def test_mlflow_run_probe_entry_point(store: Store, tmp_path: Path) -> None:
     # 15 s here (29 s with the machine loaded): mlflow's CLI, then a fresh ddsweep process.
     done = mlflow_run(store, tmp_path, "probe=knn", "k=5")
@@ -234,6 +234,7 @@ def test_mlflow_run_probe_entry_point(store: Store, tmp_path: Path) -> None:
     assert_one_project_run(tmp_path, store.run_id, "knn")
 
 
+@pytest.mark.slow  # .ci/run runs it; the fast suite covers `mlflow run` through -e study
 def test_mlflow_run_probe_entry_point_with_its_defaults(store: Store, tmp_path: Path) -> None:
     done = mlflow_run(store, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

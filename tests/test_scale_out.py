@@ -347,6 +347,7 @@ def test_the_password_comes_from_pgpassword_and_is_never_shown(
     assert DECODED not in status.output
 
 
+@pytest.mark.slow  # ~35 s: two torchrun processes and a reference run; .ci/run runs it
 def test_two_process_torchrun_training_matches_a_single_process_run(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
