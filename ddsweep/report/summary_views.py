@@ -107,12 +107,24 @@ def rich_summary(rows: Iterable[SummaryRow], study: str) -> Table:
     """The summary as one Rich table."""
     from rich.table import Table
 
-    table = Table(title=f"study {study}: best block and epoch per facet")
-    for header in HEADERS:
-        table.add_column(header, justify="left" if header in _LEFT else "right")
-    for row in rows:
-        table.add_row(*summary_cells(row))
+    cells = [summary_cells(r) for r in rows]
+    keep, same = shown_columns(cells)
+    title = f"study {study}: best block and epoch per facet"
+    table = Table(title=title + "".join(f"; {HEADERS[i]} {v}" for i, v in same))
+    for i in keep:
+        table.add_column(HEADERS[i], justify="left" if HEADERS[i] in _LEFT else "right")
+    for row_cells in cells:
+        table.add_row(*(row_cells[i] for i in keep))
     return table
+
+
+def shown_columns(cells: list[list[str]]) -> tuple[list[int], list[tuple[int, str]]]:
+    """(the columns the terminal shows, [(column, value)] of the key columns that hold one
+    value in every row, named in the title instead): a summary fits a terminal's width."""
+    key = range(HEADERS.index("best block"))
+    same = [(i, cells[0][i]) for i in key if cells and len({c[i] for c in cells}) == 1]
+    dropped = {i for i, _ in same}
+    return [i for i in range(len(HEADERS)) if i not in dropped], [(i, v) for i, v in same if v]
 
 
 def markdown_summary(rows: Iterable[SummaryRow]) -> str:
