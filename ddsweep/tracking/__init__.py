@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterable
@@ -99,9 +100,23 @@ def flat_params(cfg: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def code_version() -> str:
-    """ddsweep's version plus the git commit of the source tree when there is one."""
+def source_checkout() -> Path | None:
+    """The root of the ddsweep checkout this code runs from, or None for an installed package
+    (whose folders may sit inside some other repository, e.g. a project's .venv: its commit
+    is not ddsweep's)."""
     root = Path(__file__).resolve().parent.parent.parent
+    try:
+        project = (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return root if re.search(r'^name\s*=\s*"ddsweep"', project, re.M) else None
+
+
+def code_version() -> str:
+    """ddsweep's version plus the git commit of its checkout when it runs from one."""
+    root = source_checkout()
+    if root is None:
+        return __version__
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -270,8 +285,9 @@ def context_tags() -> dict[str, str]:
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
     tags = {k: str(v) for k, v in resolve_tags().items()}
-    if MLFLOW_GIT_COMMIT not in tags:
-        commit = get_git_commit(str(Path(__file__).resolve().parent))
+    root = source_checkout()
+    if MLFLOW_GIT_COMMIT not in tags and root is not None:
+        commit = get_git_commit(str(root))
         if commit:
             tags[MLFLOW_GIT_COMMIT] = commit
     return tags
