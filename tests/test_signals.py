@@ -186,13 +186,21 @@ def test_a_worker_killed_after_logging_is_adopted_though_its_clock_runs_an_hour_
 # --- SIGINT --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "sig",
+    [
+        signal.SIGINT,
+        # A batch scheduler's preemption (or `kill`) ends the command as Ctrl-C does.
+        pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+    ],
+)
 def test_ctrl_c_exits_130_and_the_rerun_finishes_only_what_was_left_even_without_retries(
-    home: Path, start_worker: Any
+    home: Path, start_worker: Any, sig: signal.Signals
 ) -> None:
     folder = home / "hook"
     proc = start_worker("evaluating", 3, folder, 0.0, *FAST, "--max-retries", "0")
     stopped = reach(proc, folder)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted; what was recorded is kept" in err

@@ -6,9 +6,13 @@ app, its error handling and the table of commands.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -46,14 +50,29 @@ def environment_error(err: OSError) -> str:
     return f"cannot write or read {path}: {err.strerror}; check the path and its permissions"
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a batch scheduler's preemption, `kill`) ends a command as Ctrl-C does: the
+    running trial is recorded as interrupted and retried, runs are closed, exit status 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _Group(TyperGroup):
     """Every mistake a user can make ends as one line on stderr and exit status 2."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         standalone_mode = kwargs.pop("standalone_mode", True)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[misc]
-        except typer.Abort:
+            with _sigterm_as_ctrl_c():
+                rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[misc]
+        except (typer.Abort, KeyboardInterrupt):
             typer.echo("ddsweep: interrupted; what was recorded is kept", err=True)
             sys.exit(130)
         except typer.TyperException as err:  # typer's own copy of click's usage errors
