@@ -279,12 +279,18 @@ def run_study(
         poller.join(timeout=2)
     current[0] = None
     report()
+    finish(ctx)
+    return ctx, outcomes
+
+
+def finish(ctx: Context) -> None:
+    """At the end of a command: the answer so far on the parent run, which is then closed with
+    its count of complete points and linked from the project run (under `mlflow run`)."""
     t = ctx.board.tally()
     done = sum(p in t.complete for p in ctx.ids)
     publish_answer(ctx, done)
     ctx.recorder.close(done, len(ctx.ids))
     ctx.recorder.link_project_run()
-    return ctx, outcomes
 
 
 def publish_answer(ctx: Context, done: int) -> None:
@@ -369,11 +375,7 @@ def run_follow(
             break
         time.sleep(interval)
     if ctx is not None:
-        t = ctx.board.tally()
-        done = sum(p in t.complete for p in ctx.ids)
-        publish_answer(ctx, done)
-        ctx.recorder.close(done, len(ctx.ids))
-        ctx.recorder.link_project_run()
+        finish(ctx)
     return ctx, outcomes
 
 
