@@ -102,3 +102,18 @@ def test_system_metrics_without_psutil_is_one_line(monkeypatch: pytest.MonkeyPat
     assert len(lines) == 1 and "psutil" in lines[0] and "ddsweep[system]" in lines[0]
     client = MlflowClient()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "a:b"])
+def test_a_name_the_registry_refuses_is_one_line_before_any_training(name: str) -> None:
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from ddsweep.cli import app
+
+    result = CliRunner().invoke(app, ["train", "digits", "--register", name])
+    assert result.exit_code == 2
+    assert "--register" in result.output and "Traceback" not in result.output
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(exps)  # refused before any run was made

@@ -170,6 +170,8 @@ def train(
 
     if resume is None and dataset is None:
         raise UserError("missing DATASET: e.g. `ddsweep train digits` (or --resume RUN_ID)")
+    if register is not None:
+        training.check_model_name(register)
     if system_metrics:
         training.enable_system_metrics()
     for name in ("probe_block", "probe"):  # lists from Typer, tuples in the config

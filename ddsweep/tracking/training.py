@@ -243,6 +243,13 @@ LOADER = """The EMA weights of {run} at epoch {epoch}, a diffusers folder (safet
 `raw/` holds the raw (non-EMA) weights, `ddsweep.json` the training config."""
 
 
+def check_model_name(name: str) -> None:
+    """UserError for a name MLflow's model registry refuses (empty, '/' or ':'), before any
+    training: a typo must not surface only when a long run ends."""
+    if not name.strip() or "/" in name or ":" in name:
+        raise UserError(f"--register {name!r}: a model name is not empty and has no '/' or ':'")
+
+
 def register_backbone(run_id: str, name: str) -> tuple[str, int]:
     """Register the last checkpoint of finished training run `run_id` as a new version of
     model `name` in MLflow's model registry: the checkpoint's files as they are (a diffusers
