@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,6 +50,10 @@ class ProbeConfig:
     seed: int = 0
     noise_draws: int = 1  # features averaged over this many noise draws (noise steps > 0)
     val_fraction: float = 0.1  # of the train split, held out to choose on (0: none)
+    # Noise realisations of a t > 0 point, as replicates: features extracted and the probe
+    # fitted once per seed; the point's metrics are their means, its predictions one row each.
+    # Empty: one realisation, `noise_seed`.
+    noise_seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         kept = {}
@@ -82,9 +87,17 @@ class ProbeConfig:
             for f in dataclasses.fields(value):
                 out[f"{name}.{f.name}"] = str(getattr(value, f.name))
         for f in dataclasses.fields(self):
-            if f.name != "settings":
+            if f.name == "noise_seeds":
+                if self.noise_seeds:  # left out when empty, as before it existed
+                    out[f.name] = ",".join(map(str, self.noise_seeds))
+            elif f.name != "settings":
                 out[f.name] = str(getattr(self, f.name))
         return out
+
+    def realisations(self, noise_step: int) -> tuple[int, ...]:
+        """The noise seeds a point at `noise_step` is evaluated under: `noise_seeds` at t > 0
+        (a clean image is the same in every realisation), else `noise_seed` alone."""
+        return self.noise_seeds if self.noise_seeds and noise_step > 0 else (self.noise_seed,)
 
 
 def protocol_of(point: Point) -> str | None:
@@ -116,6 +129,8 @@ def point_settings(cfg: ProbeConfig, point: Point) -> tuple[tuple[str, str], ...
     evaluated with, and its protocol's name when it has one."""
     named = protocol_of(point)
     found = kind_settings(config_for(cfg, point), point.probe)
+    if point.noise_step == 0:  # realisations do not change a clean point: the same id as before
+        found = tuple((n, v) for n, v in found if n != "noise_seeds")
     return tuple(sorted((*found, ("protocol", named)))) if named else found
 
 
@@ -132,6 +147,14 @@ def validate_probe_config(cfg: ProbeConfig) -> None:
             kind.check(cfg.settings_for(name))
     if not 1 <= cfg.noise_draws <= MAX_NOISE_DRAWS:
         raise UserError(f"noise_draws must be 1..{MAX_NOISE_DRAWS}, got {cfg.noise_draws}")
+    seeds = cfg.noise_seeds
+    if seeds and (len(set(seeds)) != len(seeds) or min(seeds) < 0 or len(seeds) > MAX_NOISE_DRAWS):
+        raise UserError(
+            f"noise_seeds must be 1..{MAX_NOISE_DRAWS} distinct integers >= 0, e.g. [0, 1, 2]; "
+            f"got {list(seeds)}"
+        )
+    if seeds and cfg.noise_seed != 0:
+        raise UserError("give noise_seed or noise_seeds, not both (noise_seeds: [0, 1, 2])")
     if not 0 <= cfg.val_fraction <= 0.5:
         raise UserError(f"val_fraction must be in [0, 0.5], got {cfg.val_fraction}")
 
@@ -350,11 +373,32 @@ def evaluate_point(
     `fill_blocks` are extracted alongside on a cache miss, so later points of the same
     checkpoint and noise step read them from the cache instead of running the network again.
     A point that names a protocol is probed with that protocol's settings (`config_for`).
+    At t > 0 with `cfg.noise_seeds`, all of this runs once per noise realisation (features
+    extracted once per seed, so R times the backbone passes) and the point is their mean, with
+    predictions [R, N] per split (`_replicates`).
     """
     cfg = config_for(cfg, point)
     blocks = (
         (PIXELS,) if point.block == PIXELS else tuple(dict.fromkeys((point.block, *fill_blocks)))
     )
+    seeds = cfg.realisations(point.noise_step)
+    runs = []
+    for seed in seeds:
+        one = dataclasses.replace(cfg, noise_seed=seed, noise_seeds=())
+        runs.append(_evaluate_realisation(backbone, point, one, blocks, cache, data_dir, on_batch))
+    return _replicates(runs) if len(runs) > 1 else runs[0]
+
+
+def _evaluate_realisation(
+    backbone: Backbone | None,
+    point: Point,
+    cfg: ProbeConfig,
+    blocks: tuple[str, ...],
+    cache: FeatureCache,
+    data_dir: Path,
+    on_batch: Callable[[int], None] | None,
+) -> Evaluation:
+    """One point under one noise realisation (`cfg.noise_seed`)."""
     feats, extract_s, passes = split_features(
         backbone, point.dataset, point.resolution, blocks, point.noise_step, cfg, cache, data_dir,
         on_batch=on_batch,
@@ -377,6 +421,26 @@ def evaluate_point(
     return Evaluation(
         metrics, predictions, split_inputs(point, cfg, feats, len(val[1]) if val else 0)
     )
+
+
+_SUMMED = ("fit_s", "extract_s", "backbone_passes")  # costs add up over realisations
+
+
+def _replicates(runs: list[Evaluation]) -> Evaluation:
+    """One point's evaluation from its realisations: accuracies averaged (the cell is their
+    mean), costs summed, predictions stacked to [R, N] per split (labels are the same)."""
+    metrics = {
+        m: (sum if m in _SUMMED else statistics.fmean)(r.metrics[m] for r in runs)
+        for m in runs[0].metrics
+    }
+    metrics["noise_realisations"] = float(len(runs))
+    predictions = {}
+    for split, (_, label) in runs[0].predictions.items():
+        for r in runs[1:]:
+            if not torch.equal(r.predictions[split][1], label):
+                raise RuntimeError(f"the {split} labels differ between noise realisations")
+        predictions[split] = (torch.stack([r.predictions[split][0] for r in runs]), label)
+    return Evaluation(metrics, predictions, runs[0].inputs)
 
 
 def split_inputs(

@@ -65,6 +65,11 @@ def pixel_pool(pool: str) -> str:
 
 # Part of every cache key: bump when the noise added to an image changes meaning.
 NOISE_SCHEME = "split-index-draw-v2"
+# Part of every cache key: the dtype entries are stored in. Features are float32 as extracted,
+# so a hit is bit for bit what the extraction gave. Until 0.4 entries were float16 when a
+# per-feature check allowed it, which moved k-NN cells by up to 1.1 points on digits (features
+# with mean >> std): with this field every key changed, and no such entry is ever read.
+STORED = "float32"
 
 
 def noise_seed_of(split: str, index: int, noise_seed: int, draw: int = 0) -> int:
@@ -295,6 +300,7 @@ class CacheKey:
     noise_draws: int = 1
     precision: str = "fp32"  # bf16 (autocast on CUDA) features are never served as float32 ones
     noise: str = NOISE_SCHEME
+    stored: str = STORED  # how the file holds the features: a float16 entry is another key
 
     def digest(self) -> str:
         """A stable file name for this key."""
@@ -317,14 +323,17 @@ class FeatureCache:
         return self.root / f"{key.digest()}.safetensors"
 
     def get(self, key: CacheKey) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(features float32 [N,D], labels [N]) or None on a miss; a hit refreshes its LRU age."""
+        """(features float32 [N,D], labels [N]) or None on a miss (an entry of another dtype is
+        one); a hit refreshes its LRU age."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = self.path(key)
         try:
             tensors = load_file(str(path))
-            features, labels = tensors["features"].float(), tensors["labels"]
+            features, labels = tensors["features"], tensors["labels"]
+            if features.dtype != torch.float32:  # written by another scheme: never served
+                return None
         # Absent or evicted meanwhile; or damaged from outside (SafetensorError is no OSError):
         # a miss, and the extraction that follows overwrites it.
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError):
@@ -348,13 +357,12 @@ class FeatureCache:
             yield
 
     def put(self, key: CacheKey, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Store an entry atomically (temp file + rename), float16 when that keeps every feature
-        (see `_half_is_faithful`), else float32; returns the features as stored (as float32),
-        so a miss hands out exactly what a hit will."""
+        """Store an entry atomically (temp file + rename) in float32 (`STORED`); returns the
+        features as stored, so a miss hands out exactly what a hit will."""
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
-        stored = features.half() if _half_is_faithful(features) else features.float()
+        stored = features.float()
         meta = {k: str(v) for k, v in asdict(key).items()}
         # The temp file is named after its entry: a writer killed before the rename leaves one
         # that the next writer of the entry (under the same lock) removes.
@@ -406,34 +414,6 @@ class FeatureCache:
             except OSError:
                 continue
             total -= size
-
-
-# float16 keeps ~3 significant digits: enough for a feature whose rounding error stays a small
-# fraction of its spread over the images, not for one whose values are tiny (subnormal) or sit
-# far from zero compared with their spread (mean >> std).
-_HALF_MAX_ERROR = 1 / 32  # of a feature's standard deviation over the images
-_HALF_ROWS = 4096  # rows per chunk while checking, to bound the temporaries
-
-
-def _half_is_faithful(features: torch.Tensor) -> bool:
-    """Whether float16 rounds every feature (column of [N,D]) by at most 1/32 of its std;
-    a constant feature (std 0, e.g. a background pixel) stays constant and is exempt."""
-    if features.numel() == 0:
-        return True
-    x = features.reshape(len(features), -1)
-    if len(x) > 1:
-        std = x.float().std(dim=0, unbiased=False)
-        tolerance = torch.where(std > 0, _HALF_MAX_ERROR * std, torch.inf)
-    else:
-        tolerance = _HALF_MAX_ERROR * x[0].float().abs()
-    worst = torch.zeros_like(tolerance)
-    for rows in x.split(_HALF_ROWS):
-        r = rows.float()
-        half = r.half()
-        if not bool(torch.isfinite(half).all()):
-            return False  # overflows float16 (|x| > 65504), or was not finite to begin with
-        worst = torch.maximum(worst, (half.float() - r).abs().amax(dim=0))
-    return bool((worst <= tolerance).all())
 
 
 def cached_features(

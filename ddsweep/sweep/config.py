@@ -31,6 +31,7 @@ PROBE_KEYS: tuple[str, ...] = (
     "weights",
     "noise_seed",
     "noise_draws",
+    "noise_seeds",
     "flowers_add_val",
     "val_fraction",
     "seed",
