@@ -676,3 +676,49 @@ def test_bf16_and_float32_features_never_share_a_cache_entry(
     assert cached_features(*args, noisy, cache)[2]
     assert cached_features(*args, dataclasses.replace(noisy, noise_draws=2), cache)[2]
     assert not cached_features(*args, dataclasses.replace(noisy, noise_draws=2), cache)[2]
+
+
+# --- the noise scheme ------------------------------------------------------------------------------
+
+
+def _splitmix64_reference(seed: int, count: int) -> list[int]:
+    """SplitMix64 in Python integers (Steele et al. 2014), as signed 64-bit values."""
+    out, mask = [], (1 << 64) - 1
+    state = seed & mask
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out.append(z - (1 << 64) if z >= 1 << 63 else z)
+    return out
+
+
+def test_splitmix64_in_torch_is_the_reference_stream() -> None:
+    seeds = [0, 1, 12345, (1 << 63) - 1, features.noise_seed_of("digits:test", 7, 0)]
+    got = features.splitmix64(torch.tensor(seeds, dtype=torch.int64), 9)
+    for row, seed in zip(got.tolist(), seeds, strict=True):
+        assert row == _splitmix64_reference(seed, 9)
+
+
+def test_noise_is_standard_gaussian_and_the_same_in_any_batch() -> None:
+    import numpy as np
+    from scipy import stats as sps
+
+    noise = noise_for(torch.arange(200), (3, 16, 16), 0, split="digits:train")
+    assert noise.dtype == torch.float32 and noise.shape == (200, 3, 16, 16)
+    flat = noise.double().flatten().numpy()
+    assert abs(flat.mean()) < 0.01 and abs(flat.std() - 1) < 0.01
+    assert sps.kstest(flat, "norm").pvalue > 0.01  # seeded: the same values every run
+    # Neighbouring images, and an odd number of values per image, are no special case.
+    odd = noise_for(torch.arange(3), (5,), 0, split="s")
+    assert torch.equal(odd[1], noise_for(torch.tensor([1]), (5,), 0, split="s")[0])
+    corr = np.corrcoef(noise[:, 0].flatten(1).numpy())
+    assert np.abs(corr[~np.eye(200, dtype=bool)]).max() < 0.3
+
+
+def test_the_noise_scheme_is_part_of_the_cache_key() -> None:
+    assert features.NOISE_SCHEME == "split-index-draw-splitmix-v3"
+    assert key().noise == features.NOISE_SCHEME
+    assert key().digest() != dataclasses.replace(key(), noise="split-index-draw-v2").digest()
