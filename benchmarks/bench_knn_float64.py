@@ -5,7 +5,7 @@
 
 The baseline is `ddsweep/probes/knn.py` as of commit a01ecd7 (float32 similarities, read with
 `git show`), timed in the same session on the same features. Features: 10 classes of
-clustered gaussians (D = 256) riding on a common mean `--mean` times their spread (deep U-Net
+clustered gaussians (D = `--dim`, 64) riding on a common mean `--mean` times their spread (deep U-Net
 blocks have |mean|/std of 26-175). Reports the median time of each, the ratio, and how many
 predictions of each differ from the float64 reference (numpy float64, for n_test <= 2,000).
 """
@@ -47,10 +47,12 @@ def baseline_module() -> types.ModuleType:
     return mod
 
 
-def features(n_train: int, n_test: int, mean: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def features(
+    n_train: int, n_test: int, mean: float, d: int, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
-    d, c = 256, 10
-    centres = 0.5 * torch.randn(c, d, generator=gen)
+    c = 10
+    centres = 0.3 * torch.randn(c, d, generator=gen)
     common = mean * torch.randn(d, generator=gen)
     ytr = torch.randint(0, c, (n_train,), generator=gen)
     yte = torch.randint(0, c, (n_test,), generator=gen)
@@ -89,15 +91,17 @@ def main() -> None:
         "--sizes", default="2000x500,10000x2000,50000x10000", help="N_TRAINxN_TEST,..."
     )
     parser.add_argument("--mean", type=float, default=100.0, help="|common mean| / spread")
+    parser.add_argument("--dim", type=int, default=64, help="feature dimension D")
     args = parser.parse_args()
     old = baseline_module()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, mean/std {args.mean}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, D {args.dim},"
+          f" mean/std {args.mean}")  # fmt: skip
     print("| n_train x n_test | float32 (a01ecd7) | float64-faithful | ratio |"
           " predictions != float64, k=10 / 200: float32 | faithful |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         n_train, n_test = map(int, size.split("x"))
-        xtr, ytr, xte, _ = features(n_train, n_test, args.mean)
+        xtr, ytr, xte, _ = features(n_train, n_test, args.mean, args.dim)
         t_old, v_old = median_time(
             functools.partial(old.knn_votes, xtr, ytr, xte, ks=KS), args.runs
         )
