@@ -242,18 +242,53 @@ def _stable_order(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     return vals.gather(1, by_val), idx.gather(1, by_val)
 
 
-def _search_chunk(index: _Index, test_x: Tensor, k: int, buf: Tensor) -> tuple[Tensor, Tensor]:
+def _search_chunk(
+    index: _Index, test_x: Tensor, k: int, buf: Tensor, sets: Sequence[int] = ()
+) -> tuple[Tensor, Tensor]:
     """(B, D) test rows -> (B, k) float64 similarities and train indices, nearest first.
 
     The neighbours are exactly the first k of a stable argsort of the float64 distances: equal
     distances go to the smaller train index. float32 scores pick candidates; their float64
     similarities order them; a row is redone against every train row in float64 unless the
     k-th chosen one beats every left-out candidate by more than the float32 error bound.
+
+    `sets`: when only which train rows are among the first j matters for each j in `sets`
+    (uniform votes), a row whose float32 scores show every such boundary by more than twice
+    the error bound keeps its float32 order and skips the float64 re-rank; its similarities
+    are then NaN (not computed).
     """
     q32, q64, const, bound = index.queries(test_x)
     s = index.scores(q32, out=buf[: q32.shape[0]])
     n_cand = _candidates(k, index.n)
-    _, idx = _top_candidates(s, index.n, n_cand, index.block)
+    vals32, idx = _top_candidates(s, index.n, n_cand, index.block)  # best first
+    if sets:
+        sure = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
+        for j in sets:
+            if j < n_cand:
+                sure &= (vals32[:, j - 1].double() - vals32[:, j].double()) > 2 * bound
+        rest = (~sure).nonzero().squeeze(1)
+        sim = torch.full(idx[:, :k].shape, math.nan, dtype=torch.float64, device=idx.device)
+        idx = idx[:, :k].clone()
+        if rest.numel():
+            sim[rest], idx[rest] = _rerank(index, s[rest], q64[rest], const[rest], bound[rest], k)
+        return sim, idx
+    return _rerank(index, s, q64, const, bound, k, idx)
+
+
+def _rerank(
+    index: _Index,
+    s: Tensor,
+    q64: Tensor,
+    const: Tensor,
+    bound: Tensor,
+    k: int,
+    idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The exact first k of rows with float32 scores `s` (B, n_padded) and, when given, their
+    candidates `idx` (B, n_cand), by float64 similarity (see `_search_chunk`)."""
+    n_cand = _candidates(k, index.n)
+    if idx is None:
+        _, idx = _top_candidates(s, index.n, n_cand, index.block)
     sim, idx = _stable_order(index.exact(q64, idx), idx)
     if n_cand < index.n:
         floor = s.gather(1, idx).amin(dim=1).double()  # every left-out score is <= this
@@ -281,9 +316,10 @@ def _search(
     metric: Metric,
     chunk_size: int | None,
     device: torch.device | str | None,
+    sets: Sequence[int] = (),
 ) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
     """Yield (test rows, (B, k) float64 similarities, (B, k) indices, (B, k) float64
-    distances) chunk by chunk."""
+    distances) chunk by chunk (with `sets`, see `_search_chunk`)."""
     dev = torch.device(device) if device is not None else train_x.device
     n = train_x.shape[0]
     index = _Index(train_x, metric, _block_size(n, _candidates(k, n)), dev)
@@ -291,7 +327,7 @@ def _search(
     # One score buffer for all chunks: a fresh 256 MB tensor per chunk costs page faults.
     buf = torch.empty(chunks[0].stop, index.t.shape[1], dtype=torch.float32, device=dev)
     for rows in chunks:
-        sim, idx = _search_chunk(index, test_x[rows], k, buf)
+        sim, idx = _search_chunk(index, test_x[rows], k, buf, sets)
         yield rows, sim, idx, index.distances(sim)
 
 
@@ -377,7 +413,9 @@ def knn_votes(
     votes = {
         k: torch.zeros(test_x.shape[0], n_classes, dtype=torch.float64, device=dev) for k in ks
     }
-    for rows, vals, idx, dist in _search(train_x, test_x, ks[-1], metric, chunk_size, dev):
+    # Uniform votes count which neighbours are among the first k, not how near they are.
+    sets = ks if weighting == "uniform" else ()
+    for rows, vals, idx, dist in _search(train_x, test_x, ks[-1], metric, chunk_size, dev, sets):
         w = _weights(vals, dist, metric, weighting, temperature)
         neighbour_labels = labels[idx]
         for k in ks:
