@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from ddsweep import evaluate, predictions
+from ddsweep.config import probe as probecfg
+from ddsweep.config.points import Point, point_id
 from ddsweep.errors import UserError
-from ddsweep.points import Point, point_id
 from ddsweep.report import build_tables, stats
 from ddsweep.tracking.recorder import POINT_TAG
 
@@ -124,16 +125,17 @@ def test_old_single_realisation_predictions_still_read(tmp_path: Path) -> None:
 
 
 def test_noise_seeds_enter_the_id_at_t_above_zero_only() -> None:
-    cfg = evaluate.ProbeConfig(noise_seeds=(0, 1, 2))
-    assert "noise_seeds" not in evaluate.ProbeConfig().params()  # old params unchanged
+    cfg = probecfg.ProbeConfig(noise_seeds=(0, 1, 2))
+    assert "noise_seeds" not in probecfg.ProbeConfig().params()  # old params unchanged
     assert cfg.params()["noise_seeds"] == "0,1,2"
-    clean = Point("digits", 16, True, 8, "up4", 0, "linear")
-    noisy = Point("digits", 16, True, 8, "up4", 50, "linear")
-    assert evaluate.point_settings(cfg, clean) == ()  # the same id as a study without them
-    assert evaluate.point_settings(cfg, noisy) == (("noise_seeds", "0,1,2"),)
+    axes = {"dataset": "digits", "resolution": 16, "attention": True, "epoch": 8, "block": "up4"}
+    clean = Point(**axes, noise_step=0, probe="linear")
+    noisy = Point(**axes, noise_step=50, probe="linear")
+    assert probecfg.point_settings(cfg, clean) == ()  # the same id as a study without them
+    assert probecfg.point_settings(cfg, noisy) == (("noise_seeds", "0,1,2"),)
     assert cfg.realisations(0) == (0,) and cfg.realisations(50) == (0, 1, 2)
-    assert evaluate.ProbeConfig(noise_seed=4).realisations(50) == (4,)
-    one = evaluate.point_settings(evaluate.ProbeConfig(), noisy)
+    assert probecfg.ProbeConfig(noise_seed=4).realisations(50) == (4,)
+    one = probecfg.point_settings(probecfg.ProbeConfig(), noisy)
     assert point_id(Point(**{**noisy.__dict__, "settings": one})) == point_id(noisy)
 
 
@@ -142,7 +144,7 @@ def test_noise_seeds_enter_the_id_at_t_above_zero_only() -> None:
     [([0, 0], "distinct"), ([-1], "distinct"), ([], "non-empty list"), ("0,1", "list")],
 )
 def test_bad_noise_seeds_are_one_line(value: object, message: str) -> None:
-    from ddsweep.sweep import parse_probe_section
+    from ddsweep.config.sweep import parse_probe_section
 
     with pytest.raises(UserError, match=message) as err:
         parse_probe_section({"noise_seeds": value}, "s.yaml")
@@ -151,7 +153,7 @@ def test_bad_noise_seeds_are_one_line(value: object, message: str) -> None:
 
 
 def test_shipped_noise_studies_use_three_realisations() -> None:
-    from ddsweep.sweep import load_study, shipped_sweep_dir
+    from ddsweep.config.sweep import load_study, shipped_sweep_dir
 
     names = [p.stem for p in shipped_sweep_dir().glob("*.yaml")]
     noisy = 0
@@ -172,12 +174,15 @@ def test_a_noisy_point_is_the_mean_of_its_realisations(tmp_path: Path) -> None:
 
     digits_dir = tmp_path / "data"  # digits ship with scikit-learn: nothing is read
 
-    point = Point("digits", 8, None, None, "pixels", 100, "knn", 10)
+    point = Point(
+        dataset="digits", resolution=8, attention=None, epoch=None, block="pixels",
+        noise_step=100, probe="knn", k=10,
+    )  # fmt: skip
     cache = FeatureCache(tmp_path / "cache")
-    cfg = evaluate.ProbeConfig(noise_seeds=(0, 1, 2))
+    cfg = probecfg.ProbeConfig(noise_seeds=(0, 1, 2))
     both = evaluate.evaluate_point(None, point, cfg, cache, digits_dir)
     singles = [
-        evaluate.evaluate_point(None, point, evaluate.ProbeConfig(noise_seed=s), cache, digits_dir)
+        evaluate.evaluate_point(None, point, probecfg.ProbeConfig(noise_seed=s), cache, digits_dir)
         for s in (0, 1, 2)
     ]
     assert both.metrics["noise_realisations"] == 3
