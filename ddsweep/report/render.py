@@ -14,6 +14,7 @@ from ddsweep.model import PIXELS
 from ddsweep.report import stats
 from ddsweep.report.fidcurves import FidCurve
 from ddsweep.report.headline import SummaryRow, study_answer
+from ddsweep.report.methods import METHODS_MD
 from ddsweep.report.plot import plot_facet
 from ddsweep.report.summary_views import (
     markdown_summary,
@@ -355,8 +356,10 @@ def write_files(
     formats: set[str],
     *,
     header: str = "",
+    card: str = "",
 ) -> list[Path]:
-    """Write the report files; same names each time, so a rerun replaces them and nothing else."""
+    """Write the report files (with the methods card `card` as methods.md beside report.md);
+    same names each time, so a rerun replaces them and nothing else."""
     wanted = formats & {"csv", "md", "png"}
     if not wanted:
         return []
@@ -373,4 +376,7 @@ def write_files(
         md = out_dir / REPORT_MD
         md.write_text(markdown(study, facets, rows, plots="png" in wanted, header=header))
         paths.append(md)
+        if card:
+            (out_dir / METHODS_MD).write_text(card)
+            paths.append(out_dir / METHODS_MD)
     return paths
