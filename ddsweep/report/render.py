@@ -17,6 +17,7 @@ from ddsweep.report.headline import SummaryRow, study_answer
 from ddsweep.report.methods import METHODS_MD
 from ddsweep.report.plot import plot_facet
 from ddsweep.report.summary_views import (
+    SUMMARY_NOTE,
     markdown_summary,
     rich_summary,
     val_ties,
@@ -230,6 +231,7 @@ def print_report(console: Console, study: str, facets: list[Facet], rows: list[S
     if any(r.chosen_on == "test" for r in rows):
         console.print(NO_VAL)
     console.print(rich_summary(rows, study))
+    console.print(SUMMARY_NOTE, highlight=False)
     for line in val_ties(rows):
         console.print(line, highlight=False)
 
@@ -307,7 +309,15 @@ def markdown(
     if any(r.chosen_on == "test" for r in rows):
         out += [NO_VAL[0].upper() + NO_VAL[1:] + ".", ""]
     out += ["## Answer", "", *(f"{line.strip()}  " for line in answer_lines(facets, rows))]
-    out += ["", "## Summary", "", markdown_summary(rows), ""]
+    out += [
+        "",
+        "## Summary",
+        "",
+        markdown_summary(rows),
+        "",
+        SUMMARY_NOTE[0].upper() + SUMMARY_NOTE[1:] + ".",
+        "",
+    ]
     out += [f"- {line}" for line in val_ties(rows)]
     out += ["", "How every cell was computed: [methods.md](methods.md)."]
     for f in facets:

@@ -65,6 +65,13 @@ CSV_HEADERS = (
 )
 
 
+SUMMARY_NOTE = (
+    "best block: " + selection.RULE + ". The epoch-0 block (the untrained net, a baseline) is "
+    "chosen the same way (on validation when 'chosen on' says val) among its network blocks; "
+    "'vs runner-up' tests the chosen cell against the second-best by what chose it, on test"
+)
+
+
 def _settings(row: SummaryRow) -> str:
     return " ".join(f"{n}={v}" for n, v in row.key.settings)
 
