@@ -221,3 +221,27 @@ def test_the_answer_lines_name_every_tie_on_validation_and_the_rule() -> None:
     assert "pixels (baseline) 99.0 %" in lines[-1]
     # the runner-up is the second-best cell by what chose (validation): up4 @ 1
     assert row.runner_up == ("up4", 1)
+
+
+def test_the_methods_card_states_rules_settings_and_dims_of_what_was_run() -> None:
+    rows = [
+        {"dataset": "digits", "resolution": "16", "attention": "True", "epoch": "2",
+         "block": b, "noise_step": "0", "probe": "knn", "k": "10", "top1": 0.9,
+         "pool": "avg", "weights": "ema", "seed": "0", "val_fraction": "0.1",
+         "knn.metric": "cosine", "feature_dim": d, "backbone": "runA@2"}
+        for b, d in (("mid", 64), ("down1", 32), ("pixels", 768))
+    ]  # fmt: skip
+    facets = report.build_tables(rows)
+    card = report.methods_card("s", facets, rows, [("digits", "test", "digits:test:16", 360)])
+    facts = report.read_facts(card)
+    assert facts["blocks"]["mid"] == {"module": "mid_block", "dims": [64]}
+    assert facts["blocks"]["down1"]["module"] == "down_blocks.0"
+    assert facts["blocks"]["pixels"]["dims"] == [768]
+    assert facts["shared_settings"]["val_fraction"] == "0.1"
+    assert facts["probe_settings"]["knn"] == {"metric": "cosine"}
+    assert facts["splits"] == [
+        {"dataset": "digits", "split": "test", "fingerprint": "digits:test:16", "size": 360}
+    ]
+    assert facts["backbones"][0]["run"] == "runA" and facts["backbones"][0]["epoch"] == 2
+    for words in ("random_state=0", "antialias=False", "test_size=0.1", "McNemar", "output[0]"):
+        assert words in card, words

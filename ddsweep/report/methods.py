@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ddsweep import data, selection
 from ddsweep.model import PIXELS, block_path
+from ddsweep.points import AXES
 from ddsweep.report import rows as rd
 from ddsweep.report import stats
 from ddsweep.report.tables import Facet
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 METHODS_MD = "methods.md"
 JSON_FENCE = "```json"
 SplitInput = tuple[str, str, str, int]  # (dataset, split, fingerprint, size)
-# The settings every trial logs (ProbeConfig.params) that the card lists, beside each kind's own.
+# Shared settings read from rows without `params.` columns (plain rows, as in tests).
 SHARED = ("pool", "weights", "noise_seed", "noise_draws", "seed", "val_fraction", "flowers_add_val")
 
 
@@ -98,6 +99,22 @@ def _trial_values(trials: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[di
     return [rd.bare(r) for r in rd.records(trials) if rd.kept(rd.bare(r), "trial")]
 
 
+def _shared(trials: pd.DataFrame | Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """The shared probe settings of the first trial: its params that are neither an axis nor a
+    probe kind's own (`kind.setting`), e.g. pool, weights, noise_seed, seed, val_fraction."""
+    for raw in rd.records(trials):
+        params = {k[len("params.") :]: v for k, v in raw.items() if str(k).startswith("params.")}
+        if not params:
+            params = {k: v for k, v in raw.items() if k in SHARED}  # plain rows
+        skip = {*AXES, "backbone", "protocol", "settings"}
+        return {
+            k: str(t)
+            for k, v in sorted(params.items())
+            if k not in skip and "." not in k and (t := rd.text(v)) is not None
+        }
+    return {}
+
+
 def card_facts(
     facets: Sequence[Facet],
     trials: pd.DataFrame | Iterable[Mapping[str, Any]],
@@ -106,7 +123,7 @@ def card_facts(
     """The facts of the card as plain values (the card's JSON block)."""
     rows = _trial_values(trials)
     first = rows[0] if rows else {}
-    shared: dict[str, str] = {n: str(v) for n in SHARED if (v := rd.text(first.get(n))) is not None}
+    shared = _shared(trials)
     kinds = sorted({str(r.get("probe")) for r in rows})
     probe_settings = {
         k: {
@@ -167,7 +184,11 @@ def card_facts(
             "avg: mean over H and W (C dims); flatten: C*H*W; avgN: adaptive average to NxN, then "
             "flatten; pixels with avg are flattened (3*R*R values)"
         ),
-        "precision": "the network in float32 on CPU, bfloat16 autocast on CUDA; features float32",
+        "precision": (
+            "the network in float32 on CPU, bfloat16 autocast on CUDA; the feature cache keeps "
+            "float16 where that rounds every feature by at most 1/32 of its column's std, else "
+            "float32; probes compute in float32"
+        ),
         "shared_settings": shared,
         "probe_settings": probe_settings,
         "intervals": (
