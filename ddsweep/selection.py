@@ -17,7 +17,7 @@ RULE = (
     f"epoch 0 are baselines beside it; an exact tie goes to {TIE_RULE}"
 )
 # Optuna's name for the trial value (study.set_metric_names).
-METRIC_NAME = "val_top1 of network blocks (baselines 0)"
+METRIC_NAME = "selection_val_top1"
 BASELINE_VALUE = 0.0  # a baseline's trial value: it is never the best trial
 # The tie order is folded into the trial value below the resolution of any accuracy: a step of
 # 2^-44 times an order < 2^20 moves a value by < 1e-6 / 16, less than one image in 10^6.
