@@ -29,22 +29,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from ddsweep import (
-    checkpoints,
-    evaluate,
-    features,
-    points,
-    scheduler,
-    selection,
-    study,
-    sweep,
-    tracking,
-)
+from ddsweep import checkpoints, evaluate, features, scheduler, selection, study, tracking
 from ddsweep.cli import app
-from ddsweep.model import ModelConfig
+from ddsweep.config import points, sweep
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.train import TrainConfig
 from ddsweep.objectives import probe_settings
 from ddsweep.tracking import recorder
-from ddsweep.train import TrainConfig, train
+from ddsweep.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -512,7 +504,16 @@ def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
     # Regression: a WAITING retry of a point outside the current grid crashed the worker.
     first = grid("--epoch", "0", "--block", "pixels")
     assert first.exit_code == 0, first.output
-    stray_point = points.Point("digits", 8, True, 1, "mid", 0, "linear", 0)
+    stray_point = points.Point(
+        dataset="digits",
+        resolution=8,
+        attention=True,
+        epoch=1,
+        block="mid",
+        noise_step=0,
+        probe="linear",
+        k=0,
+    )
     load().enqueue_trial(points.params_of(stray_point))
     result = grid("--epoch", "0", "--block", "pixels")
     assert result.exit_code == 0, result.output
@@ -531,7 +532,8 @@ def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
 WORKER = r"""
 import os, sys, time
 from pathlib import Path
-from ddsweep import cli, evaluate, points
+from ddsweep import cli, evaluate
+from ddsweep.config import points
 from ddsweep.tracking import recorder
 mode, path, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 del sys.argv[1:4]

@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 
 from ddsweep import selection
-from ddsweep.model import PIXELS
+from ddsweep.config.model import PIXELS
 from ddsweep.report.headline import Answer, SummaryRow, study_answer
 from ddsweep.report.render import csv_rows
 from ddsweep.report.summary_views import HEADERS, summary_cells

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ddsweep import selection
-from ddsweep.model import PIXELS
+from ddsweep.config.model import PIXELS
 from ddsweep.report.fidcurves import FidCurve
 from ddsweep.report.tables import Cell, Claim, Epoch, Facet, FacetKey, Spot, contest
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsweep import data, selection
+from ddsweep.config.points import AXES
 from ddsweep.model import PIXELS, block_path
-from ddsweep.points import AXES
 from ddsweep.report import rows as rd
 from ddsweep.report import stats
 from ddsweep.report.tables import Facet
