@@ -57,7 +57,7 @@ def test_optuna_reads_a_finished_study_by_its_axes(study):
     assert {t.params["k"] for t in complete} == {1, 5}
 
     frame = study.trials_dataframe()
-    value = f"values_{selection.METRIC_NAME}"  # the objective, named by set_metric_names
+    value = f"value_{selection.METRIC_NAME}"  # the objective, named by set_metric_names
     assert {"params_block", "params_epoch", "params_k", value, "user_attrs_top1"} <= set(
         frame.columns
     )
