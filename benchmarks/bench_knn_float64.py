@@ -41,7 +41,9 @@ def baseline_module() -> types.ModuleType:
     ).stdout  # fmt: skip
     # Its search and votes only: its settings and registry entry have moved since (config/).
     src = src[: src.index("@dataclass(frozen=True)\nclass KnnSettings")]
-    src = src.replace("from ddsweep.probes.registry import", "from ddsweep.config.probekinds import")
+    src = src.replace(
+        "from ddsweep.probes.registry import", "from ddsweep.config.probekinds import"
+    )
     spec = importlib.util.spec_from_loader("knn_baseline", loader=None)
     assert spec is not None
     mod = importlib.util.module_from_spec(spec)
