@@ -106,9 +106,9 @@ def test_cells_of_several_realisations_in_a_table(tmp_path: Path) -> None:
     assert cell.low is not None and cell.high is not None and cell.low <= 0.5 <= cell.high
     claim = facet.claim()
     assert claim is not None and claim.best == ("up4", 8) and not claim.is_tie
-    from ddsweep.report import render
+    from ddsweep.report import render, summary
 
-    text = render.markdown("s", [facet], [], plots=False)
+    text = render.markdown("s", [facet], summary([facet]), plots=False)
     assert "two-way bootstrap resampling test images and realisations" in text
 
 
