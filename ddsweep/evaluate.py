@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from ddsweep.features import (
 from ddsweep.model import PIXELS
 from ddsweep.points import Point
 from ddsweep.probes import protocols
+
+if TYPE_CHECKING:
+    from ddsweep.kinds.loading import Resolved
 
 MAX_NOISE_DRAWS = 64  # each draw is one more pass of the backbone over every split
 
@@ -49,6 +52,7 @@ class ProbeConfig:
     seed: int = 0
     noise_draws: int = 1  # features averaged over this many noise draws (noise steps > 0)
     val_fraction: float = 0.1  # of the train split, held out to choose on (0: none)
+    prompt: str = ""  # latent-unet backbones (Stable Diffusion): the one fixed prompt
 
     def __post_init__(self) -> None:
         kept = {}
@@ -147,9 +151,12 @@ class Backbone:
     run_id: str | None = None
     epoch: int | None = None
     dataset: str | None = None  # what it was trained on, when known
+    pretrained: Resolved | None = None  # a backbone named by folder or hub id (ddsweep.kinds)
 
     def label(self) -> str:
         """Short description for tables and tags."""
+        if self.pretrained is not None:
+            return self.pretrained.label()
         return f"{self.run_id}@{self.epoch}" if self.run_id else str(self.folder)
 
 
@@ -248,6 +255,11 @@ def split_features(
     needs_net = any(b != PIXELS for b in blocks)
     if needs_net and backbone is None:
         raise UserError("a backbone is needed for U-Net blocks: pass --run or --backbone")
+    if needs_net and backbone is not None and backbone.pretrained is not None:
+        from ddsweep.kinds import features as kind_features
+
+        pre = (backbone.pretrained, dataset, resolution, blocks, noise_step, cfg, cache, data_dir)
+        return kind_features.split_features(*pre, on_batch=on_batch)
     ckpt_hash = _weights_hash(backbone.folder, cfg.weights) if backbone and needs_net else "pixels"
     load = _LazyUNet(backbone if needs_net else None, cfg.weights, resolution)
     # On CUDA the network runs in bf16 autocast; its features are cached apart from float32 ones.
@@ -419,6 +431,10 @@ def point_params(point: Point, cfg: ProbeConfig, backbone: Backbone | None) -> d
 
     params = {**flat_params(point), **config_for(cfg, point).params()}
     params["backbone"] = backbone.label() if backbone else "none"
+    if backbone is not None and backbone.pretrained is not None:
+        from ddsweep.kinds.features import backbone_params
+
+        params.update(backbone_params(backbone.pretrained))
     named = protocol_of(point)
     if named:
         params["protocol"] = named
@@ -441,7 +457,7 @@ def _folder_config(folder: Path) -> tuple[int, bool]:
 def resolve_point(
     *,
     run: str | None,
-    backbone: Path | None,
+    backbone: Path | str | None,
     dataset: str | None,
     resolution: int | None,
     attention: bool,
@@ -463,7 +479,14 @@ def resolve_point(
     if run and backbone:
         raise UserError("give either --run or --backbone, not both")
     bb: Backbone | None = None
+    if backbone is not None and block != PIXELS:
+        from ddsweep.kinds.features import pretrained_point
+
+        found = pretrained_point(str(backbone), dataset, resolution, block, noise_step, probe, k)
+        if found is not None:
+            return found
     if backbone is not None:
+        backbone = Path(backbone)
         res, attn = _folder_config(backbone)
         meta = checkpoints.read_meta(backbone)
         trained_on = meta.get("dataset")
