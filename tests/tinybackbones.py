@@ -23,9 +23,7 @@ def tiny_tokenizer(folder: Path) -> None:
     vocab += [c for c in _LETTERS] + [f"{c}</w>" for c in _LETTERS]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8
-    )
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
     tok.save_pretrained(folder)
 
 
