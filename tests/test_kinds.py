@@ -302,9 +302,11 @@ def test_a_study_probes_sd_dit_and_a_trained_ddpm_side_by_side(
         if report.exit_code != 0:  # --full may not exist in this version
             report = CliRunner().invoke(app, ["report", "--study", "side"])
         assert report.exit_code == 0, report.output
-    out = report.output
+    out = " ".join(report.output.split())
     sd, dit = loading.resolve(str(pipes["sd"])), loading.resolve(str(pipes["dit"]))
     for label in (sd.label(), dit.label()):
-        assert f"pretrained {label}" in out
-    assert out.count("a pretrained backbone has no epochs") >= 2
-    print(out)
+        assert f"{label}, by t (no epochs)" in out
+    assert "± " in out and "best block by noise step: 0:" in out  # intervals; columns are t
+    written = " ".join(p.read_text() for p in (tmp_path / "reports" / "side").glob("*.md"))
+    assert written.count("pretrained: columns are noise steps") >= 2
+    assert "mid" in written and "layer2" in written and "pixels" in written

@@ -77,9 +77,8 @@ class FacetKey:
             probe = f"{name} probe (k={self.k})" if self.k else f"{name} probe"
             rest = "".join(f", {n}={v}" for n, v in self.settings if n != PRETRAINED)
             return (
-                f"{self.dataset} {self.resolution} px, pretrained {backbone}: {probe}, "
-                f"{self.pool} pool{rest}; block x noise step (columns: t; a pretrained "
-                "backbone has no epochs)"
+                f"{self.dataset} {self.resolution} px, {backbone}, by t (no epochs): {probe}, "
+                f"{self.pool} pool{rest}; pretrained: columns are noise steps"
             )
         attn = {True: ", attention", False: ", no attention", None: ""}[self.attention]
         kind = probes.find(self.probe)
