@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ddsweep.errors import UserError
 from ddsweep.kinds.registry import BackboneKind, level_blocks, level_path, register
 
 # DIFT (Tang et al. 2023) takes SD's decoder block of index 1 (`up_ft_index=1`) at t = 261.
@@ -24,7 +25,14 @@ def prompt_embedding(folder: Path, prompt: str) -> Any:
     """The text encoder's last hidden state for `prompt` [1, L, D], padded to the tokenizer's
     length as Stable Diffusion's pipeline pads it."""
     import torch
-    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as err:
+        raise UserError(
+            "a latent-unet (Stable Diffusion) backbone needs transformers for its text "
+            "encoder: pip install 'ddsweep[latent]'"
+        ) from err
 
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
