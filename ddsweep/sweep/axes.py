@@ -94,12 +94,12 @@ def _check_block(v: Any) -> str:
 
 
 def _kind_block(v: str) -> bool:
-    """A block name of a registered backbone kind: level blocks of any depth, transformer
-    layers, or a kind's alias."""
+    """A block name of a registered backbone kind beyond the study's: a transformer's layerN,
+    or a kind's alias (e.g. dift_layer)."""
     from ddsweep import kinds
 
     aliases = {a for name in kinds.names() for a in kinds.get(name).aliases}
-    return v in aliases or bool(re.fullmatch(r"(down|up|layer)[1-9][0-9]*", v))
+    return v in aliases or bool(re.fullmatch(r"layer[1-9][0-9]*", v))
 
 
 def _check_backbone(v: Any) -> str:
