@@ -17,11 +17,13 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ddsweep import data, evaluate, probes, sweep
+from ddsweep import evaluate, probes
+from ddsweep.config import datasets, sweep
+from ddsweep.config import probe as probe_config
+from ddsweep.config.model import BLOCKS, PIXELS
+from ddsweep.config.points import Point, id_of, params_of
 from ddsweep.evaluate import Backbone
 from ddsweep.features import FeatureCache
-from ddsweep.model import BLOCKS, PIXELS
-from ddsweep.points import Point, id_of, params_of
 
 Pins = Mapping[sweep.Backbone3, tuple[str, tuple[int, ...]]]  # backbone -> (run id, epochs)
 FetchBackbone = Callable[[str, int, list[int]], Backbone]  # (run id, epoch, saved epochs)
@@ -149,7 +151,7 @@ class ProbeGrid(Objective):
                 settings=tuple(
                     sorted(
                         (
-                            *evaluate.point_settings(self.cfg.probe, p),
+                            *probe_config.point_settings(self.cfg.probe, p),
                             *((n, v) for n, v in p.settings if n == named),
                         )
                     )
@@ -160,7 +162,7 @@ class ProbeGrid(Objective):
 
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
         return {
-            "dataset": data.KNOWN_DATASETS,
+            "dataset": datasets.KNOWN_DATASETS,
             "block": (PIXELS, *BLOCKS),
             "probe": probes.names(),
         }
@@ -194,7 +196,7 @@ def _off_default(
 def probe_settings(cfg: evaluate.ProbeConfig, probe: str) -> tuple[tuple[str, str], ...]:
     """The settings off their defaults that change a `probe` point's number: that kind's own
     (another kind's do not) and the shared ones (pool, weights, seeds, noise draws, ...)."""
-    return evaluate.kind_settings(cfg, probe)
+    return probe_config.kind_settings(cfg, probe)
 
 
 def fid_settings(cfg: sweep.StudyConfig) -> tuple[tuple[str, str], ...]:
@@ -239,7 +241,7 @@ class FidGrid(Objective):
         return {n: v for n, v in params_of(point).items() if n in (*sweep.FID_AXES, "settings")}
 
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
-        return {"dataset": data.KNOWN_DATASETS}
+        return {"dataset": datasets.KNOWN_DATASETS}
 
     @classmethod
     def check(cls, cfg: sweep.StudyConfig, inception_weights: Path | None) -> None:

@@ -14,13 +14,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ddsweep import data, evaluate, kinds, sweep
+from ddsweep import data, evaluate, kinds
+from ddsweep.config import probe as probe_config
+from ddsweep.config import sweep
+from ddsweep.config.points import point_id
 from ddsweep.errors import UserError
 from ddsweep.features import CacheKey, FeatureCache, check_memory
 from ddsweep.kinds import features as kf
 from ddsweep.kinds import loading, registry
 from ddsweep.kinds.latents import split_latents
-from ddsweep.points import point_id
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tinybackbones as tb
@@ -130,14 +132,14 @@ def test_a_changed_vae_or_prompt_is_a_new_cache_key_and_a_new_point(
     assert len(keys) == 3
     ids = set()
     for folder, cfg in [
-        (pipes["sd"], evaluate.ProbeConfig()),
-        (pipes["sd"], evaluate.ProbeConfig(prompt="a cat")),
-        (tmp_path / "sd2", evaluate.ProbeConfig()),
+        (pipes["sd"], probe_config.ProbeConfig()),
+        (pipes["sd"], probe_config.ProbeConfig(prompt="a cat")),
+        (tmp_path / "sd2", probe_config.ProbeConfig()),
     ]:
         found = kf.pretrained_point(str(folder), "digits", None, "up1", 0, "knn", 5)
         assert found is not None
         point = found[1]
-        named = (*point.settings, *evaluate.point_settings(cfg, point))
+        named = (*point.settings, *probe_config.point_settings(cfg, point))
         ids.add(point_id(dataclasses.replace(point, settings=tuple(sorted(named)))))
     assert len(ids) == 3
 
@@ -155,7 +157,7 @@ def test_ddpm_cache_keys_are_those_of_a01ecd7(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     build_unet(ModelConfig(resolution=8, channels=(32, 32, 64, 64))).save_pretrained(folder)
     cache = FeatureCache(tmp_path / "cache")
-    cfg = evaluate.ProbeConfig(val_fraction=0)
+    cfg = probe_config.ProbeConfig(val_fraction=0)
     evaluate.split_features(evaluate.Backbone(folder), "digits", 8, ("up4", "mid"), 10, cfg,
                             cache, tmp_path / "data")  # fmt: skip
     h = checkpoints.content_hash(folder)

@@ -8,11 +8,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from ddsweep import model
+from ddsweep.config.model import ALIASES, SEED_CHANNELS
 from ddsweep.kinds.registry import BackboneKind, level_blocks, register
 
 
 def _blocks(config: Mapping[str, Any]) -> tuple[str, ...]:
-    return level_blocks(len(config.get("block_out_channels", model.SEED_CHANNELS)))
+    return level_blocks(len(config.get("block_out_channels", SEED_CHANNELS)))
 
 
 def _path(net: Any, name: str) -> str | None:
@@ -33,7 +34,7 @@ DDPM = register(
         blocks=_blocks,
         block_path=_path,
         call=_call,
-        aliases=dict(model.ALIASES),
+        aliases=dict(ALIASES),
         help="UNet2DModel on pixels (ddsweep's own checkpoints, google/ddpm-cifar10-32)",
     )
 )

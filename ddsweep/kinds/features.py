@@ -30,7 +30,7 @@ from ddsweep.kinds.latents import split_latents
 from ddsweep.kinds.loading import LATENTS, Loaded, Resolved, load
 
 if TYPE_CHECKING:
-    from ddsweep.evaluate import ProbeConfig
+    from ddsweep.config.probe import ProbeConfig
 
 WEIGHTS = "pretrained"  # the `weights` of a pretrained backbone's cache keys (one set only)
 BATCH = 64

@@ -5,28 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ddsweep.config.hub import PREFIX, is_hub, repo_id
 from ddsweep.errors import UserError, first_line
 
-PREFIX = "hub:"
+__all__ = ["PREFIX", "cache_dir", "is_hub", "offline", "repo_id", "resolve"]
+
 # What a backbone needs from a repo: configs, tokenizer files and safetensors weights (never
 # pickles: ddsweep does not load them, so they are not fetched either).
 ALLOW = ["*.json", "*.txt", "*.safetensors", "*.model"]
-
-
-def is_hub(spec: str) -> bool:
-    """Whether `spec` names a hub repo (hub:ORG/NAME)."""
-    return spec.startswith(PREFIX)
-
-
-def repo_id(spec: str) -> str:
-    """ORG/NAME of hub:ORG/NAME; UserError for anything else after the prefix."""
-    name = spec[len(PREFIX) :]
-    parts = name.split("/")
-    if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
-        raise UserError(
-            f"{spec!r} is no hub id: write hub:ORG/NAME, e.g. hub:google/ddpm-cifar10-32"
-        )
-    return name
 
 
 def offline() -> bool:

@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ddsweep import data, probes
+from ddsweep.config import datasets, protocols
+from ddsweep.config import probekinds as probes
+from ddsweep.config.model import ALIASES, BLOCKS, PIXELS
+from ddsweep.config.sweep.study import CLI_SOURCE, STUDY_AXES, TRAINED, _too_many, max_points
 from ddsweep.errors import UserError
-from ddsweep.model import ALIASES, BLOCKS, PIXELS
-from ddsweep.probes import protocols
-from ddsweep.sweep.config import CLI_SOURCE, STUDY_AXES, TRAINED, _too_many, max_points
 
 # --- values -------------------------------------------------------------------------------------
 
@@ -73,10 +73,10 @@ def _int_range(v: Any) -> Sequence[int]:
 def _check_dataset(v: Any) -> str:
     if not isinstance(v, str):
         raise _Bad(f"{v!r} is not a dataset name")
-    if v not in data.KNOWN_DATASETS and not v.startswith(data.FOLDER_PREFIX):
+    if v not in datasets.KNOWN_DATASETS and not v.startswith(datasets.FOLDER_PREFIX):
         raise _Bad(f"unknown dataset {v!r}")  # parse_axis adds the allowed names
     try:
-        return data.dataset_info(v).name
+        return datasets.dataset_info(v).name
     except UserError as err:  # a folder: dataset that is not there or not laid out right
         raise _Bad(str(err)) from err
 
@@ -95,15 +95,12 @@ def _check_block(v: Any) -> str:
 
 def _kind_block(v: str) -> bool:
     """A block name of a registered backbone kind beyond the study's: a transformer's layerN,
-    or a kind's alias (e.g. dift_layer)."""
-    from ddsweep import kinds
-
-    aliases = {a for name in kinds.names() for a in kinds.get(name).aliases}
-    return v in aliases or bool(re.fullmatch(r"layer[1-9][0-9]*", v))
+    or a kind's alias (named *_layer, e.g. dift_layer; ddsweep.kinds checks it applies)."""
+    return bool(re.fullmatch(r"layer[1-9][0-9]*|[a-z][a-z0-9_]*_layer", v))
 
 
 def _check_backbone(v: Any) -> str:
-    from ddsweep.kinds import hub
+    from ddsweep.config import hub
 
     if not isinstance(v, str) or not v.strip():
         raise _Bad(f"{v!r} is not a backbone")
@@ -157,7 +154,7 @@ def _epoch(v: int) -> int:
 
 # What each axis accepts, for error messages (the probe axis: see `axis_allowed`).
 AXIS_ALLOWED: dict[str, str] = {
-    "dataset": ", ".join((*data.KNOWN_DATASETS, "folder:PATH")),
+    "dataset": ", ".join((*datasets.KNOWN_DATASETS, "folder:PATH")),
     "resolution": "positive multiples of 8, e.g. [32]",
     "attention": "true, false",
     "epoch": "integers >= 0, or {start, stop, step} (stop included)",
