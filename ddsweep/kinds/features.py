@@ -312,7 +312,7 @@ def pretrained_point(
     """(Backbone, Point) of `ddsweep probe --backbone SPEC` for a pretrained backbone (no epoch,
     no attention: the backbone is named by its content hash), or None for a trained one."""
     from ddsweep import probes
-    from ddsweep.points import Point
+    from ddsweep.config.points import Point
 
     if not is_pretrained(spec):
         return None
