@@ -118,6 +118,16 @@ class ProbeGrid(Objective):
             b for b in self.cfg.axes.block if b != PIXELS and sweep.grid.trained_block(b)
         )
 
+    @classmethod
+    def check(cls, cfg: sweep.StudyConfig, inception_weights: Path | None) -> None:
+        """Every pretrained backbone is found (a hub id in the cache) before a study is
+        created: a missing one is one line, and nothing is recorded."""
+        if cfg.axes.pretrained():
+            from ddsweep.kinds.loading import resolve
+
+            for spec in cfg.axes.pretrained():
+                resolve(spec)
+
     def _pretrained_of(self, spec: str) -> sweep.grid.PretrainedInfo:
         from ddsweep.kinds.features import pretrained_backbone
 
