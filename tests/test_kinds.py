@@ -312,3 +312,25 @@ def test_a_study_probes_sd_dit_and_a_trained_ddpm_side_by_side(
     written = " ".join(p.read_text() for p in (tmp_path / "reports" / "side").glob("*.md"))
     assert written.count("pretrained: columns are noise steps") >= 2
     assert "mid" in written and "layer2" in written and "pixels" in written
+
+
+def test_probe_a_pipeline_folder_logs_its_content_hash(
+    pipes: dict[str, Path], workdir: str
+) -> None:
+    """`ddsweep probe --backbone FOLDER` on a DiT pipeline: one MLflow run whose params name the
+    kind, the content hash and how latents were made; no epoch."""
+    from mlflow.tracking import MlflowClient
+
+    from ddsweep.cli import app
+
+    args = ["probe", "--backbone", str(pipes["dit"]), "--dataset", "digits", "--block", "layer1",
+            "--probe", "knn", "--k", "5", "--noise-step", "121"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run_id = result.output.strip().split()[-1]
+    params = MlflowClient(workdir).get_run(run_id).data.params
+    resolved = loading.resolve(str(pipes["dit"]))
+    assert params["backbone"] == resolved.label() and params["backbone_kind"] == "dit"
+    assert params["latents"] == "mean" and params["epoch"] == "None"
+    bad = CliRunner().invoke(app, [*args[:5], "--block", "up9"])
+    assert bad.exit_code == 2 and "unknown block 'up9'" in bad.output
