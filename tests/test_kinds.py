@@ -334,3 +334,26 @@ def test_probe_a_pipeline_folder_logs_its_content_hash(
     assert params["latents"] == "mean" and params["epoch"] == "None"
     bad = CliRunner().invoke(app, [*args[:5], "--block", "up9"])
     assert bad.exit_code == 2 and "unknown block 'up9'" in bad.output
+
+
+def test_a_flat_pipeline_folder_as_early_hub_repos_hold_it(tmp_path: Path) -> None:
+    """google/ddpm-cifar10-32's layout: the UNet's config.json and weights and the scheduler
+    config flat beside model_index.json."""
+    from diffusers import DDPMScheduler
+
+    from ddsweep.model import ModelConfig, build_unet
+
+    folder = tmp_path / "flat"
+    build_unet(ModelConfig(resolution=16, channels=(32, 32, 64, 64))).save_pretrained(folder)
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(folder)
+    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert kf.is_pretrained(str(folder))
+    loaded = _loaded(folder)
+    assert loaded.resolved.kind == "ddpm" and loaded.resolved.resolution == 16
+    cosine = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    assert torch.allclose(loaded.scheduler.alphas_cumprod, cosine)  # its own, not assumed
+    feats = kf.forward_blocks(loaded, torch.randn(2, 3, 16, 16), torch.tensor([3, 3]),
+                              ("up4",), "avg")  # fmt: skip
+    assert feats["up4"].shape == (2, 64)

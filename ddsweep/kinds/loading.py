@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 LATENTS = "mean"
 MODEL_INDEX = "model_index.json"
 SCHEDULER = "scheduler/scheduler_config.json"
+# Early hub repos (google/ddpm-cifar10-32) keep one model flat beside model_index.json.
+FLAT_SCHEDULER = "scheduler_config.json"
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -64,7 +66,7 @@ class Resolved:
 
 def _denoiser(folder: Path) -> tuple[BackboneKind, Path]:
     """(kind, denoiser folder) of a pipeline folder or a lone model folder."""
-    if (folder / MODEL_INDEX).is_file():
+    if (folder / MODEL_INDEX).is_file() and not (folder / "config.json").is_file():
         index = _json(folder / MODEL_INDEX)
         for sub, entry in index.items():
             if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
@@ -135,12 +137,12 @@ def resolve(spec: str) -> Resolved:
         parts.append(vae_dir)
     if kind.condition is not None and (folder / "text_encoder").is_dir():
         parts.append(folder / "text_encoder")
-    if not (folder / SCHEDULER).is_file():
+    if not (folder / SCHEDULER).is_file() and not (folder / FLAT_SCHEDULER).is_file():
         raise UserError(
             f"{folder}: no {SCHEDULER}; ddsweep reads a backbone's noise schedule from it "
             "(never assumes one): pass the pipeline folder, not its model subfolder"
         )
-    steps = int(_json(folder / SCHEDULER).get("num_train_timesteps", 1000))
+    steps = int(_json(scheduler_file(folder)).get("num_train_timesteps", 1000))
     size = config.get("sample_size")
     size = size[0] if isinstance(size, list) else size
     if not isinstance(size, int):
@@ -176,12 +178,18 @@ class Loaded:
         return modules[path]
 
 
+def scheduler_file(folder: Path) -> Path:
+    """The scheduler config of a pipeline folder (scheduler/, or flat beside the model)."""
+    nested = folder / SCHEDULER
+    return nested if nested.is_file() else folder / FLAT_SCHEDULER
+
+
 def scheduler_of(folder: Path) -> Any:
     """The folder's own noise schedule as a DDPMScheduler (whose add_noise is q_sample): betas
     and step count from its scheduler config, whatever sampler class the pipeline names."""
     from diffusers import DDPMScheduler
 
-    config = _json(folder / SCHEDULER)
+    config = _json(scheduler_file(folder))
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
     return DDPMScheduler(**{k: config[k] for k in keys if k in config})
 
@@ -197,7 +205,7 @@ def _load(resolved: Resolved, prompt: str, device: str) -> Loaded:
 
     kind = resolved.kind_of()
     folder = resolved.folder
-    net_dir = folder / kind.subfolder if (folder / MODEL_INDEX).is_file() else folder
+    net_dir = folder if (folder / "config.json").is_file() else folder / kind.subfolder
     opts: dict[str, Any] = {
         "use_safetensors": True,
         "local_files_only": True,
