@@ -36,9 +36,8 @@ from ddsweep.cli._options import (
     study_progress,
 )
 from ddsweep.config.fid import DDIM_STEPS, FIDConfig
-from ddsweep.config.run import DEFAULT_EXPERIMENT, RunOptions
+from ddsweep.config.run import DEFAULT_EXPERIMENT, FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
-from ddsweep.study import FOLLOW_INTERVAL
 
 F = FIDConfig  # the defaults a sweep file leaves in place
 _FILE = "(default: the sweep file's fid: section, else"
@@ -241,7 +240,8 @@ def train_grid(
     experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """Train one backbone per (dataset, resolution, attention) of a study (reuse, resume)."""
-    from ddsweep import backbones, data
+    from ddsweep import backbones
+    from ddsweep.config import paths
 
     axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention)
     cfg = study_config(study, axes)
@@ -255,7 +255,7 @@ def train_grid(
 
         backbones.ensure_all(
             cfg,
-            data_dir or data.default_data_dir(),
+            data_dir or paths.data_dir(),
             progress,
             tracking_uri=tracking_uri,
             experiment=experiment,
