@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -34,6 +34,9 @@ from ddsweep.features import (
     cached_features,
 )
 
+if TYPE_CHECKING:
+    from ddsweep.kinds.loading import Resolved
+
 # --- backbones ----------------------------------------------------------------------------------
 
 
@@ -45,9 +48,12 @@ class Backbone:
     run_id: str | None = None
     epoch: int | None = None
     dataset: str | None = None  # what it was trained on, when known
+    pretrained: Resolved | None = None  # a backbone named by folder or hub id (ddsweep.kinds)
 
     def label(self) -> str:
         """Short description for tables and tags."""
+        if self.pretrained is not None:
+            return self.pretrained.label()
         return f"{self.run_id}@{self.epoch}" if self.run_id else str(self.folder)
 
 
@@ -155,6 +161,11 @@ def split_features(
     needs_net = any(b != PIXELS for b in blocks)
     if needs_net and backbone is None:
         raise UserError("a backbone is needed for U-Net blocks: pass --run or --backbone")
+    if needs_net and backbone is not None and backbone.pretrained is not None:
+        from ddsweep.kinds import features as kind_features
+
+        pre = (backbone.pretrained, dataset, resolution, blocks, noise_step, cfg, cache, data_dir)
+        return SplitFeatures(*kind_features.split_features(*pre, on_batch=on_batch))
     ckpt_hash = _weights_hash(backbone.folder, cfg.weights) if backbone and needs_net else "pixels"
     load = _LazyUNet(backbone if needs_net else None, cfg.weights, resolution)
     # On CUDA the network runs in bf16 autocast; its features are cached apart from float32 ones.
@@ -376,6 +387,10 @@ def point_params(point: Point, cfg: ProbeConfig, backbone: Backbone | None) -> d
 
     params = {**flat_params(point), **config_for(cfg, point).params()}
     params["backbone"] = backbone.label() if backbone else "none"
+    if backbone is not None and backbone.pretrained is not None:
+        from ddsweep.kinds.features import backbone_params
+
+        params.update(backbone_params(backbone.pretrained))
     named = protocol_of(point)
     if named:
         params["protocol"] = named
@@ -398,7 +413,7 @@ def _folder_config(folder: Path) -> tuple[int, bool]:
 def resolve_point(
     *,
     run: str | None,
-    backbone: Path | None,
+    backbone: Path | str | None,
     dataset: str | None,
     resolution: int | None,
     attention: bool,
@@ -420,7 +435,14 @@ def resolve_point(
     if run and backbone:
         raise UserError("give either --run or --backbone, not both")
     bb: Backbone | None = None
+    if backbone is not None and block != PIXELS:
+        from ddsweep.kinds.features import pretrained_point
+
+        found = pretrained_point(str(backbone), dataset, resolution, block, noise_step, probe, k)
+        if found is not None:
+            return found
     if backbone is not None:
+        backbone = Path(backbone)
         res, attn = _folder_config(backbone)
         meta = checkpoints.read_meta(backbone)
         trained_on = meta.get("dataset")

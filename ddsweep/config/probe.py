@@ -51,6 +51,7 @@ class ProbeConfig:
     # fitted once per seed; the point's metrics are their means, its predictions one row each.
     # Empty: one realisation, `noise_seed`.
     noise_seeds: tuple[int, ...] = ()
+    prompt: str = ""  # latent-unet backbones (Stable Diffusion): the one fixed prompt
 
     def __post_init__(self) -> None:
         kept = {}

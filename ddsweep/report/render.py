@@ -77,7 +77,8 @@ def column_claims(facet: Facet) -> str:
         if claim is not None:
             said = claim_verdict(claim, with_epoch=False)
             parts.append(f"{epoch_label(epoch)}: {block_label(claim.best[0])} {said}".rstrip())
-    return "best block by epoch: " + "; ".join(parts)
+    by = "noise step" if facet.key.pretrained() else "epoch"  # a pretrained backbone: by t
+    return f"best block by {by}: " + "; ".join(parts)
 
 
 def table_claim(facet: Facet) -> str:
