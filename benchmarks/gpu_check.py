@@ -299,7 +299,7 @@ def make_job(
     return job
 
 
-def step(job: Job, x0: torch.Tensor, v: TrainVariant) -> float:
+def step(job: Job, x0: torch.Tensor, v: TrainVariant) -> torch.Tensor:
     """One training step: ddsweep's `batch_step` (bf16 + channels_last), or, for the layout
     ablations, the same `train_step` and EMA update on a contiguous batch."""
     if v.channels_last:
@@ -326,7 +326,8 @@ def run_steps(
         start = clock(job.device)
         for i in range(steps):
             losses.append(step(job, batches[i % len(batches)], v))
-        return losses, clock(job.device) - start
+        seconds = clock(job.device) - start
+        return [float(x) for x in torch.stack(losses).tolist()], seconds
 
 
 def measure_training(sizes: Sizes, v: TrainVariant, device: torch.device) -> dict[str, Any]:

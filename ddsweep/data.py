@@ -328,6 +328,8 @@ def to_float(pixels: torch.Tensor) -> torch.Tensor:
 def batch_collate(dataset: Dataset[Item]) -> Callable[[Any], Any] | None:
     """The DataLoader collate_fn for `dataset`: none for one that reads whole batches
     (`__getitems__` returns the batch), else the default (None)."""
+    while isinstance(dataset, torch.utils.data.Subset):  # its __getitems__ asks the dataset's
+        dataset = dataset.dataset
     return _whole_batch if isinstance(dataset, DecodedImages | TensorImages) else None
 
 
@@ -485,7 +487,9 @@ def _write_decoded(meta_path: Path, fingerprint: str, source: Dataset[Item]) -> 
             tmp_images, mode="w+", dtype=np.uint8, shape=(n, *first.shape)
         )
         labels = np.empty(n, dtype=np.int64)
-        loader = torch.utils.data.DataLoader(source, batch_size=256, shuffle=False)
+        # A generator of its own: decoding (or not, on a hit) leaves torch's global RNG alone.
+        gen = torch.Generator()
+        loader = torch.utils.data.DataLoader(source, batch_size=256, shuffle=False, generator=gen)
         start, digest = 0, hashlib.sha256()
         for x, y in loader:
             digest.update(x.numpy().tobytes())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddsweep import evaluate, scheduler, sweep, tracking
+from ddsweep import devices, evaluate, scheduler, sweep, tracking
 from ddsweep.errors import UserError
 from ddsweep.model import PIXELS
 from ddsweep.objectives import OBJECTIVES, Objective, Pins, Record
@@ -44,6 +44,7 @@ class RunOptions:
     tracking_uri: str | None = None
     experiment: str = tracking.DEFAULT_EXPERIMENT
     workers: int = 1
+    gpus: tuple[int, ...] | None = None  # --gpus: the GPUs workers are placed on (None: all)
     max_retries: int = 2
     heartbeat_interval: int = 10
     grace_period: int = 60
@@ -145,8 +146,11 @@ class _Trials:
         return self.objective.evaluate(self.objective.points[pid])
 
     def record(self, pid: str, trial_number: int, result: Record) -> Outcome:
-        run_id = self.recorder.log_trial(point_id(self.objective.points[pid]), trial_number, result)
-        return self._outcome(run_id, result.metrics)
+        device = devices.label()
+        point = point_id(self.objective.points[pid])
+        run_id = self.recorder.log_trial(point, trial_number, result, tags={"device": device})
+        outcome = self._outcome(run_id, result.metrics)
+        return Outcome(outcome.value, {**outcome.attrs, "device": device})
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         point = self.objective.points[pid]
@@ -238,6 +242,17 @@ def _worker_main(cfg: sweep.StudyConfig, opts: RunOptions) -> None:
         work(prepare(cfg, opts))
 
 
+def start_workers(
+    opts: RunOptions, target: Callable[..., None], args: tuple[Any, ...]
+) -> list[Any]:
+    """Spawn workers 1..N-1 of `opts.workers`, each with its own CUDA_VISIBLE_DEVICES (worker i
+    on chosen GPU i mod G), and make worker 0's GPU this process's current device."""
+    gpus = devices.plan(opts.workers, opts.gpus)
+    devices.use_here(gpus[0])
+    envs = [{devices.VISIBLE: g} if g is not None else {} for g in gpus[1:]]
+    return scheduler.spawn_workers(opts.workers - 1, target, args, envs)
+
+
 Progress = Callable[[Context, Tally, str | None], None]
 
 
@@ -264,7 +279,7 @@ def run_study(
     poller.start()
     procs = []
     try:
-        procs = scheduler.spawn_workers(opts.workers - 1, _worker_main, (cfg, opts))
+        procs = start_workers(opts, _worker_main, (cfg, opts))
 
         def on_point(pid: str) -> None:
             current[0] = pid

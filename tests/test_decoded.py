@@ -163,3 +163,35 @@ def test_batches_read_at_once_equal_item_by_item_with_flips(tmp_path: Path, skip
         )
     )
     assert 0 < flipped < len(ds)
+
+
+def test_features_cached_before_the_data_scheme_are_not_served(tmp_path: Path) -> None:
+    """An entry stored under the key of ddsweep before decoded images (no data_scheme field)
+    is never read as a feature of the new scheme: the lookup misses and extracts."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    from ddsweep.features import CacheKey, FeatureCache, FeatureRequest, cached_features
+
+    split = data.labelled_split("digits", "test", 8, tmp_path)
+    fp = data.split_fingerprint("digits", "test", 8)
+    cache = FeatureCache(tmp_path / "cache")
+    req = FeatureRequest(("pixels",))
+    key = CacheKey("pixels", "ema", fp, 8, 0, 0, "avg", "pixels")
+    assert key.data_scheme == data.DATA_SCHEME
+    old_fields = {k: v for k, v in dataclasses.asdict(key).items() if k != "data_scheme"}
+    old_digest = hashlib.sha256(json.dumps(old_fields, sort_keys=True).encode()).hexdigest()[:32]
+    assert old_digest != key.digest()
+    n = len(split)  # type: ignore[arg-type]
+    cache.root.mkdir(parents=True)
+    stale = {"features": torch.full((n, 192), 7.0), "labels": torch.zeros(n, dtype=torch.long)}
+    save_file(stale, str(cache.root / f"{old_digest}.safetensors"))
+    got, _, ran = cached_features(lambda: None, "pixels", "ema", split, fp, 8, req, cache)
+    assert ran  # extracted, not read from the old entry
+    features, _ = got["pixels"]
+    assert not torch.all(features == 7.0)
+    assert torch.equal(features[0], split[0][0].flatten())  # type: ignore[index]
+    assert cache.path(key).is_file()

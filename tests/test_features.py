@@ -388,6 +388,7 @@ def test_the_key_includes_every_field(tmp_path: Path) -> None:
         "noise_draws",
         "precision",
         "noise",
+        "data_scheme",
     }
     digests = {key().digest()}
     for name in fields:

@@ -105,7 +105,18 @@ KAxis = Annotated[
     list[str] | None, typer.Option(help=f"k axis (knn only) {_AXIS}.", show_default=False)
 ]
 
-Workers = Annotated[int, typer.Option(help="Local worker processes.")]
+Workers = Annotated[
+    int,
+    typer.Option(help="Local worker processes; with G GPUs, worker i runs on GPU i mod G."),
+]
+Gpus = Annotated[
+    str | None,
+    typer.Option(
+        help="GPUs the workers are placed on, e.g. 0,2,3 (numbers as this machine shows them) "
+        "(default: every visible GPU).",
+        show_default=False,
+    ),
+]
 MaxRetries = Annotated[int, typer.Option(help="Retries of a failed point across runs.")]
 GracePeriod = Annotated[
     int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")
@@ -136,6 +147,11 @@ def run_options(**given: Any) -> RunOptions:
     if given["heartbeat_interval"] >= given["grace_period"]:
         raise UserError("--heartbeat-interval must be shorter than --grace-period")
     given["data_dir"] = given.get("data_dir") or data.default_data_dir()
+    if "gpus" in given:
+        from ddsweep import devices
+
+        given["gpus"] = devices.parse_gpus(given["gpus"])
+        devices.plan(given["workers"], given["gpus"])  # a GPU this machine lacks: one line now
     return RunOptions(**given)
 
 
