@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from ddsweep import data, diffusion, evaluate, tracking
 from ddsweep import fid as fid_mod
+from ddsweep.config import probe as probe_config
+from ddsweep.config.points import Point
 from ddsweep.errors import UserError
 from ddsweep.features import FeatureCache
-from ddsweep.points import Point
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -73,7 +74,7 @@ def probe(
     """Evaluate one grid point and log it as one MLflow run: (point, metrics, run id).
     `where` holds the keyword arguments of `evaluate.resolve_point` (which backbone, which
     point); `probe` without a run searches the training runs of every experiment."""
-    evaluate.validate_probe_config(cfg)
+    probe_config.validate_probe_config(cfg)
     exp_id = tracking.setup(tracking_uri, experiment)
     bb, point = evaluate.resolve_point(**where)
     found = evaluate.evaluate_point(

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import typer
 
 from ddsweep import probes
+from ddsweep.config.run import RunOptions
 from ddsweep.errors import UserError
-from ddsweep.study import RunOptions
 
 # --- where runs go and where data lives ---------------------------------------------------------
 

@@ -9,10 +9,10 @@ import typer
 
 from ddsweep import probes
 from ddsweep.cli._options import DataDir, Experiment, TrackingUri
-from ddsweep.evaluate import ProbeConfig
-from ddsweep.model import ModelConfig
-from ddsweep.sweep import Axes
-from ddsweep.tracking import DEFAULT_EXPERIMENT
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.probe import ProbeConfig
+from ddsweep.config.run import DEFAULT_EXPERIMENT
+from ddsweep.config.sweep import Axes
 
 L, K = probes.LinearSettings, probes.KnnSettings  # the probe kinds' defaults
 DEFAULT_BLOCK = "up4"  # the first decoder block: the study's usual best

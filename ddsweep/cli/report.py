@@ -16,8 +16,8 @@ from ddsweep.cli._options import (
     bar,
     study_progress,
 )
+from ddsweep.config.run import DEFAULT_EXPERIMENT
 from ddsweep.errors import UserError
-from ddsweep.tracking import DEFAULT_EXPERIMENT
 
 
 def report(
@@ -68,7 +68,7 @@ def quickstart(
 
     from ddsweep import data
     from ddsweep import quickstart as qs
-    from ddsweep.study import RunOptions
+    from ddsweep.config.run import RunOptions
 
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")

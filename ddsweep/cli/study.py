@@ -35,10 +35,10 @@ from ddsweep.cli._options import (
     run_options,
     study_progress,
 )
+from ddsweep.config.fid import DDIM_STEPS, FIDConfig
+from ddsweep.config.run import DEFAULT_EXPERIMENT, RunOptions
 from ddsweep.errors import UserError
-from ddsweep.fid import DDIM_STEPS, FIDConfig
-from ddsweep.study import FOLLOW_INTERVAL, RunOptions
-from ddsweep.tracking import DEFAULT_EXPERIMENT
+from ddsweep.study import FOLLOW_INTERVAL
 
 F = FIDConfig  # the defaults a sweep file leaves in place
 _FILE = "(default: the sweep file's fid: section, else"
@@ -56,7 +56,7 @@ def fid_study_config(name: str, overrides: dict[str, list[str]], fid: dict[str, 
     """The fid-grid study of `name`: a probe study's checkpoints get their own study NAME_fid
     beside it; `fid` holds the FIDConfig settings given on the command line."""
     from ddsweep import fid as fid_mod
-    from ddsweep import sweep
+    from ddsweep.config import sweep
 
     base = sweep.load_study(name)
     cfg = replace(sweep.with_overrides(base, name, overrides), kind="fid-grid")

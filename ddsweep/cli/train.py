@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 
 from ddsweep.cli._options import DataDir, Experiment, FeatureHelp, TrackingUri, bar, given_fields
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.run import DEFAULT_EXPERIMENT
+from ddsweep.config.train import TrainConfig
 from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig
-from ddsweep.tracking import DEFAULT_EXPERIMENT
-from ddsweep.train import TrainConfig
 
 D = TrainConfig  # the defaults of every option below
 
