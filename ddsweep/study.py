@@ -223,6 +223,17 @@ def _worker_main(cfg: sweep.StudyConfig, opts: RunOptions) -> None:
         work(prepare(cfg, opts))
 
 
+def array_worker(cfg: sweep.StudyConfig, opts: RunOptions) -> Counter[str]:
+    """One task of a job array (ddsweep.launch): a worker of the study, as a `--workers`
+    process is one; the last one to end with no trial running elsewhere writes the answer to
+    the parent run. Ctrl-C, SIGTERM and preemption end the trial as interrupted and raise."""
+    ctx = prepare(cfg, opts)
+    outcomes = work(ctx)
+    if not ctx.board.tally().running:
+        finish(ctx)
+    return outcomes
+
+
 def start_workers(
     opts: RunOptions, target: Callable[..., None], args: tuple[Any, ...]
 ) -> list[Any]:

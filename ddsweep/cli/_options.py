@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from ddsweep import probes
-from ddsweep.config.run import RunOptions
+from ddsweep.config.run import LAUNCHERS, Launch, RunOptions
 from ddsweep.errors import UserError
 
 # --- where runs go and where data lives ---------------------------------------------------------
@@ -117,6 +117,28 @@ Gpus = Annotated[
         show_default=False,
     ),
 ]
+DEFAULT_LAUNCH = Launch()
+LauncherOpt = Annotated[
+    str,
+    typer.Option(
+        "--launcher",
+        help=f"Where workers run: {', '.join(LAUNCHERS)} (local: processes here; slurm: "
+        "a job array through submitit, then return; local-submitit: the same jobs here, "
+        "waited for).",
+    ),
+]
+SlurmPartition = Annotated[
+    str | None,
+    typer.Option(help="Slurm partition of the jobs (default: the cluster's).", show_default=False),
+]
+GpusPerWorker = Annotated[int, typer.Option(help="GPUs of each Slurm job (one worker each).")]
+TimeoutMin = Annotated[
+    int, typer.Option(help="Minutes a job may run; a preempted or timed-out one is requeued.")
+]
+CpusPerWorker = Annotated[
+    int | None,
+    typer.Option(help="CPUs of each Slurm job (default: the cluster's).", show_default=False),
+]
 MaxRetries = Annotated[int, typer.Option(help="Retries of a failed point across runs.")]
 GracePeriod = Annotated[
     int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")
@@ -134,6 +156,16 @@ def given_fields(cls: type, options: dict[str, Any]) -> dict[str, Any]:
 def axis_overrides(**axes: list[str] | None) -> dict[str, list[str]]:
     """The axes given on the command line."""
     return {k: v for k, v in axes.items() if v}
+
+
+def launch_options(**given: Any) -> Launch:
+    """Launch from the command line, checked (a Slurm launch needs sbatch here)."""
+    from ddsweep import launch
+
+    fields = {f.name for f in dataclasses.fields(Launch)}
+    out = Launch(**{k: v for k, v in given.items() if k in fields})
+    launch.check_launch(out)
+    return out
 
 
 def run_options(**given: Any) -> RunOptions:
