@@ -4,7 +4,6 @@ tracking package and returns plain values; the CLI only prints them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,32 +11,13 @@ from ddsweep import data, diffusion, evaluate, tracking
 from ddsweep import fid as fid_mod
 from ddsweep.config import probe as probe_config
 from ddsweep.config.points import Point
+from ddsweep.config.run import Checkpoint, SampleConfig
 from ddsweep.errors import UserError
 from ddsweep.features import FeatureCache
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
     from rich.progress import Progress
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Which weights of a training run: its run id, an epoch (None: the last saved) and
-    ema or raw."""
-
-    run: str
-    epoch: int | None = None
-    weights: str = "ema"
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """How `ddsweep sample` generates its grid."""
-
-    n: int = 64
-    sampler: str = "ddim"
-    steps: int = 50  # DDIM only; DDPM always runs every training step
-    seed: int = 0
 
 
 def load_checkpoint(ckpt: Checkpoint) -> tuple[UNet2DModel, evaluate.Backbone]:

@@ -25,7 +25,7 @@ from ddsweep import devices, evaluate, scheduler, tracking
 from ddsweep.config import sweep
 from ddsweep.config.model import PIXELS
 from ddsweep.config.points import AXES, legacy_id, point_id
-from ddsweep.config.run import RunOptions
+from ddsweep.config.run import FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
 from ddsweep.objectives import OBJECTIVES, Objective, Pins, Record
 from ddsweep.scheduler import GridStudy, Outcome, Tally
@@ -317,9 +317,6 @@ def publish_answer(ctx: Context, done: int) -> None:
         rows = report.summary(facets)
         metrics, tags = answer.headline(facets, rows)
         ctx.recorder.log_answer(metrics, tags, answer.tables(facets, rows), done)
-
-
-FOLLOW_INTERVAL = 10.0  # seconds between two looks at the followed training runs
 
 
 def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:

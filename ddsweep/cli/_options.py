@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ddsweep import probes
+from ddsweep.config import probekinds as probes
 from ddsweep.config.run import LAUNCHERS, Launch, RunOptions
 from ddsweep.errors import UserError
 
@@ -170,7 +170,7 @@ def launch_options(**given: Any) -> Launch:
 
 def run_options(**given: Any) -> RunOptions:
     """RunOptions from the command line, checked."""
-    from ddsweep import data
+    from ddsweep.config import paths
 
     if given["workers"] < 1 or given["max_retries"] < 0:
         raise UserError("--workers must be at least 1 and --max-retries at least 0")
@@ -178,7 +178,7 @@ def run_options(**given: Any) -> RunOptions:
         raise UserError("--grace-period and --heartbeat-interval must be positive")
     if given["heartbeat_interval"] >= given["grace_period"]:
         raise UserError("--heartbeat-interval must be shorter than --grace-period")
-    given["data_dir"] = given.get("data_dir") or data.default_data_dir()
+    given["data_dir"] = given.get("data_dir") or paths.data_dir()
     if "gpus" in given:
         from ddsweep import devices
 

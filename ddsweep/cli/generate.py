@@ -19,8 +19,7 @@ from ddsweep.cli._options import (
     bar,
 )
 from ddsweep.config.fid import DDIM_STEPS, FIDConfig
-from ddsweep.config.run import DEFAULT_EXPERIMENT
-from ddsweep.single import Checkpoint, SampleConfig
+from ddsweep.config.run import DEFAULT_EXPERIMENT, Checkpoint, SampleConfig
 
 S, F = SampleConfig, FIDConfig  # the defaults of the options below
 

@@ -66,8 +66,8 @@ def quickstart(
     """The whole pipeline on the bundled digits set, offline on a CPU: train, probe, report."""
     from rich.console import Console
 
-    from ddsweep import data
     from ddsweep import quickstart as qs
+    from ddsweep.config import paths
     from ddsweep.config.run import RunOptions
 
     if workers < 1:
@@ -76,7 +76,7 @@ def quickstart(
         tracking_uri=tracking_uri,
         experiment=experiment,
         workers=workers,
-        data_dir=data_dir or data.default_data_dir(),
+        data_dir=data_dir or paths.data_dir(),
     )
     console = Console()
     with bar(Console(stderr=True)) as progress:

@@ -43,9 +43,8 @@ from ddsweep.cli._options import (
     study_progress,
 )
 from ddsweep.config.fid import DDIM_STEPS, FIDConfig
-from ddsweep.config.run import DEFAULT_EXPERIMENT, RunOptions
+from ddsweep.config.run import DEFAULT_EXPERIMENT, FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
-from ddsweep.study import FOLLOW_INTERVAL
 
 F = FIDConfig  # the defaults a sweep file leaves in place
 _FILE = "(default: the sweep file's fid: section, else"
@@ -299,13 +298,14 @@ def train_grid(
     cpus_per_worker: CpusPerWorker = None,
 ) -> None:
     """Train one backbone per (dataset, resolution, attention) of a study (reuse, resume)."""
-    from ddsweep import backbones, data, launch
+    from ddsweep import backbones, launch
+    from ddsweep.config import paths
 
     where = launch_options(**locals())
     axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention)
     cfg = study_config(study, axes)
     if where.launcher != "local":
-        job = launch.train_job(cfg, data_dir or data.default_data_dir(), tracking_uri, experiment)
+        job = launch.train_job(cfg, data_dir or paths.data_dir(), tracking_uri, experiment)
         handles = launch.submit(where, cfg.study, job)
         typer.echo(
             f"{cfg.study}: {len(handles)} backbones submitted as job array "
@@ -324,7 +324,7 @@ def train_grid(
 
         backbones.ensure_all(
             cfg,
-            data_dir or data.default_data_dir(),
+            data_dir or paths.data_dir(),
             progress,
             tracking_uri=tracking_uri,
             experiment=experiment,

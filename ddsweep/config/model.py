@@ -9,6 +9,8 @@ from ddsweep.errors import UserError
 
 # The nine probed outputs in forward order; `upN` mirrors `downN` (diffusers `up_blocks[4-N]`).
 BLOCKS: tuple[str, ...] = ("down1", "down2", "down3", "down4", "mid", "up4", "up3", "up2", "up1")
+# `ddsweep probe`'s block: the first decoder block, the study's usual best.
+DEFAULT_BLOCK = "up4"
 # The input image itself: a baseline row in every report.
 PIXELS = "pixels"
 # Readable names for layers inside a block, {alias: what it is}. `ddae_layer`: the last ResNet

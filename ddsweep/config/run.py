@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ddsweep.scheduler.types import Policy
 
 DEFAULT_EXPERIMENT = "ddsweep"  # the MLflow experiment of every run unless --experiment says
+FOLLOW_INTERVAL = 10.0  # seconds between two looks at the followed training runs
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,26 @@ class RunOptions:
         from ddsweep.scheduler.types import Policy  # the scheduler package imports Optuna
 
         return Policy(self.storage, self.max_retries, self.heartbeat_interval, self.grace_period)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Which weights of a training run: its run id, an epoch (None: the last saved) and
+    ema or raw."""
+
+    run: str
+    epoch: int | None = None
+    weights: str = "ema"
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How `ddsweep sample` generates its grid."""
+
+    n: int = 64
+    sampler: str = "ddim"
+    steps: int = 50  # DDIM only; DDPM always runs every training step
+    seed: int = 0
 
 
 LAUNCHERS: tuple[str, ...] = ("local", "slurm", "local-submitit")
