@@ -6,8 +6,11 @@
 
 Everything runs on synthetic data (smooth random images, clustered gaussian features, a made-up
 CIFAR-10 folder), so nothing is downloaded, and through ddsweep's own functions:
-`train.build_job` / `batch_step` (training), `train.make_loader` and `data.labelled_split`
-(loaders), `features.extract` (all nine blocks), `evaluate.run_probe` and `probes.knn_probe`
+`train.build_job` / `batch_step` (training), `train.make_loader` over the per-image PIL path
+(`data.training_set`, `data.labelled_split`: before issue 24) and over the split decoded once
+(`data.training_images`, `data.probe_images`, on the device with CUDA), `features.extract` (all
+nine blocks; `placement`: one spawned worker, then two on one device, placed as
+`study.start_workers` places them), `evaluate.run_probe` and `probes.knn_probe`
 (probes, every registered kind by name), `diffusion.sample` (DDPM and DDIM). Each section prints
 a Rich table; the JSON file (rewritten after every section, so a run cut short keeps what it
 measured) holds every number, the goals of issue 16 with PASS / FAIL / SKIP, and the candidate
