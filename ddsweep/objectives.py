@@ -21,7 +21,7 @@ from ddsweep import evaluate, probes
 from ddsweep.config import datasets, sweep
 from ddsweep.config import probe as probe_config
 from ddsweep.config.model import BLOCKS, PIXELS
-from ddsweep.config.points import Point, id_of, params_of
+from ddsweep.config.points import Point, id_of, params_of, run_name
 from ddsweep.evaluate import Backbone
 from ddsweep.features import FeatureCache
 
@@ -174,16 +174,6 @@ def fid_settings(cfg: sweep.StudyConfig) -> tuple[tuple[str, str], ...]:
         return {**values, "steps": str(fid.sampler_steps(c)), "weights": weights}
 
     return _off_default(text(cfg.fid, cfg.probe.weights), text(fid.FIDConfig(), "ema"))
-
-
-def run_name(p: Point) -> str:
-    """A child run's name, e.g. up4-e8-t0-knn-k10 (noattn when without attention)."""
-    parts = [p.block, f"e{p.epoch}" if p.epoch is not None else "", f"t{p.noise_step}", p.probe]
-    if p.k:
-        parts.append(f"k{p.k}")
-    if p.attention is False:
-        parts.append("noattn")
-    return "-".join(x for x in parts if x)
 
 
 class FidGrid(Objective):

@@ -24,12 +24,13 @@ from typing import Any
 from ddsweep import devices, evaluate, scheduler, tracking
 from ddsweep.config import sweep
 from ddsweep.config.model import PIXELS
-from ddsweep.config.points import AXES, legacy_id, point_id
+from ddsweep.config.points import AXES, legacy_id, legacy_ids, point_id
 from ddsweep.config.run import FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
 from ddsweep.objectives import OBJECTIVES, Objective, Pins, Record
 from ddsweep.scheduler import GridStudy, Outcome, Tally
-from ddsweep.tracking.recorder import POINT_TAG, STUDY_TAG, StudyRecorder
+from ddsweep.tracking.recorder import StudyRecorder
+from ddsweep.tracking.schema import POINT_TAG, STUDY_TAG, backbone_pin
 
 __all__ = ["POINT_TAG", "STUDY_TAG", "Context", "RunOptions", "prepare", "run_study"]
 
@@ -64,10 +65,10 @@ def pin_backbones(board: GridStudy | None, cfg: sweep.StudyConfig) -> Pins:
     pinned = board.attrs if board is not None else {}
     for key in sweep.backbones(cfg.axes) if _needs_net(cfg) else []:
         d, r, a = key
-        attr = f"backbone:{d}/{r}/{a}"
+        attr = backbone_pin(d, r, a)
         run_id = pinned.get(attr)
         if run_id is None:
-            run_id = tracking.latest_training_run(d, r, a).info.run_id
+            run_id = tracking.latest_training_run(d, r, a).run_id
             if board is not None:
                 board.set_attr(attr, run_id)
         epochs = tuple(evaluate.saved_epochs(run_id))
@@ -182,7 +183,7 @@ def _use(board: GridStudy, objective: Objective) -> None:
         scheduler.Grid(
             {pid: objective.params(p) for pid, p in objective.points.items()},
             objective.vocabulary(),
-            {legacy_id(p): pid for pid, p in objective.points.items()},
+            legacy_ids(objective.points),
             {pid: point_id(p) for pid, p in objective.points.items()},
         )
     )
@@ -330,7 +331,7 @@ def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:
     pinned = board.attrs
     asked = set(cfg.axes.epoch)
     for key in sweep.backbones(cfg.axes) if _needs_net(cfg) else []:
-        attr = f"backbone:{key[0]}/{key[1]}/{key[2]}"
+        attr = backbone_pin(*key)
         run_id = pinned.get(attr) or backbones.followed_run(*key)
         if run_id is None:
             out[key], ended = ("", ()), False
@@ -479,13 +480,11 @@ def status_tables(
         )
     pins: dict[sweep.Backbone3, tuple[str, tuple[int, ...]]] = {}
     for key in sweep.backbones(cfg.axes):
-        run_id = board.attrs.get(f"backbone:{key[0]}/{key[1]}/{key[2]}")
+        run_id = board.attrs.get(backbone_pin(*key))
         pins[key] = (run_id or "", tuple(evaluate.saved_epochs(run_id)) if run_id else ())
     objective = _objective(cfg, opts, pins)
     params = {pid: objective.params(p) for pid, p in objective.points.items()}
-    board.grid = scheduler.Grid(
-        params, legacy={legacy_id(p): i for i, p in objective.points.items()}
-    )
+    board.grid = scheduler.Grid(params, legacy=legacy_ids(objective.points))
     rows = status_rows(params, board.tally())
     table = Table(title=f"study {cfg.study}: {len(params)} points")
     for col in ("", "complete", "running", "failed", "left"):

@@ -9,7 +9,7 @@ import pytest
 
 from ddsweep import predictions, report
 from ddsweep.report import build_tables, fid_by_backbone, stats, summary
-from ddsweep.tracking.recorder import POINT_TAG
+from ddsweep.tracking.schema import POINT_TAG
 
 N = 360  # test examples
 LABELS = np.arange(N, dtype=np.int32) % 10

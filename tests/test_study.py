@@ -499,7 +499,16 @@ def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
     # Regression: a WAITING retry of a point outside the current grid crashed the worker.
     first = grid("--epoch", "0", "--block", "pixels")
     assert first.exit_code == 0, first.output
-    stray_point = points.Point("digits", 8, True, 1, "mid", 0, "linear", 0)
+    stray_point = points.Point(
+        dataset="digits",
+        resolution=8,
+        attention=True,
+        epoch=1,
+        block="mid",
+        noise_step=0,
+        probe="linear",
+        k=0,
+    )
     load().enqueue_trial(points.params_of(stray_point))
     result = grid("--epoch", "0", "--block", "pixels")
     assert result.exit_code == 0, result.output

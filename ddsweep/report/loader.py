@@ -16,13 +16,12 @@ from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
 from ddsweep.report.headline import attach_fid, summary
 from ddsweep.report.render import parse_formats, print_report, status_line, write_files
 from ddsweep.report.tables import build_tables
-from ddsweep.tracking import KIND_TAG
+from ddsweep.tracking.records import study_parent
+from ddsweep.tracking.schema import KIND_TAG, STUDY_TAG
 
 if TYPE_CHECKING:
     import pandas as pd
     from rich.console import Console
-
-STUDY_TAG = "ddsweep.study"
 
 
 def _experiment_ids(experiment: str | None) -> dict[str, Any]:
@@ -94,13 +93,10 @@ def grid_progress(parent_run_id: str) -> tuple[int, int] | None:
     """(points complete, points of the grid) as the study's last run recorded them, or None."""
     from mlflow.tracking import MlflowClient
 
-    from ddsweep.tracking.recorder import DONE_TAG, GRID_TAG
-
-    tags = MlflowClient().get_run(parent_run_id).data.tags
-    try:
-        return int(tags[DONE_TAG]), int(tags[GRID_TAG])
-    except (KeyError, ValueError):
+    parent = study_parent(MlflowClient().get_run(parent_run_id))
+    if parent.points_complete is None or parent.grid_points is None:
         return None
+    return parent.points_complete, parent.grid_points
 
 
 def with_predictions(trials: pd.DataFrame) -> pd.DataFrame:

@@ -18,13 +18,13 @@ from ddsweep.model import block_order
 from ddsweep.report import rows as rd
 from ddsweep.report import stats
 from ddsweep.report.fidcurves import FidCurve
+from ddsweep.tracking.schema import POINT_TAG
 
 if TYPE_CHECKING:
     import pandas as pd
 
 # Trials logged before `pool` and `weights` were params used ProbeConfig's defaults.
 DEFAULT_POOL, DEFAULT_WEIGHTS = "avg", "ema"
-POINT_TAG = "ddsweep.point"  # the point id of a trial (ddsweep.tracking.recorder.POINT_TAG)
 
 # A table column: a training epoch (0 = the untrained net). None only in a facet with no trained
 # epoch at all (pixels results alone), as the one column that holds them.

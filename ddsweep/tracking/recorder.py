@@ -21,17 +21,21 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from ddsweep import predictions
-from ddsweep.tracking import KIND_TAG, code_version, context_tags, log_inputs, project_run_id
+from ddsweep.tracking import code_version, context_tags, log_inputs, project_run_id
+from ddsweep.tracking.records import trial_run
+from ddsweep.tracking.schema import (
+    DONE_TAG,
+    GRID_TAG,
+    KIND_TAG,
+    POINT_TAG,
+    PROJECT_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+)
 
 if TYPE_CHECKING:
     from ddsweep.objectives import Record
 
-STUDY_TAG = "ddsweep.study"
-POINT_TAG = "ddsweep.point"
-TRIAL_TAG = "optuna.trial_number"
-GRID_TAG = "ddsweep.grid_points"  # on the parent: points of the grid last run
-DONE_TAG = "ddsweep.points_complete"  # on the parent: how many of them are complete
-PROJECT_TAG = "ddsweep.study_parent_run"  # on a project run that could not be the parent
 MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -180,7 +184,10 @@ class StudyRecorder:
             "and attributes.status = 'FINISHED'",
             max_results=1,
         )
-        return (runs[0].info.run_id, dict(runs[0].data.metrics)) if runs else None
+        if not runs:
+            return None
+        trial = trial_run(runs[0])
+        return trial.run_id, dict(trial.metrics)
 
     def _child(self, pid: str, trial: int, name: str, kind: str, start: float, **tags: str) -> str:
         all_tags = {
