@@ -29,6 +29,7 @@ from ddsweep.config.run import FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
 from ddsweep.objectives import OBJECTIVES, Objective, Pins, Record
 from ddsweep.scheduler import GridStudy, Outcome, Tally
+from ddsweep.tracking import schema
 from ddsweep.tracking.recorder import StudyRecorder
 from ddsweep.tracking.schema import POINT_TAG, STUDY_TAG, backbone_pin
 
@@ -130,9 +131,10 @@ class _Trials:
     def record(self, pid: str, trial_number: int, result: Record) -> Outcome:
         device = devices.label()
         point = point_id(self.objective.points[pid])
-        run_id = self.recorder.log_trial(point, trial_number, result, tags={"device": device})
+        tags = {schema.DEVICE_TAG: device}
+        run_id = self.recorder.log_trial(point, trial_number, result, tags=tags)
         outcome = self._outcome(run_id, result.metrics)
-        return Outcome(outcome.value, {**outcome.attrs, "device": device})
+        return Outcome(outcome.value, {**outcome.attrs, schema.DEVICE_TAG: device})
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         point = self.objective.points[pid]
