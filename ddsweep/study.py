@@ -96,6 +96,7 @@ class Context:
     board: GridStudy
     objective: Objective
     recorder: StudyRecorder
+    answer: list[str] = dataclasses.field(default_factory=list)  # the answer's lines, once known
 
     @property
     def ids(self) -> list[str]:
@@ -113,8 +114,9 @@ class _Trials:
         self.objective, self.recorder = objective, recorder
         self.legacy = legacy  # the study has trials of ddsweep 0.1, whose children may be adopted
 
-    def _outcome(self, run_id: str, metrics: dict[str, float]) -> Outcome:
-        return Outcome(float(metrics[self.objective.metric]), {"mlflow_run_id": run_id})
+    def _outcome(self, pid: str, run_id: str, metrics: dict[str, float]) -> Outcome:
+        value, attrs = self.objective.value(self.objective.points[pid], metrics)
+        return Outcome(value, {**attrs, "mlflow_run_id": run_id})
 
     # The scheduler knows a point by its trial params (`pid`); MLflow by its readable id, which
     # names every setting by keyword.
@@ -123,7 +125,7 @@ class _Trials:
         found = self.recorder.adopted(point_id(point))
         if found is None and self.legacy and not point.settings:  # logged by ddsweep 0.1
             found = self.recorder.adopted(legacy_id(point))
-        return self._outcome(*found) if found else None
+        return self._outcome(pid, *found) if found else None
 
     def compute(self, pid: str) -> Record:
         return self.objective.evaluate(self.objective.points[pid])
@@ -133,7 +135,7 @@ class _Trials:
         point = point_id(self.objective.points[pid])
         tags = {schema.DEVICE_TAG: device}
         run_id = self.recorder.log_trial(point, trial_number, result, tags=tags)
-        outcome = self._outcome(run_id, result.metrics)
+        outcome = self._outcome(pid, run_id, result.metrics)
         return Outcome(outcome.value, {**outcome.attrs, schema.DEVICE_TAG: device})
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
@@ -196,6 +198,7 @@ def _start(
 ) -> Context:
     """Run `objective`'s grid on the study and open (or find) its MLflow parent run."""
     _use(board, objective)
+    board.name_metric(objective.metric_name)
     # A study keeps the experiment of its parent run: a plain run and one under `mlflow run`
     # (whose project run, in mlflow run's experiment, became the parent) share one parent.
     pinned = board.attrs.get(PARENT_ATTR)
@@ -315,11 +318,22 @@ def publish_answer(ctx: Context, done: int) -> None:
     ctx.recorder.log_definition(source, sweep.to_document(cfg))
     if cfg.kind != "probe-grid":
         return
-    facets = report.build_tables(report.load_trials(ctx.parent_id))
+    trials = report.load_trials(ctx.parent_id)
+    facets = report.build_tables(report.with_predictions(trials))
     if facets:
         rows = report.summary(facets)
         metrics, tags = answer.headline(facets, rows)
-        ctx.recorder.log_answer(metrics, tags, answer.tables(facets, rows), done)
+        found = report.study_answer(facets, rows)
+        ctx.answer = report.answer_lines(facets, rows)
+        card = report.methods_card(cfg.study, facets, trials, report.split_inputs(trials))
+        ctx.recorder.log_answer(
+            metrics,
+            tags,
+            answer.tables(facets, rows),
+            done,
+            note=answer.note(cfg.study, found),
+            files={report.METHODS_MD: card},
+        )
 
 
 def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:
