@@ -4,9 +4,11 @@ validation split and scored on it (what choices are made on); per-example predic
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -264,11 +266,32 @@ def evaluate_point(
     `fill_blocks` are extracted alongside on a cache miss, so later points of the same
     checkpoint and noise step read them from the cache instead of running the network again.
     A point that names a protocol is probed with that protocol's settings (`config_for`).
+    At t > 0 with `cfg.noise_seeds`, all of this runs once per noise realisation (features
+    extracted once per seed, so R times the backbone passes) and the point is their mean, with
+    predictions [R, N] per split (`_replicates`).
     """
     cfg = config_for(cfg, point)
     blocks = (
         (PIXELS,) if point.block == PIXELS else tuple(dict.fromkeys((point.block, *fill_blocks)))
     )
+    seeds = cfg.realisations(point.noise_step)
+    runs = []
+    for seed in seeds:
+        one = dataclasses.replace(cfg, noise_seed=seed, noise_seeds=())
+        runs.append(_evaluate_realisation(backbone, point, one, blocks, cache, data_dir, on_batch))
+    return _replicates(runs) if len(runs) > 1 else runs[0]
+
+
+def _evaluate_realisation(
+    backbone: Backbone | None,
+    point: Point,
+    cfg: ProbeConfig,
+    blocks: tuple[str, ...],
+    cache: FeatureCache,
+    data_dir: Path,
+    on_batch: Callable[[int], None] | None,
+) -> Evaluation:
+    """One point under one noise realisation (`cfg.noise_seed`)."""
     feats, extract_s, passes = split_features(
         backbone, point.dataset, point.resolution, blocks, point.noise_step, cfg, cache, data_dir,
         on_batch=on_batch,
@@ -291,6 +314,26 @@ def evaluate_point(
     return Evaluation(
         metrics, predictions, split_inputs(point, cfg, feats, len(val[1]) if val else 0)
     )
+
+
+_SUMMED = ("fit_s", "extract_s", "backbone_passes")  # costs add up over realisations
+
+
+def _replicates(runs: list[Evaluation]) -> Evaluation:
+    """One point's evaluation from its realisations: accuracies averaged (the cell is their
+    mean), costs summed, predictions stacked to [R, N] per split (labels are the same)."""
+    metrics = {
+        m: (sum if m in _SUMMED else statistics.fmean)(r.metrics[m] for r in runs)
+        for m in runs[0].metrics
+    }
+    metrics["noise_realisations"] = float(len(runs))
+    predictions = {}
+    for split, (_, label) in runs[0].predictions.items():
+        for r in runs[1:]:
+            if not torch.equal(r.predictions[split][1], label):
+                raise RuntimeError(f"the {split} labels differ between noise realisations")
+        predictions[split] = (torch.stack([r.predictions[split][0] for r in runs]), label)
+    return Evaluation(metrics, predictions, runs[0].inputs)
 
 
 def split_inputs(

@@ -228,6 +228,8 @@ def print_report(console: Console, study: str, facets: list[Facet], rows: list[S
             console.print(_fid_line(fid))
     console.rule()
     console.print(LEGEND)
+    if any(f.has_realisations() for f in facets):
+        console.print(f"Noise realisations: {stats.REALISATIONS_METHOD}.")
     if any(r.chosen_on == "test" for r in rows):
         console.print(NO_VAL)
     console.print(rich_summary(rows, study))
@@ -306,6 +308,8 @@ def markdown(
         "in every epoch column. A blank cell has no finished trial yet.",
         "",
     ]
+    if any(f.has_realisations() for f in facets):
+        out += [f"Noise realisations: {stats.REALISATIONS_METHOD}.", ""]
     if any(r.chosen_on == "test" for r in rows):
         out += [NO_VAL[0].upper() + NO_VAL[1:] + ".", ""]
     out += ["## Answer", "", *(f"{line.strip()}  " for line in answer_lines(facets, rows))]

@@ -96,7 +96,8 @@ class Cell:
     """One grid point's metrics: top1 and top3 (test accuracies, fractions in [0, 1]), the other
     metrics its probe kind reports (e.g. train_top1), in the kind's order; the 95 % bootstrap
     interval (low, high) of top1 and val_top1 when the trial logged them; and its per-example
-    test hits and labels (for paired tests; not part of equality)."""
+    test hits ([N], or [R, N] over R noise realisations) and labels [N] (for paired tests; not
+    part of equality)."""
 
     top1: float
     top3: float | None = None
@@ -115,13 +116,17 @@ class Cell:
 
 
 def paired_p(a: Cell, b: Cell) -> float | None:
-    """Exact McNemar p-value of two cells' top1 on the same test examples; None when either has
-    no per-example predictions or they were scored on different test sets."""
+    """p-value of two cells' top1 on the same test examples (exact McNemar), or on the same
+    examples and noise realisations (paired two-way bootstrap, `stats.paired_p`); None when
+    either has no per-example predictions or they were scored on different test sets or
+    numbers of realisations."""
     if a.hits is None or b.hits is None or a.labels is None or b.labels is None:
         return None
     if a.labels.shape != b.labels.shape or not np.array_equal(a.labels, b.labels):
         return None
-    return stats.mcnemar_p(a.hits, b.hits)
+    if a.hits.shape != b.hits.shape:
+        return None
+    return stats.paired_p(a.hits, b.hits)
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,13 @@ class Facet:
 
     def has_intervals(self) -> bool:
         return any(c.low is not None for c in self.cells.values())
+
+    def has_realisations(self) -> bool:
+        """Whether some cell is a mean over several noise realisations (hits [R, N], R > 1)."""
+        return any(
+            c.hits is not None and c.hits.ndim == 2 and c.hits.shape[0] > 1
+            for c in self.cells.values()
+        )
 
     def claim(
         self, epoch: Epoch | str = "all", *, pixels: bool = True, by: str = "top1"
@@ -344,7 +356,7 @@ def _cell(row: Mapping[str, Any], probe: str, top1: float) -> Cell:
     if not isinstance(preds, Mapping) or "test" not in preds:
         return Cell(top1, top3, others, val_top1=val_top1)
     pred, label = preds["test"]
-    hits = predictions.hits(pred, label)
+    hits = predictions.hits(pred, label)  # [N], or [R, N] over noise realisations
     low, high = stats.bootstrap_interval(hits)
     return Cell(top1, top3, others, low, high, val_top1, hits, np.asarray(label))
 
