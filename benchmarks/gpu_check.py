@@ -6,8 +6,11 @@
 
 Everything runs on synthetic data (smooth random images, clustered gaussian features, a made-up
 CIFAR-10 folder), so nothing is downloaded, and through ddsweep's own functions:
-`train.build_job` / `batch_step` (training), `train.make_loader` and `data.labelled_split`
-(loaders), `features.extract` (all nine blocks), `evaluate.run_probe` and `probes.knn_probe`
+`train.build_job` / `batch_step` (training), `train.make_loader` over the per-image PIL path
+(`data.training_set`, `data.labelled_split`: before issue 24) and over the split decoded once
+(`data.training_images`, `data.probe_images`, on the device with CUDA), `features.extract` (all
+nine blocks; `placement`: one spawned worker, then two on one device, placed as
+`study.start_workers` places them), `evaluate.run_probe` and `probes.knn_probe`
 (probes, every registered kind by name), `diffusion.sample` (DDPM and DDIM). Each section prints
 a Rich table; the JSON file (rewritten after every section, so a run cut short keeps what it
 measured) holds every number, the goals of issue 16 with PASS / FAIL / SKIP, and the candidate
@@ -302,7 +305,7 @@ def make_job(
     return job
 
 
-def step(job: Job, x0: torch.Tensor, v: TrainVariant) -> float:
+def step(job: Job, x0: torch.Tensor, v: TrainVariant) -> torch.Tensor:
     """One training step: ddsweep's `batch_step` (bf16 + channels_last), or, for the layout
     ablations, the same `train_step` and EMA update on a contiguous batch."""
     if v.channels_last:
@@ -329,7 +332,8 @@ def run_steps(
         start = clock(job.device)
         for i in range(steps):
             losses.append(step(job, batches[i % len(batches)], v))
-        return losses, clock(job.device) - start
+        seconds = clock(job.device) - start
+        return [float(x) for x in torch.stack(losses).tolist()], seconds
 
 
 def measure_training(sizes: Sizes, v: TrainVariant, device: torch.device) -> dict[str, Any]:
@@ -423,38 +427,55 @@ def write_cifar10(root: Path, per_file: int) -> None:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
 
 
-def loader_rate(loader: DataLoader[Any]) -> tuple[int, float]:
-    """(images, images/s) of one pass over a loader."""
-    start, n = time.perf_counter(), 0
+def loader_rate(loader: DataLoader[Any], device: torch.device | None = None) -> tuple[int, float]:
+    """(images, images/s) of one pass over a loader (its batches landed, on `device`)."""
+    dev = device or torch.device("cpu")
+    start, n = clock(dev), 0
     for x, _ in loader:
         n += len(x)
-    return n, n / (time.perf_counter() - start)
+    return n, n / (clock(dev) - start)
 
 
-def decoded_rates(sizes: Sizes, split: Any) -> dict[str, Any]:
-    """The candidate fix: CIFAR-10 decoded once into data.TensorImages (as digits is read),
-    read by the same loaders; and how far its images are from the per-image PIL path's."""
+def decoded_rates(sizes: Sizes, root: Path, pil: Any, device: torch.device) -> dict[str, Any]:
+    """ddsweep's data path since issue 24: CIFAR-10 decoded once into a uint8 file
+    (data.training_images, data.probe_images), read by the training loader and as
+    features.extract reads a split; with CUDA, also with the whole split on the device (what
+    training and extraction do there). How far its images are from the per-image PIL path's."""
     start = time.perf_counter()
-    pixels = torch.from_numpy(split.data).permute(0, 3, 1, 2)  # (N, 32, 32, 3) uint8
-    images = pixels.float().div_(127.5).sub_(1.0)
-    labels = torch.as_tensor(split.targets)
+    train = data.training_images("cifar10", 32, root)  # decodes the train split once
     decode_s = time.perf_counter() - start
-    train = data.TensorImages(images, labels, flip=True)
-    _, train_ips = loader_rate(DataLoader(train, batch_size=sizes.train_batch, shuffle=True))
-    probe = data.TensorImages(images, labels, flip=False)
-    _, probe_ips = loader_rate(DataLoader(probe, batch_size=sizes.extract_batch, shuffle=False))
-    worst = max(float((probe[i][0] - split[i][0]).abs().max()) for i in range(0, len(split), 97))
-    return {
+    start = time.perf_counter()
+    probe = data.probe_images("cifar10", "train", 32, root)  # the same file, memory-mapped
+    reopen_s = time.perf_counter() - start
+    cfg = TrainConfig(batch_size=sizes.train_batch)
+    _, train_ips = loader_rate(make_loader(cfg, root, epoch=1, dataset=train))
+    split = DataLoader(probe, batch_size=sizes.extract_batch, collate_fn=data.batch_collate(probe))
+    _, probe_ips = loader_rate(split)
+    worst = max(float((probe[i][0] - pil[i][0]).abs().max()) for i in range(0, len(pil), 97))
+    out = {
         "decode_s": decode_s,
+        "reopen_s": reopen_s,
         "train_images_per_s": train_ips,
         "probe_images_per_s": probe_ips,
         "max_abs_diff_vs_pil": worst,
     }
+    if device.type == "cuda":
+        on = train.to(device)  # type: ignore[attr-defined]
+        _, out["device_train_images_per_s"] = loader_rate(
+            make_loader(cfg, root, epoch=1, dataset=on), device
+        )
+        on_probe = probe.to(device)  # type: ignore[attr-defined]
+        loader = DataLoader(
+            on_probe, batch_size=sizes.extract_batch, collate_fn=data.batch_collate(on_probe)
+        )
+        _, out["device_probe_images_per_s"] = loader_rate(loader, device)
+    return out
 
 
-def section_data(sizes: Sizes) -> dict[str, Any]:
+def section_data(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """images/s of the training loader (train.make_loader) and of a probe split read as
-    features.extract reads it: per-image PIL transforms, in the main process by default."""
+    features.extract reads it: before (the per-image PIL path, data.training_set and
+    data.labelled_split, as ddsweep read them until issue 24) and after (`decoded_rates`)."""
 
     def exists(path: str | Path, md5: str | None = None) -> bool:
         return os.path.isfile(path)  # made-up files cannot match CIFAR-10's MD5 sums
@@ -463,17 +484,19 @@ def section_data(sizes: Sizes) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="gpu-check-cifar-") as tmp,
         mock.patch.object(cifar, "check_integrity", exists),
+        mock.patch.dict(os.environ, {"DDSWEEP_CACHE": str(Path(tmp) / "cache")}),
     ):
         root = Path(tmp)
         write_cifar10(root, sizes.cifar_per_file)
+        pil_train = data.training_set("cifar10", 32, root)
         for workers in sizes.loader_workers:
             cfg = TrainConfig(batch_size=sizes.train_batch, num_workers=workers)
-            n, ips = loader_rate(make_loader(cfg, root, epoch=1))
+            n, ips = loader_rate(make_loader(cfg, root, epoch=1, dataset=pil_train))
             out["train_loader"][str(workers)] = {"images": n, "images_per_s": ips}
         split = data.labelled_split("cifar10", "train", 32, root)
         n, ips = loader_rate(DataLoader(split, batch_size=sizes.extract_batch, shuffle=False))
         out["probe_split_loader"] = {"images": n, "images_per_s": ips, "workers": 0}
-        out["decoded"] = decoded_rates(sizes, split)
+        out["decoded"] = decoded_rates(sizes, root, split, device)
     base = out["train_loader"]["0"]["images_per_s"]
     for row in out["train_loader"].values():
         row["vs_default"] = row["images_per_s"] / base
@@ -481,6 +504,111 @@ def section_data(sizes: Sizes) -> dict[str, Any]:
         "training": STUDY_EPOCHS * CIFAR_TRAIN / (TRAIN_GOAL_H * 3600),
         "extraction": STUDY_PASSES * (CIFAR_TRAIN + CIFAR_TEST) / EXTRACT_GOAL_S,
     }
+    return out
+
+
+def training_loader_rate(r: dict[str, Any]) -> float | None:
+    """What ddsweep's training loader reads now: decoded, on the device when there is one."""
+    return _get(r, "data", "decoded", "device_train_images_per_s") or _get(
+        r, "data", "decoded", "train_images_per_s"
+    )
+
+
+def probe_loader_rate(r: dict[str, Any]) -> float | None:
+    """What features.extract reads now: a decoded split, on the device when there is one."""
+    return _get(r, "data", "decoded", "device_probe_images_per_s") or _get(
+        r, "data", "decoded", "probe_images_per_s"
+    )
+
+
+# --- placement: two workers on one device ---------------------------------------------------------
+
+
+def placement_child(smoke: bool, ready: str, out: str) -> None:
+    """A spawned worker: extraction of the extraction section's images on the device its
+    CUDA_VISIBLE_DEVICES names (timed once every worker is warm), written to `out` as JSON."""
+    from ddsweep import devices
+
+    sizes = SMOKE if smoke else FULL
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    torch.manual_seed(0)
+    unet = build_unet(sizes.model).to(device)
+    n = sizes.extract_images
+    images = smooth_images(n, sizes.model.resolution, seed=1)
+    dataset = data.TensorImages(images, torch.zeros(n, dtype=torch.long))
+    req = FeatureRequest(BLOCKS, precision="bf16", split="synthetic")
+    with autocast_pinned(True, device):
+        extract(unet, data.TensorImages(images[:8], torch.zeros(8, dtype=torch.long)), req)
+        Path(ready, f"{os.getpid()}").touch()
+        deadline = time.monotonic() + 600
+        while len(list(Path(ready).iterdir())) < int(os.environ.get("GPU_CHECK_WORKERS", "1")):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        start = clock(device)
+        extract(unet, dataset, req, batch_size=sizes.extract_batch)
+        seconds = clock(device) - start
+    Path(out).write_text(
+        json.dumps(
+            {
+                "device": devices.label() if device.type == "cuda" else "cpu",
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "images": n,
+                "images_per_s": n / seconds,
+            }
+        )
+    )
+
+
+def run_placed(workers: int, smoke: bool, gpus: tuple[int, ...] | None) -> list[dict[str, Any]]:
+    """`workers` spawned extraction workers placed as `study.start_workers` places them."""
+    from ddsweep import devices
+    from ddsweep.scheduler import spawn_workers
+
+    plan = devices.plan(workers, gpus)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-place-") as tmp:
+        ready = Path(tmp) / "ready"
+        ready.mkdir()
+        envs = [
+            {"GPU_CHECK_WORKERS": str(workers), **({devices.VISIBLE: g} if g else {})} for g in plan
+        ]
+        procs = []
+        for i, env in enumerate(envs):
+            out = str(Path(tmp) / f"{i}.json")
+            procs += spawn_workers(1, placement_child, (smoke, str(ready), out), [env])
+        for p in procs:
+            p.join(900)
+        return [json.loads((Path(tmp) / f"{i}.json").read_text()) for i in range(workers)]
+
+
+def section_placement(sizes: Sizes, smoke: bool) -> dict[str, Any]:
+    """Per-GPU placement: each spawned worker sees the device its CUDA_VISIBLE_DEVICES names;
+    one worker alone, then two workers on the same device (one GPU: --gpus 0 for both), and
+    one per GPU when there are several. Extraction images/s of each."""
+    from ddsweep import devices
+
+    visible = devices.visible_gpus()
+    one = run_placed(1, smoke, None)
+    same = run_placed(2, smoke, (0,) if visible else None)
+    out: dict[str, Any] = {
+        "visible_gpus": visible,
+        "one_worker": one[0],
+        "two_on_one_device": {
+            "workers": same,
+            "sum_images_per_s": sum(w["images_per_s"] for w in same),
+        },
+    }
+    out["two_on_one_device"]["vs_one"] = (
+        out["two_on_one_device"]["sum_images_per_s"] / one[0]["images_per_s"]
+    )
+    if len(visible) > 1:
+        spread = run_placed(len(visible), smoke, None)
+        out["one_per_gpu"] = {
+            "workers": spread,
+            "devices": sorted(w["device"] for w in spread),
+            "sum_images_per_s": sum(w["images_per_s"] for w in spread),
+        }
     return out
 
 
@@ -495,6 +623,7 @@ class ExtractVariant:
     big_batch: bool = False
     channels_last: bool = False
     noise_step: int = 0
+    on_device: bool = False  # the split as data.TensorImages: extract puts it on the device
 
 
 EXTRACT_VARIANTS = (
@@ -503,6 +632,7 @@ EXTRACT_VARIANTS = (
     ExtractVariant("big_batch", "bf16, larger batch", big_batch=True),
     ExtractVariant("channels_last", "bf16, channels_last U-Net", channels_last=True),
     ExtractVariant("noise_250", "bf16, noise step 250 (per-image noise)", noise_step=250),
+    ExtractVariant("on_device", "bf16, split on the device once (decoded path)", on_device=True),
 )
 
 
@@ -515,11 +645,14 @@ def measure_extraction(
         unet.to(memory_format=torch.channels_last)
     batch = sizes.extract_big_batch if v.big_batch else sizes.extract_batch
     req = FeatureRequest(BLOCKS, noise_step=v.noise_step, precision=v.precision, split="synthetic")
-    warm = TensorDataset(*(t[:batch] for t in dataset.tensors))
+    warm: Any = TensorDataset(*(t[:batch] for t in dataset.tensors))
+    split: Any = dataset
+    if v.on_device:
+        warm, split = (data.TensorImages(*d.tensors) for d in (warm, dataset))
     with autocast_pinned(v.precision == "bf16", device):
         extract(unet, warm, req, batch_size=batch)  # type: ignore[arg-type]
         start = clock(device)
-        feats, _ = extract(unet, dataset, req, batch_size=batch)  # type: ignore[arg-type]
+        feats, _ = extract(unet, split, req, batch_size=batch)
         seconds = clock(device) - start
     n = len(dataset)
     assert all(f.shape[0] == n for f in feats.values())
@@ -801,9 +934,9 @@ GOALS = (
         speed=True,
     ),
     Goal(
-        "data: train.make_loader (CIFAR-10, --num-workers 0) keeps up with the training goal",
+        "data: train.make_loader (CIFAR-10 decoded once, on the device) keeps up with training",
         f">= {TRAIN_RATE:,.0f} images/s",
-        lambda r: _get(r, "data", "train_loader", "0", "images_per_s"),
+        training_loader_rate,
         _rate,
         lambda v: v >= TRAIN_RATE,
         speed=True,
@@ -811,12 +944,12 @@ GOALS = (
     # ddsweep reads batches in the training process (--num-workers 0), and features.extract
     # always does: loading and the GPU's work then take turns, so their times add up.
     Goal(
-        "training end to end: loader (0 workers) + step, 2,000 epochs",
+        "training end to end: loader (decoded) + step, 2,000 epochs",
         f"<= {TRAIN_GOAL_H:.0f} h",
         lambda r: _serial_s(
             TRAIN_IMAGES,
             _get(r, "training", "variants", "default", "images_per_s"),
-            _get(r, "data", "train_loader", "0", "images_per_s"),
+            training_loader_rate(r),
         ),
         _hours,
         lambda s: s <= TRAIN_GOAL_H * 3600,
@@ -833,7 +966,7 @@ GOALS = (
     Goal(
         "data: a probe split read as features.extract reads it keeps up with the extraction goal",
         f">= {EXTRACT_RATE:,.0f} images/s",
-        lambda r: _get(r, "data", "probe_split_loader", "images_per_s"),
+        probe_loader_rate,
         _rate,
         lambda v: v >= EXTRACT_RATE,
         speed=True,
@@ -844,7 +977,7 @@ GOALS = (
         lambda r: _serial_s(
             EXTRACT_IMAGES,
             _get(r, "extraction", "variants", "default", "images_per_s"),
-            _get(r, "data", "probe_split_loader", "images_per_s"),
+            probe_loader_rate(r),
         ),
         _minutes,
         lambda s: s <= EXTRACT_GOAL_S,
@@ -961,12 +1094,12 @@ def candidate_fixes(results: dict[str, Any]) -> list[dict[str, Any]]:
     decoded = _get(results, "data", "decoded") or {}
     for fix, key, base in (
         (
-            "CIFAR-10 decoded once into data.TensorImages: the training loader",
+            "adopted (issue 24): CIFAR-10 decoded once (data.training_images), training loader",
             "train_images_per_s",
             _get(results, "data", "train_loader", "0", "images_per_s"),
         ),
         (
-            "CIFAR-10 decoded once into data.TensorImages: a probe split (features.extract)",
+            "adopted (issue 24): decoded once (data.probe_images), a probe split as extract reads",
             "probe_images_per_s",
             _get(results, "data", "probe_split_loader", "images_per_s"),
         ),
@@ -1009,12 +1142,13 @@ def candidate_fixes(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {"fix": fix, "measured_by": f"sampling.{key}", "speedup": ratio("sampling", key, base)}
         )
-    for fix in (
-        "features: each hook copies its block to the CPU (.cpu() inside the forward pass: nine "
-        "syncs a batch); keep them on the device and copy once a batch",
-        "train_step returns float(loss) every step (one sync a step); sync every log_every steps",
-    ):
-        out.append({"fix": fix, "measured_by": None, "speedup": None})
+    out.append(
+        {
+            "fix": "features: the split on the device once (decoded path) vs host batches",
+            "measured_by": "extraction.on_device",
+            "speedup": ratio("extraction", "on_device"),
+        }
+    )
     return out
 
 
@@ -1073,17 +1207,51 @@ def render(section: str, res: dict[str, Any]) -> Table | None:
         ]
         probe = res["probe_split_loader"]["images_per_s"]
         decoded = res["decoded"]
+        base = res["train_loader"]["0"]["images_per_s"]
         rows += [
-            ["probe split as features.extract reads it", probe, None],
-            ["decoded TensorImages: training loader", decoded["train_images_per_s"], None],
+            ["PIL path: probe split as features.extract read it", probe, None],
+            ["decoded: decode once (s)", decoded["decode_s"], None],
             [
-                "decoded TensorImages: probe split",
+                "decoded: training loader",
+                decoded["train_images_per_s"],
+                decoded["train_images_per_s"] / base,
+            ],
+            [
+                "decoded: probe split",
                 decoded["probe_images_per_s"],
                 decoded["probe_images_per_s"] / probe,
             ],
-            ["decoded vs PIL path: max |difference|", decoded["max_abs_diff_vs_pil"], None],
         ]
+        for key, label in (
+            ("device_train_images_per_s", "decoded on the device: training loader"),
+            ("device_probe_images_per_s", "decoded on the device: probe split"),
+        ):
+            if key in decoded:
+                rows.append([label, decoded[key], None])
+        rows.append(["decoded vs PIL path: max |difference|", decoded["max_abs_diff_vs_pil"], None])
         return table("CIFAR-10 loaders (CPU)", ["loader", "images/s", "vs default"], rows)
+    if section == "placement":
+        rows = [["one worker", res["one_worker"]["device"], res["one_worker"]["images_per_s"], 1.0]]
+        two = res["two_on_one_device"]
+        rows += [
+            [f"two on one device: worker {i}", w["device"], w["images_per_s"], None]
+            for i, w in enumerate(two["workers"])
+        ]
+        rows.append(["two on one device: both", "", two["sum_images_per_s"], two["vs_one"]])
+        if "one_per_gpu" in res:
+            rows.append(
+                [
+                    "one per GPU: all",
+                    ",".join(res["one_per_gpu"]["devices"]),
+                    res["one_per_gpu"]["sum_images_per_s"],
+                    None,
+                ]
+            )
+        return table(
+            "Placement: features.extract per spawned worker",
+            ["workers", "device", "images/s", "vs one"],
+            rows,
+        )
     if section == "compile":
         keys = ("status", "backend", "compile_s", "images_per_s", "projected_h", "note")
         return table("torch.compile (child process)", list(keys), [[res.get(k) for k in keys]])
@@ -1137,7 +1305,9 @@ def render(section: str, res: dict[str, Any]) -> Table | None:
     return None
 
 
-SECTIONS = ("training", "data", "extraction", "probes", "sampling", "sanity", "compile")
+SECTIONS = (
+    "training", "data", "extraction", "placement", "probes", "sampling", "sanity", "compile"
+)  # fmt: skip
 CPU_SECTIONS = {"data"}  # runs at full size without a GPU too: the loaders are CPU work
 
 
@@ -1201,7 +1371,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "training": lambda: section_training(sizes, device),
-        "data": lambda: section_data(sizes),
+        "data": lambda: section_data(sizes, device),
+        "placement": lambda: section_placement(sizes, args.smoke),
         "extraction": lambda: section_extraction(sizes, device),
         "probes": lambda: section_probes(sizes, device),
         "sampling": lambda: section_sampling(sizes, device),

@@ -6,6 +6,7 @@ same config, resume an interrupted one, or train a new one: `ddsweep study train
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,14 @@ def ensure_all(
             on_backbone(tc, run_id, how)
         done.append((tc, run_id, how))
     return done
+
+
+def array_trainer(
+    cfg: sweep.StudyConfig, data_dir: Path, tracking_uri: str | None, experiment: str
+) -> Counter[str]:
+    """One task of a train-grid job array (ddsweep.launch): the study's one backbone."""
+    done = ensure_all(cfg, data_dir, tracking_uri=tracking_uri, experiment=experiment)
+    return Counter(how for _, _, how in done)
 
 
 # --- one backbone: `ddsweep train` --------------------------------------------------------------

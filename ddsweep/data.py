@@ -11,14 +11,17 @@ exactly which images and preprocessing a split holds, for cache keys and MLflow 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
+import logging
 import os
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,6 +40,8 @@ from ddsweep.config.datasets import (
     link_refused,
 )
 from ddsweep.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 Split = Literal["train", "test", "val"]  # val: Flowers-102's own validation split only
 Item = tuple[torch.Tensor, int]
@@ -81,21 +86,25 @@ def training_set(
     validate_resolution(resolution)
     info = dataset_info(name)
     data_dir = Path(data_dir)
-    transform = _image_transform(resolution, flip=flip)
-    if info.name == "cifar10":
+    if info.name == "digits":
+        images, labels = _digits_tensors(resolution)["train"]
+        return TensorImages(images, labels, flip=flip)
+    return _training_source(info.name, data_dir, _image_transform(resolution, flip=flip))
+
+
+def _training_source(name: str, data_dir: Path, transform: v2.Compose) -> Dataset[Item]:
+    """The images a backbone of a file-based dataset trains on, read through `transform`."""
+    if name == "cifar10":
         return _cifar10(data_dir, train=True, transform=transform)
-    if info.name == "stl10":
+    if name == "stl10":
         return _stl10(data_dir, "train+unlabeled", transform)
-    if info.name == "flowers102":
+    if name == "flowers102":
         # train+val only: the test images must stay unseen by the backbone too, or probe
         # accuracy on them would measure memorisation as well as features.
         return ConcatDataset(
             [_flowers102(data_dir, split, transform) for split in ("train", "val")]
         )
-    if info.name == "digits":
-        images, labels = _digits_tensors(resolution)["train"]
-        return TensorImages(images, labels, flip=flip)
-    return _image_folder(info.name, "train", transform)
+    return _image_folder(name, "train", transform)
 
 
 def labelled_split(
@@ -113,22 +122,34 @@ def labelled_split(
     """
     validate_resolution(resolution)
     info = dataset_info(name)
-    if split not in ("train", "test") and not (split == "val" and has_own_val(info.name)):
-        raise UserError(f"unknown split {split!r} of {info.name}: use train or test")
+    _check_split(info.name, split)
     data_dir = Path(data_dir)
-    transform = _image_transform(resolution, flip=False)
-    if info.name == "cifar10":
-        return _cifar10(data_dir, train=split == "train", transform=transform)
-    if info.name == "stl10":
-        return _stl10(data_dir, split, transform)
-    if info.name == "flowers102":
-        splits = _flowers_splits(split, flowers_add_val)
-        parts = [_flowers102(data_dir, part, transform) for part in splits]
-        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
     if info.name == "digits":
         images, labels = _digits_tensors(resolution)[split]
         return TensorImages(images, labels, flip=False)
-    return _image_folder(info.name, split, transform)
+    transform = _image_transform(resolution, flip=False)
+    return _split_source(info.name, split, data_dir, transform, flowers_add_val)
+
+
+def _check_split(name: str, split: str) -> None:
+    if split not in ("train", "test") and not (split == "val" and has_own_val(name)):
+        raise UserError(f"unknown split {split!r} of {name}: use train or test")
+
+
+def _split_source(
+    name: str, split: Split, data_dir: Path, transform: v2.Compose, flowers_add_val: bool
+) -> Dataset[Item]:
+    """A labelled split of a file-based dataset, read through `transform`."""
+    if name == "cifar10":
+        return _cifar10(data_dir, train=split == "train", transform=transform)
+    if name == "stl10":
+        return _stl10(data_dir, split, transform)
+    if name == "flowers102":
+        parts = [
+            _flowers102(data_dir, p, transform) for p in _flowers_splits(split, flowers_add_val)
+        ]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    return _image_folder(name, split, transform)
 
 
 def has_own_val(name: str) -> bool:
@@ -191,9 +212,285 @@ class TensorImages(Dataset[Item]):
             image = image.flip(-1)
         return image, int(self.labels[index])
 
+    def __getitems__(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch at once: the same images and flips as item by item."""
+        at = torch.as_tensor(index, device=self.images.device)
+        images = self.images[at]
+        if self.flip:
+            flipped = torch.rand(len(index), device=images.device) < 0.5
+            images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+        return images, self.labels[at.to(self.labels.device)]
 
-def _image_transform(resolution: int, *, flip: bool) -> v2.Compose:
-    """PIL image of any mode and size -> float tensor [3,R,R] in [-1,1]."""
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> TensorImages:
+        """The whole split on `device`."""
+        return TensorImages(self.images.to(device), self.labels.to(device), flip=self.flip)
+
+
+# --- decoded once: uint8 tensor files ------------------------------------------------------------
+
+# Part of every feature cache key (features.CacheKey.data): bump when the images a probe split
+# hands out change. "decoded-uint8-v1": every split of a file-based dataset is decoded once
+# through PIL into a uint8 file and converted to float on read (the PIL path's arithmetic).
+DATA_SCHEME = "decoded-uint8-v1"
+_DECODE_VERSION = "1"  # of the file layout below; part of every decoded file's name
+
+
+class DecodedImages(Dataset[Item]):
+    """uint8 images [N,3,R,R] (memory-mapped from their file, or a tensor on a device) and
+    labels [N]; read as float [3,R,R] in [-1,1], with an optional random horizontal flip.
+
+    `__getitems__` reads a whole batch at once (the DataLoader calls it when given
+    `batch_collate`): one gather, one conversion, flips drawn for the batch on its device."""
+
+    def __init__(
+        self, pixels: np.ndarray | torch.Tensor, labels: torch.Tensor, *, flip: bool = False
+    ) -> None:
+        self.pixels = pixels
+        self.labels = labels
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device if isinstance(self.pixels, torch.Tensor) else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> DecodedImages:
+        """The whole split on `device` (one copy; flips and conversion then happen there)."""
+        device = torch.device(device)
+        if device == self.device and isinstance(self.pixels, torch.Tensor):
+            return self
+        pixels = (
+            torch.from_numpy(np.array(self.pixels))
+            if isinstance(self.pixels, np.ndarray)
+            else self.pixels
+        )
+        return DecodedImages(pixels.to(device), self.labels.to(device), flip=self.flip)
+
+    def _gather(self, index: Sequence[int]) -> torch.Tensor:
+        if isinstance(self.pixels, torch.Tensor):
+            return self.pixels[torch.as_tensor(index, device=self.pixels.device)]
+        return torch.from_numpy(self.pixels[np.asarray(index, dtype=np.int64)])
+
+    def __getitems__(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = self._gather(index)
+        if self.flip:
+            # torch's generator, drawn per image in order: the same flips as item by item.
+            flipped = torch.rand(len(index), device=pixels.device) < 0.5
+            pixels = torch.where(flipped[:, None, None, None], pixels.flip(-1), pixels)
+        labels = self.labels[torch.as_tensor(index, device=self.labels.device)]
+        return to_float(pixels), labels
+
+    def __getitem__(self, index: int) -> Item:
+        images, labels = self.__getitems__([index])
+        return images[0], int(labels[0])
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1], with torchvision's ToDtype + Normalize(0.5, 0.5)
+    arithmetic, so a decoded image equals the PIL path's bit for bit."""
+    return pixels.to(torch.float32).mul_(1.0 / 255).sub_(0.5).div_(0.5)
+
+
+def batch_collate(dataset: Dataset[Item]) -> Callable[[Any], Any] | None:
+    """The DataLoader collate_fn for `dataset`: none for one that reads whole batches
+    (`__getitems__` returns the batch), else the default (None)."""
+    while isinstance(dataset, torch.utils.data.Subset):  # its __getitems__ asks the dataset's
+        dataset = dataset.dataset
+    return _whole_batch if isinstance(dataset, DecodedImages | TensorImages) else None
+
+
+def _whole_batch(batch: Any) -> Any:
+    return batch
+
+
+def decoded_dir() -> Path:
+    """Where decoded splits live: the feature cache's decoded/ folder."""
+    return paths.decoded_dir()
+
+
+def probe_images(
+    name: str,
+    split: Split,
+    resolution: int,
+    data_dir: Path | str,
+    *,
+    flowers_add_val: bool = False,
+) -> Dataset[Item]:
+    """`labelled_split`'s images, decoded once per (dataset, split, resolution) into a uint8
+    file and read from it (digits: the in-memory tensors)."""
+    validate_resolution(resolution)
+    info = dataset_info(name)
+    _check_split(info.name, split)
+    if info.name == "digits":
+        return labelled_split(name, split, resolution, data_dir)
+    data_dir = Path(data_dir)
+    fp = split_fingerprint(info.name, split, resolution, flowers_add_val=flowers_add_val)
+    transform = _image_transform(resolution, flip=False, uint8=True)
+    return _decoded(
+        fp,
+        _source_stamp(info.name, data_dir),
+        lambda: _split_source(info.name, split, data_dir, transform, flowers_add_val),
+        lambda: _source_stamp(info.name, data_dir),
+    )
+
+
+def training_images(
+    name: str, resolution: int, data_dir: Path | str, *, flip: bool = True
+) -> Dataset[Item]:
+    """`training_set`'s images, decoded once into a uint8 file and read from it, flipped at
+    random per image when `flip` (digits: the in-memory tensors)."""
+    validate_resolution(resolution)
+    info = dataset_info(name)
+    if info.name == "digits":
+        return training_set(name, resolution, data_dir, flip=flip)
+    data_dir = Path(data_dir)
+    transform = _image_transform(resolution, flip=False, uint8=True)
+    decoded = _decoded(
+        training_fingerprint(info.name, resolution),
+        _source_stamp(info.name, data_dir),
+        lambda: _training_source(info.name, data_dir, transform),
+        lambda: _source_stamp(info.name, data_dir),
+    )
+    return DecodedImages(decoded.pixels, decoded.labels, flip=flip)
+
+
+def training_fingerprint(name: str, resolution: int) -> str:
+    """The fingerprint of the images a backbone trains on (before flips)."""
+    info = dataset_info(name)
+    if info.name == "stl10":
+        return f"stl10:train+unlabeled:{resolution}"
+    return split_fingerprint(info.name, "train", resolution, flowers_add_val=True)
+
+
+_SOURCE_FOLDERS = {
+    "cifar10": "cifar-10-batches-py",
+    "stl10": "stl10_binary",
+    "flowers102": "flowers-102",
+}
+
+
+def _source_stamp(name: str, data_dir: Path) -> str | None:
+    """What the decoded file of a torchvision dataset's split stands for: the folder its files
+    are read from, and their sizes and times (a folder: dataset's fingerprint names its content
+    already). None while the files are not there (not downloaded yet)."""
+    if name.startswith(FOLDER_PREFIX):
+        return "content-in-fingerprint"
+    folder = data_dir / _SOURCE_FOLDERS[name]
+    try:
+        entries = sorted(folder.iterdir())
+        lines = [str(folder.resolve())]
+        for p in entries:
+            st = p.stat()
+            count = len(os.listdir(p)) if p.is_dir() else 0
+            lines.append(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0{count}")
+    except OSError:
+        return None
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _decoded(
+    fingerprint: str,
+    stamp: str | None,
+    open_source: Callable[[], Dataset[Item]],
+    stamp_after: Callable[[], str | None],
+) -> DecodedImages:
+    """The split `fingerprint` from its decoded file, decoding it first when there is none:
+    one process decodes (a file lock), the others wait and read its file."""
+    from filelock import FileLock
+
+    if stamp is not None:
+        found = _read_decoded(_decoded_path(fingerprint, stamp))
+        if found is not None:
+            return found
+    source = open_source()  # downloads when absent; UserError offline
+    stamp = stamp_after() or "unstamped"
+    path = _decoded_path(fingerprint, stamp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock")):
+        found = _read_decoded(path)
+        if found is None:
+            _write_decoded(path, fingerprint, source)
+            found = _read_decoded(path)
+    assert found is not None
+    return found
+
+
+def _decoded_path(fingerprint: str, stamp: str) -> Path:
+    """The meta file of a decoded split (images and labels beside it, same stem)."""
+    key = hashlib.sha256(f"{_DECODE_VERSION}\0{fingerprint}\0{stamp}".encode()).hexdigest()[:24]
+    return decoded_dir() / f"{key}.json"
+
+
+def _read_decoded(meta_path: Path) -> DecodedImages | None:
+    """A complete decoded split (its meta file is written last), or None."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        pixels = np.load(meta_path.with_suffix(".images.npy"), mmap_mode="r")
+        labels = torch.from_numpy(np.load(meta_path.with_suffix(".labels.npy")))
+    except (OSError, ValueError):
+        return None
+    if list(pixels.shape) != meta.get("shape") or len(labels) != pixels.shape[0]:
+        return None  # torn or tampered with: decoded again
+    return DecodedImages(pixels, labels)
+
+
+def _write_decoded(meta_path: Path, fingerprint: str, source: Dataset[Item]) -> None:
+    """Decode every image of `source` (uint8 [3,R,R]) once into memory-mapped .npy files, each
+    written under a temporary name and renamed; the meta file (shape, digest) comes last."""
+    n = len(source)  # type: ignore[arg-type]
+    if n == 0:
+        raise UserError(f"{fingerprint} holds no images")
+    first = np.asarray(source[0][0])
+    log.info("decoding %s (%d images) once into %s", fingerprint, n, meta_path.parent)
+    images_path, labels_path = (
+        meta_path.with_suffix(".images.npy"),
+        meta_path.with_suffix(".labels.npy"),
+    )
+    tmp_images = images_path.with_name(f".tmp-{os.getpid()}-{images_path.name}")
+    tmp_labels = labels_path.with_name(f".tmp-{os.getpid()}-{labels_path.name}")
+    try:
+        out = np.lib.format.open_memmap(
+            tmp_images, mode="w+", dtype=np.uint8, shape=(n, *first.shape)
+        )
+        labels = np.empty(n, dtype=np.int64)
+        # A generator of its own: decoding (or not, on a hit) leaves torch's global RNG alone.
+        gen = torch.Generator()
+        loader = torch.utils.data.DataLoader(source, batch_size=256, shuffle=False, generator=gen)
+        start, digest = 0, hashlib.sha256()
+        for x, y in loader:
+            digest.update(x.numpy().tobytes())
+            out[start : start + len(x)] = x.numpy()
+            labels[start : start + len(x)] = y.numpy()
+            start += len(x)
+        out.flush()
+        del out
+        np.save(tmp_labels, labels)
+        os.replace(tmp_images, images_path)
+        os.replace(tmp_labels, labels_path)
+        meta = {
+            "fingerprint": fingerprint,
+            "scheme": DATA_SCHEME,
+            "shape": [n, *first.shape],
+            "sha256": digest.hexdigest(),
+        }
+        tmp_meta = meta_path.with_name(f".tmp-{os.getpid()}-{meta_path.name}")
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_path)
+    finally:
+        for p in (tmp_images, tmp_labels):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def _image_transform(resolution: int, *, flip: bool, uint8: bool = False) -> v2.Compose:
+    """PIL image of any mode and size -> float tensor [3,R,R] in [-1,1] (`uint8`: the pixels
+    [3,R,R] before the float conversion, as `DecodedImages` stores them)."""
     steps: list[Callable[..., object]] = [
         v2.RGB(),
         # Resize the short side, then crop: Flowers-102 images are not square.
@@ -202,6 +499,8 @@ def _image_transform(resolution: int, *, flip: bool) -> v2.Compose:
     ]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
+    if uint8:
+        return v2.Compose([*steps, v2.ToImage()])
     steps += [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),

@@ -51,3 +51,12 @@ def mean_over_processes(value: float, device: torch.device) -> float:
     t = torch.tensor([value], device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def mean_tensor_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of a tensor across a torchrun job, in one collective."""
+    import torch.distributed as dist
+
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()

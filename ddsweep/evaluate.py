@@ -184,7 +184,7 @@ def split_features(
         add_val = cfg.flowers_add_val
         # The split is opened only when the cache misses.
         ds = functools.partial(
-            data.labelled_split, dataset, split, resolution, data_dir, flowers_add_val=add_val
+            data.probe_images, dataset, split, resolution, data_dir, flowers_add_val=add_val
         )
         fp = data.split_fingerprint(dataset, split, resolution, flowers_add_val=add_val)
         out[split], secs, ran = cached_features(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from ddsweep import diffusion
+from ddsweep import data, diffusion
 from ddsweep.config import paths
 from ddsweep.config.model import PIXELS
 from ddsweep.config.probe import AVG_N, POOLS_HELP, validate_pool
@@ -198,7 +198,7 @@ def _forward_blocks(
     out: dict[str, torch.Tensor] = {}
     wanted = [b for b in req.blocks if b != PIXELS]
     if PIXELS in req.blocks:
-        out[PIXELS] = pool_features(x_t.float(), pixel_pool(req.pool)).cpu()
+        out[PIXELS] = pool_features(x_t.float(), pixel_pool(req.pool))
     if not wanted or unet is None:
         return out
 
@@ -211,7 +211,7 @@ def _forward_blocks(
                 return
             h = output[0] if isinstance(output, tuple) else output  # down blocks: (h, residuals)
             assert isinstance(h, torch.Tensor)
-            out[name] = pool_features(h.float(), req.pool).cpu()
+            out[name] = pool_features(h.float(), req.pool)  # stays on the device
             if all(b in out for b in wanted):
                 raise _Filled
 
@@ -261,21 +261,65 @@ def extract(
         raise UserError("U-Net blocks need a backbone: pass --run or --backbone")
     else:
         device = torch.device("cpu")
+    if device.type == "cuda" and isinstance(dataset, data.DecodedImages | data.TensorImages):
+        dataset = dataset.to(device)  # the whole split goes to the device once
     scheduler = diffusion.make_scheduler()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    chunks: dict[str, list[torch.Tensor]] = {b: [] for b in req.blocks}
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=data.batch_collate(dataset)
+    )
+    copies = _Copies(len(dataset), req.blocks, device)  # type: ignore[arg-type]
     labels: list[torch.Tensor] = []
     start = 0
     for x0, y in loader:
         idx = torch.arange(start, start + len(x0))
+        copies.add(start, _batch_features(unet, scheduler, x0, idx, req, device))
         start += len(x0)
-        feats = _batch_features(unet, scheduler, x0, idx, req, device)
-        for b in req.blocks:
-            chunks[b].append(feats[b])
         labels.append(torch.as_tensor(y))
         if on_batch is not None:
             on_batch(len(x0))
-    return {b: torch.cat(c) for b, c in chunks.items()}, torch.cat(labels)
+    return copies.result(), torch.cat(labels).cpu() if labels else torch.empty(0, dtype=torch.long)
+
+
+class _Copies:
+    """Pooled features from the device into one [N, D] host tensor per block: on CUDA one
+    non-blocking copy per batch (every block at once) into pinned memory, read once the next
+    batch is queued, so the device never waits for the host; on the CPU, written in place."""
+
+    def __init__(self, n: int, blocks: Sequence[str], device: torch.device) -> None:
+        self.n, self.blocks, self.cuda = n, tuple(blocks), device.type == "cuda"
+        self.out: dict[str, torch.Tensor] = {}
+        self.pending: list[tuple[int, torch.Tensor, Any]] = []
+
+    def add(self, start: int, feats: dict[str, torch.Tensor]) -> None:
+        if not self.out:
+            self.out = {b: torch.empty(self.n, feats[b].shape[1]) for b in self.blocks}
+        if not self.cuda:
+            for b in self.blocks:
+                self.out[b][start : start + len(feats[b])] = feats[b]
+            return
+        flat = torch.cat([feats[b].float() for b in self.blocks], dim=1)
+        host = torch.empty(flat.shape, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.pending.append((start, host, done))
+        while len(self.pending) > 1:
+            self._land(*self.pending.pop(0))
+
+    def _land(self, start: int, host: torch.Tensor, done: Any) -> None:
+        done.synchronize()
+        col = 0
+        for b in self.blocks:
+            d = self.out[b].shape[1]
+            self.out[b][start : start + len(host)] = host[:, col : col + d]
+            col += d
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """{block: features [N, D]} on the host, every copy landed."""
+        for item in self.pending:
+            self._land(*item)
+        self.pending.clear()
+        return self.out or {b: torch.empty(0, 0) for b in self.blocks}
 
 
 def _batch_features(
@@ -323,6 +367,7 @@ class CacheKey:
     precision: str = "fp32"  # bf16 (autocast on CUDA) features are never served as float32 ones
     noise: str = NOISE_SCHEME
     stored: str = STORED  # how the file holds the features: a float16 entry is another key
+    data_scheme: str = data.DATA_SCHEME  # how the split's images were read (decoded once, since v1)
 
     def digest(self) -> str:
         """A stable file name for this key."""

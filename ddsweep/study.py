@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddsweep import evaluate, scheduler, tracking
+from ddsweep import devices, evaluate, scheduler, tracking
 from ddsweep.config import sweep
 from ddsweep.config.model import PIXELS
 from ddsweep.config.points import AXES, legacy_id, legacy_ids, point_id
@@ -29,6 +29,7 @@ from ddsweep.config.run import FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
 from ddsweep.objectives import OBJECTIVES, Objective, Pins, Record
 from ddsweep.scheduler import GridStudy, Outcome, Tally
+from ddsweep.tracking import schema
 from ddsweep.tracking.recorder import StudyRecorder
 from ddsweep.tracking.schema import POINT_TAG, STUDY_TAG, backbone_pin
 
@@ -130,8 +131,12 @@ class _Trials:
         return self.objective.evaluate(self.objective.points[pid])
 
     def record(self, pid: str, trial_number: int, result: Record) -> Outcome:
-        run_id = self.recorder.log_trial(point_id(self.objective.points[pid]), trial_number, result)
-        return self._outcome(pid, run_id, result.metrics)
+        device = devices.label()
+        point = point_id(self.objective.points[pid])
+        tags = {schema.DEVICE_TAG: device}
+        run_id = self.recorder.log_trial(point, trial_number, result, tags=tags)
+        outcome = self._outcome(pid, run_id, result.metrics)
+        return Outcome(outcome.value, {**outcome.attrs, schema.DEVICE_TAG: device})
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         point = self.objective.points[pid]
@@ -224,6 +229,28 @@ def _worker_main(cfg: sweep.StudyConfig, opts: RunOptions) -> None:
         work(prepare(cfg, opts))
 
 
+def array_worker(cfg: sweep.StudyConfig, opts: RunOptions) -> Counter[str]:
+    """One task of a job array (ddsweep.launch): a worker of the study, as a `--workers`
+    process is one; the last one to end with no trial running elsewhere writes the answer to
+    the parent run. Ctrl-C, SIGTERM and preemption end the trial as interrupted and raise."""
+    ctx = prepare(cfg, opts)
+    outcomes = work(ctx)
+    if not ctx.board.tally().running:
+        finish(ctx)
+    return outcomes
+
+
+def start_workers(
+    opts: RunOptions, target: Callable[..., None], args: tuple[Any, ...]
+) -> list[Any]:
+    """Spawn workers 1..N-1 of `opts.workers`, each with its own CUDA_VISIBLE_DEVICES (worker i
+    on chosen GPU i mod G), and make worker 0's GPU this process's current device."""
+    gpus = devices.plan(opts.workers, opts.gpus)
+    devices.use_here(gpus[0])
+    envs = [{devices.VISIBLE: g} if g is not None else {} for g in gpus[1:]]
+    return scheduler.spawn_workers(opts.workers - 1, target, args, envs)
+
+
 Progress = Callable[[Context, Tally, str | None], None]
 
 
@@ -250,7 +277,7 @@ def run_study(
     poller.start()
     procs = []
     try:
-        procs = scheduler.spawn_workers(opts.workers - 1, _worker_main, (cfg, opts))
+        procs = start_workers(opts, _worker_main, (cfg, opts))
 
         def on_point(pid: str) -> None:
             current[0] = pid

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ddsweep import checkpoints, data, diffusion, tracking, trainprobe
 from ddsweep.config.model import PIXELS
 from ddsweep.config.train import TrainConfig
-from ddsweep.distributed import Dist, mean_over_processes
+from ddsweep.distributed import Dist, mean_over_processes, mean_tensor_over_processes
 from ddsweep.distributed import close_distributed as close_distributed  # the CLI's
 from ddsweep.distributed import init_distributed as init_distributed
 from ddsweep.errors import UserError
@@ -38,12 +38,24 @@ if TYPE_CHECKING:
 
 
 def make_loader(
-    cfg: TrainConfig, data_dir: Path, epoch: int, d: Dist | None = None
+    cfg: TrainConfig,
+    data_dir: Path,
+    epoch: int,
+    d: Dist | None = None,
+    *,
+    dataset: torch.utils.data.Dataset[tuple[torch.Tensor, int]] | None = None,
 ) -> torch.utils.data.DataLoader[tuple[torch.Tensor, int]]:
     """The shuffled training loader of one epoch; the order depends on (seed, epoch) only, so
     a resumed run sees the same batches as an uninterrupted one. Under torchrun each process
-    reads its own shard (DistributedSampler), `batch_size` images per process and step."""
-    dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)
+    reads its own shard (DistributedSampler), `batch_size` images per process and step.
+
+    `dataset` (default: `data.training_images`, decoded once) may already be on the device:
+    its batches are then gathered, flipped and converted there. A decoded dataset is read a
+    batch at once in this process: --num-workers applies to no other dataset kind now."""
+    if dataset is None:
+        dataset = data.training_images(cfg.dataset, cfg.model.resolution, data_dir)
+    collate = data.batch_collate(dataset)
+    workers = 0 if collate is not None else cfg.num_workers
     if d is not None and d.world_size > 1:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -56,7 +68,8 @@ def make_loader(
             batch_size=cfg.batch_size,
             sampler=sampler,
             drop_last=len(dataset) > cfg.batch_size * d.world_size,  # type: ignore[arg-type]
-            num_workers=cfg.num_workers,
+            num_workers=workers,
+            collate_fn=collate,
         )
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     return torch.utils.data.DataLoader(
@@ -65,9 +78,20 @@ def make_loader(
         shuffle=True,
         generator=gen,
         drop_last=len(dataset) > cfg.batch_size,  # type: ignore[arg-type]
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         persistent_workers=False,
+        collate_fn=collate,
     )
+
+
+def training_data(
+    cfg: TrainConfig, data_dir: Path, device: torch.device
+) -> torch.utils.data.Dataset[tuple[torch.Tensor, int]]:
+    """The training images, decoded once; on CUDA the whole set is put on the device once."""
+    dataset = data.training_images(cfg.dataset, cfg.model.resolution, data_dir)
+    if device.type == "cuda" and isinstance(dataset, data.DecodedImages | data.TensorImages):
+        return dataset.to(device)
+    return dataset
 
 
 @dataclass
@@ -87,6 +111,7 @@ class Job:
     prober: trainprobe.Prober | None = None  # --probe-every
     seconds: float = 0.0  # spent in the epochs' training passes
     stop_reason: str | None = None  # why --stop-when-probe-plateaus stopped it
+    images: torch.utils.data.Dataset[tuple[torch.Tensor, int]] | None = None  # (on the device)
 
 
 def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
@@ -130,8 +155,9 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     x0: torch.Tensor,
     cfg: TrainConfig,
-) -> float:
-    """One DDPM step: noise x0 to random t, predict the noise, MSE, clip, AdamW; the loss."""
+) -> torch.Tensor:
+    """One DDPM step: noise x0 to random t, predict the noise, MSE, clip, AdamW; the loss (a
+    0-dim tensor on the device: reading it would wait for the step, see `run_epoch`)."""
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
     x_t = diffusion.q_sample(scheduler, x0, noise, t)
@@ -143,20 +169,29 @@ def train_step(
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
-def batch_step(job: Job, x0: torch.Tensor) -> float:
-    """Train on one batch (B, C, H, W) in [-1, 1] and move the EMA; the loss, averaged over
-    the processes of a torchrun job so that one loss curve is logged."""
+def batch_step(job: Job, x0: torch.Tensor) -> torch.Tensor:
+    """Train on one batch (B, C, H, W) in [-1, 1] and move the EMA; the loss, a 0-dim tensor
+    on the device (no wait for the device here)."""
     x0 = x0.to(job.device, non_blocking=True)
     if job.device.type == "cuda":
         x0 = x0.contiguous(memory_format=torch.channels_last)
     loss = train_step(job.model, job.scheduler, job.optimizer, x0, job.cfg)
-    if job.dist.world_size > 1:
-        loss = mean_over_processes(loss, job.device)
     job.ema.step(job.unet.parameters())
     return loss
+
+
+def read_losses(job: Job, losses: list[torch.Tensor]) -> list[float]:
+    """The losses of the steps since the last read, in one wait for the device; averaged over
+    the processes of a torchrun job (one collective), so that one loss curve is logged."""
+    if not losses:
+        return []
+    values = torch.stack(losses).float()
+    if job.dist.world_size > 1:
+        values = mean_tensor_over_processes(values)
+    return [float(v) for v in values.tolist()]
 
 
 @dataclass(frozen=True)
@@ -172,18 +207,31 @@ def run_epoch(job: Job, epoch: int, step: int, step_limit: int) -> tuple[int, Ep
     """One pass over this process's shard (or up to `step_limit`); the step reached."""
     job.unet.train()
     t0, seen, total_loss, batches, stopped = time.perf_counter(), 0, 0.0, 0, False
-    for x0, _ in make_loader(job.cfg, job.data_dir, epoch, job.dist):
-        loss = batch_step(job, x0)
+    if job.images is None:
+        job.images = training_data(job.cfg, job.data_dir, job.device)
+    pending: list[torch.Tensor] = []  # losses not read yet: read every log_every steps
+
+    def log_pending() -> float:
+        first = step - len(pending) + 1
+        values = read_losses(job, pending)
+        pending.clear()
+        for i, loss in enumerate(values):
+            if not math.isfinite(loss):
+                raise RuntimeError(f"loss became {loss} at step {first + i}; lower --lr")
+            job.tracker.log_loss(first + i, loss)
+        return sum(values)
+
+    for x0, _ in make_loader(job.cfg, job.data_dir, epoch, job.dist, dataset=job.images):
+        pending.append(batch_step(job, x0))
         step += 1
         seen += x0.shape[0]
-        total_loss += loss
         batches += 1
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss became {loss} at step {step}; lower --lr")
-        job.tracker.log_loss(step, loss)
+        if len(pending) >= max(1, job.cfg.log_every):
+            total_loss += log_pending()
         if step_limit and step >= step_limit:
             stopped = True
             break
+    total_loss += log_pending()
     spent = time.perf_counter() - t0
     job.seconds += spent
     ips = job.dist.world_size * seen / max(spent, 1e-9)
@@ -383,8 +431,9 @@ def train(
     prober = prober_for(cfg, data_dir)
     device = pick_device(cfg, d)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    dataset = data.training_set(cfg.dataset, cfg.model.resolution, data_dir)  # fail early
+    dataset = training_data(cfg, data_dir, device)  # fail (and decode) early
     job = build_job(cfg, data_dir, d, tracker, device)
+    job.images = dataset
     if prober is not None:
         for block in prober.blocks:
             if block != PIXELS:  # the raw pixels: a baseline beside the curves

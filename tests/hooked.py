@@ -52,3 +52,9 @@ def reach(proc: subprocess.Popen[str], marker: Path, timeout: float = 180) -> st
         assert time.monotonic() < deadline, "the process never reached its hook"
         time.sleep(0.01)
     return marker.read_text()
+
+
+def seen_devices(folder: Path) -> None:
+    """A spawned worker's body that imports nothing heavy (tests/test_devices.py): write the
+    CUDA_VISIBLE_DEVICES it started with."""
+    (folder / f"{os.getpid()}.txt").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))

@@ -406,6 +406,7 @@ def test_the_key_includes_every_field(tmp_path: Path) -> None:
         "precision",
         "noise",
         "stored",
+        "data_scheme",
     }
     digests = {key().digest()}
     for name in fields:

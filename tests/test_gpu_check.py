@@ -20,7 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-SECTIONS = ("training", "data", "extraction", "probes", "sampling", "sanity", "compile")
+SECTIONS = (
+    "training", "data", "extraction", "placement", "probes", "sampling", "sanity", "compile"
+)  # fmt: skip
 
 
 def run_check(tmp_path: Path, *args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
@@ -84,6 +86,12 @@ def test_smoke_runs_every_section_and_the_bf16_checks_pass(tmp_path: Path) -> No
     # The decoded candidate reads the same images as the per-image PIL path, up to rounding.
     decoded = results["data"]["decoded"]
     assert decoded["max_abs_diff_vs_pil"] <= 1e-6 and decoded["probe_images_per_s"] > 0
+    assert decoded["decode_s"] > 0 and decoded["train_images_per_s"] > 0
+    # Placement: one worker, then two spawned on the same device, each timed.
+    place = results["placement"]
+    assert place["one_worker"]["images_per_s"] > 0
+    assert [w["device"] for w in place["two_on_one_device"]["workers"]] == ["cpu", "cpu"]
+    assert results["extraction"]["variants"]["on_device"]["images_per_s"] > 0
     assert set(results["extraction"]["blocks"]) == {
         "down1", "down2", "down3", "down4", "mid", "up4", "up3", "up2", "up1"
     }  # fmt: skip
@@ -136,5 +144,5 @@ def test_an_unknown_section_is_one_line_and_status_2(
     rc = load_script(monkeypatch).main(["--smoke", "--sections", "probes,bogus"])
     assert rc == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "unknown section(s) bogus: use training, data, extraction, probes, sampling, sanity, compile"
+        "unknown section(s) bogus: use training, data, extraction, placement, probes, sampling, sanity, compile"
     ]

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from ddsweep.config import probekinds as probes
-from ddsweep.config.run import RunOptions
+from ddsweep.config.run import LAUNCHERS, Launch, RunOptions
 from ddsweep.errors import UserError
 
 # --- where runs go and where data lives ---------------------------------------------------------
@@ -113,7 +113,40 @@ BackboneAxis = Annotated[
     ),
 ]
 
-Workers = Annotated[int, typer.Option(help="Local worker processes.")]
+Workers = Annotated[
+    int,
+    typer.Option(help="Local worker processes; with G GPUs, worker i runs on GPU i mod G."),
+]
+Gpus = Annotated[
+    str | None,
+    typer.Option(
+        help="GPUs the workers are placed on, e.g. 0,2,3 (numbers as this machine shows them) "
+        "(default: every visible GPU).",
+        show_default=False,
+    ),
+]
+DEFAULT_LAUNCH = Launch()
+LauncherOpt = Annotated[
+    str,
+    typer.Option(
+        "--launcher",
+        help=f"Where workers run: {', '.join(LAUNCHERS)} (local: processes here; slurm: "
+        "a job array through submitit, then return; local-submitit: the same jobs here, "
+        "waited for).",
+    ),
+]
+SlurmPartition = Annotated[
+    str | None,
+    typer.Option(help="Slurm partition of the jobs (default: the cluster's).", show_default=False),
+]
+GpusPerWorker = Annotated[int, typer.Option(help="GPUs of each Slurm job (one worker each).")]
+TimeoutMin = Annotated[
+    int, typer.Option(help="Minutes a job may run; a preempted or timed-out one is requeued.")
+]
+CpusPerWorker = Annotated[
+    int | None,
+    typer.Option(help="CPUs of each Slurm job (default: the cluster's).", show_default=False),
+]
 MaxRetries = Annotated[int, typer.Option(help="Retries of a failed point across runs.")]
 GracePeriod = Annotated[
     int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")
@@ -133,6 +166,16 @@ def axis_overrides(**axes: list[str] | None) -> dict[str, list[str]]:
     return {k: v for k, v in axes.items() if v}
 
 
+def launch_options(**given: Any) -> Launch:
+    """Launch from the command line, checked (a Slurm launch needs sbatch here)."""
+    from ddsweep import launch
+
+    fields = {f.name for f in dataclasses.fields(Launch)}
+    out = Launch(**{k: v for k, v in given.items() if k in fields})
+    launch.check_launch(out)
+    return out
+
+
 def run_options(**given: Any) -> RunOptions:
     """RunOptions from the command line, checked."""
     from ddsweep.config import paths
@@ -144,6 +187,11 @@ def run_options(**given: Any) -> RunOptions:
     if given["heartbeat_interval"] >= given["grace_period"]:
         raise UserError("--heartbeat-interval must be shorter than --grace-period")
     given["data_dir"] = given.get("data_dir") or paths.data_dir()
+    if "gpus" in given:
+        from ddsweep import devices
+
+        given["gpus"] = devices.parse_gpus(given["gpus"])
+        devices.plan(given["workers"], given["gpus"])  # a GPU this machine lacks: one line now
     return RunOptions(**given)
 
 

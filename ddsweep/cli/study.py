@@ -8,30 +8,38 @@ from typing import Annotated, Any
 import typer
 
 from ddsweep.cli._options import (
+    DEFAULT_LAUNCH,
     DEFAULT_RUN,
     AttentionAxis,
     BackboneAxis,
     BlockAxis,
+    CpusPerWorker,
     DataDir,
     DatasetAxis,
     EpochAxis,
     Experiment,
     FeatureHelp,
+    Gpus,
+    GpusPerWorker,
     GracePeriod,
     HeartbeatInterval,
     InceptionWeights,
     KAxis,
+    LauncherOpt,
     MaxRetries,
     NoiseAxis,
     ProbeAxis,
     ResolutionAxis,
+    SlurmPartition,
     Storage,
     StudyName,
+    TimeoutMin,
     TrackingUri,
     Workers,
     axis_overrides,
     bar,
     given_fields,
+    launch_options,
     run_options,
     study_progress,
 )
@@ -108,12 +116,16 @@ def run_follow(cfg: Any, opts: Any, interval: float) -> None:
         raise typer.Exit(1)
 
 
-def run_grid(cfg: Any, opts: Any) -> None:
+def run_grid(cfg: Any, opts: Any, where: Any = DEFAULT_LAUNCH) -> None:
     """Run the study with a progress display (from its first trial on), then say how it ended:
     exit status 1 when a point of the grid failed or is left."""
     from rich.console import Console
 
     from ddsweep.study import outcome_lines, run_study
+
+    if where.launcher != "local":
+        launched_grid(cfg, opts, where)
+        return
 
     progress = bar(Console(stderr=True))
     show = study_progress(progress, cfg.study)
@@ -136,6 +148,34 @@ def run_grid(cfg: Any, opts: Any) -> None:
         raise typer.Exit(1)
 
 
+def launched_grid(cfg: Any, opts: Any, where: Any) -> None:
+    """The study's workers as a submitit job array: Slurm returns once they are submitted;
+    the local executor's jobs are waited for, then the run ends as `run_grid` ends."""
+    from ddsweep import launch, study
+
+    ctx = study.prepare(cfg, opts)  # the study, its backbones, its parent run: errors now
+    handles = launch.submit(where, cfg.study, launch.probe_job(cfg, opts))
+    typer.echo(
+        f"{cfg.study}: {len(handles)} workers submitted as job array {launch.job_ids(handles)} "
+        f"(logs in {launch.submitit_folder(cfg.study)})"
+    )
+    if where.launcher == "slurm":
+        typer.echo(
+            f"follow them with `ddsweep study status --study {cfg.study}`; the answer: "
+            f"`ddsweep report --study {cfg.study}`"
+        )
+        return
+    outcomes = launch.wait(handles)
+    study.finish(ctx)
+    out, err = study.outcome_lines(ctx, outcomes)
+    for line in out:
+        typer.echo(line)
+    for line in err:
+        typer.echo(line, err=True)
+    if err:
+        raise typer.Exit(1)
+
+
 def probe_grid(
     study: StudyName,
     dataset: DatasetAxis = None,
@@ -149,6 +189,12 @@ def probe_grid(
     backbone: BackboneAxis = None,
     storage: Storage = None,
     workers: Workers = DEFAULT_RUN.workers,
+    gpus: Gpus = None,
+    launcher: LauncherOpt = DEFAULT_LAUNCH.launcher,
+    slurm_partition: SlurmPartition = None,
+    gpus_per_worker: GpusPerWorker = DEFAULT_LAUNCH.gpus_per_worker,
+    timeout_min: TimeoutMin = DEFAULT_LAUNCH.timeout_min,
+    cpus_per_worker: CpusPerWorker = None,
     max_retries: MaxRetries = DEFAULT_RUN.max_retries,
     grace_period: GracePeriod = DEFAULT_RUN.grace_period,
     heartbeat_interval: HeartbeatInterval = DEFAULT_RUN.heartbeat_interval,
@@ -169,6 +215,7 @@ def probe_grid(
 ) -> None:
     """Run (or resume) the probe grid of a study; re-running does only what is left."""
     opts = run_options(**given_fields(RunOptions, locals()))  # first: checked before any work
+    where = launch_options(**locals())
     axes = axis_overrides(
         dataset=dataset,
         resolution=resolution,
@@ -184,9 +231,11 @@ def probe_grid(
     if cfg.kind != "probe-grid":
         raise UserError(f"{cfg.source} is a {cfg.kind} study: run `ddsweep study {cfg.kind}`")
     if follow:
+        if where.launcher != "local":
+            raise UserError("--follow runs one worker here: leave --launcher out")
         run_follow(cfg, opts, follow_interval)
     else:
-        run_grid(cfg, opts)
+        run_grid(cfg, opts, where)
 
 
 def fid_grid(
@@ -215,6 +264,12 @@ def fid_grid(
     inception_weights: InceptionWeights = None,
     storage: Storage = None,
     workers: Workers = DEFAULT_RUN.workers,
+    gpus: Gpus = None,
+    launcher: LauncherOpt = DEFAULT_LAUNCH.launcher,
+    slurm_partition: SlurmPartition = None,
+    gpus_per_worker: GpusPerWorker = DEFAULT_LAUNCH.gpus_per_worker,
+    timeout_min: TimeoutMin = DEFAULT_LAUNCH.timeout_min,
+    cpus_per_worker: CpusPerWorker = None,
     max_retries: MaxRetries = DEFAULT_RUN.max_retries,
     grace_period: GracePeriod = DEFAULT_RUN.grace_period,
     heartbeat_interval: HeartbeatInterval = DEFAULT_RUN.heartbeat_interval,
@@ -224,10 +279,11 @@ def fid_grid(
 ) -> None:
     """FID of every checkpoint of a study's backbones: one trial and child run per checkpoint."""
     opts = run_options(**given_fields(RunOptions, locals()))  # first: checked before any work
+    where = launch_options(**locals())
     axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention, epoch=epoch)
     fid = {"samples": samples, "sampler": sampler, "steps": steps, "feature": feature}
     cfg = fid_study_config(study, axes, fid)
-    run_grid(cfg, opts)
+    run_grid(cfg, opts, where)
 
 
 def train_grid(
@@ -238,13 +294,29 @@ def train_grid(
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = DEFAULT_EXPERIMENT,
+    launcher: LauncherOpt = DEFAULT_LAUNCH.launcher,
+    slurm_partition: SlurmPartition = None,
+    gpus_per_worker: GpusPerWorker = DEFAULT_LAUNCH.gpus_per_worker,
+    timeout_min: TimeoutMin = DEFAULT_LAUNCH.timeout_min,
+    cpus_per_worker: CpusPerWorker = None,
 ) -> None:
     """Train one backbone per (dataset, resolution, attention) of a study (reuse, resume)."""
-    from ddsweep import backbones
+    from ddsweep import backbones, launch
     from ddsweep.config import paths
 
+    where = launch_options(**locals())
     axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention)
     cfg = study_config(study, axes)
+    if where.launcher != "local":
+        job = launch.train_job(cfg, data_dir or paths.data_dir(), tracking_uri, experiment)
+        handles = launch.submit(where, cfg.study, job)
+        typer.echo(
+            f"{cfg.study}: {len(handles)} backbones submitted as job array "
+            f"{launch.job_ids(handles)} (logs in {launch.submitit_folder(cfg.study)})"
+        )
+        if where.launcher == "local-submitit":
+            typer.echo(f"{cfg.study}: {dict(launch.wait(handles))}")
+        return
     with bar() as progress:
 
         def show(tc: Any, run_id: str, how: str) -> None:

@@ -54,6 +54,11 @@ def cache_dir() -> Path:
     return Path(given) if given else home() / "cache"
 
 
+def decoded_dir() -> Path:
+    """Datasets decoded once into uint8 files (ddsweep.data): <feature cache>/decoded."""
+    return cache_dir() / "decoded"
+
+
 def checkpoints_dir() -> Path:
     """Local copies of run checkpoints: $DDSWEEP_CHECKPOINTS, else <home>/checkpoints."""
     given = _env(CHECKPOINTS_ENV)

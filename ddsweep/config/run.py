@@ -24,6 +24,7 @@ class RunOptions:
     tracking_uri: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
     workers: int = 1
+    gpus: tuple[int, ...] | None = None  # --gpus: the GPUs workers are placed on (None: all)
     max_retries: int = 2
     heartbeat_interval: int = 10
     grace_period: int = 60
@@ -55,3 +56,30 @@ class SampleConfig:
     sampler: str = "ddim"
     steps: int = 50  # DDIM only; DDPM always runs every training step
     seed: int = 0
+
+
+LAUNCHERS: tuple[str, ...] = ("local", "slurm", "local-submitit")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where a study's workers run (`--launcher` and the job options; ddsweep.launch): local
+    processes, a Slurm job array, or the same jobs on this machine (submitit's local one)."""
+
+    launcher: str = "local"
+    slurm_partition: str | None = None
+    gpus_per_worker: int = 1
+    timeout_min: int = 240
+    cpus_per_worker: int | None = None  # None: Slurm's default
+
+    def check(self) -> None:
+        """Raise UserError for options no launcher can use."""
+        from ddsweep.errors import UserError
+
+        if self.launcher not in LAUNCHERS:
+            known = ", ".join(LAUNCHERS)
+            raise UserError(f"unknown --launcher {self.launcher!r}: use one of {known}")
+        if self.gpus_per_worker < 0 or self.timeout_min <= 0:
+            raise UserError("--gpus-per-worker must be at least 0 and --timeout-min positive")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise UserError("--cpus-per-worker must be positive")

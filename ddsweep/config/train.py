@@ -38,7 +38,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_SWEEP)
     device: str = field(default="auto", metadata=_SWEEP)
     num_workers: int = 0
-    log_every: int = 10
+    log_every: int = 10  # steps between two reads of the loss (one wait for the device)
     fid_every: int = 0  # 0: off; else the Fréchet distance of the EMA weights every N epochs
     fid_samples: int = FIDConfig.samples
     fid_sampler: str = FIDConfig.sampler

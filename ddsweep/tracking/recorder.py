@@ -212,9 +212,12 @@ class StudyRecorder:
         )
         return str(run.info.run_id)
 
-    def log_trial(self, pid: str, trial: int, record: Record) -> str:
-        """One FINISHED child run for an evaluated point; returns its id."""
-        run_id = self._child(pid, trial, record.name, record.kind, record.start)
+    def log_trial(
+        self, pid: str, trial: int, record: Record, tags: Mapping[str, str] | None = None
+    ) -> str:
+        """One FINISHED child run for an evaluated point (with `tags`, e.g. its device);
+        returns its id."""
+        run_id = self._child(pid, trial, record.name, record.kind, record.start, **(tags or {}))
         end = _ms(record.end)
         self.client.log_batch(
             run_id,
