@@ -95,6 +95,7 @@ class Context:
     board: GridStudy
     objective: Objective
     recorder: StudyRecorder
+    answer: list[str] = dataclasses.field(default_factory=list)  # the answer's lines, once known
 
     @property
     def ids(self) -> list[str]:
@@ -112,8 +113,9 @@ class _Trials:
         self.objective, self.recorder = objective, recorder
         self.legacy = legacy  # the study has trials of ddsweep 0.1, whose children may be adopted
 
-    def _outcome(self, run_id: str, metrics: dict[str, float]) -> Outcome:
-        return Outcome(float(metrics[self.objective.metric]), {"mlflow_run_id": run_id})
+    def _outcome(self, pid: str, run_id: str, metrics: dict[str, float]) -> Outcome:
+        value, attrs = self.objective.value(self.objective.points[pid], metrics)
+        return Outcome(value, {**attrs, "mlflow_run_id": run_id})
 
     # The scheduler knows a point by its trial params (`pid`); MLflow by its readable id, which
     # names every setting by keyword.
@@ -122,14 +124,14 @@ class _Trials:
         found = self.recorder.adopted(point_id(point))
         if found is None and self.legacy and not point.settings:  # logged by ddsweep 0.1
             found = self.recorder.adopted(legacy_id(point))
-        return self._outcome(*found) if found else None
+        return self._outcome(pid, *found) if found else None
 
     def compute(self, pid: str) -> Record:
         return self.objective.evaluate(self.objective.points[pid])
 
     def record(self, pid: str, trial_number: int, result: Record) -> Outcome:
         run_id = self.recorder.log_trial(point_id(self.objective.points[pid]), trial_number, result)
-        return self._outcome(run_id, result.metrics)
+        return self._outcome(pid, run_id, result.metrics)
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         point = self.objective.points[pid]
@@ -191,6 +193,7 @@ def _start(
 ) -> Context:
     """Run `objective`'s grid on the study and open (or find) its MLflow parent run."""
     _use(board, objective)
+    board.name_metric(objective.metric_name)
     # A study keeps the experiment of its parent run: a plain run and one under `mlflow run`
     # (whose project run, in mlflow run's experiment, became the parent) share one parent.
     pinned = board.attrs.get(PARENT_ATTR)
@@ -288,11 +291,22 @@ def publish_answer(ctx: Context, done: int) -> None:
     ctx.recorder.log_definition(source, sweep.to_document(cfg))
     if cfg.kind != "probe-grid":
         return
-    facets = report.build_tables(report.load_trials(ctx.parent_id))
+    trials = report.load_trials(ctx.parent_id)
+    facets = report.build_tables(report.with_predictions(trials))
     if facets:
         rows = report.summary(facets)
         metrics, tags = answer.headline(facets, rows)
-        ctx.recorder.log_answer(metrics, tags, answer.tables(facets, rows), done)
+        found = report.study_answer(facets, rows)
+        ctx.answer = report.answer_lines(facets, rows)
+        card = report.methods_card(cfg.study, facets, trials, report.split_inputs(trials))
+        ctx.recorder.log_answer(
+            metrics,
+            tags,
+            answer.tables(facets, rows),
+            done,
+            note=answer.note(cfg.study, found),
+            files={report.METHODS_MD: card},
+        )
 
 
 def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:

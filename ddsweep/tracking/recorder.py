@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from ddsweep import predictions
 from ddsweep.tracking import code_version, context_tags, log_inputs, project_run_id
@@ -132,18 +132,26 @@ class StudyRecorder:
         tags: Mapping[str, str],
         tables: Mapping[str, Mapping[str, Sequence[Any]]],
         step: int,
+        *,
+        note: str = "",
+        files: Mapping[str, str] | None = None,
     ) -> None:
         """The study's answer so far on its parent run: metrics at `step` (points complete),
-        so their history shows how the answer moved; tags; and tables (artifact path: columns)
-        shown by the UI's artifact view, each replaced by its latest version."""
+        so their history shows how the answer moved; tags; its description (`note`, shown
+        by `mlflow ui` on the run's page); tables (artifact path: columns) shown by the UI's
+        artifact view, each replaced by its latest version; and text files {name: text} at
+        the artifacts' top level (the methods card)."""
         now = _ms(time.time())
+        all_tags = {**tags, **({MLFLOW_RUN_NOTE: note} if note else {})}
         self.client.log_batch(
             self.parent_id,
             metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-            tags=[RunTag(k, v) for k, v in tags.items()],
+            tags=[RunTag(k, v) for k, v in all_tags.items()],
         )
         for path, columns in tables.items():
             self._log_table(path, columns)
+        for name, text in (files or {}).items():
+            self.client.log_text(self.parent_id, text, name)
 
     def _log_table(self, path: str, columns: Mapping[str, Sequence[Any]]) -> None:
         import pandas as pd
