@@ -19,7 +19,7 @@ from ddsweep.config import probe as probe_config
 from ddsweep.config import sweep
 from ddsweep.config.points import point_id
 from ddsweep.errors import UserError
-from ddsweep.features import CacheKey, FeatureCache, check_memory
+from ddsweep.features import FeatureCache, check_memory
 from ddsweep.kinds import features as kf
 from ddsweep.kinds import loading, registry
 from ddsweep.kinds.latents import split_latents
@@ -144,15 +144,15 @@ def test_a_changed_vae_or_prompt_is_a_new_cache_key_and_a_new_point(
     assert len(ids) == 3
 
 
-def test_ddpm_cache_keys_are_those_of_a01ecd7(tmp_path: Path) -> None:
-    """A ddsweep UNet2DModel folder keeps its path: the cache entries are named exactly as
-    ddsweep a01ecd7 named them (its CacheKey recipe, written out here)."""
+def test_ddpm_cache_keys_keep_the_plain_recipe(tmp_path: Path) -> None:
+    """A ddsweep UNet2DModel folder keeps its path: the cache entries are named by the plain
+    CacheKey recipe, written out here field by field. (a01ecd7's digests moved on purpose with
+    issue 22: float32 entries and the v3 noise scheme, so no float16 or v2 feature is served.)"""
     from ddsweep import checkpoints
+    from ddsweep.features import NOISE_SCHEME, STORED
     from ddsweep.model import ModelConfig, build_unet
 
-    # The recipe of a01ecd7 for a fixed key: a changed field or order changes this digest.
-    fixed = CacheKey("0123456789abcdef", "ema", "digits:train:16:fp", 16, 0, 0, "avg", "up4")
-    assert fixed.digest() == "da3ac8095808f5b0ef7c70e04f13e504"
+    assert NOISE_SCHEME == "split-index-draw-splitmix-v3"
     torch.manual_seed(0)
     folder = tmp_path / "ckpt"
     build_unet(ModelConfig(resolution=8, channels=(32, 32, 64, 64))).save_pretrained(folder)
@@ -167,7 +167,8 @@ def test_ddpm_cache_keys_are_those_of_a01ecd7(tmp_path: Path) -> None:
         for block in ("up4", "mid"):
             fields = {"checkpoint": h, "weights": "ema", "split": fp, "resolution": 8,
                       "noise_step": 10, "noise_seed": 0, "pool": "avg", "block": block,
-                      "noise_draws": 1, "precision": "fp32", "noise": "split-index-draw-v2"}  # fmt: skip
+                      "noise_draws": 1, "precision": "fp32", "noise": NOISE_SCHEME,
+                      "stored": STORED}  # fmt: skip
             blob = json.dumps(fields, sort_keys=True).encode()
             want.add(hashlib.sha256(blob).hexdigest()[:32] + ".safetensors")
     assert {p.name for p in cache.root.glob("*.safetensors")} == want
