@@ -26,7 +26,8 @@ from ddsweep.config.run import RunOptions
 from ddsweep.config.train import TrainConfig
 for path in sorted(sweep.shipped_sweep_dir().glob("*.yaml")):
     cfg = sweep.parse_study(sweep.read_yaml(path), str(path))
-    sweep.expand(cfg.axes, lambda backbone: (0, 1))
+    if not cfg.axes.pretrained():  # resolving a pretrained backbone reads its weights
+        sweep.expand(cfg.axes, lambda backbone: (0, 1))
 TrainConfig(), ProbeConfig().params(), FIDConfig(), RunOptions()
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)))
 """

@@ -7,15 +7,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ddsweep.config.run import RunOptions  # the defaults, written once
+
 
 @dataclass(frozen=True)
 class Policy:
     """How a study is run: where it is stored and how trials are retried and watched."""
 
     storage: str | None = None  # None: a journal file under .ddsweep/optuna/
-    max_retries: int = 2
-    heartbeat_interval: int = 10
-    grace_period: int = 60
+    max_retries: int = RunOptions.max_retries
+    heartbeat_interval: int = RunOptions.heartbeat_interval
+    grace_period: int = RunOptions.grace_period
 
 
 @dataclass(frozen=True)
