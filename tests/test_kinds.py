@@ -149,6 +149,7 @@ def test_ddpm_cache_keys_keep_the_plain_recipe(tmp_path: Path) -> None:
     CacheKey recipe, written out here field by field. (a01ecd7's digests moved on purpose with
     issue 22: float32 entries and the v3 noise scheme, so no float16 or v2 feature is served.)"""
     from ddsweep import checkpoints
+    from ddsweep.data import DATA_SCHEME
     from ddsweep.features import NOISE_SCHEME, STORED
     from ddsweep.model import ModelConfig, build_unet
 
@@ -168,7 +169,7 @@ def test_ddpm_cache_keys_keep_the_plain_recipe(tmp_path: Path) -> None:
             fields = {"checkpoint": h, "weights": "ema", "split": fp, "resolution": 8,
                       "noise_step": 10, "noise_seed": 0, "pool": "avg", "block": block,
                       "noise_draws": 1, "precision": "fp32", "noise": NOISE_SCHEME,
-                      "stored": STORED}  # fmt: skip
+                      "stored": STORED, "data_scheme": DATA_SCHEME}  # fmt: skip
             blob = json.dumps(fields, sort_keys=True).encode()
             want.add(hashlib.sha256(blob).hexdigest()[:32] + ".safetensors")
     assert {p.name for p in cache.root.glob("*.safetensors")} == want

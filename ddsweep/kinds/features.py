@@ -224,8 +224,8 @@ def split_features(
                 missing = tuple(b for b in blocks if b not in found)
                 if missing:
                     t0 = time.perf_counter()
-                    ds = data.labelled_split(dataset, split, resolution, data_dir,
-                                             flowers_add_val=add_val)  # fmt: skip
+                    ds = data.probe_images(dataset, split, resolution, data_dir,
+                                           flowers_add_val=add_val)  # fmt: skip
                     found.update(
                         _fill(lazy, ds, fp, resolution, req, missing, keys, cache, on_batch)
                     )
@@ -254,7 +254,9 @@ def _fill(
             precision=req.precision,
         )  # fmt: skip
     else:
-        loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=256, shuffle=False, collate_fn=data.batch_collate(ds)
+        )
         pairs = list(loader)
         inputs = torch.cat([x for x, _ in pairs])
         labels = torch.cat([torch.as_tensor(y) for _, y in pairs])

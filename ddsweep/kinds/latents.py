@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ddsweep import data
 from ddsweep.kinds.loading import LATENTS
 
 if TYPE_CHECKING:
@@ -68,7 +69,9 @@ def split_latents(
         pass
     vae = vae_loader()
     bf16 = precision == "bf16" and next(vae.parameters()).device.type == "cuda"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=LATENT_BATCH, shuffle=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=LATENT_BATCH, shuffle=False, collate_fn=data.batch_collate(dataset)
+    )
     chunks, labels = [], []
     for x, y in loader:
         chunks.append(encode(vae, x, bf16=bf16))
