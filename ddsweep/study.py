@@ -148,6 +148,9 @@ class _Trials:
         run_id = self.recorder.log_trial(point_id(self.objective.points[pid]), trial_number, result)
         return self._outcome(run_id, result.metrics)
 
+    def holds(self, group: str) -> bool:
+        return self.objective.holds(group)
+
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         point = self.objective.points[pid]
         name, params = self.objective.failure(point)
@@ -199,6 +202,7 @@ def _use(board: GridStudy, objective: Objective) -> None:
             objective.vocabulary(),
             {legacy_id(p): pid for pid, p in objective.points.items()},
             {pid: point_id(p) for pid, p in objective.points.items()},
+            {pid: g for pid, p in objective.points.items() if (g := objective.group(p))},
         )
     )
 
