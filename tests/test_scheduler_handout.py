@@ -3,6 +3,7 @@ a stub evaluator (no features, no MLflow)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def test_one_worker_takes_each_feature_pass_whole_and_each_point_once(tmp_path: 
     assert sorted(stub.computed) == sorted(grid.params)
     # The points of a group come one after the other: one switch between groups per group.
     seq = [grid.groups[p] for p in stub.computed]
-    switches = sum(a != b for a, b in zip(seq, seq[1:], strict=False))
+    switches = sum(a != b for a, b in itertools.pairwise(seq))
     assert switches == GROUPS - 1
     assert len(b.tally().complete) == GROUPS * PER_GROUP
 
