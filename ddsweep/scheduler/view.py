@@ -193,10 +193,10 @@ def _reader(study: optuna.Study) -> Reader:
 class Handout:
     """Which point a worker claims next. Points sharing a feature pass (`Grid.groups`) go to one
     worker, in grid order: it keeps to its group until the group has no point without a trial,
-    then takes a
-    group its cache holds (`holds`), else a group nobody has begun (each worker starts at its own
-    place in one shared order), else one no live worker is in. When every group left is being
-    worked elsewhere it waits (None) rather than run another worker's feature pass again."""
+    then takes a group its cache holds (`holds`, even one another worker sharing the cache is
+    on), else a group nobody has begun (each worker starts at its own place in one shared
+    order), else one no live worker is in. When every group left is being worked elsewhere it
+    waits (None) rather than run another worker's feature pass again."""
 
     def __init__(self, grid: Grid, view: View, seed: int = 0, worker: int = 0) -> None:
         self.view = view
@@ -264,10 +264,10 @@ class Handout:
     def _held(self, busy: set[str], holds: Callable[[str], bool] | None) -> str | None:
         if holds is None or len(self.groups) == len(self.group_of):  # no groups to prefer
             return None
-        for g in self.groups:
-            if g not in busy and self.free(g) is not None and holds(g):
-                return g
-        return None
+        # Another worker may be on it: one sharing this cache (the same machine) costs no pass.
+        held = [g for g in self.groups if self.free(g) is not None and holds(g)]
+        idle = [g for g in held if g not in busy]
+        return (idle or held or [None])[0]
 
     def _fresh(self) -> str | None:
         """A group with no trial yet, searched from this worker's own place in the order."""
