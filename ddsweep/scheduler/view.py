@@ -267,7 +267,8 @@ class Handout:
         # Another worker may be on it: one sharing this cache (the same machine) costs no pass.
         held = [g for g in self.groups if self.free(g) is not None and holds(g)]
         idle = [g for g in held if g not in busy]
-        return (idle or held or [None])[0]
+        chosen = idle or held
+        return chosen[0] if chosen else None
 
     def _fresh(self) -> str | None:
         """A group with no trial yet, searched from this worker's own place in the order."""
