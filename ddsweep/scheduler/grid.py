@@ -337,8 +337,7 @@ class GridStudy:
     def work(
         self, evaluator: Evaluator, on_point: Callable[[str], None] | None = None
     ) -> Counter[str]:
-        """Run trials until every point is complete, given up on, or running elsewhere (or,
-        for points without a trial, in a feature-pass group another live worker is on)."""
+        """Run trials until every point is complete, given up on, or running elsewhere."""
         outcomes: Counter[str] = Counter()
         self._fail_stale(force=True)
         self._enqueue_retries(include_failed=True, evaluator=evaluator)
@@ -359,9 +358,7 @@ class GridStudy:
             if self._enqueue_retries(include_failed=False) or self._retry_stale(evaluator):
                 continue
             t = self.tally()
-            if not [p for p in t.left(self.grid.ids) if p in t.running] and not (
-                self.handout.left()
-            ):
+            if not [p for p in t.left(self.grid.ids) if p in t.running]:
                 return outcomes
             time.sleep(min(2.0, self.policy.heartbeat_interval))  # wait for other workers
             self._fail_stale(force=True)

@@ -195,8 +195,8 @@ class Handout:
     worker, in grid order: it keeps to its group until the group has no point without a trial,
     then takes a group its cache holds (`holds`, even one another worker sharing the cache is
     on), else a group nobody has begun (each worker starts at its own place in one shared
-    order), else one no live worker is in. When every group left is being worked elsewhere it
-    waits (None) rather than run another worker's feature pass again."""
+    order), else one no live worker is in, else (the tail) joins the busy group with the most
+    points left. None: no point is without a trial."""
 
     def __init__(self, grid: Grid, view: View, seed: int = 0, worker: int = 0) -> None:
         self.view = view
@@ -236,8 +236,7 @@ class Handout:
     def next(
         self, me: str, holds: Callable[[str], bool] | None = None, *, stale: set[int] | None = None
     ) -> str | None:
-        """The point to claim next, or None when none is free (or all free ones are in groups
-        another live worker is on)."""
+        """The point to claim next, or None when every point has a trial."""
         self._update()
         if self.current is not None:
             pid = self.free(self.current)
@@ -282,10 +281,13 @@ class Handout:
         return None
 
     def _idle(self, busy: set[str]) -> str | None:
-        for g in self.groups:
-            if g not in busy and self.free(g) is not None:
-                return g
-        return None
+        """A begun group no live worker is on, else (the grid's tail) the busy one with the
+        most points left: its pass runs twice, but no worker idles while points are left."""
+        left = [g for g in self.groups if self.free(g) is not None]
+        idle = [g for g in left if g not in busy]
+        if idle or not left:
+            return idle[0] if idle else None
+        return max(left, key=lambda g: len(self.members[g]) - self._cursor[g])
 
 
 def template(
