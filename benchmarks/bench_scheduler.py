@@ -186,6 +186,8 @@ def worker(spec: dict[str, Any], index: int, out: str) -> None:
     assert board is not None
     board.use(grid)
     board.tally()  # a worker reads the study once when it starts: not a trial's cost
+    if hasattr(board, "handout"):  # nor does it order the grid's groups per trial
+        board.handout.next(board.me)
     stub = Stub(Path(out).with_suffix(".points"), tuple(spec["sleep_ms"]), index)  # type: ignore[arg-type]
     ready = Path(spec["folder"]) / f"ready-{index}"
     ready.touch()

@@ -210,6 +210,9 @@ class Handout:
         self._touched: set[str] = set()
         self._seen = 0  # how much of view.visits is folded into _touched
         self._fresh_at = worker % max(1, len(self.groups))
+        self._no_fresh = False
+        self._open_groups = list(self.groups)
+        self._dirty = True
         self.current: str | None = None
 
     def _update(self) -> None:
@@ -229,9 +232,18 @@ class Handout:
         self._cursor[group] = i
         return members[i] if i < len(members) else None
 
+    def open_groups(self) -> list[str]:
+        """The groups that had a point without any trial when last compacted, in order (some
+        may have none now: check `free`). A group leaves for good (points only ever gain
+        trials); compacting once per group change keeps a trial's cost flat in the grid size."""
+        if self._dirty:
+            self._open_groups = [g for g in self._open_groups if self.free(g) is not None]
+            self._dirty = False
+        return self._open_groups
+
     def left(self) -> bool:
         """Whether some point has no trial yet."""
-        return any(self.free(g) is not None for g in self.groups)
+        return any(self.free(g) is not None for g in self.open_groups())
 
     def next(
         self, me: str, holds: Callable[[str], bool] | None = None, *, stale: set[int] | None = None
@@ -242,6 +254,7 @@ class Handout:
             pid = self.free(self.current)
             if pid is not None:
                 return pid
+            self._dirty = True  # a group ran out: compact the open list once
         busy = self._busy(me, stale if stale is not None else self.view.stale_ids())
         group = self._held(busy, holds) or self._fresh() or self._idle(busy)
         self.current = group
@@ -264,13 +277,15 @@ class Handout:
         if holds is None or len(self.groups) == len(self.group_of):  # no groups to prefer
             return None
         # Another worker may be on it: one sharing this cache (the same machine) costs no pass.
-        held = [g for g in self.groups if self.free(g) is not None and holds(g)]
+        held = [g for g in self.open_groups() if self.free(g) is not None and holds(g)]
         idle = [g for g in held if g not in busy]
         chosen = idle or held
         return chosen[0] if chosen else None
 
     def _fresh(self) -> str | None:
         """A group with no trial yet, searched from this worker's own place in the order."""
+        if self._no_fresh:  # groups are only ever touched, never untouched
+            return None
         n = len(self.groups)
         for step in range(n):
             i = (self._fresh_at + step) % n
@@ -278,15 +293,18 @@ class Handout:
             if g not in self._touched:
                 self._fresh_at = i
                 return g
+        self._no_fresh = True
         return None
 
     def _idle(self, busy: set[str]) -> str | None:
         """A begun group no live worker is on, else (the grid's tail) the busy one with the
         most points left: its pass runs twice, but no worker idles while points are left."""
-        left = [g for g in self.groups if self.free(g) is not None]
-        idle = [g for g in left if g not in busy]
-        if idle or not left:
-            return idle[0] if idle else None
+        left = [g for g in self.open_groups() if self.free(g) is not None]
+        for g in left:
+            if g not in busy:
+                return g
+        if not left:
+            return None
         return max(left, key=lambda g: len(self.members[g]) - self._cursor[g])
 
 
