@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import socket
@@ -25,6 +26,7 @@ from ddsweep.scheduler.trials import (
     INTERRUPTED_ATTR,
     Heartbeat,
     Liveness,
+    Pulse,
     Tally,
     fail_stale,
     trial_params,
@@ -126,6 +128,7 @@ class GridStudy:
         self.me = f"{socket.gethostname()}:{os.getpid()}"
         self._stale_checked = float("-inf")
         self._choices: dict[str, list[Any]] = {}  # CHOICES_ATTR, read once by `use`
+        self._pulse = Pulse()  # the heartbeat thread of this study's trials
 
     @property
     def view(self) -> View:
@@ -202,7 +205,9 @@ class GridStudy:
         # The heartbeat covers the whole trial: a worker killed while it claims a point leaves
         # a trial that goes stale like any other, not one RUNNING forever.
         interval = self.policy.heartbeat_interval
-        with Heartbeat(self.study, trial._trial_id, interval, beaten=pid is not None) as beat:
+        beaten = pid is not None
+        pulse = self._pulse
+        with Heartbeat(self.study, trial._trial_id, interval, beaten=beaten, pulse=pulse) as beat:
             try:
                 return self._run_claimed(trial, evaluator, on_point, beat, pid)
             except (KeyboardInterrupt, SystemExit) as stop:
@@ -316,8 +321,14 @@ class GridStudy:
 
     def _tell(self, trial: optuna.Trial, value: float | None = None, **kw: Any) -> None:
         """Tell a trial's end, unless another worker has already ended it (judged it stale)."""
+        # The storage's own write rather than Study.tell, which reads the trial twice first
+        # (two queries a trial on an RDB): the checks it adds are ours to make.
+        state = kw.get("state") or TrialState.COMPLETE
+        if value is not None and not math.isfinite(value):  # as tell: no such value is kept
+            state, value = TrialState.FAIL, None
+        values = [float(value)] if value is not None and state == TrialState.COMPLETE else None
         with contextlib.suppress(UpdateFinishedTrialError):  # ended between check and write
-            self.study.tell(trial, value, skip_if_finished=True, **kw)
+            self.study._storage.set_trial_state_values(trial._trial_id, state, values)
 
     def _step_back_reason(self, trial: optuna.Trial, pid: str) -> str | None:
         """Why this trial must not evaluate point `pid` (another trial has it), or None. Read
@@ -328,9 +339,10 @@ class GridStudy:
         with view.lock:
             if pid in view.complete_in:
                 return f"complete in trial {view.complete_in[pid]}"
-            for t in view.live_holders(pid, view.stale_ids()):
-                if t.number != trial.number:
-                    return f"running in trial {t.number}"
+            if view.holding.get(pid, set()) - {trial._trial_id}:  # liveness costs a read
+                for t in view.live_holders(pid, view.stale_ids()):
+                    if t.number != trial.number:
+                        return f"running in trial {t.number}"
         return None
 
     # the loop
@@ -343,9 +355,11 @@ class GridStudy:
         self._enqueue_retries(include_failed=True, evaluator=evaluator)
         holds = getattr(evaluator, "holds", None)
         while True:
+            self.view.refresh()
             while True:
+                # The view as the last trial's step-back check read it: a retry enqueued since
+                # is taken one trial later, for one read fewer a trial.
                 view = self.view
-                view.refresh()
                 if view.waiting():
                     outcomes[self.run_trial(evaluator, on_point)] += 1
                 else:

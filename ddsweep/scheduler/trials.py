@@ -163,12 +163,19 @@ def fail_stale(
 
 
 class Heartbeat:
-    """Tells the storage this trial's worker is alive, every `interval` seconds, from one
-    thread per process shared by every trial (a thread started and joined per trial cost
-    5-13 ms a trial under load, measured with benchmarks/bench_scheduler.py)."""
+    """Tells the storage this trial's worker is alive, every `interval` seconds: from its own
+    thread, or from `pulse`, a thread that a study's loop keeps for all its trials (a thread
+    started and joined per trial cost 5-13 ms a trial under load, measured with
+    benchmarks/bench_scheduler.py)."""
 
     def __init__(
-        self, study: optuna.Study, trial_id: int, interval: float, *, beaten: bool = False
+        self,
+        study: optuna.Study,
+        trial_id: int,
+        interval: float,
+        *,
+        beaten: bool = False,
+        pulse: Pulse | None = None,
     ) -> None:
         """`beaten`: the trial was created with its first beat counted (HEARTBEAT_ATTR 1)."""
         self.study, self.trial_id, self.interval = study, trial_id, interval
@@ -176,6 +183,7 @@ class Heartbeat:
         self._beaten = beaten
         self._stop = threading.Event()
         self.due = 0.0  # monotonic time of the next beat
+        self._pulse = pulse or Pulse()
 
     def beat(self) -> bool:
         """Record one heartbeat; False once the trial has ended."""
@@ -198,16 +206,17 @@ class Heartbeat:
             self.beat()
         elif uses_rdb_heartbeat(storage):
             storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
-        _PULSE.add(self)
+        self._pulse.add(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        _PULSE.remove(self)
+        self._pulse.remove(self)
 
 
-class _Pulse:
-    """The one thread of a process that beats every live Heartbeat when it is due."""
+class Pulse:
+    """A thread that beats its Heartbeats when they are due (one a study loop: its trials
+    run one at a time, so one slow write never delays another study's beats)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -243,6 +252,3 @@ class _Pulse:
                 dues = [hb.due for hb in self._beats.values()]
             self._wake.wait(max(0.01, min(dues) - time.monotonic()) if dues else 60.0)
             self._wake.clear()
-
-
-_PULSE = _Pulse()
