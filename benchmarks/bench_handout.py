@@ -43,8 +43,9 @@ probe:
 
 def train_backbone(folder: Path, epochs: int) -> None:
     from ddsweep import tracking
-    from ddsweep.model import ModelConfig
-    from ddsweep.train import TrainConfig, train
+    from ddsweep.config.model import ModelConfig
+    from ddsweep.config.train import TrainConfig
+    from ddsweep.train import train
 
     tracking.setup(None, tracking.DEFAULT_EXPERIMENT)
     cfg = TrainConfig(

@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 
+from ddsweep.config import paths
 from ddsweep.errors import UserError, first_line, redact
 from ddsweep.scheduler.types import Policy
 
@@ -17,9 +18,8 @@ from ddsweep.scheduler.types import Policy
 
 
 def default_storage_path(study: str) -> Path:
-    """The local journal file of a study: $DDSWEEP_HOME/optuna/NAME.journal (.ddsweep/...)."""
-    root = Path(os.environ.get("DDSWEEP_HOME") or ".ddsweep")
-    return root / "optuna" / f"{study}.journal"
+    """The local journal file of a study: <DDSWEEP_HOME or .ddsweep>/optuna/NAME.journal."""
+    return paths.optuna_dir() / f"{study}.journal"
 
 
 def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:
