@@ -43,9 +43,14 @@ probe:
 
 def train_backbone(folder: Path, epochs: int) -> None:
     from ddsweep import tracking
-    from ddsweep.config.model import ModelConfig
-    from ddsweep.config.train import TrainConfig
     from ddsweep.train import train
+
+    try:
+        from ddsweep.config.model import ModelConfig
+        from ddsweep.config.train import TrainConfig
+    except ImportError:  # ddsweep before its config layer (the "before" run)
+        from ddsweep.model import ModelConfig  # type: ignore[no-redef]
+        from ddsweep.train import TrainConfig  # type: ignore[no-redef,attr-defined]
 
     tracking.setup(None, tracking.DEFAULT_EXPERIMENT)
     cfg = TrainConfig(
