@@ -48,7 +48,10 @@ BLOCKS = ("pixels", "down1", "down2", "down3", "down4", "mid", "up4", "up3", "up
 
 def grid_params(n: int) -> dict[str, dict[str, Any]]:
     """n points shaped like a probe grid's: {point id: trial params}, epochs growing until n."""
-    from ddsweep.points import id_of
+    try:
+        from ddsweep.config.points import id_of
+    except ImportError:  # ddsweep before its config layer (the "before" run)
+        from ddsweep.points import id_of  # type: ignore[no-redef]
 
     out: dict[str, dict[str, Any]] = {}
     epoch = 0

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ddsweep import scheduler
-from ddsweep.points import id_of
+from ddsweep.config.points import id_of
 from ddsweep.scheduler import Grid, Outcome
 
 GROUPS = 4
