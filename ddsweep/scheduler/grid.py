@@ -362,12 +362,15 @@ class GridStudy:
                 view = self.view
                 if view.waiting():
                     outcomes[self.run_trial(evaluator, on_point)] += 1
+                    view.refresh()  # the retry taken (by us or another worker): seen at once
                 else:
                     pid = self.handout.next(self.me, holds)
                     if pid is None:
                         break
                     outcomes[self.run_trial(evaluator, on_point, pid)] += 1
                 self._fail_stale()
+            # A dead worker's trial is FAIL before its point is enqueued again.
+            self._fail_stale(force=True)
             # Points left by races or by dead workers, within this same run:
             if self._enqueue_retries(include_failed=False) or self._retry_stale(evaluator):
                 continue
