@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -92,6 +93,15 @@ class Objective:
     @classmethod
     def check(cls, cfg: sweep.StudyConfig, inception_weights: Path | None) -> None:
         """UserError now for what would fail every point (e.g. FID weights missing offline)."""
+
+    def group(self, point: Point) -> str | None:
+        """The feature pass `point` shares with others (one worker takes all its points), or
+        None: a group of its own."""
+        return None
+
+    def holds(self, group: str) -> bool:
+        """Whether this worker's feature cache holds the features of `group`."""
+        return False
 
     def backbone(self, point: Point) -> Backbone:
         assert point.attention is not None and point.epoch is not None
@@ -211,7 +221,39 @@ class ProbeGrid(Objective):
             "probe": probes.names(),
         }
 
+    def group(self, point: Point) -> str | None:
+        """One backbone pass: the backbone, epoch, noise step and every setting that is not
+        one probe kind's own (pooling, weights, noise seed and draws, ...)."""
+        kinds = set(probes.names())
+        shared = [(n, v) for n, v in point.settings if n.split(".")[0] not in kinds]
+        net = point.block != PIXELS
+        axes = {
+            "dataset": point.dataset,
+            "resolution": point.resolution,
+            "attention": point.attention if net else None,
+            "epoch": point.epoch if net else None,
+            "block": None if net else PIXELS,
+            "noise_step": point.noise_step,
+        }
+        return id_of({**axes, **dict(shared)})
+
+    def _mark(self, group: str) -> Path:
+        return self.cache.root / ".passes" / hashlib.sha256(group.encode()).hexdigest()[:32]
+
+    def holds(self, group: str) -> bool:
+        # A mark left by an evaluation from this cache (an evicted entry only costs a pass).
+        return self._mark(group).exists()
+
     def _evaluate(self, point: Point) -> Record:
+        record = self._probe(point)
+        group = self.group(point)
+        if group is not None:
+            mark = self._mark(group)
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+        return record
+
+    def _probe(self, point: Point) -> Record:
         backbone = None if point.block == PIXELS else self.backbone(point)
         found = evaluate.evaluate_point(
             backbone,

@@ -138,6 +138,9 @@ class _Trials:
         outcome = self._outcome(pid, run_id, result.metrics)
         return Outcome(outcome.value, {**outcome.attrs, schema.DEVICE_TAG: device})
 
+    def holds(self, group: str) -> bool:
+        return self.objective.holds(group)
+
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         point = self.objective.points[pid]
         name, params = self.objective.failure(point)
@@ -189,6 +192,7 @@ def _use(board: GridStudy, objective: Objective) -> None:
             objective.vocabulary(),
             legacy_ids(objective.points),
             {pid: point_id(p) for pid, p in objective.points.items()},
+            {pid: g for pid, p in objective.points.items() if (g := objective.group(p))},
         )
     )
 

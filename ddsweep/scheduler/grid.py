@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import socket
@@ -22,16 +23,18 @@ from ddsweep.config.points import id_of
 from ddsweep.errors import UserError, first_line
 from ddsweep.scheduler.storage import make_storage
 from ddsweep.scheduler.trials import (
+    HEARTBEAT_ATTR,
     INTERRUPTED_ATTR,
     Heartbeat,
     Liveness,
+    Pulse,
     Tally,
     fail_stale,
-    tally,
     trial_params,
     trial_point,
 )
 from ddsweep.scheduler.types import Evaluator, Grid, Outcome, Policy
+from ddsweep.scheduler.view import WORKER_ATTR, Handout, View, template
 
 CREATED_ATTR = "created_at"
 CHOICES_ATTR = "choices"  # the categorical params' choices, fixed when the study is created
@@ -121,6 +124,27 @@ class GridStudy:
         self.study, self.policy, self.created = study, policy, created
         self.grid = Grid({})
         self.liveness = Liveness(study, policy.grace_period)
+        self._view: View | None = None
+        self._handout: Handout | None = None
+        self.me = f"{socket.gethostname()}:{os.getpid()}"
+        self._stale_checked = float("-inf")
+        self._choices: dict[str, list[Any]] = {}  # CHOICES_ATTR, read once by `use`
+        self._pulse = Pulse()  # the heartbeat thread of this study's trials
+
+    @property
+    def view(self) -> View:
+        """The study's trials as of the last refresh (rebuilt when the grid's legacy ids change)."""
+        if self._view is None or self._view.legacy is not self.grid.legacy:
+            self._view = View(self.study, self.liveness, self.grid.legacy, self.grid.params)
+            self._handout = None
+        return self._view
+
+    @property
+    def handout(self) -> Handout:
+        view = self.view
+        if self._handout is None or self._handout.view is not view:
+            self._handout = Handout(self.grid, view, worker=hash(self.me) & 0xFFFFFFF)
+        return self._handout
 
     # study-wide attributes: pinned backbones, the MLflow parent run, ...
     @property
@@ -142,7 +166,7 @@ class GridStudy:
         return time.time() - float(self.study.user_attrs.get(CREATED_ATTR, 0.0))
 
     def tally(self) -> Tally:
-        return tally(self.study, self.liveness, self.grid.legacy)
+        return self.view.tally()
 
     def has_legacy_trials(self) -> bool:
         """Whether ddsweep 0.1 ran trials of this study (one opaque `point` param each)."""
@@ -158,6 +182,7 @@ class GridStudy:
             raise UserError(f"study {self.study.study_name}: the grid is empty")
         self._fix_choices(grid)
         self.grid = grid
+        self._handout = None  # a new grid: a new order
         self.study.sampler = GridSampler(grid)
 
     def _fix_choices(self, grid: Grid) -> None:
@@ -165,7 +190,9 @@ class GridStudy:
         fixed = self.study.user_attrs.get(CHOICES_ATTR)
         if fixed is None:  # racing workers of one grid compute the same choices
             self.study.set_user_attr(CHOICES_ATTR, wanted)
+            self._choices = wanted
             return
+        self._choices = fixed
         for name, values in wanted.items():
             new = [v for v in values if v not in fixed.get(name, ())]
             if new:
@@ -177,14 +204,20 @@ class GridStudy:
                 )
 
     # one trial
-    def run_trial(self, evaluator: Evaluator, on_point: Callable[[str], None] | None) -> str:
-        """Ask for one trial, evaluate it (or step back), tell the result; its final state."""
-        trial = self.study.ask()
+    def run_trial(
+        self, evaluator: Evaluator, on_point: Callable[[str], None] | None, pid: str | None = None
+    ) -> str:
+        """Claim point `pid` (None: a WAITING retry, through Optuna's ask), evaluate it (or step
+        back), tell the result; its final state."""
+        trial = self.study.ask() if pid is None else self._create(pid)
         # The heartbeat covers the whole trial: a worker killed while it claims a point leaves
         # a trial that goes stale like any other, not one RUNNING forever.
-        with Heartbeat(self.study, trial._trial_id, self.policy.heartbeat_interval) as beat:
+        interval = self.policy.heartbeat_interval
+        beaten = pid is not None
+        pulse = self._pulse
+        with Heartbeat(self.study, trial._trial_id, interval, beaten=beaten, pulse=pulse) as beat:
             try:
-                return self._run_claimed(trial, evaluator, on_point, beat)
+                return self._run_claimed(trial, evaluator, on_point, beat, pid)
             except (KeyboardInterrupt, SystemExit) as stop:
                 # Ctrl-C or SIGTERM says nothing about the point: FAIL, but marked so that it
                 # is retried whatever --max-retries says (a point is never lost to a Ctrl-C).
@@ -194,18 +227,33 @@ class GridStudy:
                 self._tell(trial, state=TrialState.FAIL)
                 raise
 
-    def _claim(self, trial: optuna.Trial) -> str | None:
-        """Write the point's params into the trial (the claim, visible before we read)."""
+    def _create(self, pid: str) -> optuna.Trial:
+        """The claim in one write: a RUNNING trial created with the point's params, its name,
+        its worker and its first heartbeat (Optuna's ask and suggest take one write each)."""
+        params = self.grid.params[pid]
+        choices = self._choices
+        dists = {n: _distribution(n, v, choices) for n, v in params.items()}
+        attrs = {"point_id": self.grid.name(pid), WORKER_ATTR: self.me, HEARTBEAT_ATTR: 1}
+        storage = self.study._storage
+        tid = storage.create_new_trial(self.study._study_id, template(params, dists, attrs))
+        return optuna.Trial(self.study, tid)
+
+    def _claim(self, trial: optuna.Trial, evaluator: Evaluator) -> str | None:
+        """Write the point's params into a trial from `ask` (the claim, visible before we read)."""
         # An enqueued retry's params (Optuna keeps no public accessor for them before the
         # trial suggests them).
         params = dict(getattr(trial, "_fixed_params", None) or {})
         if "point" in params:
             return None  # a retry enqueued by ddsweep 0.1
-        if not params:
+        if not params:  # the WAITING trial was taken by another worker first
+            pid = self.handout.next(self.me, getattr(evaluator, "holds", None))
+            if pid is None:
+                return None
+            params = self.grid.params[pid]
             sampler = self.study.sampler
             assert isinstance(sampler, GridSampler)
-            params = sampler.choose(self.study, trial.number)
-        choices = self.study.user_attrs.get(CHOICES_ATTR, {})
+            sampler._chosen[trial.number] = params
+        choices = self._choices
         for name, value in params.items():
             dist = _distribution(name, value, choices)
             if isinstance(value, str) and value not in dist.choices:  # type: ignore[attr-defined]
@@ -223,15 +271,17 @@ class GridStudy:
         evaluator: Evaluator,
         on_point: Callable[[str], None] | None,
         beat: Heartbeat,
+        claimed: str | None,
     ) -> str:
-        pid = self._claim(trial)
+        pid = claimed if claimed is not None else self._claim(trial, evaluator)
         if pid not in self.grid.params:
             # A retry enqueued by a run of another grid of this study (say, before an epoch was
             # dropped): not ours to evaluate; a run of that grid enqueues it again.
             trial.set_user_attr("duplicate_of", "not in this grid")
             self._tell(trial, state=TrialState.PRUNED)
             return "duplicate"
-        trial.set_user_attr("point_id", self.grid.name(pid))
+        if claimed is None:
+            trial.set_user_attr("point_id", self.grid.name(pid))
         reason = self._step_back_reason(trial, pid)
         if reason:
             trial.set_user_attr("duplicate_of", reason)
@@ -239,8 +289,9 @@ class GridStudy:
             return "duplicate"
         if on_point:
             on_point(self.grid.name(pid))
-        # Which process holds the point: `study status` and operators can tell who died.
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if claimed is None:
+            # Which process holds the point: `study status` and operators can tell who died.
+            trial.set_user_attr(WORKER_ATTR, self.me)
         adopted = evaluator.adopt(pid)
         if adopted is not None:
             self._finish(trial, adopted)
@@ -278,20 +329,28 @@ class GridStudy:
 
     def _tell(self, trial: optuna.Trial, value: float | None = None, **kw: Any) -> None:
         """Tell a trial's end, unless another worker has already ended it (judged it stale)."""
+        # The storage's own write rather than Study.tell, which reads the trial twice first
+        # (two queries a trial on an RDB): the checks it adds are ours to make.
+        state = kw.get("state") or TrialState.COMPLETE
+        if value is not None and not math.isfinite(value):  # as tell: no such value is kept
+            state, value = TrialState.FAIL, None
+        values = [float(value)] if value is not None and state == TrialState.COMPLETE else None
         with contextlib.suppress(UpdateFinishedTrialError):  # ended between check and write
-            self.study.tell(trial, value, skip_if_finished=True, **kw)
+            self.study._storage.set_trial_state_values(trial._trial_id, state, values)
 
     def _step_back_reason(self, trial: optuna.Trial, pid: str) -> str | None:
-        """Why this trial must not evaluate point `pid` (another trial has it), or None."""
-        trials = self.study.get_trials(deepcopy=False)
-        stale = self.liveness.stale_ids([t for t in trials if t.state == TrialState.RUNNING])
-        for t in trials:
-            if t.number == trial.number or trial_point(t, self.grid.legacy) != pid:
-                continue
-            if t.state == TrialState.COMPLETE:
-                return f"complete in trial {t.number}"
-            if t.state == TrialState.RUNNING and t._trial_id not in stale:
-                return f"running in trial {t.number}"
+        """Why this trial must not evaluate point `pid` (another trial has it), or None. Read
+        after the claim is written: of two racing claims, at least the later reader sees the
+        other."""
+        view = self.view
+        view.refresh()
+        with view.lock:
+            if pid in view.complete_in:
+                return f"complete in trial {view.complete_in[pid]}"
+            if view.holding.get(pid, set()) - {trial._trial_id}:  # liveness costs a read
+                for t in view.live_holders(pid, view.stale_ids()):
+                    if t.number != trial.number:
+                        return f"running in trial {t.number}"
         return None
 
     # the loop
@@ -300,15 +359,26 @@ class GridStudy:
     ) -> Counter[str]:
         """Run trials until every point is complete, given up on, or running elsewhere."""
         outcomes: Counter[str] = Counter()
-        live = self.liveness
-        fail_stale(self.study, live)
+        self._fail_stale(force=True)
         self._enqueue_retries(include_failed=True, evaluator=evaluator)
-        sampler = self.study.sampler
-        assert isinstance(sampler, GridSampler)
+        holds = getattr(evaluator, "holds", None)
         while True:
-            while self._waiting() or not sampler.is_exhausted(self.study):
-                outcomes[self.run_trial(evaluator, on_point)] += 1
-                fail_stale(self.study, live)
+            self.view.refresh()
+            while True:
+                # The view as the last trial's step-back check read it: a retry enqueued since
+                # is taken one trial later, for one read fewer a trial.
+                view = self.view
+                if view.waiting():
+                    outcomes[self.run_trial(evaluator, on_point)] += 1
+                    view.refresh()  # the retry taken (by us or another worker): seen at once
+                else:
+                    pid = self.handout.next(self.me, holds)
+                    if pid is None:
+                        break
+                    outcomes[self.run_trial(evaluator, on_point, pid)] += 1
+                self._fail_stale()
+            # A dead worker's trial is FAIL before its point is enqueued again.
+            self._fail_stale(force=True)
             # Points left by races or by dead workers, within this same run:
             if self._enqueue_retries(include_failed=False) or self._retry_stale(evaluator):
                 continue
@@ -316,10 +386,24 @@ class GridStudy:
             if not [p for p in t.left(self.grid.ids) if p in t.running]:
                 return outcomes
             time.sleep(min(2.0, self.policy.heartbeat_interval))  # wait for other workers
-            fail_stale(self.study, live)
+            self._fail_stale(force=True)
+
+    def _fail_stale(self, *, force: bool = False) -> None:
+        """Mark trials whose worker died FAIL; at most once a second unless `force`."""
+        now = time.monotonic()
+        if not force and now - self._stale_checked < 1.0:
+            return
+        self._stale_checked = now
+        view = self.view
+        view.refresh()
+        with view.lock:
+            running = view.running()
+        if fail_stale(self.study, self.liveness, running):
+            view.refresh()
 
     def _waiting(self) -> int:
-        return len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        self.view.refresh()
+        return self.view.waiting()
 
     def _enqueue(self, pid: str) -> None:
         self.study.enqueue_trial(self.grid.params[pid], skip_if_exists=False)

@@ -3,7 +3,10 @@ heartbeat) for several."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -22,13 +25,13 @@ def default_storage_path(study: str) -> Path:
 def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:
     """Journal file storage by default (several processes on one machine), or an RDB URL with
     Optuna's heartbeat (several machines)."""
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.storages.journal import JournalStorage
 
     url = policy.storage
     if url is None or url.endswith(".journal") or url.startswith("journal:"):
         path = Path(url.removeprefix("journal:")) if url else default_storage_path(study)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(_journal_file(str(path)))
     if url.startswith("sqlite:") and "mlflow.db" in url:
         raise UserError(
             "--storage must not be MLflow's database: both keep an alembic_version table; "
@@ -40,6 +43,45 @@ def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:
         )
     except Exception as err:  # bad URL, server down, missing driver: all the user's to fix
         raise UserError(f"cannot open Optuna storage {redact(url)}: {first_line(err)}") from err
+
+
+# Journal operations that change a study or end a trial (Optuna's JournalOperation codes); the
+# others (a claim, params, attributes, heartbeats) are fsync'd with the next of these.
+_DURABLE_OPS = {0, 1, 2, 3, 10}
+_CREATE_TRIAL, _SET_TRIAL_STATE = 4, 6
+
+
+def _durable(log: dict[str, Any]) -> bool:
+    op = log.get("op_code")
+    if op in _DURABLE_OPS:
+        return True
+    if op in (_CREATE_TRIAL, _SET_TRIAL_STATE):
+        return int(log.get("state", 0)) != 0  # 0: RUNNING
+    return False
+
+
+def _journal_file(path: str) -> Any:
+    """Optuna's journal file, fsync'd when a trial ends or the study changes only.
+
+    Optuna's JournalFileBackend fsyncs every append (it has no option): six to fourteen a trial,
+    5-37 ms each under load here, most of a trial's bookkeeping. Every append is still written
+    and flushed under the file lock, so every process sees it at once (and a killed process
+    loses nothing); an fsync makes every earlier append durable too. What a power cut can lose
+    is the claims, attributes and heartbeats since the last trial ended: those trials vanish,
+    their points are handed out again, and a result already logged to MLflow is adopted."""
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._file import get_lock_file
+
+    class JournalFile(JournalFileBackend):
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+            with get_lock_file(self._lock), open(self._file_path, "ab") as f:
+                f.write(text.encode("utf-8"))
+                f.flush()
+                if any(_durable(log) for log in logs):
+                    os.fsync(f.fileno())
+
+    return JournalFile(path)
 
 
 def uses_rdb_heartbeat(storage: optuna.storages.BaseStorage) -> bool:

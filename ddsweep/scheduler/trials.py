@@ -130,15 +130,21 @@ def tally(
     return t
 
 
-def fail_stale(study: optuna.Study, liveness: Liveness) -> int:
-    """Mark RUNNING trials whose heartbeat stopped as FAIL (Optuna's own check on RDB)."""
+def fail_stale(
+    study: optuna.Study, liveness: Liveness, running: list[FrozenTrial] | None = None
+) -> int:
+    """Mark RUNNING trials whose heartbeat stopped as FAIL (Optuna's own check on RDB).
+    `running`: the RUNNING trials when the caller knows them (no scan of every trial)."""
     storage = study._storage
+    if running is not None and not liveness.stale_ids(running):
+        return 0
     if uses_rdb_heartbeat(storage):
         before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
         optuna.storages.fail_stale_trials(study)
         return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
     n = 0
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running is None:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     stale = liveness.stale_ids(running)
     for tr in running:
         if tr._trial_id not in stale:
@@ -157,13 +163,27 @@ def fail_stale(study: optuna.Study, liveness: Liveness) -> int:
 
 
 class Heartbeat:
-    """A thread that tells the storage this trial's worker is alive."""
+    """Tells the storage this trial's worker is alive, every `interval` seconds: from its own
+    thread, or from `pulse`, a thread that a study's loop keeps for all its trials (a thread
+    started and joined per trial cost 5-13 ms a trial under load, measured with
+    benchmarks/bench_scheduler.py)."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, interval: float) -> None:
+    def __init__(
+        self,
+        study: optuna.Study,
+        trial_id: int,
+        interval: float,
+        *,
+        beaten: bool = False,
+        pulse: Pulse | None = None,
+    ) -> None:
+        """`beaten`: the trial was created with its first beat counted (HEARTBEAT_ATTR 1)."""
         self.study, self.trial_id, self.interval = study, trial_id, interval
-        self.beats = 0
+        self.beats = 1 if beaten else 0
+        self._beaten = beaten
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.due = 0.0  # monotonic time of the next beat
+        self._pulse = pulse or Pulse()
 
     def beat(self) -> bool:
         """Record one heartbeat; False once the trial has ended."""
@@ -178,17 +198,57 @@ class Heartbeat:
             return False
         return True
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval) and self.beat():
-            pass
-
     def __enter__(self) -> Heartbeat:
         # Beat at once: Optuna's RDB stale check skips a trial that has never beaten, so a
         # worker killed within its first interval would leave a trial RUNNING forever.
-        self.beat()
-        self._thread.start()
+        storage = self.study._storage
+        if not self._beaten:
+            self.beat()
+        elif uses_rdb_heartbeat(storage):
+            storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+        self._pulse.add(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._pulse.remove(self)
+
+
+class Pulse:
+    """A thread that beats its Heartbeats when they are due (one a study loop: its trials
+    run one at a time, so one slow write never delays another study's beats)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._beats: dict[int, Heartbeat] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, hb: Heartbeat) -> None:
+        hb.due = time.monotonic() + hb.interval
+        with self._lock:
+            self._beats[id(hb)] = hb
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def remove(self, hb: Heartbeat) -> None:
+        with self._lock:
+            self._beats.pop(id(hb), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                beats = list(self._beats.values())
+            now = time.monotonic()
+            for hb in beats:
+                if hb._stop.is_set() or hb.due > now:
+                    continue
+                hb.due = now + hb.interval
+                if not hb.beat():
+                    self.remove(hb)
+            with self._lock:
+                dues = [hb.due for hb in self._beats.values()]
+            self._wake.wait(max(0.01, min(dues) - time.monotonic()) if dues else 60.0)
+            self._wake.clear()

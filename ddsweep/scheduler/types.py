@@ -32,6 +32,9 @@ class Grid:
     legacy: Mapping[str, str] = field(default_factory=dict)
     # How people read a point (the trial attribute `point_id`), when not its params' id.
     names: Mapping[str, str] = field(default_factory=dict)
+    # The feature pass of each point (points of one backbone pass: backbone, epoch, noise step,
+    # realisation): a group is handed to one worker. A point not named is a group of its own.
+    groups: Mapping[str, str] = field(default_factory=dict)
 
     def name(self, pid: str) -> str:
         return self.names.get(pid, pid)
@@ -63,3 +66,6 @@ class Evaluator(Protocol):
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         """Record that evaluating `pid` raised `message`."""
+
+    # Optional: `holds(group) -> bool`, whether this worker's feature cache holds the features
+    # of a group of `Grid.groups` (the hand-out prefers such groups).
