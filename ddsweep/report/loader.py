@@ -14,7 +14,7 @@ from ddsweep.errors import UserError
 from ddsweep.report import traincurves as tc
 from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
 from ddsweep.report.headline import attach_fid, summary
-from ddsweep.report.render import parse_formats, print_report, status_line, write_files
+from ddsweep.report.render import REPORT_MD, parse_formats, print_report, status_line, write_files
 from ddsweep.report.tables import build_tables
 from ddsweep.tracking import KIND_TAG
 
@@ -169,10 +169,12 @@ def write_report(
     console: Console | None = None,
     *,
     experiment: str | None = None,
+    full: bool = False,
 ) -> list[Path]:
     """Read the study (in `experiment`, by name; None: any) from the current MLflow tracking
     store, print its tables ('table'), write CSV / Markdown / PNG files into `out_dir` and log
-    them under `report/` of the study's parent run; returns the files written. UserError for an
+    them under `report/` of the study's parent run; returns the files written. The terminal
+    gets the answer first, and every table only with `full` (the files always hold them). UserError for an
     unknown study; a study with no finished trial yet prints one line and writes nothing."""
     from mlflow.tracking import MlflowClient
     from rich.console import Console
@@ -193,10 +195,10 @@ def write_report(
     attach_fid(facets, fid_by_backbone(load_fid_runs()))
     rows = summary(facets)
     if "table" in wanted:
-        print_report(console, study, facets, rows)
+        print_report(console, study, facets, rows, full)
     paths = write_files(study, facets, rows, out_dir, wanted, header=header)
     curves = tc.curves(load_training_probes(tc.backbone_runs(trials.get("params.backbone", []))))
-    if curves and "table" in wanted:
+    if curves and "table" in wanted and full:
         for table in tc.rich_tables(curves):
             console.print(table)
     paths += tc.write_files(curves, out_dir, wanted) if curves else []
@@ -207,4 +209,7 @@ def write_report(
         console.print(
             f"wrote {len(paths)} files to {out_dir} (logged under report/ of MLflow run {parent})"
         )
+    if "table" in wanted and not full:
+        also = f", or read {out_dir / REPORT_MD}" if "md" in wanted else ""
+        console.print(f"every table: `ddsweep report --study {study} --full`{also}")
     return paths

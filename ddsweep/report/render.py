@@ -15,7 +15,12 @@ from ddsweep.report import stats
 from ddsweep.report.fidcurves import FidCurve
 from ddsweep.report.headline import SummaryRow
 from ddsweep.report.plot import plot_facet
-from ddsweep.report.summary_views import markdown_summary, rich_summary, write_summary_csv
+from ddsweep.report.summary_views import (
+    answer_view,
+    markdown_summary,
+    rich_summary,
+    write_summary_csv,
+)
 from ddsweep.report.tables import Cell, Claim, Epoch, Facet
 from ddsweep.report.text import (
     block_label,
@@ -175,9 +180,20 @@ def rich_tables(facet: Facet, width: int = 200) -> list[Table]:
     return tables
 
 
-def print_report(console: Console, study: str, facets: list[Facet], rows: list[SummaryRow]) -> None:
-    """Every facet's tables under a rule naming it, its tested claims and FID curves, then the
-    summary."""
+def print_answer(console: Console, study: str, rows: list[SummaryRow]) -> None:
+    """The study's answer, compact (see `summary_views.answer_view`), fitted to the console."""
+    for part in answer_view(rows, study, console.width):
+        console.print(part)
+
+
+def print_report(
+    console: Console, study: str, facets: list[Facet], rows: list[SummaryRow], full: bool = False
+) -> None:
+    """The study's answer first; with `full`, then every facet's tables under a rule naming it,
+    its tested claims and FID curves, the legend and the whole summary."""
+    print_answer(console, study, rows)
+    if not full:
+        return
     for f in facets:
         console.rule(f.key.title())
         for table in rich_tables(f, console.width):
