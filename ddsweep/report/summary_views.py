@@ -130,8 +130,8 @@ _SAID = {  # a column's words when it is said below the table
 
 
 def _answer_cells(row: SummaryRow, key: str) -> list[str]:
-    found = row.best_block is not None
-    where = f"{block_label(row.best_block)} @ {epoch_label(row.best_epoch)}" if found else "none"
+    block = row.best_block
+    where = "none" if block is None else f"{block_label(block)} @ {epoch_label(row.best_epoch)}"
     on_test = _on_test(row)
     return [
         key,
