@@ -30,7 +30,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
-from ddsweep.errors import UserError, first_line
+from ddsweep.errors import UserError, did_you_mean, first_line
 
 Split = Literal["train", "test", "val"]  # val: Flowers-102's own validation split only
 Item = tuple[torch.Tensor, int]
@@ -82,7 +82,8 @@ def dataset_info(name: str) -> DatasetInfo:
         root, classes = _folder_layout(name)
         return DatasetInfo(f"{FOLDER_PREFIX}{root}", 32, len(classes), SEED_CHANNELS)
     known = ", ".join((*KNOWN_DATASETS, "folder:PATH"))
-    raise UserError(f"unknown dataset {name!r}: use one of {known}")
+    hint = did_you_mean(name, KNOWN_DATASETS)
+    raise UserError(f"unknown dataset {name!r}{hint}: use one of {known}")
 
 
 def default_data_dir() -> Path:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ddsweep.study import Context, Tally
     from ddsweep.train import TrainConfig
 
-STUDY = "digits_blocks"
+STUDY = sweep.QUICKSTART
 
 
 def study_config(reduced: bool = False) -> sweep.StudyConfig:

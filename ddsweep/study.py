@@ -85,7 +85,9 @@ def pin_backbones(board: GridStudy | None, cfg: sweep.StudyConfig) -> Pins:
         attr = f"backbone:{d}/{r}/{a}"
         run_id = pinned.get(attr)
         if run_id is None:
-            run_id = tracking.latest_training_run(d, r, a).info.run_id
+            # The study's own train: section, not `ddsweep train`'s defaults, trains its nets.
+            hint = sweep.study_steps(cfg.study)
+            run_id = tracking.latest_training_run(d, r, a, hint=hint).info.run_id
             if board is not None:
                 board.set_attr(attr, run_id)
         epochs = tuple(evaluate.saved_epochs(run_id))
@@ -312,6 +314,17 @@ def publish_answer(ctx: Context, done: int) -> None:
         ctx.recorder.log_answer(metrics, tags, answer.tables(facets, rows), done)
 
 
+def answer_rows(ctx: Context) -> list[Any]:
+    """The study's answer so far (the report's summary rows, without intervals), [] for a grid
+    that is not a probe grid or has no finished trial yet."""
+    from ddsweep import report
+
+    if ctx.cfg.kind != "probe-grid":
+        return []
+    facets = report.build_tables(report.load_trials(ctx.parent_id))
+    return report.summary(facets) if facets else []
+
+
 FOLLOW_INTERVAL = 10.0  # seconds between two looks at the followed training runs
 
 
@@ -465,13 +478,20 @@ def status_tables(
     from rich.table import Table
 
     opts = RunOptions(storage=storage, tracking_uri=tracking_uri, experiment=experiment)
-    tracking.setup(tracking_uri, experiment)
     make = OBJECTIVES[cfg.kind]
     board = scheduler.open_study(cfg.study, opts.policy(), make.direction, create=False)
     if board is None:
+        steps = (
+            sweep.study_steps(cfg.study)
+            if cfg.kind == "probe-grid"
+            else f"`ddsweep study {cfg.kind} --study {cfg.study}`"
+        )
+        raise UserError(f"study {cfg.study!r} has not been started: run {steps}")
+    tracking.setup(tracking_uri, create=False)  # read only: no experiment is created
+    if tracking.missing_store() is not None:
         raise UserError(
-            f"study {cfg.study!r} has not been started: run `ddsweep study {cfg.kind} "
-            f"--study {cfg.study}`"
+            f"study {cfg.study!r} has no MLflow store here ({tracking.missing_store()} does not "
+            "exist): check --tracking-uri (or MLFLOW_TRACKING_URI)"
         )
     pins: dict[sweep.Backbone3, tuple[str, tuple[int, ...]]] = {}
     for key in sweep.backbones(cfg.axes):

@@ -60,6 +60,7 @@ def report(
     wanted = formats or ["all"]
     tracking.setup(tracking_uri, create=False)
     report_mod.parse_formats(wanted)
+    report_mod.check_store(study)
     tracking.check_reachable()
     out_dir = out or report_mod.default_out_dir(study)
     report_mod.write_report(study, out_dir, wanted, experiment=experiment, full=full)

@@ -126,7 +126,9 @@ def run_grid(cfg: Any, opts: Any) -> None:
     try:
         ctx, outcomes = run_study(cfg, opts, progress=show_started)
     finally:
-        progress.stop()
+        if progress.live.is_started:  # a stop never started prints a blank line before errors
+            progress.stop()
+    print_answer(ctx)
     out, err = outcome_lines(ctx, outcomes)
     for line in out:
         typer.echo(line)
@@ -134,6 +136,20 @@ def run_grid(cfg: Any, opts: Any) -> None:
         typer.echo(line, err=True)
     if err:  # a point of the grid failed or is left: the run did not do what was asked
         raise typer.Exit(1)
+
+
+def print_answer(ctx: Any) -> None:
+    """A probe grid's answer so far, first, and where its tables are."""
+    from rich.console import Console
+
+    from ddsweep import report
+    from ddsweep.study import answer_rows
+
+    rows = answer_rows(ctx)
+    if rows:
+        console = Console()
+        report.print_answer(console, ctx.cfg.study, rows)
+        console.print(f"every table, with intervals: `ddsweep report --study {ctx.cfg.study}`")
 
 
 def probe_grid(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 from ddsweep.probes.knn import DINO_TEMPERATURE
 from ddsweep.probes.registry import get
 
@@ -104,4 +104,5 @@ def protocol(name: str) -> Protocol:
     try:
         return PROTOCOLS[name]
     except (KeyError, TypeError):
-        raise UserError(f"unknown protocol {name!r}; allowed: {', '.join(names())}") from None
+        hint = did_you_mean(name, names())
+        raise UserError(f"unknown protocol {name!r}{hint}; allowed: {', '.join(names())}") from None

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 
 __all__ = [
     "Fit",
@@ -143,7 +143,8 @@ def get(name: str) -> ProbeKind:
     try:
         return _KINDS[name]
     except (KeyError, TypeError):
-        raise UserError(f"unknown probe {name!r}; allowed: {', '.join(names())}") from None
+        hint = did_you_mean(name, names())
+        raise UserError(f"unknown probe {name!r}{hint}; allowed: {', '.join(names())}") from None
 
 
 def find(name: str) -> ProbeKind | None:

@@ -14,6 +14,7 @@ from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
 from ddsweep.report.headline import SummaryRow, attach_fid, choice_metric, summary
 from ddsweep.report.loader import (
     STUDY_TAG,
+    check_store,
     count_trials,
     find_study,
     gather_fid,
@@ -31,6 +32,7 @@ from ddsweep.report.render import (
     markdown,
     markdown_table,
     parse_formats,
+    print_answer,
     print_report,
     rich_tables,
     status_line,
@@ -72,6 +74,7 @@ __all__ = [
     "attach_fid",
     "block_label",
     "build_tables",
+    "check_store",
     "choice_metric",
     "contest",
     "count_trials",
@@ -90,6 +93,7 @@ __all__ = [
     "pct",
     "pct_ci",
     "plot_facet",
+    "print_answer",
     "print_report",
     "rich_summary",
     "rich_tables",

@@ -42,6 +42,29 @@ def _experiment_ids(experiment: str | None) -> dict[str, Any]:
     return {"experiment_ids": [found.experiment_id]}
 
 
+def _no_study(study: str, where: str, also: Iterable[str] = ()) -> UserError:
+    """'no study X at URI: run ...' with the commands that run it, or a did-you-mean when no
+    sweep file names it."""
+    from ddsweep import sweep
+
+    if sweep.find_sweep_file(study) is not None:
+        return UserError(f"no study {study!r} {where}: to run it, {sweep.study_steps(study)}")
+    return UserError(
+        f"no study {study!r} {where}{sweep.unknown_study_hint(study, also)} (or check "
+        "--tracking-uri)"
+    )
+
+
+def check_store(study: str) -> None:
+    """UserError, before MLflow opens anything, when the tracking store is a sqlite file that
+    does not exist: reading it would create it (and an empty mlflow.db would be left behind)."""
+    from ddsweep.tracking import missing_store
+
+    path = missing_store()
+    if path is not None:
+        raise _no_study(study, f"here ({path} does not exist)")
+
+
 def find_study(study: str, experiment: str | None = None) -> str:
     """Run id of the study's parent run (the oldest when several match) in `experiment` (by
     name; None: in any experiment)."""
@@ -60,11 +83,15 @@ def find_study(study: str, experiment: str | None = None) -> str:
     if not runs:
         from ddsweep.tracking import redact
 
-        within = "" if experiment is None else f" in experiment {experiment!r}"
-        raise UserError(
-            f"no study {study!r}{within} at {redact(mlflow.get_tracking_uri())}: run "
-            f"`ddsweep study probe-grid --study {study}` first (or check --tracking-uri)"
+        within = "" if experiment is None else f"in experiment {experiment!r} "
+        studies = mlflow.search_runs(
+            filter_string=f"tags.`{KIND_TAG}` = 'study'",
+            max_results=1000,
+            output_format="list",
+            **where,
         )
+        known = {r.data.tags.get(STUDY_TAG, "") for r in studies} - {""}
+        raise _no_study(study, f"{within}at {redact(mlflow.get_tracking_uri())}", sorted(known))
     return str(runs[0].info.run_id)
 
 

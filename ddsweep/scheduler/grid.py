@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ddsweep.errors import UserError, first_line
 from ddsweep.points import id_of
-from ddsweep.scheduler.storage import make_storage
+from ddsweep.scheduler.storage import journal_path, make_storage
 from ddsweep.scheduler.trials import (
     INTERRUPTED_ATTR,
     Heartbeat,
@@ -365,6 +365,9 @@ def open_study(
 ) -> GridStudy | None:
     """The grid study `name`: created on first use when `create`, else None when missing."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    journal = journal_path(name, policy)
+    if not create and journal is not None and not journal.is_file():
+        return None  # a look at a study that was never run leaves no folder behind
     storage = make_storage(name, policy)
     try:
         return GridStudy(optuna.load_study(study_name=name, storage=storage), policy, False)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ddsweep import data, probes
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 from ddsweep.model import ALIASES, BLOCKS, PIXELS
 from ddsweep.probes import protocols
 from ddsweep.sweep.config import CLI_SOURCE, STUDY_AXES, _too_many, max_points
@@ -72,7 +72,8 @@ def _check_dataset(v: Any) -> str:
     if not isinstance(v, str):
         raise _Bad(f"{v!r} is not a dataset name")
     if v not in data.KNOWN_DATASETS and not v.startswith(data.FOLDER_PREFIX):
-        raise _Bad(f"unknown dataset {v!r}")  # parse_axis adds the allowed names
+        # parse_axis adds the allowed names
+        raise _Bad(f"unknown dataset {v!r}{did_you_mean(v, data.KNOWN_DATASETS)}")
     try:
         return data.dataset_info(v).name
     except UserError as err:  # a folder: dataset that is not there or not laid out right
@@ -84,20 +85,24 @@ def _check_block(v: Any) -> str:
         raise _Bad(f"{v!r} is not a block name")
     if v in BLOCKS or v in ALIASES or v == PIXELS or "." in v or v.endswith("_block"):
         return v
+    known = (*BLOCKS, *ALIASES, PIXELS)
     raise _Bad(
-        f"unknown block {v!r}; allowed: {', '.join((*BLOCKS, *ALIASES))}, {PIXELS} or a module path"
+        f"unknown block {v!r}{did_you_mean(v, known)}; allowed: {', '.join((*BLOCKS, *ALIASES))}, "
+        f"{PIXELS} or a module path"
     )
 
 
 def _check_probe(v: Any) -> str:
     if not isinstance(v, str) or probes.find(v) is None:
-        raise _Bad(f"unknown probe {v!r}; allowed: {', '.join(probes.names())}")
+        hint = did_you_mean(v, probes.names())
+        raise _Bad(f"unknown probe {v!r}{hint}; allowed: {', '.join(probes.names())}")
     return v
 
 
 def _check_protocol(v: Any) -> str:
     if not isinstance(v, str) or v not in protocols.PROTOCOLS:
-        raise _Bad(f"unknown protocol {v!r}; allowed: {', '.join(protocols.names())}")
+        hint = did_you_mean(v, protocols.names())
+        raise _Bad(f"unknown protocol {v!r}{hint}; allowed: {', '.join(protocols.names())}")
     return v
 
 

@@ -174,15 +174,18 @@ def training_runs(
     return [r for r in runs if r.data.tags.get("dataset") == dataset]
 
 
-def latest_training_run(dataset: str, resolution: int, attention: bool) -> Run:
-    """The newest FINISHED `ddsweep train` run for (dataset, resolution, attention)."""
+def latest_training_run(
+    dataset: str, resolution: int, attention: bool, *, hint: str | None = None
+) -> Run:
+    """The newest FINISHED `ddsweep train` run for (dataset, resolution, attention); `hint`
+    says what to run when there is none (default: the `ddsweep train` command)."""
     runs = training_runs(dataset, resolution, attention, finished=True)
     if not runs:
         flag = "--attention" if attention else "--no-attention"
+        cmd = f"`ddsweep train {dataset} --resolution {resolution} {flag}` or pass --run RUN_ID"
         raise UserError(
             f"no finished training run for {dataset} at {resolution} px ({flag}) at "
-            f"{redact(_uri())}: run `ddsweep train {dataset} --resolution {resolution} {flag}` "
-            "or pass --run RUN_ID"
+            f"{redact(_uri())}: run {hint or cmd}"
         )
     return runs[0]
 
@@ -291,6 +294,18 @@ def context_tags() -> dict[str, str]:
         if commit:
             tags[MLFLOW_GIT_COMMIT] = commit
     return tags
+
+
+def missing_store() -> Path | None:
+    """The sqlite file the current tracking URI names when it does not exist yet (opening it
+    would create it, and MLflow would announce its tables), else None."""
+    import mlflow
+
+    uri = str(mlflow.get_tracking_uri())
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    return None if path.exists() else path
 
 
 def check_reachable() -> None:
