@@ -148,6 +148,8 @@ def run_training(
 
     dist = init_distributed()
     try:
+        if resume is None and dist.is_main:  # data that cannot be had: one line, no run, no store
+            data.training_set(cfg.dataset, cfg.model.resolution, data_dir)
         tracking.setup(tracking_uri, experiment, create=dist.is_main)
         if resume is not None:
             cfg = resumed_config(resume, runs.training_params(resume), cfg, dataset)

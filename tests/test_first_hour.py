@@ -4,10 +4,13 @@ name, and commands that fail or only read leaving the folder as they found it.""
 from __future__ import annotations
 
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
+from ddsweep.cli import app
 from ddsweep.cli._options import bar
 
 POINT = "dataset=digits&resolution=16&attention=true&epoch=8&block=up4&noise_step=50&probe=knn&k=10"
@@ -27,3 +30,139 @@ def test_progress_rows_stay_one_line_each(width: int) -> None:
     assert len(lines) == 2, lines  # one row per task: nothing wrapped onto a line of its own
     assert all(len(ln) <= width for ln in lines)
     assert "951 img/s" in lines[1] and "90/184" in lines[0]
+
+
+# --- an empty folder, as a new user has it --------------------------------------------------
+
+
+@pytest.fixture
+def empty_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder with every default in place: mlflow.db, .ddsweep/ and data/
+    would land in it."""
+    from mlflow.tracking import _tracking_service
+
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    for name in ("MLFLOW_TRACKING_URI", "DDSWEEP_HOME", "DDSWEEP_DATA", "DDSWEEP_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("DDSWEEP_CHECKPOINTS", raising=False)
+    monkeypatch.setattr(_tracking_service.utils, "_tracking_uri", None)
+    return folder
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def fails(*args: str) -> str:
+    """The one line a mistake prints (exit 2)."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    return " ".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("args", "wanted"),
+    [
+        (["study", "status", "--study", "digits_blokcs"], "did you mean 'digits_blocks'?"),
+        (["report", "--study", "digits_blokcs"], "did you mean 'digits_blocks'?"),
+        (["study", "status", "--study", "digits_blocks"], "study train-grid --study digits_blocks"),
+        (["report", "--study", "digits_blocks"], "ddsweep quickstart"),
+        (["study", "status", "--study", "digits_blocks", "--block", "mdi"], "did you mean 'mid'?"),
+        (["study", "status", "--study", "digits_blocks", "--probe", "knm"], "did you mean 'knn'?"),
+        (["study", "status", "--study", "x", "--dataset", "digts"], "did you mean 'digits'?"),
+        (["study", "probe-grid", "--study", "digits_blocks", "--bogus"], "No such option"),
+    ],
+)
+def test_mistakes_and_looks_leave_the_folder_as_they_found_it(
+    empty_folder: Path, args: list[str], wanted: str
+) -> None:
+    before = listing(empty_folder)
+    said = fails(*args)
+    assert wanted in said, said
+    assert "INFO" not in said  # no MLflow or Optuna line before ddsweep's
+    assert listing(empty_folder) == before == []
+
+
+def test_a_typo_d_study_lists_the_shipped_ones(empty_folder: Path) -> None:
+    said = fails("study", "status", "--study", "digits_blokcs")
+    assert "shipped studies: " in said and "cifar_blocks" in said and "digits_blocks" in said
+
+
+def test_help_leaves_nothing(empty_folder: Path) -> None:
+    for args in (["--help"], ["report", "--help"], ["study", "status", "--help"]):
+        assert CliRunner().invoke(app, args).exit_code == 0
+    assert listing(empty_folder) == []
+
+
+def test_train_without_its_data_offline_leaves_no_data_store_or_experiment(
+    empty_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline (every download refused) `train cifar10` fails on one line: no data/, no
+    mlflow.db, so no experiment."""
+    import urllib.request
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    said = fails("train", "cifar10")
+    assert "could not be downloaded" in said
+    assert listing(empty_folder) == []
+
+
+def test_protocol_and_probe_names_get_a_suggestion_too() -> None:
+    from ddsweep import probes
+    from ddsweep.errors import UserError
+    from ddsweep.probes import protocols
+
+    with pytest.raises(UserError, match=r"'dnio' \(did you mean 'dino'\?\); allowed: "):
+        protocols.protocol("dnio")
+    with pytest.raises(UserError, match=r"did you mean 'linear'\?"):
+        probes.get("lniear")
+    with pytest.raises(UserError) as far:
+        probes.get("zzzz")
+    assert "did you mean" not in str(far.value)  # nothing close: no guess
+
+
+TINY = """\
+study: tiny
+kind: probe-grid
+axes:
+  dataset: [digits]
+  resolution: [16]
+  attention: [true]
+  block: [pixels, mid]
+  probe: [knn]
+  k: [5]
+train:
+  epochs: 1
+  checkpoint_every: 1
+  max_steps: 2
+  channels: [32, 32, 32, 32]
+  sample_every: 0
+"""
+
+
+@pytest.mark.slow
+def test_the_hints_of_a_fresh_folder_lead_to_the_answer(
+    empty_folder: Path, one_torch_thread: None
+) -> None:
+    """status of a study never run names the commands that run it; running them, as named,
+    gives a report (tested by running the hint, not by reading it)."""
+    import re
+    import shlex
+
+    (empty_folder / "sweeps").mkdir()
+    (empty_folder / "sweeps" / "tiny.yaml").write_text(TINY)
+    said = fails("study", "status", "--study", "tiny")
+    commands = re.findall(r"`ddsweep ([^`]+)`", said)
+    assert commands == ["study train-grid --study tiny", "study probe-grid --study tiny"], said
+    for command in commands:
+        result = CliRunner().invoke(app, shlex.split(command))
+        assert result.exit_code == 0, (command, result.output, result.exception)
+    result = CliRunner().invoke(app, ["report", "--study", "tiny", "--format", "table"])
+    assert result.exit_code == 0, result.output
+    assert "study tiny: the answer" in result.output
