@@ -180,7 +180,7 @@ def test_a_kind_defined_in_a_test_runs_in_a_study_and_its_report(
     margin = run.data.metrics["margin"]
     assert margin > 0
 
-    result = runner.invoke(app, ["report", "--study", "reg"])
+    result = runner.invoke(app, ["report", "--study", "reg", "--full"])
     assert result.exit_code == 0, result.output
     assert "nearest-mean probe" in result.stdout and "margin %" in result.stdout
     out = Path("reports") / "reg"

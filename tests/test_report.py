@@ -329,7 +329,7 @@ def test_the_answer_comes_first_and_fits_the_terminal(
 
 
 def test_unknown_study_is_a_one_line_user_error(store: Planted, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="ddsweep study probe-grid --study nosuch") as err:
+    with pytest.raises(UserError, match=r"no study .nosuch.*; shipped studies: ") as err:
         report.write_report("nosuch", tmp_path / "r", {"all"}, Console(file=StringIO()))
     assert "'nosuch'" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "r").exists()

@@ -121,7 +121,14 @@ def rich_summary(rows: Iterable[SummaryRow], study: str) -> Table:
 
 # The answer's columns at a glance, most wanted first: a column that does not fit the terminal's
 # width is left out of the table and said below it, one line per row (never a wrapped row).
-ANSWER_COLUMNS = ("table", "best", "top1 % (test)", "vs runner-up", "pixels %", "on test")
+ANSWER_COLUMNS = (
+    "table",
+    "best block @ epoch",
+    "top1 % (test)",
+    "vs runner-up",
+    "pixels %",
+    "on test",
+)
 _SAID = {  # a column's words when it is said below the table
     "vs runner-up": "",
     "pixels %": "pixels baseline %",
