@@ -166,3 +166,45 @@ def test_the_hints_of_a_fresh_folder_lead_to_the_answer(
     result = CliRunner().invoke(app, ["report", "--study", "tiny", "--format", "table"])
     assert result.exit_code == 0, result.output
     assert "study tiny: the answer" in result.output
+
+
+# --- MLflow at a glance ---------------------------------------------------------------------
+
+
+def test_a_trial_logs_only_the_settings_that_apply_and_keeps_its_identity() -> None:
+    from ddsweep import evaluate, points
+
+    cfg = evaluate.ProbeConfig()
+    knn = points.Point(
+        dataset="digits",
+        resolution=16,
+        attention=True,
+        epoch=8,
+        block="up4",
+        noise_step=0,
+        probe="knn",
+        k=10,
+    )
+    linear = points.Point(
+        dataset="digits",
+        resolution=16,
+        attention=True,
+        epoch=8,
+        block="up4",
+        noise_step=0,
+        probe="linear",
+    )
+    on_knn = evaluate.point_params(knn, cfg, None)
+    on_linear = evaluate.point_params(linear, cfg, None)
+    assert on_knn["k"] == "10" and "knn.metric" in on_knn
+    assert not [n for n in on_knn if n.startswith(("logreg.", "linear.", "centroid."))]
+    assert "k" not in on_linear and "linear.epochs" in on_linear
+    assert not [n for n in on_linear if n.startswith(("logreg.", "knn.", "centroid."))]
+    assert "settings" not in on_knn and "settings" not in on_linear
+    # The ids, which name the points in Optuna, MLflow tags and the report, are unchanged.
+    assert points.point_id(knn) == (
+        "dataset=digits&resolution=16&attention=true&epoch=8&block=up4&probe=knn&k=10"
+    )
+    assert points.point_id(linear) == (
+        "dataset=digits&resolution=16&attention=true&epoch=8&block=up4&probe=linear"
+    )
