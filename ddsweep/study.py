@@ -147,7 +147,9 @@ class _Trials:
         return self.objective.evaluate(self.objective.points[pid])
 
     def record(self, pid: str, trial_number: int, result: Record) -> Outcome:
-        run_id = self.recorder.log_trial(point_id(self.objective.points[pid]), trial_number, result)
+        point = self.objective.points[pid]
+        note = trial_description(point_id(point), self.objective.metric, result)
+        run_id = self.recorder.log_trial(point_id(point), trial_number, result, description=note)
         return self._outcome(run_id, result.metrics)
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
@@ -155,6 +157,26 @@ class _Trials:
         name, params = self.objective.failure(point)
         kind = self.objective.run_kind
         self.recorder.log_failure(point_id(point), trial_number, name, kind, params, message)
+
+
+def trial_description(pid: str, metric: str, record: Record) -> str:
+    """A trial run's description in `mlflow ui`: its point, setting by setting, and its value
+    (top1 in % with half its 95 % bootstrap interval over the test examples, as the report
+    computes it, when the trial kept its predictions)."""
+    from urllib.parse import parse_qsl
+
+    from ddsweep.report import stats
+
+    value = record.metrics.get(metric)
+    said = "" if value is None else f"{metric} {value:.4g}"
+    test = (record.predictions or {}).get("test")
+    if value is not None and metric == "top1":
+        said = f"top1 {100 * value:.1f} %"
+        if test is not None and len(test[1]):
+            low, high = stats.bootstrap_interval(test[0] == test[1])
+            said = f"top1 {100 * value:.1f} ± {100 * (high - low) / 2:.1f} % (95 % interval)"
+    point = ", ".join(f"{n} {v}" for n, v in parse_qsl(pid))
+    return f"**{said}**\n\n{point}" if said else point
 
 
 def _objective(cfg: sweep.StudyConfig, opts: RunOptions, pins: Pins) -> Objective:

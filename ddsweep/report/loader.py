@@ -180,7 +180,8 @@ def load_training_probes(run_ids: Iterable[str]) -> dict[str, dict[str, dict[int
     out: dict[str, dict[str, dict[int, float]]] = {}
     for run_id in run_ids:
         try:
-            names = [m for m in client.get_run(run_id).data.metrics if m.startswith(tc.PREFIX)]
+            metrics = client.get_run(run_id).data.metrics
+            names = [m for m in metrics if tc.split_metric(m) is not None]
         except Exception:  # a deleted or foreign backbone: no curves, the report stands
             continue
         out[run_id] = {

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from ddsweep import predictions
 from ddsweep.tracking import KIND_TAG, code_version, context_tags, log_inputs, project_run_id
@@ -115,6 +115,10 @@ class StudyRecorder:
         elif self.client.get_run(self.parent_id).info.status != "RUNNING":
             self.client.update_run(self.parent_id, status="RUNNING")
 
+    def describe(self, text: str) -> None:
+        """The parent run's description in `mlflow ui` (Markdown): the study's answer."""
+        self.client.set_tag(self.parent_id, MLFLOW_RUN_NOTE, text)
+
     def link_project_run(self) -> None:
         """Under `mlflow run` of a study begun before (its parent run exists already), point
         the project's run at the study's parent run, where the trials are."""
@@ -197,9 +201,11 @@ class StudyRecorder:
         )
         return str(run.info.run_id)
 
-    def log_trial(self, pid: str, trial: int, record: Record) -> str:
-        """One FINISHED child run for an evaluated point; returns its id."""
-        run_id = self._child(pid, trial, record.name, record.kind, record.start)
+    def log_trial(self, pid: str, trial: int, record: Record, *, description: str = "") -> str:
+        """One FINISHED child run for an evaluated point, with `description` as the run's
+        description in `mlflow ui`; returns its id."""
+        notes = {MLFLOW_RUN_NOTE: description} if description else {}
+        run_id = self._child(pid, trial, record.name, record.kind, record.start, **notes)
         end = _ms(record.end)
         self.client.log_batch(
             run_id,
