@@ -189,6 +189,8 @@ def _parent_fields(cfg: sweep.StudyConfig) -> tuple[dict[str, str], dict[str, st
     """Tags and params of a study's parent run: its kind, file, axes and shared settings."""
     tags = {"kind": cfg.kind, "sweep_file": cfg.source}
     params = {f"axis.{k}": json.dumps(v) for k, v in dataclasses.asdict(cfg.axes).items()}
+    if not cfg.axes.epoch:  # an empty epoch axis means every saved checkpoint, not none
+        params["axis.epoch"] = "all checkpoints"
     params.update(cfg.probe.params())
     return tags, params
 

@@ -105,7 +105,8 @@ def plot_facet(facet: Facet, path: Path) -> Path:
         )
     ax.set_xlabel("training epoch")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(facet.key.title(), fontsize=10)
+    # Above the legend, which sits outside the axes at the upper right: never under it.
+    fig.suptitle(facet.key.title(), fontsize=10)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     fids = [f for f in facet.fids if f.values]
