@@ -208,3 +208,73 @@ def test_a_trial_logs_only_the_settings_that_apply_and_keeps_its_identity() -> N
     assert points.point_id(linear) == (
         "dataset=digits&resolution=16&attention=true&epoch=8&block=up4&probe=linear"
     )
+
+
+# --- Optuna at a glance ---------------------------------------------------------------------
+
+
+class Echo:
+    """An evaluator that scores every point 1.0 and records nothing."""
+
+    def adopt(self, pid: str) -> None:
+        return None
+
+    def compute(self, pid: str) -> str:
+        return pid
+
+    def record(self, pid: str, trial_number: int, result: object) -> object:
+        from ddsweep.scheduler.types import Outcome
+
+        return Outcome(1.0)
+
+    def fail(self, pid: str, trial_number: int, message: str) -> None:
+        raise AssertionError(message)
+
+
+def epochs_grid(*epochs: int) -> object:
+    from ddsweep.points import id_of
+    from ddsweep.scheduler.types import Grid
+
+    params = [{"block": "mid", "epoch": e, "resolution": 16} for e in epochs]
+    return Grid({id_of(p): p for p in params})
+
+
+def test_integer_axes_span_their_values_in_a_new_study_and_an_old_one_keeps_its_range(
+    tmp_path: Path,
+) -> None:
+    import optuna
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    from ddsweep import scheduler
+    from ddsweep.scheduler.grid import INT_HIGH
+
+    policy = scheduler.Policy(storage=str(tmp_path / "s.journal"))
+    new = scheduler.open_study("new", policy, "maximize")
+    assert new is not None
+    new.use(epochs_grid(0, 2, 8))
+    for _ in range(3):
+        new.run_trial(Echo(), None)
+    dists = [t.distributions for t in new.study.get_trials()]
+    assert {d["epoch"] for d in dists} == {IntDistribution(0, 8)}  # spread over its values
+    assert all(d["resolution"].single() for d in dists)  # constant: out of importance rankings
+
+    # A study begun by an earlier ddsweep, trials at 0..INT_HIGH: it keeps that range.
+    storage = scheduler.make_storage("old", policy)
+    old_study = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    old_study.add_trial(
+        optuna.trial.create_trial(
+            params={"block": "mid", "epoch": 0, "resolution": 16},
+            distributions={
+                "block": CategoricalDistribution(("mid",)),
+                "epoch": IntDistribution(0, INT_HIGH),
+                "resolution": IntDistribution(0, INT_HIGH),
+            },
+            value=1.0,
+        )
+    )
+    old = scheduler.open_study("old", policy, "maximize", create=False)
+    assert old is not None
+    old.use(epochs_grid(0, 2))
+    assert not old.spreads_ints()
+    old.run_trial(Echo(), None)
+    assert old.study.get_trials()[-1].distributions["epoch"] == IntDistribution(0, INT_HIGH)

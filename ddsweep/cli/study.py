@@ -130,6 +130,12 @@ def run_grid(cfg: Any, opts: Any) -> None:
             progress.stop()
     print_answer(ctx)
     out, err = outcome_lines(ctx, outcomes)
+    if not ctx.board.spreads_ints():
+        out.append(
+            f"note: study {cfg.study} began before ddsweep spread integer axes over their values: "
+            "its trials keep the range 0..2^48-1 (optuna-dashboard draws them at 0); a new "
+            f"study (--study {cfg.study}-2) spreads them"
+        )
     for line in out:
         typer.echo(line)
     for line in err:

@@ -38,6 +38,12 @@ CHOICES_ATTR = "choices"  # the categorical params' choices, fixed when the stud
 # of such a point warned "out of range" with 2**31 - 1); 2**48 - 1 stays exact in an RDB's
 # float column, and Optuna accepts the wider range beside trials of the narrower one.
 INT_HIGH = 2**48 - 1
+# Studies created since ddsweep 0.1.x: an int param's distribution spans its grid's values
+# (optuna-dashboard spreads epochs and noise steps; a constant axis, low == high, is left out
+# of its importance ranking). A study created before keeps 0..INT_HIGH: an Optuna study's
+# params cannot change distribution mid-study without `optuna-dashboard` misdrawing them.
+RANGES_ATTR = "int_ranges"
+SPREAD = "grid values"
 Direction = Literal["minimize", "maximize"]
 
 
@@ -90,12 +96,34 @@ class GridSampler(BaseSampler):
         return self._chosen[trial.number][param_name]
 
 
-def _distribution(name: str, value: Any, choices: Mapping[str, list[Any]]) -> BaseDistribution:
+def _distribution(
+    name: str,
+    value: Any,
+    choices: Mapping[str, list[Any]],
+    ranges: Mapping[str, tuple[int, int]] | None = None,
+) -> BaseDistribution:
+    """The param's distribution: categorical for flags and names; for an int, the span of the
+    grid's values (`ranges`, widened to hold `value`), or 0..INT_HIGH in a study that began
+    with that (`ranges` None)."""
     if isinstance(value, bool):
         return CategoricalDistribution((True, False))
     if isinstance(value, int):
-        return IntDistribution(0, INT_HIGH)
+        if ranges is None:
+            return IntDistribution(0, INT_HIGH)
+        low, high = ranges.get(name, (value, value))
+        return IntDistribution(min(low, value), max(high, value))
     return CategoricalDistribution(tuple(choices[name]))
+
+
+def int_ranges(grid: Grid) -> dict[str, tuple[int, int]]:
+    """(lowest, highest) value of every int param of the grid."""
+    out: dict[str, tuple[int, int]] = {}
+    for params in grid.params.values():
+        for name, value in params.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                low, high = out.get(name, (value, value))
+                out[name] = (min(low, value), max(high, value))
+    return out
 
 
 def _choices(grid: Grid) -> dict[str, list[Any]]:
@@ -120,6 +148,7 @@ class GridStudy:
         self.study, self.policy, self.created = study, policy, created
         self.grid = Grid({})
         self.liveness = Liveness(study, policy.grace_period)
+        self.ranges: dict[str, tuple[int, int]] | None = None
 
     # study-wide attributes: pinned backbones, the MLflow parent run, ...
     @property
@@ -151,6 +180,14 @@ class GridStudy:
         self._fix_choices(grid)
         self.grid = grid
         self.study.sampler = GridSampler(grid)
+        if RANGES_ATTR not in self.study.user_attrs and not self.study.get_trials(deepcopy=False):
+            self.study.set_user_attr(RANGES_ATTR, SPREAD)  # no trial holds another range yet
+        self.ranges = int_ranges(grid) if self.spreads_ints() else None
+
+    def spreads_ints(self) -> bool:
+        """Whether the study's int params span their grid's values (studies created since
+        this was added), else 0..INT_HIGH (older studies keep what they began with)."""
+        return self.study.user_attrs.get(RANGES_ATTR) == SPREAD
 
     def _fix_choices(self, grid: Grid) -> None:
         wanted = _choices(grid)
@@ -199,13 +236,14 @@ class GridStudy:
             params = sampler.choose(self.study, trial.number)
         choices = self.study.user_attrs.get(CHOICES_ATTR, {})
         for name, value in params.items():
-            dist = _distribution(name, value, choices)
+            dist = _distribution(name, value, choices, self.ranges)
             if isinstance(value, str) and value not in dist.choices:  # type: ignore[attr-defined]
                 return None  # a retry enqueued by a grid with other values
             if isinstance(dist, CategoricalDistribution):
                 trial.suggest_categorical(name, dist.choices)
             else:
-                trial.suggest_int(name, 0, INT_HIGH)
+                assert isinstance(dist, IntDistribution)
+                trial.suggest_int(name, dist.low, dist.high)
         # The point is what the storage now holds for the trial, whatever handed it out.
         return id_of(trial.params)
 
@@ -379,4 +417,5 @@ def open_study(
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it first
         return GridStudy(optuna.load_study(study_name=name, storage=storage), policy, False)
     study.set_user_attr(CREATED_ATTR, time.time())
+    study.set_user_attr(RANGES_ATTR, SPREAD)
     return GridStudy(study, policy, True)
