@@ -74,6 +74,9 @@ def fails(*args: str) -> str:
         (["study", "status", "--study", "digits_blocks", "--probe", "knm"], "did you mean 'knn'?"),
         (["study", "status", "--study", "x", "--dataset", "digts"], "did you mean 'digits'?"),
         (["study", "probe-grid", "--study", "digits_blocks", "--bogus"], "No such option"),
+        (["train", "digits", "--probe-every", "1", "--probe-block", "mdi"], "'mid'?"),
+        (["train", "--resume", "nosuch"], "no MLflow run 'nosuch'"),
+        (["sample", "--run", "nosuch"], "no MLflow run 'nosuch'"),
     ],
 )
 def test_mistakes_and_looks_leave_the_folder_as_they_found_it(

@@ -142,6 +142,11 @@ def get_run(run_id: str) -> Run:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    missing = missing_store()
+    if missing is not None:  # reading would create it, and MLflow would announce its tables
+        raise UserError(
+            f"no MLflow run {run_id!r} here: {missing} does not exist (check --tracking-uri)"
+        )
     try:
         return MlflowClient().get_run(run_id)
     except MlflowException as err:
