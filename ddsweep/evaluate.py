@@ -4,7 +4,6 @@ validation split and scored on it (what choices are made on); per-example predic
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import shutil
@@ -13,128 +12,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 import torch
 
 from ddsweep import checkpoints, data, probes
+from ddsweep.config import paths
+from ddsweep.config.model import PIXELS
+from ddsweep.config.points import Point
+from ddsweep.config.probe import (
+    ProbeConfig,
+    config_for,
+    protocol_of,
+)
 from ddsweep.errors import UserError
 from ddsweep.features import (
     FeatureCache,
     FeatureRequest,
     cached_features,
-    validate_pool,
 )
-from ddsweep.model import PIXELS
-from ddsweep.points import Point
-from ddsweep.probes import protocols
-
-MAX_NOISE_DRAWS = 64  # each draw is one more pass of the backbone over every split
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Probe settings shared by every point of a study (the sweep file's `probe:` section).
-
-    `settings` holds (kind name, that kind's settings dataclass) for the kinds whose settings
-    differ from the registry's defaults, sorted by name, so equal settings compare (and hash)
-    equal however they were given; `settings_for` fills in the defaults.
-    """
-
-    settings: tuple[tuple[str, Any], ...] = ()
-    pool: str = "avg"
-    weights: str = "ema"
-    noise_seed: int = 0
-    flowers_add_val: bool = False
-    seed: int = 0
-    noise_draws: int = 1  # features averaged over this many noise draws (noise steps > 0)
-    val_fraction: float = 0.1  # of the train split, held out to choose on (0: none)
-
-    def __post_init__(self) -> None:
-        kept = {}
-        for name, value in self.settings:
-            kind = probes.get(name)
-            if not isinstance(value, kind.settings):
-                raise TypeError(f"settings of probe {name!r} must be a {kind.settings.__name__}")
-            if value != kind.defaults():
-                kept[name] = value
-        object.__setattr__(self, "settings", tuple(sorted(kept.items())))
-
-    def settings_for(self, name: str) -> Any:
-        """The settings of probe kind `name` (its registry defaults unless given)."""
-        for given, value in self.settings:
-            if given == name:
-                return value
-        return probes.get(name).defaults()
-
-    def with_settings(self, name: str, **changes: Any) -> ProbeConfig:
-        """A copy with some settings of probe kind `name` changed."""
-        value = dataclasses.replace(self.settings_for(name), **changes)
-        others = tuple((n, v) for n, v in self.settings if n != name)
-        return dataclasses.replace(self, settings=(*others, (name, value)))
-
-    def params(self) -> dict[str, str]:
-        """MLflow params: `<kind>.<setting>` (the sweep file's path) for every registered kind,
-        then pool, weights, noise_seed, flowers_add_val and seed."""
-        out = {}
-        for name in dict.fromkeys((*probes.names(), *(n for n, _ in self.settings))):
-            value = self.settings_for(name)
-            for f in dataclasses.fields(value):
-                out[f"{name}.{f.name}"] = str(getattr(value, f.name))
-        for f in dataclasses.fields(self):
-            if f.name != "settings":
-                out[f.name] = str(getattr(self, f.name))
-        return out
-
-
-def protocol_of(point: Point) -> str | None:
-    """The protocol a point names (None: the study's own settings, as before protocols)."""
-    return dict(point.settings).get("protocol")
-
-
-def config_for(cfg: ProbeConfig, point: Point) -> ProbeConfig:
-    """The probe config `point` is evaluated with: the study's, with its probe kind's settings
-    set by the point's protocol when it names one."""
-    name = protocol_of(point)
-    if name is None:
-        return cfg
-    part = next(p for p in protocols.protocol(name).parts if p.probe == point.probe)
-    others = tuple((n, v) for n, v in cfg.settings if n != point.probe)
-    return dataclasses.replace(cfg, settings=(*others, (point.probe, part.settings_of())))
-
-
-def kind_settings(cfg: ProbeConfig, probe: str) -> tuple[tuple[str, str], ...]:
-    """The settings off their defaults that change a `probe` point's number: that kind's own
-    (another kind's do not) and the shared ones (pool, weights, seeds, noise draws, ...)."""
-    mine = {n: v for n, v in cfg.params().items() if "." not in n or n.startswith(f"{probe}.")}
-    default = ProbeConfig().params()
-    return tuple(sorted((n, v) for n, v in mine.items() if default.get(n) != v))
-
-
-def point_settings(cfg: ProbeConfig, point: Point) -> tuple[tuple[str, str], ...]:
-    """A grid point's settings as its id names them: `kind_settings` of the config it is
-    evaluated with, and its protocol's name when it has one."""
-    named = protocol_of(point)
-    found = kind_settings(config_for(cfg, point), point.probe)
-    return tuple(sorted((*found, ("protocol", named)))) if named else found
-
-
-def validate_probe_config(cfg: ProbeConfig) -> None:
-    """Raise UserError for settings no probe can use."""
-    validate_pool(cfg.pool)
-    if cfg.weights not in checkpoints.WEIGHTS:
-        raise UserError(
-            f"unknown weights {cfg.weights!r}: use one of {', '.join(checkpoints.WEIGHTS)}"
-        )
-    for name in probes.names():
-        kind = probes.get(name)
-        if kind.check is not None:
-            kind.check(cfg.settings_for(name))
-    if not 1 <= cfg.noise_draws <= MAX_NOISE_DRAWS:
-        raise UserError(f"noise_draws must be 1..{MAX_NOISE_DRAWS}, got {cfg.noise_draws}")
-    if not 0 <= cfg.val_fraction <= 0.5:
-        raise UserError(f"val_fraction must be in [0, 0.5], got {cfg.val_fraction}")
-
 
 # --- backbones ----------------------------------------------------------------------------------
 
@@ -154,8 +50,8 @@ class Backbone:
 
 
 def checkpoint_store() -> Path:
-    """Local copies of run checkpoints: DDSWEEP_CHECKPOINTS, else ./.ddsweep/checkpoints."""
-    return Path(os.environ.get("DDSWEEP_CHECKPOINTS") or ".ddsweep/checkpoints")
+    """Local copies of run checkpoints (see config.paths)."""
+    return paths.checkpoints_dir()
 
 
 def saved_epochs(run_id: str) -> list[int]:
@@ -170,7 +66,7 @@ def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> 
     from ddsweep import tracking
     from ddsweep.tracking import runs
 
-    run = tracking.get_run(run_id)
+    run = tracking.training_run(run_id)
     target = checkpoint_store() / run_id / f"epoch_{epoch:04d}"
     if not (target / checkpoints.META).is_file():
         available = epochs if epochs is not None else saved_epochs(run_id)
@@ -190,7 +86,7 @@ def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> 
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return Backbone(target, run_id, epoch, run.data.tags.get("dataset"))
+    return Backbone(target, run_id, epoch, run.dataset)
 
 
 # --- one point --------------------------------------------------------------------------------
@@ -227,6 +123,14 @@ class _LazyUNet:
         return self.unet
 
 
+class SplitFeatures(NamedTuple):
+    """What `split_features` gives, by name (it still unpacks as a tuple)."""
+
+    features: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # {split: {block: (x, y)}}
+    seconds: float  # spent extracting
+    passes: int  # passes of the backbone over a split
+
+
 def split_features(
     backbone: Backbone | None,
     dataset: str,
@@ -238,9 +142,10 @@ def split_features(
     data_dir: Path,
     *,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], float, int]:
-    """({split: {block: (features, labels)}} for train and test (and a dataset's own val),
-    seconds spent extracting, and the passes of the backbone over a split this call ran).
+) -> SplitFeatures:
+    """`SplitFeatures`: {split: {block: (features, labels)}} for train and test (and a
+    dataset's own val), seconds spent extracting, and the passes of the backbone over a split
+    this call ran.
 
     Every block missing from the cache is filled by one pass over each split. `backbone` may be
     None when only `pixels` is asked for.
@@ -269,11 +174,20 @@ def split_features(
             data.labelled_split, dataset, split, resolution, data_dir, flowers_add_val=add_val
         )
         fp = data.split_fingerprint(dataset, split, resolution, flowers_add_val=add_val)
-        args = (load, ckpt_hash, cfg.weights, ds, fp, resolution, req, cache)
-        out[split], secs, ran = cached_features(*args, on_batch=on_batch)
+        out[split], secs, ran = cached_features(
+            load,
+            checkpoint_hash=ckpt_hash,
+            weights=cfg.weights,
+            dataset=ds,
+            split_fingerprint=fp,
+            resolution=resolution,
+            req=req,
+            cache=cache,
+            on_batch=on_batch,
+        )
         seconds += secs
         passes += int(ran and needs_net)
-    return out, seconds, passes
+    return SplitFeatures(out, seconds, passes)
 
 
 def probe_splits(dataset: str, cfg: ProbeConfig) -> tuple[data.Split, ...]:
@@ -489,12 +403,11 @@ def resolve_point(
             info = data.dataset_info(dataset)
             run = tracking.latest_training_run(
                 dataset, resolution or info.default_resolution, attention
-            ).info.run_id
-        r = tracking.get_run(run)
-        if r.data.tags.get(tracking.KIND_TAG) != "train":
+            ).run_id
+        r = tracking.training_run(run)
+        if not r.is_training or r.resolution is None:
             raise UserError(f"run {run} is not a `ddsweep train` run")
-        res = int(r.data.tags["resolution"])
-        attn = r.data.tags.get("attention") == "True"
+        res, attn = r.resolution, bool(r.attention)
         epochs = saved_epochs(run)
         ep = epoch if epoch is not None else (epochs[-1] if epochs else 0)
         bb = fetch_backbone(run, ep, epochs)
@@ -508,8 +421,15 @@ def resolve_point(
     res = res or resolution or info.default_resolution
     if resolution is not None and resolution != res:
         raise UserError(f"--resolution {resolution} does not match the backbone's {res} px")
-    if block == PIXELS:
-        point = Point(info.name, res, None, None, block, noise_step, probe, k if uses_k else 0)
-    else:
-        point = Point(info.name, res, attn, ep, block, noise_step, probe, k if uses_k else 0)
+    pixels = block == PIXELS  # the baseline of every attention value and epoch
+    point = Point(
+        dataset=info.name,
+        resolution=res,
+        attention=None if pixels else attn,
+        epoch=None if pixels else ep,
+        block=block,
+        noise_step=noise_step,
+        probe=probe,
+        k=k if uses_k else 0,
+    )
     return bb, point

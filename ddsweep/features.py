@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,24 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from ddsweep import diffusion
+from ddsweep.config import paths
+from ddsweep.config.model import PIXELS
+from ddsweep.config.probe import AVG_N, POOLS_HELP, validate_pool
 from ddsweep.errors import UserError
-from ddsweep.model import PIXELS, resolve_block
+from ddsweep.model import resolve_block
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
     from torch.utils.data import Dataset
-
-POOLS_HELP = "avg (global average, C dims), flatten (C*H*W), or avgN (average to NxN, then flatten)"
-_AVG_N = re.compile(r"^avg(\d+)$")
-
-
-def validate_pool(pool: str) -> None:
-    """Raise UserError unless pool is avg, flatten or avgN."""
-    if pool in ("avg", "flatten"):
-        return
-    m = _AVG_N.match(pool)
-    if not m or int(m.group(1)) < 1:
-        raise UserError(f"unknown pooling {pool!r}: use {POOLS_HELP}")
 
 
 def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
@@ -52,7 +42,7 @@ def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
         return x.mean(dim=(2, 3))
     if pool == "flatten":
         return x.flatten(1)
-    m = _AVG_N.match(pool)
+    m = AVG_N.match(pool)
     if m is None:
         raise UserError(f"unknown pooling {pool!r}: use {POOLS_HELP}")
     return F.adaptive_avg_pool2d(x, int(m.group(1))).flatten(1)
@@ -264,22 +254,6 @@ def _batch_features(
 # --- the cache ----------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """DDSWEEP_CACHE, else ./.ddsweep/cache."""
-    return Path(os.environ.get("DDSWEEP_CACHE") or ".ddsweep/cache")
-
-
-def cache_cap_bytes() -> int | None:
-    """DDSWEEP_CACHE_MAX_GB as bytes, or None (no cap)."""
-    raw = os.environ.get("DDSWEEP_CACHE_MAX_GB")
-    if not raw:
-        return None
-    try:
-        return int(float(raw) * 2**30)
-    except ValueError as err:
-        raise UserError(f"DDSWEEP_CACHE_MAX_GB={raw!r} is not a number of gigabytes") from err
-
-
 @dataclass(frozen=True)
 class CacheKey:
     """Everything a feature tensor depends on; its hash names the cache entry."""
@@ -309,8 +283,8 @@ class FeatureCache:
     """Pooled features on disk as safetensors; atomic writes, LRU eviction under a size cap."""
 
     def __init__(self, root: Path | None = None, max_bytes: int | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
-        self.max_bytes = max_bytes if max_bytes is not None else cache_cap_bytes()
+        self.root = Path(root) if root is not None else paths.cache_dir()
+        self.max_bytes = max_bytes if max_bytes is not None else paths.cache_cap_bytes()
 
     def path(self, key: CacheKey) -> Path:
         """The entry file of `key`."""
@@ -441,7 +415,7 @@ def cached_features(
     checkpoint_hash: str,
     weights: str,
     dataset: Dataset[tuple[torch.Tensor, int]] | Callable[[], Dataset[tuple[torch.Tensor, int]]],
-    split: str,
+    split_fingerprint: str,
     resolution: int,
     req: FeatureRequest,
     cache: FeatureCache,
@@ -456,12 +430,14 @@ def cached_features(
     Processes sharing the cache take a lock per (checkpoint, split, noise step, pooling) while
     they extract, so concurrent workers run the backbone once and the others read the result.
     """
-    req = dataclasses.replace(req, split=split)  # the noise of an image depends on its split
+    req = dataclasses.replace(
+        req, split=split_fingerprint
+    )  # the noise of an image depends on its split
     keys = {
         b: CacheKey(
             checkpoint_hash,
             weights,
-            split,
+            split_fingerprint,
             resolution,
             req.noise_step,
             req.noise_seed,

@@ -118,8 +118,8 @@ def test_train_without_its_data_offline_leaves_no_data_store_or_experiment(
 
 def test_protocol_and_probe_names_get_a_suggestion_too() -> None:
     from ddsweep import probes
+    from ddsweep.config import protocols
     from ddsweep.errors import UserError
-    from ddsweep.probes import protocols
 
     with pytest.raises(UserError, match=r"'dnio' \(did you mean 'dino'\?\); allowed: "):
         protocols.protocol("dnio")
@@ -175,9 +175,10 @@ def test_the_hints_of_a_fresh_folder_lead_to_the_answer(
 
 
 def test_a_trial_logs_only_the_settings_that_apply_and_keeps_its_identity() -> None:
-    from ddsweep import evaluate, points
+    from ddsweep import evaluate
+    from ddsweep.config import points
 
-    cfg = evaluate.ProbeConfig()
+    cfg = evaluate.ProbeConfig()  # the library default
     knn = points.Point(
         dataset="digits",
         resolution=16,
@@ -235,7 +236,7 @@ class Echo:
 
 
 def epochs_grid(*epochs: int) -> object:
-    from ddsweep.points import id_of
+    from ddsweep.config.points import id_of
     from ddsweep.scheduler.types import Grid
 
     params = [{"block": "mid", "epoch": e, "resolution": 16} for e in epochs]

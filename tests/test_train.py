@@ -21,15 +21,16 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddsweep import checkpoints, tracking
+from ddsweep.config.model import SEED_CHANNELS, ModelConfig
+from ddsweep.config.train import TrainConfig
 from ddsweep.errors import UserError
-from ddsweep.model import SEED_CHANNELS, ModelConfig, build_unet
+from ddsweep.model import build_unet
 from ddsweep.tracking.training import NullTracker
-from ddsweep.train import (
-    TrainConfig,
+from ddsweep.train import train
+from ddsweep.trainrun import (
     config_from_params,
     resolve_device,
     study_batch_size,
-    train,
     validate,
     with_dataset_defaults,
 )

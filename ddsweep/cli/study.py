@@ -34,10 +34,9 @@ from ddsweep.cli._options import (
     run_options,
     study_progress,
 )
+from ddsweep.config.fid import DDIM_STEPS, FIDConfig
+from ddsweep.config.run import DEFAULT_EXPERIMENT, FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
-from ddsweep.fid import DDIM_STEPS, FIDConfig
-from ddsweep.study import FOLLOW_INTERVAL, RunOptions
-from ddsweep.tracking import DEFAULT_EXPERIMENT
 
 F = FIDConfig  # the defaults a sweep file leaves in place
 _FILE = "(default: the sweep file's fid: section, else"
@@ -55,7 +54,7 @@ def fid_study_config(name: str, overrides: dict[str, list[str]], fid: dict[str, 
     """The fid-grid study of `name`: a probe study's checkpoints get their own study NAME_fid
     beside it; `fid` holds the FIDConfig settings given on the command line."""
     from ddsweep import fid as fid_mod
-    from ddsweep import sweep
+    from ddsweep.config import sweep
 
     base = sweep.load_study(name)
     cfg = replace(sweep.with_overrides(base, name, overrides), kind="fid-grid")
@@ -97,7 +96,7 @@ def run_follow(cfg: Any, opts: Any, interval: float) -> None:
     if ctx is None:
         raise UserError(f"{cfg.study}: the followed training runs ended with nothing to probe")
     out, err = outcome_lines(ctx, outcomes)
-    for line in out:
+    for line in [*ctx.answer, *out]:  # the study's answer first (as the report gives it)
         typer.echo(line)
     for line in err:
         typer.echo(line, err=True)
@@ -128,7 +127,6 @@ def run_grid(cfg: Any, opts: Any) -> None:
     finally:
         if progress.live.is_started:  # a stop never started prints a blank line before errors
             progress.stop()
-    print_answer(ctx)
     out, err = outcome_lines(ctx, outcomes)
     if not ctx.board.spreads_ints():
         out.append(
@@ -136,26 +134,12 @@ def run_grid(cfg: Any, opts: Any) -> None:
             "its trials keep the range 0..2^48-1 (optuna-dashboard draws them at 0); a new "
             f"study (--study {cfg.study}-2) spreads them"
         )
-    for line in out:
+    for line in [*ctx.answer, *out]:  # the study's answer first (as the report gives it)
         typer.echo(line)
     for line in err:
         typer.echo(line, err=True)
     if err:  # a point of the grid failed or is left: the run did not do what was asked
         raise typer.Exit(1)
-
-
-def print_answer(ctx: Any) -> None:
-    """A probe grid's answer so far, first, and where its tables are."""
-    from rich.console import Console
-
-    from ddsweep import report
-    from ddsweep.study import answer_rows
-
-    rows = answer_rows(ctx)
-    if rows:
-        console = Console()
-        report.print_answer(console, ctx.cfg.study, rows)
-        console.print(f"every table, with intervals: `ddsweep report --study {ctx.cfg.study}`")
 
 
 def probe_grid(
@@ -260,7 +244,8 @@ def train_grid(
     experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """Train one backbone per (dataset, resolution, attention) of a study (reuse, resume)."""
-    from ddsweep import backbones, data
+    from ddsweep import backbones
+    from ddsweep.config import paths
 
     axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention)
     cfg = study_config(study, axes)
@@ -274,7 +259,7 @@ def train_grid(
 
         backbones.ensure_all(
             cfg,
-            data_dir or data.default_data_dir(),
+            data_dir or paths.data_dir(),
             progress,
             tracking_uri=tracking_uri,
             experiment=experiment,

@@ -7,10 +7,11 @@ from typing import Annotated
 import typer
 
 from ddsweep.cli._options import DataDir, Experiment, FeatureHelp, TrackingUri, bar, given_fields
+from ddsweep.config.fid import DDIM_STEPS, NUM_TRAIN_TIMESTEPS
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.run import DEFAULT_EXPERIMENT
+from ddsweep.config.train import TrainConfig
 from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig
-from ddsweep.tracking import DEFAULT_EXPERIMENT
-from ddsweep.train import TrainConfig
 
 D = TrainConfig  # the defaults of every option below
 
@@ -89,7 +90,7 @@ def train(
     ] = D.fid_every,
     fid_samples: Annotated[int, typer.Option(help="Generated images per FID.")] = D.fid_samples,
     fid_sampler: Annotated[
-        str, typer.Option(help="ddpm (1000 steps) or ddim (100).")
+        str, typer.Option(help=f"ddpm ({NUM_TRAIN_TIMESTEPS} steps) or ddim ({DDIM_STEPS}).")
     ] = D.fid_sampler,
     fid_feature: Annotated[str, typer.Option(help=FeatureHelp)] = D.fid_feature,
     probe_every: Annotated[
@@ -165,7 +166,7 @@ def train(
     """Train one DDPM backbone without labels; one MLflow run with checkpoints and samples."""
     options = dict(locals())  # first: the options, named as TrainConfig's fields
     from ddsweep import backbones as lib
-    from ddsweep import data
+    from ddsweep.config import paths
     from ddsweep.tracking import training
 
     if resume is None and dataset is None:
@@ -184,7 +185,7 @@ def train(
     with bar() as progress:
         run_id = lib.run_training(
             cfg,
-            data_dir=data_dir or data.default_data_dir(),
+            data_dir=data_dir or paths.data_dir(),
             resume=resume,
             dataset=dataset,
             tracking_uri=tracking_uri,

@@ -11,7 +11,14 @@ logs the files back (the only module here that imports mlflow).
 from __future__ import annotations
 
 from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
-from ddsweep.report.headline import SummaryRow, attach_fid, choice_metric, summary
+from ddsweep.report.headline import (
+    Answer,
+    SummaryRow,
+    attach_fid,
+    choice_metric,
+    study_answer,
+    summary,
+)
 from ddsweep.report.loader import (
     STUDY_TAG,
     check_store,
@@ -20,14 +27,17 @@ from ddsweep.report.loader import (
     gather_fid,
     load_fid_runs,
     load_trials,
+    split_inputs,
     with_predictions,
     write_report,
 )
+from ddsweep.report.methods import METHODS_MD, methods_card, read_facts
 from ddsweep.report.plot import plot_facet
 from ddsweep.report.render import (
     FORMATS,
     REPORT_MD,
     SUMMARY_CSV,
+    answer_lines,
     default_out_dir,
     markdown,
     markdown_table,
@@ -60,10 +70,12 @@ __all__ = [
     "DEFAULT_POOL",
     "DEFAULT_WEIGHTS",
     "FORMATS",
+    "METHODS_MD",
     "POINT_TAG",
     "REPORT_MD",
     "STUDY_TAG",
     "SUMMARY_CSV",
+    "Answer",
     "Cell",
     "Claim",
     "Epoch",
@@ -71,6 +83,7 @@ __all__ = [
     "FacetKey",
     "FidCurve",
     "SummaryRow",
+    "answer_lines",
     "attach_fid",
     "block_label",
     "build_tables",
@@ -88,6 +101,7 @@ __all__ = [
     "load_trials",
     "markdown",
     "markdown_table",
+    "methods_card",
     "paired_p",
     "parse_formats",
     "pct",
@@ -95,9 +109,12 @@ __all__ = [
     "plot_facet",
     "print_answer",
     "print_report",
+    "read_facts",
     "rich_summary",
     "rich_tables",
+    "split_inputs",
     "status_line",
+    "study_answer",
     "summary",
     "with_predictions",
     "write_csv",

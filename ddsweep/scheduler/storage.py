@@ -3,11 +3,11 @@ heartbeat) for several."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import optuna
 
+from ddsweep.config import paths
 from ddsweep.errors import UserError, first_line, redact
 from ddsweep.scheduler.types import Policy
 
@@ -15,9 +15,8 @@ from ddsweep.scheduler.types import Policy
 
 
 def default_storage_path(study: str) -> Path:
-    """The local journal file of a study: $DDSWEEP_HOME/optuna/NAME.journal (.ddsweep/...)."""
-    root = Path(os.environ.get("DDSWEEP_HOME") or ".ddsweep")
-    return root / "optuna" / f"{study}.journal"
+    """The local journal file of a study: <DDSWEEP_HOME or .ddsweep>/optuna/NAME.journal."""
+    return paths.optuna_dir() / f"{study}.journal"
 
 
 def journal_path(study: str, policy: Policy) -> Path | None:

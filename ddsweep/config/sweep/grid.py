@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ddsweep import data, probes
+from ddsweep.config import datasets, protocols
+from ddsweep.config import probekinds as probes
+from ddsweep.config.model import PIXELS
+from ddsweep.config.points import Point
+from ddsweep.config.sweep.study import FID, Axes, StudyConfig, _too_many, max_points
 from ddsweep.errors import UserError
-from ddsweep.model import PIXELS
-from ddsweep.points import Point
-from ddsweep.probes import protocols
-from ddsweep.sweep.config import FID, Axes, StudyConfig, _too_many, max_points
 
 # --- the grid -----------------------------------------------------------------------------------
 
@@ -18,7 +18,7 @@ Backbone3 = tuple[str, int, bool]  # (dataset, resolution, attention)
 
 def resolutions(axes: Axes, dataset: str) -> tuple[int, ...]:
     """The resolution axis for one dataset (its default when the axis is empty)."""
-    return axes.resolution or (data.dataset_info(dataset).default_resolution,)
+    return axes.resolution or (datasets.dataset_info(dataset).default_resolution,)
 
 
 def backbones(axes: Axes) -> list[Backbone3]:
@@ -89,12 +89,36 @@ def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> lis
         for r in resolutions(axes, d):
             for t, p, k, named in combos:
                 if PIXELS in axes.block:
-                    points.append(Point(d, r, None, None, PIXELS, t, p, k, named))
+                    points.append(
+                        Point(
+                            dataset=d,
+                            resolution=r,
+                            attention=None,
+                            epoch=None,
+                            block=PIXELS,
+                            noise_step=t,
+                            probe=p,
+                            k=k,
+                            settings=named,
+                        )
+                    )
                 # Pixels alone need no backbone: do not ask for its epochs.
                 for a in axes.attention if net_blocks else ():
                     for e in axes.epoch or epochs_of((d, r, a)):
                         for b in net_blocks:
-                            points.append(Point(d, r, a, e, b, t, p, k, named))
+                            points.append(
+                                Point(
+                                    dataset=d,
+                                    resolution=r,
+                                    attention=a,
+                                    epoch=e,
+                                    block=b,
+                                    noise_step=t,
+                                    probe=p,
+                                    k=k,
+                                    settings=named,
+                                )
+                            )
                         _bounded(points)
     return points
 
@@ -102,7 +126,9 @@ def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> lis
 def expand_fid(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
     """Every point of a fid-grid: one per (dataset, resolution, attention, epoch)."""
     points = [
-        Point(d, r, a, e, FID, 0, FID, 0)
+        Point(
+            dataset=d, resolution=r, attention=a, epoch=e, block=FID, noise_step=0, probe=FID, k=0
+        )
         for d, r, a in backbones(axes)
         for e in axes.epoch or epochs_of((d, r, a))
     ]
