@@ -177,7 +177,6 @@ def test_a_kind_defined_in_a_test_runs_in_a_study_and_its_report(
     assert run.data.params["centroid.normalise"] == "True"
     # Only what applies to the trial: no other kind's settings, no k, no empty settings.
     assert "linear.epochs" not in run.data.params and "k" not in run.data.params
-    assert "settings" not in run.data.params
     assert 0.5 < run.data.metrics["top1"] <= 1  # digits pixels: far better than chance
     margin = run.data.metrics["margin"]
     assert margin > 0

@@ -23,8 +23,9 @@ Full = Annotated[
     bool,
     typer.Option(
         "--full",
-        help="Print every block x epoch table after the answer (the report files always hold "
-        "them).",
+        help="Print every block x epoch table after the answer (default: the answer alone; "
+        "the report files always hold every table).",
+        show_default=False,
     ),
 ]
 
