@@ -16,7 +16,7 @@ from ddsweep.config import sweep
 from ddsweep.config.model import ModelConfig
 from ddsweep.config.train import TrainConfig
 from ddsweep.distributed import close_distributed, init_distributed
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 from ddsweep.tracking import runs
 from ddsweep.train import train
 from ddsweep.trainrun import config_from_params, identity_params, validate, with_dataset_defaults
@@ -136,6 +136,20 @@ def resumed_config(
     )
 
 
+def check_probe_blocks(blocks: tuple[str, ...]) -> None:
+    """UserError, before any run is created, for a --probe-block that names no block (a module
+    path, with its dots, is checked against the network once it is built)."""
+    from ddsweep.model import ALIASES, BLOCKS, PIXELS
+
+    known = (*BLOCKS, *ALIASES, PIXELS)
+    for block in blocks:
+        if block not in known and "." not in block and not block.endswith("_block"):
+            raise UserError(
+                f"--probe-block: unknown block {block!r}{did_you_mean(block, known)}; allowed: "
+                f"{', '.join(known)} or a named_modules() path of the U-Net"
+            )
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -153,6 +167,12 @@ def run_training(
 
     dist = init_distributed()
     try:
+        if resume is None and dist.is_main:  # data that cannot be had: one line, no run, no store
+            check_probe_blocks(cfg.probe_block if cfg.probe_every else ())
+            data.training_set(cfg.dataset, cfg.model.resolution, data_dir)
+        if resume is not None:  # an unknown run: one line, and no store created to say so
+            tracking.setup(tracking_uri, create=False)
+            tracking.get_run(resume)
         tracking.setup(tracking_uri, experiment, create=dist.is_main)
         if resume is not None:
             cfg = resumed_config(resume, runs.training_params(resume), cfg, dataset)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tarfile
 import time
 from collections.abc import Callable, Sequence
@@ -524,9 +525,12 @@ def _open_or_download(
         return make(False)
     except RuntimeError:
         pass  # torchvision's "Dataset not found or corrupted": try to download it
+    existed = data_dir.exists()
     try:
         return make(True)
     except (OSError, RuntimeError, tarfile.TarError) as error:
+        if not existed:  # the failed download's folder (and any partial file) is ours to remove
+            shutil.rmtree(data_dir, ignore_errors=True)
         where = _MANUAL_DOWNLOAD[name].format(data_dir=data_dir)
         raise UserError(
             f"{name} is not in {data_dir} and could not be downloaded: {where}, "

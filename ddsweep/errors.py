@@ -4,10 +4,23 @@ and the helpers that keep such a line short and free of credentials."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 
 class UserError(Exception):
     """A mistake the user can fix (bad option, unknown dataset, missing file); never a bug."""
+
+
+def did_you_mean(name: object, known: Iterable[str]) -> str:
+    """' (did you mean 'mid'?)' when a known name is close to `name` (difflib), else ''."""
+    import difflib
+
+    if not isinstance(name, str) or not name:
+        return ""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if not close and name.lower() != name:
+        close = difflib.get_close_matches(name.lower(), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close and close[0] != name else ""
 
 
 _SCHEME = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>.*)", re.DOTALL)

@@ -382,10 +382,23 @@ def _validation(
 
 
 def point_params(point: Point, cfg: ProbeConfig, backbone: Backbone | None) -> dict[str, str]:
-    """MLflow params of one evaluation: the axes, the probe settings and the backbone."""
+    """MLflow params of one evaluation: the axes that apply (no `k` without neighbours, no empty
+    `settings`), the settings of the point's own probe kind (a k-NN trial carries no `logreg.*`)
+    and the shared ones, and the backbone. Params only: a point's identity is its id."""
     from ddsweep.tracking import flat_params
 
-    params = {**flat_params(point), **config_for(cfg, point).params()}
+    axes = flat_params(point)
+    if not point.k:
+        del axes["k"]
+    if not point.settings:
+        del axes["settings"]
+    kinds = set(probes.names())
+    settings = {
+        n: v
+        for n, v in config_for(cfg, point).params().items()
+        if n.partition(".")[0] not in kinds or n.partition(".")[0] == point.probe
+    }
+    params = {**axes, **settings}
     params["backbone"] = backbone.label() if backbone else "none"
     if backbone is not None and backbone.pretrained is not None:
         from ddsweep.kinds.features import backbone_params

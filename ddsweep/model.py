@@ -11,7 +11,7 @@ from ddsweep.config.model import (
     ModelConfig,
     validate,
 )
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -84,7 +84,8 @@ def resolve_block(unet: nn.Module, name: str) -> nn.Module:
     path = block_path(name, levels, layers) or name
     if path not in modules or path == "":
         raise UserError(
-            f"unknown block {name!r}: use one of {', '.join((*BLOCKS, *ALIASES))}, {PIXELS}, "
+            f"unknown block {name!r}{did_you_mean(name, (*BLOCKS, *ALIASES, PIXELS))}: use one of "
+            f"{', '.join((*BLOCKS, *ALIASES))}, {PIXELS}, "
             "or a named_modules() path of the U-Net such as up_blocks.1.resnets.2"
         )
     return modules[path]

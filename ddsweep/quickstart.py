@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ddsweep.config.train import TrainConfig
     from ddsweep.study import Context, Tally
 
-STUDY = "digits_blocks"
+STUDY = sweep.QUICKSTART
 
 
 def study_config(reduced: bool = False) -> sweep.StudyConfig:
@@ -80,8 +80,11 @@ def run(
     return cfg
 
 
-def write_report(cfg: sweep.StudyConfig, console: Console, out: Path | None = None) -> list[Path]:
-    """The study's report in the terminal and as files (reports/NAME/ by default)."""
+def write_report(
+    cfg: sweep.StudyConfig, console: Console, out: Path | None = None, *, full: bool = False
+) -> list[Path]:
+    """The study's answer in the terminal (every table with `full`) and the whole report as
+    files (reports/NAME/ by default)."""
     return report.write_report(
-        cfg.study, out or report.default_out_dir(cfg.study), ("all",), console
+        cfg.study, out or report.default_out_dir(cfg.study), ("all",), console, full=full
     )

@@ -24,8 +24,9 @@ def load_checkpoint(ckpt: Checkpoint) -> tuple[UNet2DModel, evaluate.Backbone]:
     """(U-Net on the best device, Backbone) of a training run's checkpoint."""
     import torch
 
-    from ddsweep import checkpoints
+    from ddsweep import checkpoints, tracking
 
+    tracking.get_run(ckpt.run)  # an unknown --run: one line, not MLflow's traceback
     epochs = evaluate.saved_epochs(ckpt.run)
     ep = ckpt.epoch if ckpt.epoch is not None else (epochs[-1] if epochs else 0)
     backbone = evaluate.fetch_backbone(ckpt.run, ep, epochs)

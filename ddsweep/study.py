@@ -69,7 +69,9 @@ def pin_backbones(board: GridStudy | None, cfg: sweep.StudyConfig) -> Pins:
         attr = backbone_pin(d, r, a)
         run_id = pinned.get(attr)
         if run_id is None:
-            run_id = tracking.latest_training_run(d, r, a).run_id
+            # The study's own train: section, not `ddsweep train`'s defaults, trains its nets.
+            hint = sweep.study_steps(cfg.study)
+            run_id = tracking.latest_training_run(d, r, a, hint=hint).run_id
             if board is not None:
                 board.set_attr(attr, run_id)
         epochs = tuple(evaluate.saved_epochs(run_id))
@@ -132,9 +134,12 @@ class _Trials:
 
     def record(self, pid: str, trial_number: int, result: Record) -> Outcome:
         device = devices.label()
-        point = point_id(self.objective.points[pid])
+        point = self.objective.points[pid]
+        note = trial_description(point_id(point), self.objective.metric, result)
         tags = {schema.DEVICE_TAG: device}
-        run_id = self.recorder.log_trial(point, trial_number, result, tags=tags)
+        run_id = self.recorder.log_trial(
+            point_id(point), trial_number, result, tags=tags, description=note
+        )
         outcome = self._outcome(pid, run_id, result.metrics)
         return Outcome(outcome.value, {**outcome.attrs, schema.DEVICE_TAG: device})
 
@@ -148,6 +153,26 @@ class _Trials:
         self.recorder.log_failure(point_id(point), trial_number, name, kind, params, message)
 
 
+def trial_description(pid: str, metric: str, record: Record) -> str:
+    """A trial run's description in `mlflow ui`: its point, setting by setting, and its value
+    (top1 in % with half its 95 % bootstrap interval over the test examples, as the report
+    computes it, when the trial kept its predictions)."""
+    from urllib.parse import parse_qsl
+
+    from ddsweep.report import stats
+
+    value = record.metrics.get(metric)
+    said = "" if value is None else f"{metric} {value:.4g}"
+    test = (record.predictions or {}).get("test")
+    if value is not None and metric == "top1":
+        said = f"top1 {100 * value:.1f} %"
+        if test is not None and len(test[1]):
+            low, high = stats.bootstrap_interval(test[0] == test[1])
+            said = f"top1 {100 * value:.1f} ± {100 * (high - low) / 2:.1f} % (95 % interval)"
+    point = ", ".join(f"{n} {v}" for n, v in parse_qsl(pid))
+    return f"**{said}**\n\n{point}" if said else point
+
+
 def _objective(cfg: sweep.StudyConfig, opts: RunOptions, pins: Pins) -> Objective:
     make = OBJECTIVES[cfg.kind]
     fetch = evaluate.fetch_backbone
@@ -158,6 +183,8 @@ def _parent_fields(cfg: sweep.StudyConfig) -> tuple[dict[str, str], dict[str, st
     """Tags and params of a study's parent run: its kind, file, axes and shared settings."""
     tags = {"kind": cfg.kind, "sweep_file": cfg.source}
     params = {f"axis.{k}": json.dumps(v) for k, v in dataclasses.asdict(cfg.axes).items()}
+    if not cfg.axes.epoch:  # an empty epoch axis means every saved checkpoint, not none
+        params["axis.epoch"] = "all checkpoints"
     params.update(cfg.probe.params())
     return tags, params
 
@@ -490,13 +517,20 @@ def status_tables(
     from rich.table import Table
 
     opts = RunOptions(storage=storage, tracking_uri=tracking_uri, experiment=experiment)
-    tracking.setup(tracking_uri, experiment)
     make = OBJECTIVES[cfg.kind]
     board = scheduler.open_study(cfg.study, opts.policy(), make.direction, create=False)
     if board is None:
+        steps = (
+            sweep.study_steps(cfg.study)
+            if cfg.kind == "probe-grid"
+            else f"`ddsweep study {cfg.kind} --study {cfg.study}`"
+        )
+        raise UserError(f"study {cfg.study!r} has not been started: run {steps}")
+    tracking.setup(tracking_uri, create=False)  # read only: no experiment is created
+    if tracking.missing_store() is not None:
         raise UserError(
-            f"study {cfg.study!r} has not been started: run `ddsweep study {cfg.kind} "
-            f"--study {cfg.study}`"
+            f"study {cfg.study!r} has no MLflow store here ({tracking.missing_store()} does not "
+            "exist): check --tracking-uri (or MLFLOW_TRACKING_URI)"
         )
     pins: dict[sweep.Backbone3, tuple[str, tuple[int, ...]]] = {}
     for key in sweep.backbones(cfg.axes):

@@ -53,8 +53,18 @@ def label(kind: str, k: int) -> str:
 
 
 def metric_name(block: str, kind: str, k: int) -> str:
-    """e.g. probe.up3.knn50.top1."""
-    return f"probe.{block}.{label(kind, k)}.top1"
+    """e.g. probe/up3/knn50/top1: `mlflow ui` groups its charts by what comes before a `/`, so
+    the curves of one block sit together (a block may be a module path with dots of its own)."""
+    return f"probe/{block}/{label(kind, k)}/top1"
+
+
+def canonical_metric(name: str) -> str:
+    """A probe metric as this version names it: the dotted probe.up3.knn50.top1 of runs logged
+    before is read as probe/up3/knn50/top1 (so an old --stop-when-probe-plateaus still works)."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "probe" and "/" not in name:
+        return "/".join(parts)
+    return name
 
 
 def metric_names(blocks: Sequence[str], probe_labels: Sequence[str]) -> list[str]:
@@ -78,6 +88,7 @@ def validate(
     diffusion.validate_noise_step(noise_step)
     if patience < 1:
         raise UserError(f"--patience must be at least 1, got {patience}")
+    stop_metric = canonical_metric(stop_metric)
     if stop_metric:
         if not every:
             raise UserError("--stop-when-probe-plateaus needs --probe-every N (N > 0)")
@@ -183,6 +194,7 @@ class Prober:
     def _judge(
         self, metrics: dict[str, float], hits: dict[str, np.ndarray], epoch: int
     ) -> str | None:
+        self.stop_metric = canonical_metric(self.stop_metric)
         if not self.stop_metric:
             return None
         value = metrics[self.stop_metric]

@@ -6,6 +6,7 @@ project's run is the study's parent."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -171,6 +172,11 @@ def test_the_parent_holds_the_sweep_file_and_the_tables(studied: Path) -> None:
     summary = client.load_table(parent.info.experiment_id, "tables/summary.json", [rid])
     assert len(summary) == 1  # replaced, not appended to, by the second probe-grid command
     assert summary["best block"][0] == parent.data.tags["best_block"]
+    assert list(summary.columns)[:2] == ["best block", "best epoch"]  # the answer first
+    # Every trial says in its description what it is and what it scored, with its interval.
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{rid}'")
+    notes = [k.data.tags.get("mlflow.note.content", "") for k in kids]
+    assert kids and all(re.match(r"\*\*top1 \d+\.\d ± \d+\.\d %", n) for n in notes), notes
     grid = client.load_table(parent.info.experiment_id, f"tables/{slug}.json", [rid])
     top1 = grid[grid["metric"] == "top1 %"]
     assert list(top1["block"]) == ["pixels", "mid", "up4"]

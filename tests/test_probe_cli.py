@@ -86,14 +86,18 @@ def assert_probe_run(run: Run, *, probe_kind: str = "linear") -> None:
     """Params: every axis, every probe setting and the backbone; the probe's metrics."""
     assert run.info.status == "FINISHED"
     params, metrics = run.data.params, run.data.metrics
-    assert AXES | SETTINGS | {"backbone"} <= set(params)
+    kinds = ("linear.", "knn.")  # only the probe's own kind's settings apply to a run
+    own = {s for s in SETTINGS if not s.startswith(kinds) or s.startswith(f"{probe_kind}.")}
+    axes = AXES - {"settings"} - ({"k"} if probe_kind != "knn" else set())
+    assert axes | own | {"backbone"} <= set(params)
+    assert not any(p.startswith(kinds) and not p.startswith(f"{probe_kind}.") for p in params)
     assert params["dataset"] == "digits"
     assert params["resolution"] == "16"
     assert params["probe"] == probe_kind
     want = {"top1", "top3", "extract_s", "fit_s"}
     if probe_kind == "linear":
         want.add("train_top1")
-        assert params["k"] == "0"  # k applies to knn only
+        assert "k" not in params and "settings" not in params  # k applies to knn only
     assert want <= set(metrics)
     for name in ("top1", "top3") + (("train_top1",) if probe_kind == "linear" else ()):
         assert 0.0 <= metrics[name] <= 1.0, name

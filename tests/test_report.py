@@ -4,6 +4,7 @@ markers, the summary, FID curves, and the files written and logged back to the s
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import StringIO
@@ -220,7 +221,7 @@ def test_write_report_files_artifacts_and_overwrite(store: Planted) -> None:
     (out / "notes.txt").write_text("mine")
     (out / "digits-16px-attn-linear-t0-avg-ema.csv").write_text("stale")
     buf = StringIO()
-    paths = report.write_report(STUDY, out, {"all"}, Console(file=buf, width=200))
+    paths = report.write_report(STUDY, out, {"all"}, Console(file=buf, width=200), full=True)
 
     slugs = [
         "digits-16px-attn-linear-t0-avg-ema",
@@ -299,13 +300,38 @@ def test_write_report_files_artifacts_and_overwrite(store: Planted) -> None:
 
 def test_table_only_writes_and_logs_nothing(store: Planted, tmp_path: Path) -> None:
     buf = StringIO()
-    assert report.write_report(STUDY, tmp_path / "r", {"table"}, Console(file=buf, width=40)) == []
+    narrow = Console(file=buf, width=40)
+    assert report.write_report(STUDY, tmp_path / "r", {"table"}, narrow, full=True) == []
     assert not (tmp_path / "r").exists()
     assert "(rows: epochs)" in buf.getvalue()  # too narrow for block × epoch: transposed
 
 
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_answer_comes_first_and_fits_the_terminal(
+    store: Planted, tmp_path: Path, width: int
+) -> None:
+    """Without --full the terminal gets the answer alone: no key cell cut, no row wrapped (one
+    line per table of the study), every line within the width; the files hold every table."""
+    buf = StringIO()
+    console = Console(file=buf, width=width, color_system=None)
+    paths = report.write_report(STUDY, tmp_path / "r", {"all"}, console)
+    lines = buf.getvalue().splitlines()
+    assert all(len(line) <= width for line in lines), [ln for ln in lines if len(ln) > width]
+    assert "…" not in buf.getvalue()
+    answer = lines.index(next(ln for ln in lines if "answer" in ln))
+    assert answer == 1  # the status line, then the answer (in words, then at a glance)
+    assert any("the answer" in ln for ln in lines[answer:])
+    row = re.compile(r"^(attention linear|attention knn k=5|no attention linear) +up4 @ \d+ +\d")
+    rows = [ln for ln in lines if row.match(ln)]
+    assert len(rows) == 3, lines  # one line per table, each whole
+    assert "rows: epochs" not in buf.getvalue() and "best block by epoch" not in buf.getvalue()
+    assert f"`ddsweep report --study {STUDY} --full`" in buf.getvalue()
+    md = next(p for p in paths if p.name == "report.md").read_text()
+    assert "| up4 | 25.0 | **80.0** * | **78.0** |" in md  # every table in the files
+
+
 def test_unknown_study_is_a_one_line_user_error(store: Planted, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="ddsweep study probe-grid --study nosuch") as err:
+    with pytest.raises(UserError, match=r"no study .nosuch.*; shipped studies: ") as err:
         report.write_report("nosuch", tmp_path / "r", {"all"}, Console(file=StringIO()))
     assert "'nosuch'" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "r").exists()

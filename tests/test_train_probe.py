@@ -79,7 +79,8 @@ def test_probe_labels_and_bad_options() -> None:
     assert trainprobe.parse_probe("knn") == ("knn", trainprobe.DEFAULT_K)
     assert trainprobe.parse_probe("knn20") == ("knn", 20)
     assert trainprobe.parse_probe("linear") == ("linear", 0)
-    assert trainprobe.metric_name("up3", "knn", 50) == "probe.up3.knn50.top1"
+    assert trainprobe.metric_name("up3", "knn", 50) == "probe/up3/knn50/top1"
+    assert trainprobe.canonical_metric("probe.up3.knn50.top1") == "probe/up3/knn50/top1"
     for bad in ("svm", "linear3", "knn0", "Knn"):
         with pytest.raises(UserError, match="--probe"):
             trainprobe.parse_probe(bad)
@@ -219,7 +220,7 @@ def test_a_plateau_stops_training_keeps_its_checkpoint_and_resume_goes_on(
 ) -> None:
     # The raw pixels' accuracy never changes, so with patience 1 the rule must fire at the
     # second evaluation: epoch 2, with checkpoints every 3 epochs (epoch 2's is the stop's own).
-    metric = "probe.pixels.knn10.top1"
+    metric = "probe/pixels/knn10/top1"
     cfg = tiny(
         dataset=image_folder(tmp_path / "images"), batch_size=16, epochs=4, checkpoint_every=3, probe_block=("pixels",), probe=("knn10",),
         stop_when_probe_plateaus=metric, patience=1,

@@ -209,25 +209,31 @@ def bar(console: Any = None) -> Any:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.table import Column
     from rich.text import Text
 
     class StateColumn(ProgressColumn):
         def render(self, task: Any) -> Text:
             f = task.fields
             if "state" in f:
-                return Text(str(f["state"]))
-            if "loss" in f:
-                return Text(f"loss {f['loss']:.4f}  {f.get('ips', 0):.0f} img/s")
-            return Text("")
+                text = str(f["state"])
+            elif "loss" in f:
+                text = f"loss {f['loss']:.4f} {f.get('ips', 0):.0f} img/s"
+            else:
+                text = ""
+            return Text(text, no_wrap=True, overflow="ellipsis")
 
+    # At 80 columns every row stays one line: the state takes the width left and is cut
+    # short (the current point's name ends it), never wrapped onto a line of its own.
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        StateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
+        BarColumn(bar_width=16),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        StateColumn(table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+        TimeElapsedColumn(table_column=Column(no_wrap=True)),
+        TimeRemainingColumn(table_column=Column(no_wrap=True)),
         console=console,
+        expand=True,
     )
 
 

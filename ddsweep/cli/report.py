@@ -19,6 +19,16 @@ from ddsweep.cli._options import (
 from ddsweep.config.run import DEFAULT_EXPERIMENT
 from ddsweep.errors import UserError
 
+Full = Annotated[
+    bool,
+    typer.Option(
+        "--full",
+        help="Print every block x epoch table after the answer (default: the answer alone; "
+        "the report files always hold every table).",
+        show_default=False,
+    ),
+]
+
 
 def report(
     study: StudyName,
@@ -42,6 +52,7 @@ def report(
         ),
     ] = None,
     tracking_uri: TrackingUri = None,
+    full: Full = False,
 ) -> None:
     """Block x epoch tables of a study from MLflow: terminal, CSV, Markdown and PNG plots."""
     from ddsweep import report as report_mod
@@ -50,9 +61,10 @@ def report(
     wanted = formats or ["all"]
     tracking.setup(tracking_uri, create=False)
     report_mod.parse_formats(wanted)
+    report_mod.check_store(study)
     tracking.check_reachable()
     out_dir = out or report_mod.default_out_dir(study)
-    report_mod.write_report(study, out_dir, wanted, experiment=experiment)
+    report_mod.write_report(study, out_dir, wanted, experiment=experiment, full=full)
 
 
 def quickstart(
@@ -62,6 +74,7 @@ def quickstart(
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = DEFAULT_EXPERIMENT,
+    full: Full = False,
 ) -> None:
     """The whole pipeline on the bundled digits set, offline on a CPU: train, probe, report."""
     from rich.console import Console
@@ -81,7 +94,7 @@ def quickstart(
     console = Console()
     with bar(Console(stderr=True)) as progress:
         cfg = qs.run(opts, progress, study_progress(progress, qs.STUDY))
-    files = qs.write_report(cfg, console)
+    files = qs.write_report(cfg, console, full=full)
     where = files[0].parent if files else "reports/"
     console.print(
         f"\nThe report files are in {where}/. Run `mlflow ui` in this folder to browse every "

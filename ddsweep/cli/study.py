@@ -138,8 +138,15 @@ def run_grid(cfg: Any, opts: Any, where: Any = DEFAULT_LAUNCH) -> None:
     try:
         ctx, outcomes = run_study(cfg, opts, progress=show_started)
     finally:
-        progress.stop()
+        if progress.live.is_started:  # a stop never started prints a blank line before errors
+            progress.stop()
     out, err = outcome_lines(ctx, outcomes)
+    if not ctx.board.spreads_ints():
+        out.append(
+            f"note: study {cfg.study} began before ddsweep spread integer axes over their values: "
+            "its trials keep the range 0..2^48-1 (optuna-dashboard draws them at 0); a new "
+            f"study (--study {cfg.study}-2) spreads them"
+        )
     for line in [*ctx.answer, *out]:  # the study's answer first (as the report gives it)
         typer.echo(line)
     for line in err:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddsweep.config.model import SEED_CHANNELS  # the DDPM CIFAR-10 U-Net
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 
 KNOWN_DATASETS: tuple[str, ...] = ("cifar10", "stl10", "flowers102", "digits")
 FOLDER_PREFIX = "folder:"
@@ -42,7 +42,9 @@ def dataset_info(name: str) -> DatasetInfo:
         root, classes = folder_layout(name)
         return DatasetInfo(f"{FOLDER_PREFIX}{root}", 32, len(classes), SEED_CHANNELS)
     known = ", ".join((*KNOWN_DATASETS, "folder:PATH"))
-    raise UserError(f"unknown dataset {name!r}: use one of {known}")
+    raise UserError(
+        f"unknown dataset {name!r}{did_you_mean(name, KNOWN_DATASETS)}: use one of {known}"
+    )
 
 
 def folder_layout(name: str) -> tuple[Path, list[str]]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -145,7 +145,8 @@ def get(name: str) -> ProbeKind:
     try:
         return _KINDS[name]
     except (KeyError, TypeError):
-        raise UserError(f"unknown probe {name!r}; allowed: {', '.join(names())}") from None
+        hint = did_you_mean(name, names())
+        raise UserError(f"unknown probe {name!r}{hint}; allowed: {', '.join(names())}") from None
 
 
 def find(name: str) -> ProbeKind | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ddsweep.config.probekinds import get
 from ddsweep.config.probesettings import DEFAULT_K, DINO_TEMPERATURE
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 
 __all__ = ["PROTOCOLS", "SEED", "Part", "Protocol", "names", "protocol"]
 
@@ -104,4 +104,5 @@ def protocol(name: str) -> Protocol:
     try:
         return PROTOCOLS[name]
     except (KeyError, TypeError):
-        raise UserError(f"unknown protocol {name!r}; allowed: {', '.join(names())}") from None
+        hint = did_you_mean(name, names())
+        raise UserError(f"unknown protocol {name!r}{hint}; allowed: {', '.join(names())}") from None

@@ -21,6 +21,7 @@ from ddsweep.report.headline import (
 )
 from ddsweep.report.loader import (
     STUDY_TAG,
+    check_store,
     count_trials,
     find_study,
     gather_fid,
@@ -41,6 +42,7 @@ from ddsweep.report.render import (
     markdown,
     markdown_table,
     parse_formats,
+    print_answer,
     print_report,
     rich_tables,
     status_line,
@@ -85,6 +87,7 @@ __all__ = [
     "attach_fid",
     "block_label",
     "build_tables",
+    "check_store",
     "choice_metric",
     "contest",
     "count_trials",
@@ -104,6 +107,7 @@ __all__ = [
     "pct",
     "pct_ci",
     "plot_facet",
+    "print_answer",
     "print_report",
     "read_facts",
     "rich_summary",

@@ -116,10 +116,19 @@ def note(study: str, answer: Answer | None) -> str:
 def tables(facets: Sequence[Facet], rows: Sequence[SummaryRow]) -> dict[str, Columns]:
     """{artifact path: columns}: tables/summary.json (the summary, as the terminal shows it)
     and tables/<slug>.json per block × epoch table (as its CSV file holds it)."""
-    out = {"tables/summary.json": _columns([list(HEADERS), *map(summary_cells, rows)])}
+    out = {
+        "tables/summary.json": _columns(answer_first([list(HEADERS), *map(summary_cells, rows)]))
+    }
     for f in facets:
         out[f"tables/{f.key.slug()}.json"] = _columns(csv_rows(f))
     return out
+
+
+def answer_first(rows: list[list[str]]) -> list[list[str]]:
+    """The summary's rows with the answer's columns (best block onwards) first and the key
+    columns (dataset, ..., settings: often the same in every row) after them."""
+    k = HEADERS.index("best block")
+    return [r[k:] + r[:k] for r in rows]
 
 
 def _columns(rows: list[list[str]]) -> Columns:

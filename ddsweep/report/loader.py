@@ -15,7 +15,7 @@ from ddsweep.report import traincurves as tc
 from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
 from ddsweep.report.headline import attach_fid, summary
 from ddsweep.report.methods import methods_card
-from ddsweep.report.render import parse_formats, print_report, status_line, write_files
+from ddsweep.report.render import REPORT_MD, parse_formats, print_report, status_line, write_files
 from ddsweep.report.tables import build_tables
 from ddsweep.tracking.records import study_parent
 from ddsweep.tracking.schema import KIND_TAG, STUDY_TAG
@@ -42,6 +42,29 @@ def _experiment_ids(experiment: str | None) -> dict[str, Any]:
     return {"experiment_ids": [found.experiment_id]}
 
 
+def _no_study(study: str, where: str, also: Iterable[str] = ()) -> UserError:
+    """'no study X at URI: run ...' with the commands that run it, or a did-you-mean when no
+    sweep file names it."""
+    from ddsweep.config import sweep
+
+    if sweep.find_sweep_file(study) is not None:
+        return UserError(f"no study {study!r} {where}: to run it, {sweep.study_steps(study)}")
+    return UserError(
+        f"no study {study!r} {where}{sweep.unknown_study_hint(study, also)} (or check "
+        "--tracking-uri)"
+    )
+
+
+def check_store(study: str) -> None:
+    """UserError, before MLflow opens anything, when the tracking store is a sqlite file that
+    does not exist: reading it would create it (and an empty mlflow.db would be left behind)."""
+    from ddsweep.tracking import missing_store
+
+    path = missing_store()
+    if path is not None:
+        raise _no_study(study, f"here ({path} does not exist)")
+
+
 def find_study(study: str, experiment: str | None = None) -> str:
     """Run id of the study's parent run (the oldest when several match) in `experiment` (by
     name; None: in any experiment)."""
@@ -60,11 +83,15 @@ def find_study(study: str, experiment: str | None = None) -> str:
     if not runs:
         from ddsweep.tracking import redact
 
-        within = "" if experiment is None else f" in experiment {experiment!r}"
-        raise UserError(
-            f"no study {study!r}{within} at {redact(mlflow.get_tracking_uri())}: run "
-            f"`ddsweep study probe-grid --study {study}` first (or check --tracking-uri)"
+        within = "" if experiment is None else f"in experiment {experiment!r} "
+        studies = mlflow.search_runs(
+            filter_string=f"tags.`{KIND_TAG}` = 'study'",
+            max_results=1000,
+            output_format="list",
+            **where,
         )
+        known = {r.data.tags.get(STUDY_TAG, "") for r in studies} - {""}
+        raise _no_study(study, f"{within}at {redact(mlflow.get_tracking_uri())}", sorted(known))
     return str(runs[0].info.run_id)
 
 
@@ -177,7 +204,8 @@ def load_training_probes(run_ids: Iterable[str]) -> dict[str, dict[str, dict[int
     out: dict[str, dict[str, dict[int, float]]] = {}
     for run_id in run_ids:
         try:
-            names = [m for m in client.get_run(run_id).data.metrics if m.startswith(tc.PREFIX)]
+            metrics = client.get_run(run_id).data.metrics
+            names = [m for m in metrics if tc.split_metric(m) is not None]
         except Exception:  # a deleted or foreign backbone: no curves, the report stands
             continue
         out[run_id] = {
@@ -193,10 +221,12 @@ def write_report(
     console: Console | None = None,
     *,
     experiment: str | None = None,
+    full: bool = False,
 ) -> list[Path]:
     """Read the study (in `experiment`, by name; None: any) from the current MLflow tracking
     store, print its tables ('table'), write CSV / Markdown / PNG files into `out_dir` and log
-    them under `report/` of the study's parent run; returns the files written. UserError for an
+    them under `report/` of the study's parent run; returns the files written. The terminal
+    gets the answer first, and every table only with `full` (the files always hold them). UserError for an
     unknown study; a study with no finished trial yet prints one line and writes nothing."""
     from mlflow.tracking import MlflowClient
     from rich.console import Console
@@ -217,11 +247,11 @@ def write_report(
     attach_fid(facets, fid_by_backbone(load_fid_runs()))
     rows = summary(facets)
     if "table" in wanted:
-        print_report(console, study, facets, rows)
+        print_report(console, study, facets, rows, full)
     card = methods_card(study, facets, trials, split_inputs(trials))
     paths = write_files(study, facets, rows, out_dir, wanted, header=header, card=card)
     curves = tc.curves(load_training_probes(tc.backbone_runs(trials.get("params.backbone", []))))
-    if curves and "table" in wanted:
+    if curves and "table" in wanted and full:
         for table in tc.rich_tables(curves):
             console.print(table)
     paths += tc.write_files(curves, out_dir, wanted) if curves else []
@@ -232,4 +262,7 @@ def write_report(
         console.print(
             f"wrote {len(paths)} files to {out_dir} (logged under report/ of MLflow run {parent})"
         )
+    if "table" in wanted and not full:
+        also = f", or read {out_dir / REPORT_MD}" if "md" in wanted else ""
+        console.print(f"every table: `ddsweep report --study {study} --full`{also}")
     return paths

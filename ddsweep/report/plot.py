@@ -76,7 +76,7 @@ def plot_facet(facet: Facet, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     # A bare Figure with the Agg canvas: no pyplot state, no GUI backend, safe in threads.
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    fig = Figure(figsize=(8, 5.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax: Axes = fig.add_subplot()
     extra = [b for b in facet.blocks if b != PIXELS and b not in BLOCKS]
@@ -113,6 +113,7 @@ def plot_facet(facet: Facet, path: Path) -> Path:
         h2, l2 = _plot_fids(ax, fids)
         handles, labels = handles + h2, labels + l2
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+        # Below the axes, in columns: a legend at the upper right ran over the title.
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=4)
     fig.savefig(path, dpi=120)
     return path

@@ -18,6 +18,7 @@ from ddsweep.report.methods import METHODS_MD
 from ddsweep.report.plot import plot_facet
 from ddsweep.report.summary_views import (
     SUMMARY_NOTE,
+    answer_view,
     markdown_summary,
     rich_summary,
     val_ties,
@@ -212,11 +213,22 @@ def answer_lines(facets: list[Facet], rows: list[SummaryRow]) -> list[str]:
     return answer.lines(found) if found else ["answer: no cell of the network finished yet"]
 
 
-def print_report(console: Console, study: str, facets: list[Facet], rows: list[SummaryRow]) -> None:
-    """The study's answer first, then every facet's tables under a rule naming it, its tested
-    claims and FID curves, then the summary."""
+def print_answer(console: Console, study: str, rows: list[SummaryRow]) -> None:
+    """The summary at a glance (see `summary_views.answer_view`), fitted to the console."""
+    for part in answer_view(rows, study, console.width):
+        console.print(part)
+
+
+def print_report(
+    console: Console, study: str, facets: list[Facet], rows: list[SummaryRow], full: bool = False
+) -> None:
+    """The study's answer first, in words and at a glance; with `full`, then every facet's
+    tables under a rule naming it, its tested claims and FID curves, then the summary."""
     for line in answer_lines(facets, rows):
         console.print(line, highlight=False)
+    print_answer(console, study, rows)
+    if not full:
+        return
     for f in facets:
         console.rule(f.key.title())
         for table in rich_tables(f, console.width):

@@ -14,6 +14,7 @@ from ddsweep.report.headline import SummaryRow
 from ddsweep.report.text import block_label, epoch_label, pct, pct_ci, spot_label, verdict
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
     from rich.table import Table
 
 HEADERS = (
@@ -145,6 +146,100 @@ def rich_summary(rows: Iterable[SummaryRow], study: str) -> Table:
     for row_cells in cells:
         table.add_row(*(row_cells[i] for i in keep))
     return table
+
+
+# The answer's columns at a glance, most wanted first: a column that does not fit the terminal's
+# width is left out of the table and said below it, one line per row (never a wrapped row).
+ANSWER_COLUMNS = (
+    "table",
+    "best block @ epoch",
+    "top1 % (test)",
+    "vs runner-up",
+    "pixels %",
+    "on test",
+)
+_SAID = {  # a column's words when it is said below the table
+    "vs runner-up": "",
+    "pixels %": "pixels baseline %",
+    "on test": "best on test (optimistic)",
+}
+
+
+def _answer_cells(row: SummaryRow, key: str) -> list[str]:
+    block = row.best_block
+    where = "none" if block is None else f"{block_label(block)} @ {epoch_label(row.best_epoch)}"
+    on_test = _on_test(row)
+    return [
+        key,
+        where,
+        pct_ci(row.best_top1, row.best_low, row.best_high),
+        _verdict(row),
+        pct(row.pixels_top1),
+        "" if on_test == f"{where}: {pct(row.best_top1)}" else on_test,
+    ]
+
+
+def answer_view(rows: Iterable[SummaryRow], study: str, width: int = 80) -> list[RenderableType]:
+    """The study's answer first, compact: one line per table of the study (its key: only what
+    differs between tables), its best block @ epoch, that cell's test top1 ± half its 95 %
+    interval, the verdict against the runner-up, the pixels baseline and the best cell on test
+    when it differs; block names are never cut and no row wraps at `width` columns (a column
+    that does not fit is said below the table instead)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = list(rows)
+    full = [summary_cells(r) for r in rows]
+    keep, same = shown_columns(full)
+    varying = [i for i in keep if i < HEADERS.index("best block")]
+    keys = [" ".join(_key_text(HEADERS[i], c[i]) for i in varying) or "all" for c in full]
+    cells = [_answer_cells(r, key) for r, key in zip(rows, keys, strict=True)]
+    used = [j for j in range(len(ANSWER_COLUMNS)) if any(c[j] for c in cells)]
+    fixed = ", ".join(_key_text(HEADERS[i], v) for i, v in same)
+    chosen = {r.chosen_on for r in rows if r.best_block is not None}
+    on = {"val": "chosen on validation", "test": "chosen on test (optimistic)"}
+    title = f"study {study}: the answer" + (f" ({fixed})" if fixed else "")
+    caption = "; ".join(on[c] for c in sorted(chosen))
+
+    def table(columns: list[int]) -> Table:
+        t = Table(box=None, pad_edge=False)
+        for j in columns:
+            right = ANSWER_COLUMNS[j] in ("top1 % (test)", "pixels %")
+            t.add_column(ANSWER_COLUMNS[j], justify="right" if right else "left", no_wrap=True)
+        for c in cells:
+            t.add_row(*(Text(c[j], style="bold" if j == 1 else "") for j in columns))
+        return t
+
+    probe = Console(width=10_000)
+    columns = used[:3]
+    for j in used[3:]:  # the most wanted columns that fit, in their order
+        if probe.measure(table(sorted([*columns, j]))).maximum <= width:
+            columns = sorted([*columns, j])
+    out: list[RenderableType] = [Text(title, style="bold", overflow="fold"), table(columns)]
+    left = [j for j in used if j not in columns]
+    for c in cells:
+        said = "; ".join(f"{_SAID[ANSWER_COLUMNS[j]]} {c[j]}".strip() for j in left if c[j])
+        if said:
+            out.append(Text(f"{c[0]}: {said}", overflow="fold"))
+    if caption:
+        out.append(Text(caption))
+    return out
+
+
+def _key_text(header: str, value: str) -> str:
+    """A key cell as words: 't=0', 'res 16', 'attn yes', 'knn k=10'."""
+    if header in ("t",):
+        return f"t={value}"
+    if header in ("res",):
+        return f"{value} px"
+    if header == "attn":
+        return {"yes": "attention", "no": "no attention"}.get(value, value)
+    if header in ("pool",):
+        return f"{value} pool"
+    if header in ("weights",):
+        return f"{value} weights"
+    return value
 
 
 def shown_columns(cells: list[list[str]]) -> tuple[list[int], list[tuple[int, str]]]:

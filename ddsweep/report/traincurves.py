@@ -16,7 +16,20 @@ from ddsweep.report.text import pct
 if TYPE_CHECKING:
     from rich.table import Table
 
-PREFIX = "probe."
+PREFIX = "probe"  # probe/<block>/<probe>/top1 (earlier runs: probe.<block>.<probe>.top1)
+
+
+def split_metric(metric: str) -> tuple[str, str] | None:
+    """(block, probe) of a probe metric of a training run, in either naming, else None."""
+    parts = metric.split("/")
+    if len(parts) == 4 and parts[0] == PREFIX:
+        return parts[1], parts[2]
+    parts = metric.split(".")
+    if len(parts) == 4 and parts[0] == PREFIX:
+        return parts[1], parts[2]
+    return None
+
+
 CSV_FILE, MD_FILE = "training_probes.csv", "training_probes.md"
 MAX_COLUMNS = 12  # epochs shown in the terminal; the files hold every one
 
@@ -31,11 +44,11 @@ class TrainCurve:
 
     @property
     def block(self) -> str:
-        return self.metric.split(".")[1]
+        return (split_metric(self.metric) or ("", ""))[0]
 
     @property
     def probe(self) -> str:
-        return self.metric.split(".")[2]
+        return (split_metric(self.metric) or ("", ""))[1]
 
     def best(self) -> tuple[int, float]:
         """(epoch, value) of the highest value, the earliest epoch among equals."""
@@ -58,7 +71,7 @@ def curves(histories: Mapping[str, Mapping[str, Mapping[int, float]]]) -> list[T
         TrainCurve(run, metric, dict(sorted(values.items())))
         for run, metrics in histories.items()
         for metric, values in metrics.items()
-        if metric.startswith(PREFIX) and metric.count(".") == 3 and values
+        if split_metric(metric) is not None and values
     ]
     runs = list(histories)
     return sorted(found, key=lambda c: (runs.index(c.run_id), c.probe, block_order(c.block)))

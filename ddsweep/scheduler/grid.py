@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ddsweep.config.points import id_of
 from ddsweep.errors import UserError, first_line
-from ddsweep.scheduler.storage import make_storage
+from ddsweep.scheduler.storage import journal_path, make_storage
 from ddsweep.scheduler.trials import (
     HEARTBEAT_ATTR,
     INTERRUPTED_ATTR,
@@ -42,6 +42,12 @@ CHOICES_ATTR = "choices"  # the categorical params' choices, fixed when the stud
 # of such a point warned "out of range" with 2**31 - 1); 2**48 - 1 stays exact in an RDB's
 # float column, and Optuna accepts the wider range beside trials of the narrower one.
 INT_HIGH = 2**48 - 1
+# Studies created since ddsweep 0.1.x: an int param's distribution spans its grid's values
+# (optuna-dashboard spreads epochs and noise steps; a constant axis, low == high, is left out
+# of its importance ranking). A study created before keeps 0..INT_HIGH: an Optuna study's
+# params cannot change distribution mid-study without `optuna-dashboard` misdrawing them.
+RANGES_ATTR = "int_ranges"
+SPREAD = "grid values"
 Direction = Literal["minimize", "maximize"]
 
 
@@ -94,12 +100,34 @@ class GridSampler(BaseSampler):
         return self._chosen[trial.number][param_name]
 
 
-def _distribution(name: str, value: Any, choices: Mapping[str, list[Any]]) -> BaseDistribution:
+def _distribution(
+    name: str,
+    value: Any,
+    choices: Mapping[str, list[Any]],
+    ranges: Mapping[str, tuple[int, int]] | None = None,
+) -> BaseDistribution:
+    """The param's distribution: categorical for flags and names; for an int, the span of the
+    grid's values (`ranges`, widened to hold `value`), or 0..INT_HIGH in a study that began
+    with that (`ranges` None)."""
     if isinstance(value, bool):
         return CategoricalDistribution((True, False))
     if isinstance(value, int):
-        return IntDistribution(0, INT_HIGH)
+        if ranges is None:
+            return IntDistribution(0, INT_HIGH)
+        low, high = ranges.get(name, (value, value))
+        return IntDistribution(min(low, value), max(high, value))
     return CategoricalDistribution(tuple(choices[name]))
+
+
+def int_ranges(grid: Grid) -> dict[str, tuple[int, int]]:
+    """(lowest, highest) value of every int param of the grid."""
+    out: dict[str, tuple[int, int]] = {}
+    for params in grid.params.values():
+        for name, value in params.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                low, high = out.get(name, (value, value))
+                out[name] = (min(low, value), max(high, value))
+    return out
 
 
 def _choices(grid: Grid) -> dict[str, list[Any]]:
@@ -145,6 +173,7 @@ class GridStudy:
         if self._handout is None or self._handout.view is not view:
             self._handout = Handout(self.grid, view, worker=hash(self.me) & 0xFFFFFFF)
         return self._handout
+        self.ranges: dict[str, tuple[int, int]] | None = None
 
     # study-wide attributes: pinned backbones, the MLflow parent run, ...
     @property
@@ -184,6 +213,14 @@ class GridStudy:
         self.grid = grid
         self._handout = None  # a new grid: a new order
         self.study.sampler = GridSampler(grid)
+        if RANGES_ATTR not in self.study.user_attrs and not self.study.get_trials(deepcopy=False):
+            self.study.set_user_attr(RANGES_ATTR, SPREAD)  # no trial holds another range yet
+        self.ranges = int_ranges(grid) if self.spreads_ints() else None
+
+    def spreads_ints(self) -> bool:
+        """Whether the study's int params span their grid's values (studies created since
+        this was added), else 0..INT_HIGH (older studies keep what they began with)."""
+        return self.study.user_attrs.get(RANGES_ATTR) == SPREAD
 
     def _fix_choices(self, grid: Grid) -> None:
         wanted = _choices(grid)
@@ -232,7 +269,7 @@ class GridStudy:
         its worker and its first heartbeat (Optuna's ask and suggest take one write each)."""
         params = self.grid.params[pid]
         choices = self._choices
-        dists = {n: _distribution(n, v, choices) for n, v in params.items()}
+        dists = {n: _distribution(n, v, choices, self.ranges) for n, v in params.items()}
         attrs = {"point_id": self.grid.name(pid), WORKER_ATTR: self.me, HEARTBEAT_ATTR: 1}
         storage = self.study._storage
         tid = storage.create_new_trial(self.study._study_id, template(params, dists, attrs))
@@ -255,13 +292,14 @@ class GridStudy:
             sampler._chosen[trial.number] = params
         choices = self._choices
         for name, value in params.items():
-            dist = _distribution(name, value, choices)
+            dist = _distribution(name, value, choices, self.ranges)
             if isinstance(value, str) and value not in dist.choices:  # type: ignore[attr-defined]
                 return None  # a retry enqueued by a grid with other values
             if isinstance(dist, CategoricalDistribution):
                 trial.suggest_categorical(name, dist.choices)
             else:
-                trial.suggest_int(name, 0, INT_HIGH)
+                assert isinstance(dist, IntDistribution)
+                trial.suggest_int(name, dist.low, dist.high)
         # The point is what the storage now holds for the trial, whatever handed it out.
         return id_of(trial.params)
 
@@ -457,6 +495,9 @@ def open_study(
 ) -> GridStudy | None:
     """The grid study `name`: created on first use when `create`, else None when missing."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    journal = journal_path(name, policy)
+    if not create and journal is not None and not journal.is_file():
+        return None  # a look at a study that was never run leaves no folder behind
     storage = make_storage(name, policy)
     try:
         return GridStudy(optuna.load_study(study_name=name, storage=storage), policy, False)
@@ -468,4 +509,5 @@ def open_study(
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it first
         return GridStudy(optuna.load_study(study_name=name, storage=storage), policy, False)
     study.set_user_attr(CREATED_ATTR, time.time())
+    study.set_user_attr(RANGES_ATTR, SPREAD)
     return GridStudy(study, policy, True)

@@ -22,16 +22,24 @@ def default_storage_path(study: str) -> Path:
     return paths.optuna_dir() / f"{study}.journal"
 
 
+def journal_path(study: str, policy: Policy) -> Path | None:
+    """The journal file a study's storage is, or None for an RDB URL."""
+    url = policy.storage
+    if url is None or url.endswith(".journal") or url.startswith("journal:"):
+        return Path(url.removeprefix("journal:")) if url else default_storage_path(study)
+    return None
+
+
 def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:
     """Journal file storage by default (several processes on one machine), or an RDB URL with
     Optuna's heartbeat (several machines)."""
     from optuna.storages.journal import JournalStorage
 
-    url = policy.storage
-    if url is None or url.endswith(".journal") or url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:")) if url else default_storage_path(study)
+    path = journal_path(study, policy)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(_journal_file(str(path)))
+    url = str(policy.storage)
     if url.startswith("sqlite:") and "mlflow.db" in url:
         raise UserError(
             "--storage must not be MLflow's database: both keep an alembic_version table; "

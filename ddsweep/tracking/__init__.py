@@ -150,6 +150,11 @@ def get_run(run_id: str) -> Run:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    missing = missing_store()
+    if missing is not None:  # reading would create it, and MLflow would announce its tables
+        raise UserError(
+            f"no MLflow run {run_id!r} here: {missing} does not exist (check --tracking-uri)"
+        )
     try:
         return MlflowClient().get_run(run_id)
     except MlflowException as err:
@@ -192,15 +197,18 @@ def training_records(
     ]
 
 
-def latest_training_run(dataset: str, resolution: int, attention: bool) -> TrainingRun:
-    """The newest FINISHED `ddsweep train` run for (dataset, resolution, attention)."""
+def latest_training_run(
+    dataset: str, resolution: int, attention: bool, *, hint: str | None = None
+) -> TrainingRun:
+    """The newest FINISHED `ddsweep train` run for (dataset, resolution, attention); `hint`
+    says what to run when there is none (default: the `ddsweep train` command)."""
     runs = training_runs(dataset, resolution, attention, finished=True)
     if not runs:
         flag = "--attention" if attention else "--no-attention"
+        cmd = f"`ddsweep train {dataset} --resolution {resolution} {flag}` or pass --run RUN_ID"
         raise UserError(
             f"no finished training run for {dataset} at {resolution} px ({flag}) at "
-            f"{redact(_uri())}: run `ddsweep train {dataset} --resolution {resolution} {flag}` "
-            "or pass --run RUN_ID"
+            f"{redact(_uri())}: run {hint or cmd}"
         )
     return _training_record(runs[0])
 
@@ -309,6 +317,18 @@ def context_tags() -> dict[str, str]:
         if commit:
             tags[MLFLOW_GIT_COMMIT] = commit
     return tags
+
+
+def missing_store() -> Path | None:
+    """The sqlite file the current tracking URI names when it does not exist yet (opening it
+    would create it, and MLflow would announce its tables), else None."""
+    import mlflow
+
+    uri = str(mlflow.get_tracking_uri())
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    return None if path.exists() else path
 
 
 def check_reachable() -> None:

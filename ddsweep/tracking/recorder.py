@@ -119,6 +119,10 @@ class StudyRecorder:
         elif self.client.get_run(self.parent_id).info.status != "RUNNING":
             self.client.update_run(self.parent_id, status="RUNNING")
 
+    def describe(self, text: str) -> None:
+        """The parent run's description in `mlflow ui` (Markdown): the study's answer."""
+        self.client.set_tag(self.parent_id, MLFLOW_RUN_NOTE, text)
+
     def link_project_run(self) -> None:
         """Under `mlflow run` of a study begun before (its parent run exists already), point
         the project's run at the study's parent run, where the trials are."""
@@ -213,11 +217,20 @@ class StudyRecorder:
         return str(run.info.run_id)
 
     def log_trial(
-        self, pid: str, trial: int, record: Record, tags: Mapping[str, str] | None = None
+        self,
+        pid: str,
+        trial: int,
+        record: Record,
+        tags: Mapping[str, str] | None = None,
+        *,
+        description: str = "",
     ) -> str:
-        """One FINISHED child run for an evaluated point (with `tags`, e.g. its device);
-        returns its id."""
-        run_id = self._child(pid, trial, record.name, record.kind, record.start, **(tags or {}))
+        """One FINISHED child run for an evaluated point (with `tags`, e.g. its device, and
+        `description` as the run's description in `mlflow ui`); returns its id."""
+        notes = {MLFLOW_RUN_NOTE: description} if description else {}
+        run_id = self._child(
+            pid, trial, record.name, record.kind, record.start, **(tags or {}), **notes
+        )
         end = _ms(record.end)
         self.client.log_batch(
             run_id,

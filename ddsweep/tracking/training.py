@@ -60,6 +60,38 @@ def download_resumed_checkpoint(run_id: str, epoch: int, dst: Path) -> Path:
         ) from err
 
 
+SAMPLE_MIN_PX = 256  # a sample grid's smaller side in `mlflow ui`, at least
+
+
+def upscaled(grid: np.ndarray, at_least: int = SAMPLE_MIN_PX) -> np.ndarray:
+    """An HxWx3 grid enlarged by a whole factor (nearest neighbour: each pixel a square) until
+    its smaller side is at least `at_least` pixels; digits' 4x4 grid of 16 px is 64 px."""
+    import numpy as np
+
+    factor = -(-at_least // max(1, min(grid.shape[:2])))
+    if factor <= 1:
+        return grid
+    return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+
+
+def training_description(params: Mapping[str, str], last_epoch: int, loss: float | None) -> str:
+    """A training run's description in `mlflow ui`: dataset, architecture, epochs, final loss."""
+    p = params.get
+    attention = {"True": "attention", "False": "no attention"}.get(str(p("attention")), "")
+    arch = ", ".join(
+        x
+        for x in (
+            f"{p('resolution')} px" if p("resolution") else "",
+            f"channels {p('channels')}" if p("channels") else "",
+            attention,
+        )
+        if x
+    )
+    head = f"**{p('dataset', '?')}** backbone ({arch})" if arch else f"**{p('dataset', '?')}**"
+    final = "" if loss is None else f"; final epoch loss {loss:.4f}"
+    return f"{head}: {last_epoch} of {p('epochs', '?')} epochs trained{final}"
+
+
 class TrainingTracker:
     """One MLflow run per training: config as params, tags to find it again, the loss of every
     step (sent `log_every` at a time), epoch metrics, sample grids, checkpoints, resume state."""
@@ -70,6 +102,8 @@ class TrainingTracker:
         self.log_every = log_every
         self.run_id = ""
         self._pending: list[Any] = []  # mlflow Metric rows not yet sent
+        self._params: dict[str, str] = {}
+        self._loss: float | None = None  # the last epoch's loss, for the description
 
     def start(self, name: str | None, resume_run_id: str | None = None) -> str:
         """Start run `name` (or continue `resume_run_id`) as MLflow's active run; its id.
@@ -93,6 +127,7 @@ class TrainingTracker:
 
         mlflow.log_params(dict(params))
         mlflow.set_tags(dict(tags))
+        self._params = dict(params)
 
     def log_inputs(self, inputs: list[DataInput]) -> None:
         """The datasets the run trains on (see `tracking.log_inputs`)."""
@@ -112,12 +147,14 @@ class TrainingTracker:
 
         self._flush()
         mlflow.log_metrics(dict(metrics), step=step)
+        if "epoch_loss" in metrics:
+            self._loss = float(metrics["epoch_loss"])
 
     def log_samples(self, grid: np.ndarray, epoch: int) -> None:
         """An HxWx3 uint8 sample grid, as the `samples` image series at `epoch`."""
         import mlflow
 
-        mlflow.log_image(grid, key="samples", step=epoch)
+        mlflow.log_image(upscaled(grid), key="samples", step=epoch)
 
     def log_checkpoint(self, folder: Path, epoch: int) -> None:
         """The checkpoint folder of `epoch`, as checkpoints/epoch_NNNN."""
@@ -140,6 +177,8 @@ class TrainingTracker:
 
         self._flush()
         mlflow.set_tag("last_epoch", str(last_epoch))
+        note = training_description(self._params, last_epoch, self._loss)
+        mlflow.set_tag("mlflow.note.content", note)
         self._end("FINISHED")
 
     def fail(self) -> None:

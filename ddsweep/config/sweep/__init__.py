@@ -43,7 +43,7 @@ from ddsweep.config.sweep.study import (
     StudyConfig,
 )
 from ddsweep.config.sweep.yamlfile import read_yaml
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 
 __all__ = [
     "AXES",
@@ -116,6 +116,42 @@ def find_sweep_file(name: str) -> Path | None:
             if path.is_file():
                 return path
     return None
+
+
+QUICKSTART = "digits_blocks"  # the study `ddsweep quickstart` runs
+
+
+def known_studies() -> list[str]:
+    """The names `--study NAME` finds as sweep files: ./sweeps first, then the shipped ones."""
+    names: dict[str, None] = {}
+    for folder in sweep_dirs():
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.suffix in (".yaml", ".yml"):
+                    names[path.stem] = None
+    return list(names)
+
+
+def shipped_studies() -> list[str]:
+    """The studies that come with ddsweep."""
+    folder = shipped_sweep_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def unknown_study_hint(name: str, also: Iterable[str] = ()) -> str:
+    """' (did you mean 'digits_blocks'?); shipped studies: ...' for a study name that names no
+    sweep file; `also` are other known names (studies found in the tracking store)."""
+    hint = did_you_mean(name, [*known_studies(), *also])
+    return f"{hint}; shipped studies: {', '.join(shipped_studies())}"
+
+
+def study_steps(name: str) -> str:
+    """The commands that run study `name` from nothing, in order; for the quickstart's study,
+    `ddsweep quickstart`, which does both and prints the report."""
+    steps = (
+        f"`ddsweep study train-grid --study {name}`, then `ddsweep study probe-grid --study {name}`"
+    )
+    return f"`ddsweep quickstart` (or {steps})" if name == QUICKSTART else steps
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
@@ -347,8 +383,8 @@ def with_overrides(
             raise UserError(f"no sweep file {name}: check the path")
         if "dataset" not in parsed:
             raise UserError(
-                f"no sweep file sweeps/{name}.yaml: create it, or define the study on the "
-                "command line with at least --dataset (and e.g. --epoch, --block)"
+                f"no sweep file sweeps/{name}.yaml{unknown_study_hint(name)}; or create it, or "
+                "define the study on the command line with at least --dataset (and --block, ...)"
             )
         check_study_name(name, "--study")
         return check_grid_size(StudyConfig(study=name, axes=Axes(**parsed), source=source))

@@ -12,7 +12,7 @@ from ddsweep.config import datasets, protocols
 from ddsweep.config import probekinds as probes
 from ddsweep.config.model import ALIASES, BLOCKS, PIXELS
 from ddsweep.config.sweep.study import CLI_SOURCE, STUDY_AXES, TRAINED, _too_many, max_points
-from ddsweep.errors import UserError
+from ddsweep.errors import UserError, did_you_mean
 
 # --- values -------------------------------------------------------------------------------------
 
@@ -74,7 +74,8 @@ def _check_dataset(v: Any) -> str:
     if not isinstance(v, str):
         raise _Bad(f"{v!r} is not a dataset name")
     if v not in datasets.KNOWN_DATASETS and not v.startswith(datasets.FOLDER_PREFIX):
-        raise _Bad(f"unknown dataset {v!r}")  # parse_axis adds the allowed names
+        # parse_axis adds the allowed names
+        raise _Bad(f"unknown dataset {v!r}{did_you_mean(v, datasets.KNOWN_DATASETS)}")
     try:
         return datasets.dataset_info(v).name
     except UserError as err:  # a folder: dataset that is not there or not laid out right
@@ -88,8 +89,10 @@ def _check_block(v: Any) -> str:
         return v
     if _kind_block(v):
         return v
+    known = (*BLOCKS, *ALIASES, PIXELS)
     raise _Bad(
-        f"unknown block {v!r}; allowed: {', '.join((*BLOCKS, *ALIASES))}, {PIXELS} or a module path"
+        f"unknown block {v!r}{did_you_mean(v, known)}; allowed: {', '.join((*BLOCKS, *ALIASES))}, "
+        f"{PIXELS} or a module path"
     )
 
 
@@ -118,13 +121,15 @@ def _check_backbone(v: Any) -> str:
 
 def _check_probe(v: Any) -> str:
     if not isinstance(v, str) or probes.find(v) is None:
-        raise _Bad(f"unknown probe {v!r}; allowed: {', '.join(probes.names())}")
+        hint = did_you_mean(v, probes.names())
+        raise _Bad(f"unknown probe {v!r}{hint}; allowed: {', '.join(probes.names())}")
     return v
 
 
 def _check_protocol(v: Any) -> str:
     if not isinstance(v, str) or v not in protocols.PROTOCOLS:
-        raise _Bad(f"unknown protocol {v!r}; allowed: {', '.join(protocols.names())}")
+        hint = did_you_mean(v, protocols.names())
+        raise _Bad(f"unknown protocol {v!r}{hint}; allowed: {', '.join(protocols.names())}")
     return v
 
 
