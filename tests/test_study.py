@@ -13,8 +13,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -553,26 +551,17 @@ cli.main()
 @pytest.fixture
 def start_grid() -> Iterator[Any]:
     """start_grid(MODE, PATH, N, *ARGS): a worker process running the tiny grid (see WORKER),
-    one torch thread each; any still alive at the end of the test is killed."""
-    started: list[subprocess.Popen[str]] = []
+    one torch thread each, its output in files (no pipe to fill); any still alive at the end of
+    the test is killed."""
+    import hooked  # pytest puts tests/ on the path
 
-    def start(mode: str, path: Path, n: int, *args: str) -> subprocess.Popen[str]:
-        ddsweep_args = ["study", "probe-grid", "--study", STUDY, *args]
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER, mode, str(path), str(n), *ddsweep_args],
-            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        return proc
+    with hooked.processes() as run:
 
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=60)
+        def start(mode: str, path: Path, n: int, *args: str) -> Any:
+            ddsweep_args = ["study", "probe-grid", "--study", STUDY, *args]
+            return run(WORKER, mode, str(path), str(n), *ddsweep_args)
+
+        yield start
 
 
 def test_two_workers_started_at_once_evaluate_every_point_once(home: Path, start_grid: Any) -> None:
