@@ -53,3 +53,13 @@ def first_line(err: BaseException) -> str:
     server URL in it (SQLAlchemy and MLflow quote the URL they failed on) is redacted."""
     text = str(err).strip().splitlines()
     return redact_text(text[0]) if text else type(err).__name__
+
+
+_MIGRATION_RACE = ("already exists", "duplicate key value")
+
+
+def migration_race(err: BaseException) -> bool:
+    """Whether `err` is what a database says when two processes created its schema at once
+    (MLflow's and Optuna's first migration): retrying finds the schema made by the other."""
+    text = str(err).lower()
+    return any(s in text for s in _MIGRATION_RACE)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from ddsweep import diffusion
+from ddsweep import diffusion, integrity
 from ddsweep.errors import UserError
 from ddsweep.model import PIXELS, resolve_block
 
@@ -319,15 +319,20 @@ class FeatureCache:
     def get(self, key: CacheKey) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(features float32 [N,D], labels [N]) or None on a miss; a hit refreshes its LRU age."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         path = self.path(key)
+        # Absent or evicted meanwhile: a miss. Damaged (torn, cut, edited, not a file): named,
+        # removed, and a miss, so the extraction that follows writes it again.
+        blob = integrity.read_sealed(path, "feature-cache entry")
+        if blob is None:
+            return None
         try:
-            tensors = load_file(str(path))
+            tensors = integrity.load_torch(blob)
             features, labels = tensors["features"].float(), tensors["labels"]
-        # Absent or evicted meanwhile; or damaged from outside (SafetensorError is no OSError):
-        # a miss, and the extraction that follows overwrites it.
-        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError):
+            if features.ndim != 2 or labels.shape != (len(features),):
+                raise ValueError(f"features {tuple(features.shape)}, labels {tuple(labels.shape)}")
+        except (ValueError, RuntimeError, KeyError, SafetensorError) as err:
+            integrity.discard(path, "feature-cache entry", str(err).splitlines()[0])
             return None
         with contextlib.suppress(OSError):  # evicted since it was read: the tensors stand
             os.utime(path)
@@ -351,8 +356,6 @@ class FeatureCache:
         """Store an entry atomically (temp file + rename), float16 when that keeps every feature
         (see `_half_is_faithful`), else float32; returns the features as stored (as float32),
         so a miss hands out exactly what a hit will."""
-        from safetensors.torch import save_file
-
         self.root.mkdir(parents=True, exist_ok=True)
         stored = features.half() if _half_is_faithful(features) else features.float()
         meta = {k: str(v) for k, v in asdict(key).items()}
@@ -362,11 +365,9 @@ class FeatureCache:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=prefix, suffix=".safetensors")
         os.close(fd)
         try:
-            save_file(
-                {"features": stored.contiguous(), "labels": labels.contiguous()}, tmp, metadata=meta
-            )
-            with open(tmp, "rb") as f:  # on disk before it is named: a power cut tears nothing
-                os.fsync(f.fileno())
+            # Sealed with its digest, and on disk before it is named: a power cut tears nothing.
+            tensors = {"features": stored.contiguous(), "labels": labels.contiguous()}
+            integrity.save_torch(tensors, tmp, meta)
             os.replace(tmp, self.path(key))
         finally:
             if os.path.exists(tmp):

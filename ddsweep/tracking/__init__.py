@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -9,7 +10,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,8 @@ def setup(
     level = mlflow_logger.level
     mlflow_logger.setLevel(max(level, logging.WARNING))
     try:
-        exp = mlflow.set_experiment(experiment)
+        with first_migration(str(mlflow.get_tracking_uri())):
+            exp = mlflow.set_experiment(experiment)
     except Exception as err:  # an unreachable server or a bad URI is the user's to fix
         uri = redact(mlflow.get_tracking_uri())
         raise UserError(
@@ -60,6 +62,26 @@ def setup(
     finally:
         mlflow_logger.setLevel(level)
     return str(exp.experiment_id)
+
+
+@contextlib.contextmanager
+def first_migration(uri: str) -> Iterator[None]:
+    """Hold a lock named after a SQLite tracking database while MLflow first opens it: MLflow
+    creates and migrates a new database's tables on first use, and two commands started
+    together on a new folder would race (`table _alembic_tmp_experiments already exists`).
+    The lock lives in the temporary folder, not beside the user's database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import hashlib
+    import tempfile
+
+    from filelock import FileLock
+
+    db = os.path.realpath(uri.removeprefix("sqlite:///").split("?")[0])
+    name = hashlib.sha256(db.encode()).hexdigest()[:16]
+    with FileLock(os.path.join(tempfile.gettempdir(), f"ddsweep-mlflow-{name}.lock")):
+        yield
 
 
 SERVER_TIMEOUT_S = 5.0  # MLflow's own retries take minutes to give up on a dead server
