@@ -42,6 +42,13 @@ def validate_pool(pool: str) -> None:
     m = _AVG_N.match(pool)
     if not m or int(m.group(1)) < 1:
         raise UserError(f"unknown pooling {pool!r}: use {POOLS_HELP}")
+    if int(m.group(1)) > MAX_AVG_N:  # every trial would fail on its memory; refuse it up front
+        raise UserError(
+            f"pooling {pool!r} is finer than any block: at most avg{MAX_AVG_N} (or flatten)"
+        )
+
+
+MAX_AVG_N = 64  # the finest block grid ddsweep's U-Nets have at their largest resolution
 
 
 def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
@@ -275,9 +282,15 @@ def cache_cap_bytes() -> int | None:
     if not raw:
         return None
     try:
-        return int(float(raw) * 2**30)
+        gb = float(raw)
     except ValueError as err:
         raise UserError(f"DDSWEEP_CACHE_MAX_GB={raw!r} is not a number of gigabytes") from err
+    if not (0 <= gb < 2**33):  # also refuses nan and inf (unset it for no cap)
+        raise UserError(
+            f"DDSWEEP_CACHE_MAX_GB={raw!r} must be a finite number of gigabytes >= 0 "
+            "(unset it for no cap)"
+        )
+    return int(gb * 2**30)
 
 
 @dataclass(frozen=True)

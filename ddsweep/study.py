@@ -61,9 +61,9 @@ def study_config(
 ) -> sweep.StudyConfig:
     """The study `name`: its sweep file, else the definition stored with it when it was run
     (a study defined on the command line alone), with command-line axes replacing whole axes."""
+    is_file = sweep.check_study_arg(name)
     base = sweep.load_study(name)
-    if base is None and Path(name).suffix not in (".yaml", ".yml"):
-        sweep.check_study_name(name, "--study")
+    if base is None and not is_file:
         board = scheduler.open_study(name, scheduler.Policy(storage), "maximize", create=False)
         stored = board.attrs.get(DEFINITION_ATTR) if board is not None else None
         if stored is not None:

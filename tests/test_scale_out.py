@@ -250,7 +250,7 @@ probe:
 """
 
 
-@pytest.mark.timeout(900)  # two servers, a training and three workers
+@pytest.mark.timeout(1800)  # two servers, a training and three workers
 def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
     tmp_path: Path, postgres: Postgres, mlflow_server: str
 ) -> None:

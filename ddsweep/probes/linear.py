@@ -123,9 +123,20 @@ class LinearSettings:
     schedule: str = "constant"  # the learning rate: constant | cosine (annealed to 0, per epoch)
 
 
+# Bounds far beyond any sensible probe, so that a typo (`epochs: 1e9`, `lr: 1e39`, which
+# overflows float32) is refused up front instead of running until killed or overflowing.
+MAX_EPOCHS, MAX_LR, MAX_BATCH = 100_000, 1e3, 2**24
+
+
 def _check(s: LinearSettings) -> None:
     if s.epochs <= 0 or not (s.lr > 0 and math.isfinite(s.lr)) or s.batch_size <= 0:
         raise UserError("linear probe epochs, lr and batch size must be positive (lr finite)")
+    if s.epochs > MAX_EPOCHS or s.lr > MAX_LR or s.batch_size > MAX_BATCH:
+        raise UserError(
+            f"linear probe settings out of range (epochs <= {MAX_EPOCHS}, lr <= {MAX_LR:g}, "
+            f"batch size <= {MAX_BATCH}): got epochs {s.epochs}, lr {s.lr:g}, batch size "
+            f"{s.batch_size}"
+        )
     if s.schedule not in SCHEDULES:
         raise UserError(
             f"unknown linear schedule {s.schedule!r}: use one of {', '.join(SCHEDULES)}"

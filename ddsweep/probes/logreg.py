@@ -194,11 +194,20 @@ def logreg_probe(
     }
 
 
+MAX_L2_STEPS, MAX_ITER = 100, 100_000
+
+
 def _check(s: LogregSettings) -> None:
     if not (0 < s.l2_min <= s.l2_max and math.isfinite(s.l2_max)):
         raise UserError("logreg l2_min and l2_max must be positive with l2_min <= l2_max")
     if s.l2_steps < 1 or s.max_iter < 1 or not s.tol > 0:
         raise UserError("logreg l2_steps, max_iter and tol must be positive")
+    # Far beyond any sensible search: a typo (`l2_steps: 1e6`) would run until killed.
+    if s.l2_steps > MAX_L2_STEPS or s.max_iter > MAX_ITER:
+        raise UserError(
+            f"logreg l2_steps must be at most {MAX_L2_STEPS} and max_iter at most {MAX_ITER}; "
+            f"got {s.l2_steps} and {s.max_iter}"
+        )
     if not 0 < s.val_fraction <= 0.5:
         raise UserError(f"logreg val_fraction must be in (0, 0.5], got {s.val_fraction}")
 

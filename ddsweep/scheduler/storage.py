@@ -47,7 +47,9 @@ def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:
             if migration_race(err) and attempt + 1 < _CREATE_ATTEMPTS:
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            raise UserError(f"cannot open Optuna storage {redact(url)}: {first_line(err)}") from err
+            raise UserError(
+                f"cannot open Optuna storage {redact(url)}: {first_line(err, url)}"
+            ) from err
     raise AssertionError("unreachable")
 
 

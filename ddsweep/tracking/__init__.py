@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsweep import __version__
-from ddsweep.errors import UserError, first_line, redact
+from ddsweep.errors import UserError, first_line, redact, scrub
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -56,7 +56,7 @@ def setup(
     except Exception as err:  # an unreachable server or a bad URI is the user's to fix
         uri = redact(mlflow.get_tracking_uri())
         raise UserError(
-            f"cannot use MLflow tracking at {uri}: {first_line(err)} "
+            f"cannot use MLflow tracking at {uri}: {first_line(err, mlflow.get_tracking_uri())} "
             "(check --tracking-uri / MLFLOW_TRACKING_URI)"
         ) from err
     finally:
@@ -96,16 +96,34 @@ def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+        with urllib.request.urlopen(_health_request(uri), timeout=timeout):
             return
     except urllib.error.HTTPError:
         return  # it answered: a server is there (some proxies have no /health)
     except (OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
+        reason = scrub(str(getattr(err, "reason", err)), uri)
         raise UserError(
             f"no MLflow server answers at {redact(uri)} within {timeout:.0f} s ({reason}): "
             "start it, or check --tracking-uri / MLFLOW_TRACKING_URI"
         ) from err
+
+
+def _health_request(uri: str) -> Any:
+    """The GET of the server's /health; user:password@ in the URL (which MLflow's own client
+    accepts) becomes basic authentication, as urllib would otherwise read it as the host."""
+    import base64
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri.rstrip("/") + "/health")
+    if "@" not in parts.netloc:
+        return urllib.request.Request(urlunsplit(parts))
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urllib.request.Request(
+        urlunsplit(parts._replace(netloc=host)), headers={"Authorization": f"Basic {token}"}
+    )
 
 
 def flat_params(cfg: Any, prefix: str = "") -> dict[str, str]:
@@ -323,7 +341,7 @@ def check_reachable() -> None:
         MlflowClient().search_experiments(max_results=1)
     except Exception as err:
         raise UserError(
-            f"cannot read MLflow tracking at {redact(_uri())}: {first_line(err)}"
+            f"cannot read MLflow tracking at {redact(_uri())}: {first_line(err, _uri())}"
         ) from err
 
 
