@@ -32,8 +32,9 @@ from functools import partial
 import torch
 from torch.utils.data import TensorDataset
 
+from ddsweep.config.model import BLOCKS, ModelConfig
 from ddsweep.features import FeatureRequest, extract, pool_features
-from ddsweep.model import BLOCKS, ModelConfig, build_unet, count_parameters, resolve_block
+from ddsweep.model import build_unet, count_parameters, resolve_block
 
 
 def machine() -> str:

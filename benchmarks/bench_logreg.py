@@ -23,8 +23,9 @@ import torch
 from bench_probes import OTHERS, clustered_features, machine, timed
 from sklearn.linear_model import LogisticRegression
 
+from ddsweep.config.probesettings import LogregSettings
 from ddsweep.probes.common import standardise
-from ddsweep.probes.logreg import LogregSettings, fit_logreg, logreg_probe, sklearn_c
+from ddsweep.probes.logreg import fit_logreg, logreg_probe, sklearn_c
 
 L2S = (1e-4, 1e-3, 1e-2)
 

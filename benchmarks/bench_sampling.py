@@ -34,7 +34,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ddsweep import diffusion
-from ddsweep.model import ModelConfig, build_unet, count_parameters
+from ddsweep.config.model import ModelConfig
+from ddsweep.model import build_unet, count_parameters
 
 
 @dataclass(frozen=True)

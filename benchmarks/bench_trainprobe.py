@@ -27,11 +27,12 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import TensorDataset
 
 from ddsweep import diffusion
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.train import DEFAULT_BLOCKS, TrainConfig
 from ddsweep.features import FeatureRequest, extract
-from ddsweep.model import ModelConfig, build_unet
+from ddsweep.model import build_unet
 from ddsweep.probes.knn import knn_probe
-from ddsweep.train import TrainConfig, train_step
-from ddsweep.trainprobe import DEFAULT_BLOCKS
+from ddsweep.train import train_step
 
 TRAIN_IMAGES, PROBE_IMAGES, TEST_IMAGES, DIM = 50_000, 60_000, 10_000, 256
 

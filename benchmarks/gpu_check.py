@@ -56,12 +56,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import cifar
 
 from ddsweep import data, diffusion, fid, probes
+from ddsweep.config.model import BLOCKS, ModelConfig
+from ddsweep.config.probe import ProbeConfig
+from ddsweep.config.train import TrainConfig
 from ddsweep.distributed import Dist
-from ddsweep.evaluate import ProbeConfig, run_probe
+from ddsweep.evaluate import run_probe
 from ddsweep.features import FeatureRequest, extract
-from ddsweep.model import BLOCKS, ModelConfig, build_unet, count_parameters
+from ddsweep.model import build_unet, count_parameters
 from ddsweep.tracking.training import NullTracker
-from ddsweep.train import Job, TrainConfig, batch_step, build_job, make_loader, train_step
+from ddsweep.train import Job, batch_step, build_job, make_loader, train_step
 
 # --- the study's numbers behind the goals (issue 16) ---------------------------------------------
 STUDY_EPOCHS, CIFAR_TRAIN, CIFAR_TEST = 2000, 50_000, 10_000

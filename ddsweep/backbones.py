@@ -10,13 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddsweep import data, sweep, tracking
+from ddsweep import data, tracking
+from ddsweep.config import sweep
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.train import TrainConfig
 from ddsweep.distributed import close_distributed, init_distributed
 from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig
 from ddsweep.tracking import runs
 from ddsweep.train import (
-    TrainConfig,
     config_from_params,
     identity_params,
     train,
@@ -106,7 +107,7 @@ def for_dataset(
 ) -> TrainConfig:
     """A new training's config: `cfg` with its dataset's defaults where nothing was given,
     checked (UserError for an unknown dataset or options no training can use)."""
-    from ddsweep.model import validate as validate_model
+    from ddsweep.config.model import validate as validate_model
 
     data.dataset_info(cfg.dataset)
     out = with_dataset_defaults(

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from ddsweep.config.probe import WEIGHTS
 from ddsweep.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
 
 Weights = Literal["ema", "raw"]
-WEIGHTS: tuple[str, ...] = ("ema", "raw")
 CHECKPOINTS = "checkpoints"  # MLflow artifact folder of a training run
 RESUME = "resume"  # artifact folder holding the latest optimizer state
 RAW = "raw"  # subfolder of a checkpoint with the non-EMA weights

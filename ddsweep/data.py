@@ -17,7 +17,6 @@ import os
 import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -30,38 +29,22 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
+from ddsweep.config import paths
+from ddsweep.config.datasets import (
+    FOLDER_PREFIX,
+    dataset_info,
+    folder_layout,
+    link_refused,
+)
 from ddsweep.errors import UserError, first_line
 
 Split = Literal["train", "test", "val"]  # val: Flowers-102's own validation split only
 Item = tuple[torch.Tensor, int]
 
-KNOWN_DATASETS: tuple[str, ...] = ("cifar10", "stl10", "flowers102", "digits")
-FOLDER_PREFIX = "folder:"
-
-SEED_CHANNELS: tuple[int, ...] = (128, 256, 256, 256)  # the DDPM CIFAR-10 U-Net
-SMALL_CHANNELS: tuple[int, ...] = (32, 64, 64, 64)  # fast enough for digits on a CPU
-
 # The fixed digits split: stratified 80/20, seed 0. Part of every digits fingerprint.
 DIGITS_TEST_SIZE = 0.2
 DIGITS_SEED = 0
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the rest of ddsweep needs to know about a dataset before loading it."""
-
-    name: str
-    default_resolution: int
-    num_classes: int
-    default_channels: tuple[int, ...]
-
-
-_BUILTIN_INFO: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo("cifar10", 32, 10, SEED_CHANNELS),
-    "stl10": DatasetInfo("stl10", 64, 10, SEED_CHANNELS),
-    "flowers102": DatasetInfo("flowers102", 64, 102, SEED_CHANNELS),
-    "digits": DatasetInfo("digits", 16, 10, SMALL_CHANNELS),
-}
 
 # What to put where when a download fails; {data_dir} is filled in.
 _MANUAL_DOWNLOAD: dict[str, str] = {
@@ -74,20 +57,9 @@ _MANUAL_DOWNLOAD: dict[str, str] = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Facts about dataset `name` (a known name or folder:PATH); unknown names raise UserError."""
-    if name in _BUILTIN_INFO:
-        return _BUILTIN_INFO[name]
-    if name.startswith(FOLDER_PREFIX):
-        root, classes = _folder_layout(name)
-        return DatasetInfo(f"{FOLDER_PREFIX}{root}", 32, len(classes), SEED_CHANNELS)
-    known = ", ".join((*KNOWN_DATASETS, "folder:PATH"))
-    raise UserError(f"unknown dataset {name!r}: use one of {known}")
-
-
 def default_data_dir() -> Path:
     """The data folder: $DDSWEEP_DATA if set, else ./data."""
-    return Path(os.environ.get("DDSWEEP_DATA") or "data").expanduser()
+    return paths.data_dir()
 
 
 def validate_resolution(resolution: int) -> None:
@@ -259,7 +231,7 @@ def _open_or_download(
         where = _MANUAL_DOWNLOAD[name].format(data_dir=data_dir)
         raise UserError(
             f"{name} is not in {data_dir} and could not be downloaded: {where}, "
-            "or point --data-dir or DDSWEEP_DATA at the folder that holds it"
+            f"or point --data-dir or {paths.DATA_ENV} at the folder that holds it"
         ) from error
 
 
@@ -323,40 +295,6 @@ def _digits_tensors(resolution: int) -> dict[str, tuple[torch.Tensor, torch.Tens
     }
 
 
-def _folder_layout(name: str) -> tuple[Path, list[str]]:
-    """Resolve folder:PATH and check its layout: (absolute PATH, class names)."""
-    root = Path(name[len(FOLDER_PREFIX) :]).expanduser().resolve()
-    layout = f"{FOLDER_PREFIX}{root} must hold train/<class>/<images> and test/<class>/<images>"
-    classes: dict[str, list[str]] = {}
-    for split in ("train", "test"):
-        if (root / split).is_symlink():
-            raise UserError(_link_refused(root / split))
-        if not (root / split).is_dir():
-            raise UserError(f"{layout}, but {root / split} is not a folder")
-        classes[split] = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
-        if not classes[split]:
-            raise UserError(f"{layout}, but {root / split} has no class subfolders")
-    if classes["train"] != classes["test"]:
-        raise UserError(
-            f"{layout} with the same class subfolders, but train has {classes['train']} "
-            f"and test has {classes['test']}"
-        )
-    if len(classes["train"]) < 2:
-        # One class: every probe scores 100 %, which says nothing about the features.
-        raise UserError(
-            f"{layout} with at least two classes, but it has only {classes['train']}: "
-            "a probe of one class always scores 100 %"
-        )
-    return root, classes["train"]
-
-
-def _link_refused(path: Path) -> str:
-    return (
-        f"{path} is a symbolic link: a folder: dataset follows no links (one could repeat "
-        "images under another class or leave the folder); copy the files in instead"
-    )
-
-
 def _folder_files(split_root: Path) -> list[Path]:
     """The files ImageFolder loads from `split_root` (images with its extensions, in class
     subfolders, at any depth), sorted; UserError for a link or a file that is not a regular one.
@@ -369,7 +307,7 @@ def _folder_files(split_root: Path) -> list[Path]:
         here = Path(dirpath)
         for entry in (*dirnames, *filenames):
             if (here / entry).is_symlink():
-                raise UserError(_link_refused(here / entry))
+                raise UserError(link_refused(here / entry))
         if here == split_root:
             continue  # ImageFolder reads only inside class folders
         for entry in filenames:
@@ -412,7 +350,7 @@ _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 def _image_folder(name: str, split: str, transform: v2.Compose) -> Dataset[Item]:
     """torchvision's ImageFolder over PATH/split, with links refused and a loader that keeps
     16-bit images' levels and names a bad file."""
-    root, _ = _folder_layout(name)
+    root, _ = folder_layout(name)
     _folder_files(root / split)
     try:
         return tv_datasets.ImageFolder(root / split, transform=transform, loader=_load_image)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
+from ddsweep.config.fid import NUM_TRAIN_TIMESTEPS, SAMPLERS, Sampler
 from ddsweep.errors import UserError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from diffusers import DDPMScheduler, UNet2DModel
-
-Sampler = Literal["ddpm", "ddim"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
-NUM_TRAIN_TIMESTEPS = 1000
 
 
 def make_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPMScheduler:

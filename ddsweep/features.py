@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,31 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from ddsweep import diffusion, integrity
+from ddsweep.config import paths
+from ddsweep.config.model import PIXELS
+from ddsweep.config.probe import AVG_N, POOLS_HELP, validate_pool
 from ddsweep.errors import UserError
-from ddsweep.model import PIXELS, resolve_block
+from ddsweep.model import resolve_block
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
     from torch.utils.data import Dataset
-
-POOLS_HELP = "avg (global average, C dims), flatten (C*H*W), or avgN (average to NxN, then flatten)"
-_AVG_N = re.compile(r"^avg(\d+)$")
-
-
-def validate_pool(pool: str) -> None:
-    """Raise UserError unless pool is avg, flatten or avgN."""
-    if pool in ("avg", "flatten"):
-        return
-    m = _AVG_N.match(pool)
-    if not m or int(m.group(1)) < 1:
-        raise UserError(f"unknown pooling {pool!r}: use {POOLS_HELP}")
-    if int(m.group(1)) > MAX_AVG_N:  # every trial would fail on its memory; refuse it up front
-        raise UserError(
-            f"pooling {pool!r} is finer than any block: at most avg{MAX_AVG_N} (or flatten)"
-        )
-
-
-MAX_AVG_N = 64  # the finest block grid ddsweep's U-Nets have at their largest resolution
 
 
 def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
@@ -59,7 +42,7 @@ def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
         return x.mean(dim=(2, 3))
     if pool == "flatten":
         return x.flatten(1)
-    m = _AVG_N.match(pool)
+    m = AVG_N.match(pool)
     if m is None:
         raise UserError(f"unknown pooling {pool!r}: use {POOLS_HELP}")
     return F.adaptive_avg_pool2d(x, int(m.group(1))).flatten(1)
@@ -271,28 +254,6 @@ def _batch_features(
 # --- the cache ----------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """DDSWEEP_CACHE, else ./.ddsweep/cache."""
-    return Path(os.environ.get("DDSWEEP_CACHE") or ".ddsweep/cache")
-
-
-def cache_cap_bytes() -> int | None:
-    """DDSWEEP_CACHE_MAX_GB as bytes, or None (no cap)."""
-    raw = os.environ.get("DDSWEEP_CACHE_MAX_GB")
-    if not raw:
-        return None
-    try:
-        gb = float(raw)
-    except ValueError as err:
-        raise UserError(f"DDSWEEP_CACHE_MAX_GB={raw!r} is not a number of gigabytes") from err
-    if not (0 <= gb < 2**33):  # also refuses nan and inf (unset it for no cap)
-        raise UserError(
-            f"DDSWEEP_CACHE_MAX_GB={raw!r} must be a finite number of gigabytes >= 0 "
-            "(unset it for no cap)"
-        )
-    return int(gb * 2**30)
-
-
 @dataclass(frozen=True)
 class CacheKey:
     """Everything a feature tensor depends on; its hash names the cache entry."""
@@ -322,8 +283,8 @@ class FeatureCache:
     """Pooled features on disk as safetensors; atomic writes, LRU eviction under a size cap."""
 
     def __init__(self, root: Path | None = None, max_bytes: int | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
-        self.max_bytes = max_bytes if max_bytes is not None else cache_cap_bytes()
+        self.root = Path(root) if root is not None else paths.cache_dir()
+        self.max_bytes = max_bytes if max_bytes is not None else paths.cache_cap_bytes()
 
     def path(self, key: CacheKey) -> Path:
         """The entry file of `key`."""

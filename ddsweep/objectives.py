@@ -17,11 +17,13 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ddsweep import data, evaluate, probes, sweep
+from ddsweep import evaluate, probes
+from ddsweep.config import datasets, sweep
+from ddsweep.config import probe as probe_config
+from ddsweep.config.model import BLOCKS, PIXELS
+from ddsweep.config.points import Point, id_of, params_of
 from ddsweep.evaluate import Backbone
 from ddsweep.features import FeatureCache
-from ddsweep.model import BLOCKS, PIXELS
-from ddsweep.points import Point, id_of, params_of
 
 Pins = Mapping[sweep.Backbone3, tuple[str, tuple[int, ...]]]  # backbone -> (run id, epochs)
 FetchBackbone = Callable[[str, int, list[int]], Backbone]  # (run id, epoch, saved epochs)
@@ -120,13 +122,13 @@ class ProbeGrid(Objective):
     def expand(self) -> list[Point]:
         points = sweep.expand(self.cfg.axes, lambda key: self.pins[key][1])
         return [
-            dataclasses.replace(p, settings=evaluate.point_settings(self.cfg.probe, p))
+            dataclasses.replace(p, settings=probe_config.point_settings(self.cfg.probe, p))
             for p in points
         ]
 
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
         return {
-            "dataset": data.KNOWN_DATASETS,
+            "dataset": datasets.KNOWN_DATASETS,
             "block": (PIXELS, *BLOCKS),
             "probe": probes.names(),
         }
@@ -160,7 +162,7 @@ def _off_default(
 def probe_settings(cfg: evaluate.ProbeConfig, probe: str) -> tuple[tuple[str, str], ...]:
     """The settings off their defaults that change a `probe` point's number: that kind's own
     (another kind's do not) and the shared ones (pool, weights, seeds, noise draws, ...)."""
-    return evaluate.kind_settings(cfg, probe)
+    return probe_config.kind_settings(cfg, probe)
 
 
 def fid_settings(cfg: sweep.StudyConfig) -> tuple[tuple[str, str], ...]:
@@ -205,7 +207,7 @@ class FidGrid(Objective):
         return {n: v for n, v in params_of(point).items() if n in (*sweep.FID_AXES, "settings")}
 
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
-        return {"dataset": data.KNOWN_DATASETS}
+        return {"dataset": datasets.KNOWN_DATASETS}
 
     @classmethod
     def check(cls, cfg: sweep.StudyConfig, inception_weights: Path | None) -> None:

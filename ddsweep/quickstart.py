@@ -6,10 +6,12 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddsweep import backbones, report, sweep
+from ddsweep import backbones, report
+from ddsweep.config import sweep
+from ddsweep.config.model import PIXELS
+from ddsweep.config.run import RunOptions
 from ddsweep.errors import UserError
-from ddsweep.model import PIXELS
-from ddsweep.study import RunOptions, run_study
+from ddsweep.study import run_study
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -17,8 +19,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
 
+    from ddsweep.config.train import TrainConfig
     from ddsweep.study import Context, Tally
-    from ddsweep.train import TrainConfig
 
 STUDY = "digits_blocks"
 

@@ -5,39 +5,20 @@ tracking package and returns plain values; the CLI only prints them."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsweep import data, diffusion, evaluate, tracking
 from ddsweep import fid as fid_mod
+from ddsweep.config import probe as probe_config
+from ddsweep.config.points import Point
+from ddsweep.config.run import Checkpoint, SampleConfig
 from ddsweep.errors import UserError
 from ddsweep.features import FeatureCache
-from ddsweep.points import Point
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
     from rich.progress import Progress
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Which weights of a training run: its run id, an epoch (None: the last saved) and
-    ema or raw."""
-
-    run: str
-    epoch: int | None = None
-    weights: str = "ema"
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """How `ddsweep sample` generates its grid."""
-
-    n: int = 64
-    sampler: str = "ddim"
-    steps: int = 50  # DDIM only; DDPM always runs every training step
-    seed: int = 0
 
 
 def load_checkpoint(ckpt: Checkpoint) -> tuple[UNet2DModel, evaluate.Backbone]:
@@ -74,7 +55,7 @@ def probe(
     """Evaluate one grid point and log it as one MLflow run: (point, metrics, run id).
     `where` holds the keyword arguments of `evaluate.resolve_point` (which backbone, which
     point); `probe` without a run searches the training runs of every experiment."""
-    evaluate.validate_probe_config(cfg)
+    probe_config.validate_probe_config(cfg)
     exp_id = tracking.setup(tracking_uri, experiment)
     bb, point = evaluate.resolve_point(**where)
     found = evaluate.evaluate_point(

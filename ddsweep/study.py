@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddsweep import evaluate, scheduler, sweep, tracking
+from ddsweep import evaluate, scheduler, tracking
+from ddsweep.config import sweep
+from ddsweep.config.model import PIXELS
+from ddsweep.config.points import AXES, legacy_id, point_id
+from ddsweep.config.run import FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
-from ddsweep.model import PIXELS
 from ddsweep.objectives import OBJECTIVES, Objective, Pins, Record
-from ddsweep.points import AXES, legacy_id, point_id
 from ddsweep.scheduler import GridStudy, Outcome, Tally
 from ddsweep.tracking.recorder import POINT_TAG, STUDY_TAG, StudyRecorder
 
@@ -34,26 +36,6 @@ __all__ = ["POINT_TAG", "STUDY_TAG", "Context", "RunOptions", "prepare", "run_st
 PARENT_WAIT_S = 20.0  # how long after a study's creation other workers wait for its parent run
 PARENT_ATTR = "mlflow_parent_run_id"
 DEFINITION_ATTR = "definition"  # the sweep-file document of the study's latest run
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run a study (not what it computes)."""
-
-    storage: str | None = None  # None: a journal file under .ddsweep/optuna/
-    tracking_uri: str | None = None
-    experiment: str = tracking.DEFAULT_EXPERIMENT
-    workers: int = 1
-    max_retries: int = 2
-    heartbeat_interval: int = 10
-    grace_period: int = 60
-    data_dir: Path = Path("data")
-    inception_weights: Path | None = None  # fid-grid: --inception-weights
-
-    def policy(self) -> scheduler.Policy:
-        return scheduler.Policy(
-            self.storage, self.max_retries, self.heartbeat_interval, self.grace_period
-        )
 
 
 def study_config(
@@ -310,9 +292,6 @@ def publish_answer(ctx: Context, done: int) -> None:
         rows = report.summary(facets)
         metrics, tags = answer.headline(facets, rows)
         ctx.recorder.log_answer(metrics, tags, answer.tables(facets, rows), done)
-
-
-FOLLOW_INTERVAL = 10.0  # seconds between two looks at the followed training runs
 
 
 def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,56 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from ddsweep import checkpoints, data, diffusion, tracking, trainprobe
+from ddsweep.config.model import PIXELS, ModelConfig
+from ddsweep.config.train import WATCH_FIELDS, TrainConfig
 from ddsweep.distributed import Dist, mean_over_processes
 from ddsweep.distributed import close_distributed as close_distributed  # the CLI's
 from ddsweep.distributed import init_distributed as init_distributed
 from ddsweep.errors import UserError
-from ddsweep.model import PIXELS, ModelConfig, build_unet, resolve_block
+from ddsweep.model import build_unet, resolve_block
 from ddsweep.tracking.training import NullTracker, Tracker, TrainingTracker
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
     from rich.progress import Progress
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run; defaults follow the study (AdamW 1e-4, 2000 epochs, weights every 50)."""
-
-    dataset: str = "cifar10"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    epochs: int = 2000
-    batch_size: int = 128
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    grad_clip: float = 1.0
-    checkpoint_every: int = 50
-    sample_every: int = 50
-    sample_count: int = 16
-    sample_steps: int = 50
-    max_steps: int = 0  # 0 = no limit; for smoke runs
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    log_every: int = 10
-    fid_every: int = 0  # 0: off; else the Fréchet distance of the EMA weights every N epochs
-    fid_samples: int = 2000
-    fid_sampler: str = "ddpm"
-    fid_feature: str = "inception"  # or randconv (offline, logged as fd_randconv)
-    probe_every: int = 0  # 0: off; else probe the EMA weights every N epochs (ddsweep.trainprobe)
-    probe_block: tuple[str, ...] = trainprobe.DEFAULT_BLOCKS
-    probe: tuple[str, ...] = trainprobe.DEFAULT_PROBES  # knn50, linear, ...
-    probe_noise_step: int = 0
-    stop_when_probe_plateaus: str = ""  # a probe metric; "": train all epochs
-    patience: int = 5  # probe evaluations without a gain beyond the bootstrap interval
-
-
-# Settings that only watch training (the probe evaluations run in a forked RNG and change no
-# weight): two runs that differ in them trained the same network, so a backbone's identity
-# (`identity_params`) leaves them out and a run made without probing is reused by one with it.
-WATCH_FIELDS = ("probe_every", "probe_block", "probe", "probe_noise_step")
 
 
 def identity_params(cfg: TrainConfig) -> tuple[dict[str, str], dict[str, str]]:

@@ -16,15 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ddsweep import diffusion, evaluate, probes
+from ddsweep.config.probesettings import DEFAULT_K
 from ddsweep.errors import UserError
 from ddsweep.features import FeatureCache
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
 
-DEFAULT_BLOCKS: tuple[str, ...] = ("down4", "mid", "up4", "up3")  # cheap and informative
-DEFAULT_PROBES: tuple[str, ...] = ("knn50",)  # no fitting: the cheapest probe
-DEFAULT_K = 50
 # The settings `ddsweep probe` uses by default, so a logged value is the number it gives; no
 # validation split (only the test number is logged).
 PROBE_CONFIG = evaluate.ProbeConfig(val_fraction=0.0)

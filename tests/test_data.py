@@ -20,6 +20,7 @@ from sklearn.model_selection import train_test_split
 from torchvision.datasets import cifar, flowers102, stl10
 
 from ddsweep import data
+from ddsweep.config import datasets
 from ddsweep.errors import UserError
 
 TORCHVISION_MODULES = (cifar, stl10, flowers102)
@@ -324,17 +325,19 @@ def test_folder_with_mismatched_classes(tmp_path: Path) -> None:
 
 
 def test_dataset_info_defaults() -> None:
-    assert data.dataset_info("cifar10") == data.DatasetInfo("cifar10", 32, 10, (128, 256, 256, 256))
+    assert data.dataset_info("cifar10") == datasets.DatasetInfo(
+        "cifar10", 32, 10, (128, 256, 256, 256)
+    )
     assert data.dataset_info("stl10").default_resolution == 64
     assert data.dataset_info("flowers102").num_classes == 102
     assert data.dataset_info("digits").default_channels == (32, 64, 64, 64)
-    assert set(data.KNOWN_DATASETS) == {"cifar10", "stl10", "flowers102", "digits"}
+    assert set(datasets.KNOWN_DATASETS) == {"cifar10", "stl10", "flowers102", "digits"}
 
 
 def test_unknown_dataset_lists_known_names() -> None:
     with pytest.raises(UserError, match="unknown dataset 'mnist'") as caught:
         data.training_set("mnist", 32, "unused")
-    for name in (*data.KNOWN_DATASETS, "folder:PATH"):
+    for name in (*datasets.KNOWN_DATASETS, "folder:PATH"):
         assert name in str(caught.value)
 
 

@@ -7,8 +7,9 @@ import torch
 from diffusers import UNet2DModel
 
 from ddsweep import diffusion
+from ddsweep.config.model import ModelConfig
 from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig, build_unet
+from ddsweep.model import build_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,6 +17,8 @@ from diffusers import UNet2DModel
 from torch.utils.data import Dataset, Subset
 
 from ddsweep import data, diffusion, features, probes
+from ddsweep.config.model import BLOCKS, PIXELS, ModelConfig
+from ddsweep.config.probe import validate_pool
 from ddsweep.errors import UserError
 from ddsweep.features import (
     CacheKey,
@@ -27,9 +29,8 @@ from ddsweep.features import (
     check_memory,
     extract,
     noise_for,
-    validate_pool,
 )
-from ddsweep.model import BLOCKS, PIXELS, ModelConfig, build_unet, resolve_block
+from ddsweep.model import build_unet, resolve_block
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -619,7 +620,8 @@ def test_image_i_of_train_and_image_i_of_test_get_different_noise() -> None:
 def test_a_noisy_test_image_is_not_matched_to_its_index_twin_in_train(tmp_path: Path) -> None:
     # The bug this guards against: train image i and test image i got the same noise, so on
     # digits pixels at t=250 a test image's nearest train neighbour was the one of its index.
-    from ddsweep.evaluate import ProbeConfig, split_features
+    from ddsweep.config.probe import ProbeConfig
+    from ddsweep.evaluate import split_features
 
     feats, _, _ = split_features(
         None, "digits", 16, (PIXELS,), 250, ProbeConfig(), FeatureCache(tmp_path), tmp_path

@@ -13,8 +13,9 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ddsweep import diffusion, fid
+from ddsweep.config.model import ModelConfig
 from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig, build_unet
+from ddsweep.model import build_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

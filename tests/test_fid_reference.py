@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 
 from ddsweep import diffusion, fid
 from ddsweep.cli import app
+from ddsweep.config.model import ModelConfig
 from ddsweep.fid import stats as fid_stats
-from ddsweep.model import ModelConfig, build_unet
+from ddsweep.model import build_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

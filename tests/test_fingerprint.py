@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from ddsweep import data
-from ddsweep.evaluate import ProbeConfig, split_features
+from ddsweep.config.probe import ProbeConfig
+from ddsweep.evaluate import split_features
 from ddsweep.features import FeatureCache
 
 SIZE = 8  # 8x8 RGB BMP: 246 bytes whatever the pixels

@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 
 from ddsweep import backbones, scheduler, tracking
 from ddsweep.cli import app
-from ddsweep.model import ModelConfig
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.train import TrainConfig
 from ddsweep.study import POINT_TAG, STUDY_TAG
 from ddsweep.tracking import runs
-from ddsweep.train import TrainConfig, train
+from ddsweep.train import train
 
 pytestmark = pytest.mark.usefixtures("workdir", "one_torch_thread")
 

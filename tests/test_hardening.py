@@ -15,7 +15,8 @@ import pytest
 import torch
 from sqlalchemy.engine import make_url
 
-from ddsweep import data, fid, sweep
+from ddsweep import data, fid
+from ddsweep.config import sweep
 from ddsweep.errors import UserError, first_line, redact
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -436,7 +437,8 @@ def test_a_study_name_too_long_for_a_file_name_is_refused(
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_training_lr_is_refused(lr: float) -> None:
-    from ddsweep.train import TrainConfig, validate
+    from ddsweep.config.train import TrainConfig
+    from ddsweep.train import validate
 
     with pytest.raises(UserError, match="--lr must be a positive finite number"):
         validate(TrainConfig(lr=lr))

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ddsweep import errors, features, probes, tracking
+from ddsweep.config import paths
 from ddsweep.cli import app
 from ddsweep.errors import UserError
 
@@ -87,7 +88,7 @@ def test_a_duplicate_probe_block_is_one_line(tmp_path: Path) -> None:
 def test_ddsweep_cache_max_gb_must_be_finite(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("DDSWEEP_CACHE_MAX_GB", value)
     with pytest.raises(UserError, match="finite number of gigabytes"):
-        features.cache_cap_bytes()
+        paths.cache_cap_bytes()
 
 
 @pytest.mark.parametrize("interval", ["nan", "inf"])

@@ -14,17 +14,12 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from ddsweep import data, probes
+from ddsweep.config.probe import ProbeConfig
+from ddsweep.config.probesettings import LogregSettings
 from ddsweep.errors import UserError
-from ddsweep.evaluate import ProbeConfig, run_probe
+from ddsweep.evaluate import run_probe
 from ddsweep.probes.common import standardise
-from ddsweep.probes.logreg import (
-    LogregSettings,
-    choose_l2,
-    fit_logreg,
-    l2_grid,
-    logreg_probe,
-    sklearn_c,
-)
+from ddsweep.probes.logreg import choose_l2, fit_logreg, l2_grid, logreg_probe, sklearn_c
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from ddsweep import evaluate
 from ddsweep.cli import app
-from ddsweep.model import BLOCKS
+from ddsweep.config.model import BLOCKS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

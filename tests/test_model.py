@@ -8,18 +8,15 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from ddsweep.config.model import BLOCKS, PIXELS, ModelConfig, validate
 from ddsweep.errors import UserError
 from ddsweep.model import (
-    BLOCKS,
-    PIXELS,
-    ModelConfig,
     block_order,
     block_path,
     build_unet,
     config_of,
     count_parameters,
     resolve_block,
-    validate,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from ddsweep import points
-from ddsweep.points import Point, id_of, params_of, parse_point_id, point_id
+from ddsweep.config import points
+from ddsweep.config.points import Point, id_of, params_of, parse_point_id, point_id
 
 KNN = Point("digits", 16, True, 8, "up4", 0, "knn", 10)
 LINEAR_NOISY = Point("cifar10", 32, False, 250, "up3", 50, "linear", 0)

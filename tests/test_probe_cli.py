@@ -22,7 +22,8 @@ from typer.testing import CliRunner, Result
 
 from ddsweep import checkpoints, tracking
 from ddsweep.cli import app
-from ddsweep.evaluate import Point, checkpoint_store
+from ddsweep.config.points import Point
+from ddsweep.evaluate import checkpoint_store
 
 IsolatedStore = Callable[[Path], AbstractContextManager[str]]  # conftest's isolated_store
 

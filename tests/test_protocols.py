@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from ddsweep import diffusion, evaluate, probes
 from ddsweep.cli import app
-from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig, block_order, build_unet, resolve_block
-from ddsweep.points import Point, point_id
-from ddsweep.probes import protocols
-from ddsweep.sweep import (
+from ddsweep.config import probe as probe_config
+from ddsweep.config import protocols
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.points import Point, point_id
+from ddsweep.config.sweep import (
     expand,
     grid_size,
     load_study,
@@ -26,6 +26,8 @@ from ddsweep.sweep import (
     to_document,
     with_overrides,
 )
+from ddsweep.errors import UserError
+from ddsweep.model import block_order, build_unet, resolve_block
 
 ROOT = Path(__file__).resolve().parents[1]
 SAVED = (0, 2, 4)
@@ -39,7 +41,9 @@ def study(axes: dict[str, Any], probe: dict[str, Any] | None = None) -> Any:
 def ids(cfg: Any) -> list[str]:
     pts = expand(cfg.axes, lambda _: SAVED)
     assert len(pts) == grid_size(cfg.axes)
-    named = [dataclasses.replace(p, settings=evaluate.point_settings(cfg.probe, p)) for p in pts]
+    named = [
+        dataclasses.replace(p, settings=probe_config.point_settings(cfg.probe, p)) for p in pts
+    ]
     return [point_id(p) for p in named]
 
 
@@ -71,7 +75,7 @@ DOCUMENTED = {
 def test_a_protocol_name_expands_to_the_documented_settings(name: str) -> None:
     cfg = study({"block": ["mid"], "protocol": [name]})
     pts = [
-        dataclasses.replace(p, settings=evaluate.point_settings(cfg.probe, p))
+        dataclasses.replace(p, settings=probe_config.point_settings(cfg.probe, p))
         for p in expand(cfg.axes, lambda _: SAVED)
     ]
     assert {(p.probe, p.k, p.noise_step, p.settings) for p in pts} == DOCUMENTED[name]

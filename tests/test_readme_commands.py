@@ -21,8 +21,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner, Result
 
-from ddsweep import quickstart, scheduler, sweep
+from ddsweep import quickstart, scheduler
 from ddsweep.cli import app
+from ddsweep.config import sweep
 
 IsolatedStore = Callable[[Path], AbstractContextManager[str]]  # conftest's isolated_store
 

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from ddsweep import probes, report, tracking
 from ddsweep.cli import app
+from ddsweep.config.probe import ProbeConfig
+from ddsweep.config.sweep import Axes, expand, parse_study
 from ddsweep.errors import UserError
-from ddsweep.evaluate import ProbeConfig
-from ddsweep.sweep import Axes, expand, parse_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

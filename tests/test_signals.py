@@ -85,7 +85,8 @@ class Skewed(datetime.datetime):
     def now(cls, tz=None):
         return datetime.datetime.now(tz) + datetime.timedelta(seconds=offset)
 _storage.datetime = Skewed
-from ddsweep import cli, evaluate, points
+from ddsweep import cli, evaluate
+from ddsweep.config import points
 from ddsweep.tracking import recorder
 calls = []
 def stop_here(pid, wait_for_go):

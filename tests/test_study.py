@@ -27,12 +27,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from ddsweep import checkpoints, evaluate, features, points, scheduler, study, sweep, tracking
+from ddsweep import checkpoints, evaluate, features, scheduler, study, tracking
 from ddsweep.cli import app
-from ddsweep.model import ModelConfig
+from ddsweep.config import points, sweep
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.train import TrainConfig
 from ddsweep.objectives import probe_settings
 from ddsweep.tracking import recorder
-from ddsweep.train import TrainConfig, train
+from ddsweep.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -514,7 +516,8 @@ def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
 WORKER = r"""
 import os, sys, time
 from pathlib import Path
-from ddsweep import cli, evaluate, points
+from ddsweep import cli, evaluate
+from ddsweep.config import points
 from ddsweep.tracking import recorder
 mode, path, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 del sys.argv[1:4]

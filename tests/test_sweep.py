@@ -13,12 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
-from ddsweep.errors import UserError
-from ddsweep.evaluate import Point, ProbeConfig
-from ddsweep.model import ALIASES, BLOCKS, PIXELS
-from ddsweep.points import parse_point_id, point_id
-from ddsweep.probes import KnnSettings, LinearSettings
-from ddsweep.sweep import (
+from ddsweep.config.model import ALIASES, BLOCKS, PIXELS
+from ddsweep.config.points import Point, parse_point_id, point_id
+from ddsweep.config.probe import ProbeConfig
+from ddsweep.config.probesettings import KnnSettings, LinearSettings
+from ddsweep.config.sweep import (
     STUDY_AXES,
     Axes,
     StudyConfig,
@@ -27,6 +26,7 @@ from ddsweep.sweep import (
     parse_study,
     with_overrides,
 )
+from ddsweep.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))

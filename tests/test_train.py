@@ -21,11 +21,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddsweep import checkpoints, tracking
+from ddsweep.config.model import SEED_CHANNELS, ModelConfig
+from ddsweep.config.train import TrainConfig
 from ddsweep.errors import UserError
-from ddsweep.model import SEED_CHANNELS, ModelConfig, build_unet
+from ddsweep.model import build_unet
 from ddsweep.tracking.training import NullTracker
 from ddsweep.train import (
-    TrainConfig,
     config_from_params,
     resolve_device,
     study_batch_size,

@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 
 from ddsweep import checkpoints, tracking, trainprobe
 from ddsweep.cli import app
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.train import TrainConfig
 from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig
 from ddsweep.tracking import runs
-from ddsweep.train import STOP_TAG, TrainConfig, config_from_params, train, validate
+from ddsweep.train import STOP_TAG, config_from_params, train, validate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -164,7 +165,8 @@ def test_a_backbone_s_identity_leaves_out_what_only_watches_training(
     """A study (or the quickstart) that asks for a backbone with or without --probe-every finds
     the same run; one that differs in what training does (lr) does not."""
     from ddsweep import backbones
-    from ddsweep.train import WATCH_FIELDS, identity_params
+    from ddsweep.config.train import WATCH_FIELDS
+    from ddsweep.train import identity_params
 
     _, run_id = probed
     assert backbones.matching_run(tiny(probe_every=0)) == (run_id, "FINISHED")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ddsweep import sweep
+from ddsweep.config import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_SWEEPS = ROOT / "ddsweep" / "sweeps"

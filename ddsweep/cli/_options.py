@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ddsweep import probes
+from ddsweep.config import probekinds as probes
+from ddsweep.config.run import RunOptions
 from ddsweep.errors import UserError
-from ddsweep.study import RunOptions
 
 # --- where runs go and where data lives ---------------------------------------------------------
 
@@ -127,7 +127,7 @@ def axis_overrides(**axes: list[str] | None) -> dict[str, list[str]]:
 
 def run_options(**given: Any) -> RunOptions:
     """RunOptions from the command line, checked."""
-    from ddsweep import data
+    from ddsweep.config import paths
 
     if given["workers"] < 1 or given["max_retries"] < 0:
         raise UserError("--workers must be at least 1 and --max-retries at least 0")
@@ -135,7 +135,7 @@ def run_options(**given: Any) -> RunOptions:
         raise UserError("--grace-period and --heartbeat-interval must be positive")
     if given["heartbeat_interval"] >= given["grace_period"]:
         raise UserError("--heartbeat-interval must be shorter than --grace-period")
-    given["data_dir"] = given.get("data_dir") or data.default_data_dir()
+    given["data_dir"] = given.get("data_dir") or paths.data_dir()
     return RunOptions(**given)
 
 

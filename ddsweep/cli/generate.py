@@ -18,9 +18,8 @@ from ddsweep.cli._options import (
     WeightsOpt,
     bar,
 )
-from ddsweep.fid import DDIM_STEPS, FIDConfig
-from ddsweep.single import Checkpoint, SampleConfig
-from ddsweep.tracking import DEFAULT_EXPERIMENT
+from ddsweep.config.fid import DDIM_STEPS, FIDConfig
+from ddsweep.config.run import DEFAULT_EXPERIMENT, Checkpoint, SampleConfig
 
 S, F = SampleConfig, FIDConfig  # the defaults of the options below
 

@@ -7,15 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from ddsweep import probes
 from ddsweep.cli._options import DataDir, Experiment, TrackingUri
-from ddsweep.evaluate import ProbeConfig
-from ddsweep.model import ModelConfig
-from ddsweep.sweep import Axes
-from ddsweep.tracking import DEFAULT_EXPERIMENT
+from ddsweep.config import probekinds as probes
+from ddsweep.config.model import DEFAULT_BLOCK, ModelConfig
+from ddsweep.config.probe import ProbeConfig
+from ddsweep.config.probesettings import KnnSettings, LinearSettings
+from ddsweep.config.run import DEFAULT_EXPERIMENT
+from ddsweep.config.sweep import Axes
 
-L, K = probes.LinearSettings, probes.KnnSettings  # the probe kinds' defaults
-DEFAULT_BLOCK = "up4"  # the first decoder block: the study's usual best
+L, K = LinearSettings, KnnSettings  # the probe kinds' defaults
 
 
 def probe(

@@ -16,8 +16,8 @@ from ddsweep.cli._options import (
     bar,
     study_progress,
 )
+from ddsweep.config.run import DEFAULT_EXPERIMENT
 from ddsweep.errors import UserError
-from ddsweep.tracking import DEFAULT_EXPERIMENT
 
 
 def report(
@@ -66,9 +66,9 @@ def quickstart(
     """The whole pipeline on the bundled digits set, offline on a CPU: train, probe, report."""
     from rich.console import Console
 
-    from ddsweep import data
     from ddsweep import quickstart as qs
-    from ddsweep.study import RunOptions
+    from ddsweep.config import paths
+    from ddsweep.config.run import RunOptions
 
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
@@ -76,7 +76,7 @@ def quickstart(
         tracking_uri=tracking_uri,
         experiment=experiment,
         workers=workers,
-        data_dir=data_dir or data.default_data_dir(),
+        data_dir=data_dir or paths.data_dir(),
     )
     console = Console()
     with bar(Console(stderr=True)) as progress:

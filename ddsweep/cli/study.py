@@ -34,10 +34,9 @@ from ddsweep.cli._options import (
     run_options,
     study_progress,
 )
+from ddsweep.config.fid import DDIM_STEPS, FIDConfig
+from ddsweep.config.run import DEFAULT_EXPERIMENT, FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
-from ddsweep.fid import DDIM_STEPS, FIDConfig
-from ddsweep.study import FOLLOW_INTERVAL, RunOptions
-from ddsweep.tracking import DEFAULT_EXPERIMENT
 
 F = FIDConfig  # the defaults a sweep file leaves in place
 _FILE = "(default: the sweep file's fid: section, else"
@@ -55,7 +54,7 @@ def fid_study_config(name: str, overrides: dict[str, list[str]], fid: dict[str, 
     """The fid-grid study of `name`: a probe study's checkpoints get their own study NAME_fid
     beside it; `fid` holds the FIDConfig settings given on the command line."""
     from ddsweep import fid as fid_mod
-    from ddsweep import sweep
+    from ddsweep.config import sweep
 
     sweep.check_study_arg(name)
     base = sweep.load_study(name)
@@ -239,7 +238,8 @@ def train_grid(
     experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """Train one backbone per (dataset, resolution, attention) of a study (reuse, resume)."""
-    from ddsweep import backbones, data
+    from ddsweep import backbones
+    from ddsweep.config import paths
 
     axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention)
     cfg = study_config(study, axes)
@@ -253,7 +253,7 @@ def train_grid(
 
         backbones.ensure_all(
             cfg,
-            data_dir or data.default_data_dir(),
+            data_dir or paths.data_dir(),
             progress,
             tracking_uri=tracking_uri,
             experiment=experiment,

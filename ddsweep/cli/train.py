@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 
 from ddsweep.cli._options import DataDir, Experiment, FeatureHelp, TrackingUri, bar, given_fields
+from ddsweep.config.model import ModelConfig
+from ddsweep.config.run import DEFAULT_EXPERIMENT
+from ddsweep.config.train import TrainConfig
 from ddsweep.errors import UserError
-from ddsweep.model import ModelConfig
-from ddsweep.tracking import DEFAULT_EXPERIMENT
-from ddsweep.train import TrainConfig
 
 D = TrainConfig  # the defaults of every option below
 
@@ -165,7 +165,7 @@ def train(
     """Train one DDPM backbone without labels; one MLflow run with checkpoints and samples."""
     options = dict(locals())  # first: the options, named as TrainConfig's fields
     from ddsweep import backbones as lib
-    from ddsweep import data
+    from ddsweep.config import paths
     from ddsweep.tracking import training
 
     if resume is None and dataset is None:
@@ -184,7 +184,7 @@ def train(
     with bar() as progress:
         run_id = lib.run_training(
             cfg,
-            data_dir=data_dir or data.default_data_dir(),
+            data_dir=data_dir or paths.data_dir(),
             resume=resume,
             dataset=dataset,
             tracking_uri=tracking_uri,

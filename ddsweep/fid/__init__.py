@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ddsweep import diffusion
+from ddsweep.config.fid import DDIM_STEPS, FIDConfig, sampler_steps, validate_config
 from ddsweep.errors import UserError
 
 if TYPE_CHECKING:
@@ -87,27 +87,6 @@ __all__ = [
     "validate_config",
 ]
 
-DDIM_STEPS = 100  # DDIM steps when `steps` is not given
-
-
-@dataclass(frozen=True)
-class FIDConfig:
-    """How the generated images are made: 2,000 as in the study, DDPM ancestral by default."""
-
-    samples: int = 2000
-    sampler: str = "ddpm"
-    steps: int | None = None  # DDIM only (None: 100); DDPM always runs all 1000 steps
-    seed: int = 0
-    batch_size: int = 256
-    feature: str = "inception"  # or "randconv": see feature_network
-
-
-def sampler_steps(cfg: FIDConfig) -> int:
-    """The number of network evaluations per image that `cfg` asks for."""
-    if cfg.sampler == "ddpm":
-        return diffusion.NUM_TRAIN_TIMESTEPS
-    return cfg.steps if cfg.steps is not None else DDIM_STEPS
-
 
 def run_params(
     cfg: FIDConfig,
@@ -131,28 +110,6 @@ def run_params(
         "steps": str(sampler_steps(cfg)),
         **settings,
     }
-
-
-def validate_config(cfg: FIDConfig) -> None:
-    """Raise UserError for settings that cannot give a Fréchet distance."""
-    if cfg.sampler not in diffusion.SAMPLERS:
-        raise UserError(
-            f"unknown sampler {cfg.sampler!r}: use one of {', '.join(diffusion.SAMPLERS)}"
-        )
-    if cfg.sampler == "ddpm" and cfg.steps not in (None, diffusion.NUM_TRAIN_TIMESTEPS):
-        raise UserError(
-            f"DDPM ancestral sampling runs all {diffusion.NUM_TRAIN_TIMESTEPS} steps, not "
-            f"{cfg.steps}: use --sampler ddim to choose the number of steps"
-        )
-    steps = sampler_steps(cfg)
-    if not 1 <= steps <= diffusion.NUM_TRAIN_TIMESTEPS:
-        raise UserError(
-            f"DDIM sampling takes 1 to {diffusion.NUM_TRAIN_TIMESTEPS} steps, got {steps}"
-        )
-    if cfg.samples < 2:
-        raise UserError(f"a Fréchet distance needs at least 2 samples, got {cfg.samples}")
-    if cfg.batch_size < 1:
-        raise UserError(f"the batch size must be positive, got {cfg.batch_size}")
 
 
 # --- the feature network ------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import re
 import tempfile
@@ -16,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ddsweep.config import paths
+from ddsweep.config.fid import check_feature
 from ddsweep.errors import UserError, first_line
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ INCEPTION_URL = (
     f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 )
 INCEPTION_DIMS: tuple[int, ...] = (64, 192, 768, 2048)
-WEIGHTS_ENV = "DDSWEEP_INCEPTION_WEIGHTS"
+WEIGHTS_ENV = paths.INCEPTION_WEIGHTS_ENV
 
 
 def _how_to_get_weights() -> str:
@@ -43,8 +44,8 @@ def inception_weights_path(explicit: Path | None = None) -> Path | None:
     else None (torch.hub's cache, downloaded there when absent: see `make_metric`)."""
     if explicit is not None:
         path, origin = Path(explicit), "--inception-weights"
-    elif os.environ.get(WEIGHTS_ENV):
-        path, origin = Path(os.environ[WEIGHTS_ENV]), WEIGHTS_ENV
+    elif paths.inception_weights() is not None:
+        path, origin = Path(str(paths.inception_weights())), WEIGHTS_ENV
     else:
         return None
     path = path.expanduser()
@@ -196,9 +197,6 @@ class RandomConvFeatures(nn.Module):
         return torch.tanh(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3))
 
 
-FEATURES: tuple[str, ...] = ("inception", "randconv")
-
-
 def feature_network(name: str) -> tuple[int | nn.Module, str | None]:
     """(torchmetrics `feature`, name for `metric_name`) of a feature network by name:
     `inception` is the standard FID (2048-d pool features); `randconv` needs no weights."""
@@ -206,4 +204,5 @@ def feature_network(name: str) -> tuple[int | nn.Module, str | None]:
         return 2048, None
     if name == "randconv":
         return RandomConvFeatures(), "randconv"
-    raise UserError(f"unknown feature network {name!r}: use one of {', '.join(FEATURES)}")
+    check_feature(name)
+    raise AssertionError(name)  # check_feature raised

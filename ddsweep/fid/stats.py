@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ddsweep import data, integrity
+from ddsweep.config import paths
 from ddsweep.errors import UserError
-from ddsweep.features import default_cache_dir
 
 if TYPE_CHECKING:
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -37,8 +37,8 @@ class RealStats:
 
 
 def default_stats_dir() -> Path:
-    """Where real statistics are kept: <DDSWEEP_CACHE or ./.ddsweep/cache>/fid."""
-    return default_cache_dir() / "fid"
+    """Where real statistics are kept: <the feature cache>/fid."""
+    return paths.cache_dir() / "fid"
 
 
 def stats_key(dataset: str, resolution: int, metric: FrechetInceptionDistance) -> dict[str, str]:

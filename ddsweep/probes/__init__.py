@@ -1,30 +1,14 @@
 """Probes on frozen features: tensors in, class scores or metrics out, and the registry of kinds.
 
 Pure functions: no files, no tracking, no global device. Everything runs on the device of the
-features (or the one passed), so CUDA tensors give a GPU probe. One module per probe kind
-(`linear`, `knn`, `logreg`), each registering itself; importing this package registers the built-in
-kinds, in this order.
+features (or the one passed), so CUDA tensors give a GPU probe. One module per probe kind's
+maths (`linear`, `knn`, `logreg`); the registry, the kinds' settings and their entries are
+`ddsweep.config`'s (torch-free: `config.probekinds`, `config.probesettings`).
 """
 
 from __future__ import annotations
 
-from ddsweep.probes import knn, linear, logreg
-from ddsweep.probes.common import accuracy, ranked, standardise, topk_hits
-from ddsweep.probes.knn import (
-    DINO_TEMPERATURE,
-    KNN_CHUNK_BYTES,
-    METRICS,
-    WEIGHTINGS,
-    KnnSettings,
-    Metric,
-    Weighting,
-    knn_probe,
-    knn_search,
-    knn_votes,
-)
-from ddsweep.probes.linear import LinearSettings, linear_probe
-from ddsweep.probes.logreg import LogregSettings, logreg_probe
-from ddsweep.probes.registry import (
+from ddsweep.config.probekinds import (
     Fit,
     ProbeKind,
     Scored,
@@ -37,6 +21,21 @@ from ddsweep.probes.registry import (
     registered,
     unregister,
 )
+from ddsweep.config.probesettings import (
+    DINO_TEMPERATURE,
+    METRICS,
+    WEIGHTINGS,
+    KnnSettings,
+    LinearSettings,
+    LogregSettings,
+    Metric,
+    Weighting,
+)
+from ddsweep.probes import knn, linear, logreg  # noqa: F401  (the maths of each kind)
+from ddsweep.probes.common import accuracy, ranked, standardise, topk_hits
+from ddsweep.probes.knn import KNN_CHUNK_BYTES, knn_probe, knn_search, knn_votes
+from ddsweep.probes.linear import linear_probe
+from ddsweep.probes.logreg import logreg_probe
 
 __all__ = [
     "DINO_TEMPERATURE",
@@ -69,7 +68,3 @@ __all__ = [
     "topk_hits",
     "unregister",
 ]
-
-# Report order: the study's linear probe and k-NN first, then the converged logistic regression.
-for _kind in (linear.LINEAR, knn.KNN, logreg.LOGREG):
-    register(_kind)

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ddsweep.errors import UserError
+from ddsweep.config.probekinds import Scored, Split
+from ddsweep.config.probesettings import (
+    DEFAULT_K,
+    DINO_TEMPERATURE,
+    METRICS,
+    WEIGHTINGS,
+    KnnSettings,
+    Metric,
+    Weighting,
+)
 from ddsweep.probes.common import accuracy, check_pair, compute_dtype, count_classes
-from ddsweep.probes.registry import ProbeKind, Scored, Split
 
 __all__ = [
     "DINO_TEMPERATURE",
@@ -24,19 +30,14 @@ __all__ = [
     "KnnSettings",
     "Metric",
     "Weighting",
+    "fit",
     "knn_probe",
     "knn_search",
     "knn_votes",
 ]
 
-Metric = Literal["cosine", "euclidean"]
-Weighting = Literal["uniform", "distance", "temperature"]
-METRICS: tuple[str, ...] = get_args(Metric)
-WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
-
 # Budget for one chunk's (chunk, n_train) similarity matrix; the top-k buffers are far smaller.
 KNN_CHUNK_BYTES = 256 * 2**20
-DINO_TEMPERATURE = 0.07
 
 
 def _check_knn_args(
@@ -229,7 +230,7 @@ def knn_votes(
     train_y: Tensor,
     test_x: Tensor,
     *,
-    ks: Sequence[int] = (50,),
+    ks: Sequence[int] = (DEFAULT_K,),
     metric: Metric = "cosine",
     weighting: Weighting = "uniform",
     temperature: float = DINO_TEMPERATURE,
@@ -271,7 +272,7 @@ def knn_probe(
     test_x: Tensor,
     test_y: Tensor,
     *,
-    ks: Sequence[int] = (50,),
+    ks: Sequence[int] = (DEFAULT_K,),
     metric: Metric = "cosine",
     weighting: Weighting = "uniform",
     temperature: float = DINO_TEMPERATURE,
@@ -303,24 +304,7 @@ def knn_probe(
     return {k: {"top1": accuracy(v, y, 1), "top3": accuracy(v, y, 3)} for k, v in votes.items()}
 
 
-@dataclass(frozen=True)
-class KnnSettings:
-    """The sweep file's `probe.knn:` section."""
-
-    metric: str = "cosine"
-    weighting: str = "uniform"
-
-
-def _check(s: KnnSettings) -> None:
-    if s.metric not in METRICS:
-        raise UserError(f"unknown knn metric {s.metric!r}: use one of {', '.join(METRICS)}")
-    if s.weighting not in WEIGHTINGS:
-        raise UserError(
-            f"unknown knn weighting {s.weighting!r}: use one of {', '.join(WEIGHTINGS)}"
-        )
-
-
-def _fit(
+def fit(
     train: Split, test: Split, s: KnnSettings, ks: tuple[int, ...], seed: int
 ) -> dict[int, Scored]:
     del seed  # exact search: nothing is drawn
@@ -334,16 +318,3 @@ def _fit(
         n_classes=count_classes(train[1], test[1]),
     )
     return {k: Scored(v) for k, v in votes.items()}
-
-
-# Registered by ddsweep/probes/__init__.py, which fixes the order of the built-in kinds.
-KNN = ProbeKind(
-    name="knn",
-    settings=KnnSettings,
-    uses_k=True,
-    metrics=("top1", "top3"),
-    fit=_fit,
-    help="k nearest neighbours' (weighted) votes; the k axis multiplies it",
-    label="k-NN",
-    check=_check,
-)

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddsweep.errors import UserError
+from ddsweep.config.probekinds import Scored, Split
+from ddsweep.config.probesettings import SCHEDULES, LinearSettings
 from ddsweep.probes.common import accuracy, check_pair, count_classes, standardise
-from ddsweep.probes.registry import ProbeKind, Scored, Split
 
-__all__ = ["SCHEDULES", "LinearSettings", "linear_logits", "linear_probe"]
-
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+__all__ = ["SCHEDULES", "LinearSettings", "fit", "linear_logits", "linear_probe"]
 
 
 def linear_probe(
@@ -24,10 +21,10 @@ def linear_probe(
     test_x: Tensor,
     test_y: Tensor,
     *,
-    epochs: int = 30,
-    lr: float = 1e-3,
-    batch_size: int = 256,
-    schedule: str = "constant",
+    epochs: int = LinearSettings.epochs,
+    lr: float = LinearSettings.lr,
+    batch_size: int = LinearSettings.batch_size,
+    schedule: str = LinearSettings.schedule,
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
@@ -61,10 +58,10 @@ def linear_logits(
     test_x: Tensor,
     n_classes: int,
     *,
-    epochs: int = 30,
-    lr: float = 1e-3,
-    batch_size: int = 256,
-    schedule: str = "constant",
+    epochs: int = LinearSettings.epochs,
+    lr: float = LinearSettings.lr,
+    batch_size: int = LinearSettings.batch_size,
+    schedule: str = LinearSettings.schedule,
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, float, float]:
@@ -113,37 +110,7 @@ def linear_logits(
         return layer(xte), accuracy(train_logits, ytr, 1), train_loss
 
 
-@dataclass(frozen=True)
-class LinearSettings:
-    """The sweep file's `probe.linear:` section."""
-
-    epochs: int = 30
-    lr: float = 1e-3
-    batch_size: int = 256
-    schedule: str = "constant"  # the learning rate: constant | cosine (annealed to 0, per epoch)
-
-
-# Bounds far beyond any sensible probe, so that a typo (`epochs: 1e9`, `lr: 1e39`, which
-# overflows float32) is refused up front instead of running until killed or overflowing.
-MAX_EPOCHS, MAX_LR, MAX_BATCH = 100_000, 1e3, 2**24
-
-
-def _check(s: LinearSettings) -> None:
-    if s.epochs <= 0 or not (s.lr > 0 and math.isfinite(s.lr)) or s.batch_size <= 0:
-        raise UserError("linear probe epochs, lr and batch size must be positive (lr finite)")
-    if s.epochs > MAX_EPOCHS or s.lr > MAX_LR or s.batch_size > MAX_BATCH:
-        raise UserError(
-            f"linear probe settings out of range (epochs <= {MAX_EPOCHS}, lr <= {MAX_LR:g}, "
-            f"batch size <= {MAX_BATCH}): got epochs {s.epochs}, lr {s.lr:g}, batch size "
-            f"{s.batch_size}"
-        )
-    if s.schedule not in SCHEDULES:
-        raise UserError(
-            f"unknown linear schedule {s.schedule!r}: use one of {', '.join(SCHEDULES)}"
-        )
-
-
-def _fit(
+def fit(
     train: Split, test: Split, s: LinearSettings, ks: tuple[int, ...], seed: int
 ) -> dict[int, Scored]:
     del ks  # one fit per point: `k` does not apply
@@ -153,16 +120,3 @@ def _fit(
         epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, schedule=s.schedule, seed=seed,
     )  # fmt: skip
     return {0: Scored(logits, {"train_top1": train_top1, "train_loss": train_loss})}
-
-
-# Registered by ddsweep/probes/__init__.py, which fixes the order of the built-in kinds.
-LINEAR = ProbeKind(
-    name="linear",
-    settings=LinearSettings,
-    uses_k=False,
-    metrics=("top1", "top3", "train_top1", "train_loss"),
-    plain=("train_loss",),
-    fit=_fit,
-    help="a linear layer trained with Adam on standardised features",
-    check=_check,
-)

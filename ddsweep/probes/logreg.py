@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ddsweep.errors import UserError
+from ddsweep.config.probekinds import Scored, Split
+from ddsweep.config.probesettings import LogregSettings, check_logreg
 from ddsweep.probes.common import accuracy, check_pair, count_classes, standardise
-from ddsweep.probes.registry import ProbeKind, Scored, Split
 
 __all__ = [
     "LogregFit",
     "LogregSettings",
     "choose_l2",
+    "fit",
     "fit_logreg",
     "l2_grid",
     "logreg_probe",
@@ -30,18 +31,6 @@ __all__ = [
 ]
 
 HISTORY = 10  # L-BFGS memory: scipy's (and so scikit-learn's) default maxcor
-
-
-@dataclass(frozen=True)
-class LogregSettings:
-    """The sweep file's `probe.logreg:` section."""
-
-    l2_min: float = 1e-6  # the L2 strengths tried: l2_steps values, log-spaced, min to max
-    l2_max: float = 1.0
-    l2_steps: int = 7
-    max_iter: int = 1000  # L-BFGS iterations per fit
-    tol: float = 1e-4  # stop when every gradient entry is below this (scikit-learn's gtol)
-    val_fraction: float = 0.1  # of the training data, held out to choose the L2 strength on
 
 
 @dataclass(frozen=True)
@@ -180,7 +169,7 @@ def logreg_probe(
 ) -> dict[str, float]:
     """Logistic regression on (N, D) features: top1, top3, train_top1, train_loss, chosen_l2."""
     check_pair(train_x, train_y, test_x, test_y)
-    _check(settings)
+    check_logreg(settings)
     logits, fitted, train_top1 = logreg_fit(
         train_x, train_y, test_x, count_classes(train_y, test_y), settings, seed
     )
@@ -194,25 +183,7 @@ def logreg_probe(
     }
 
 
-MAX_L2_STEPS, MAX_ITER = 100, 100_000
-
-
-def _check(s: LogregSettings) -> None:
-    if not (0 < s.l2_min <= s.l2_max and math.isfinite(s.l2_max)):
-        raise UserError("logreg l2_min and l2_max must be positive with l2_min <= l2_max")
-    if s.l2_steps < 1 or s.max_iter < 1 or not s.tol > 0:
-        raise UserError("logreg l2_steps, max_iter and tol must be positive")
-    # Far beyond any sensible search: a typo (`l2_steps: 1e6`) would run until killed.
-    if s.l2_steps > MAX_L2_STEPS or s.max_iter > MAX_ITER:
-        raise UserError(
-            f"logreg l2_steps must be at most {MAX_L2_STEPS} and max_iter at most {MAX_ITER}; "
-            f"got {s.l2_steps} and {s.max_iter}"
-        )
-    if not 0 < s.val_fraction <= 0.5:
-        raise UserError(f"logreg val_fraction must be in (0, 0.5], got {s.val_fraction}")
-
-
-def _fit(
+def fit(
     train: Split, test: Split, s: LogregSettings, ks: tuple[int, ...], seed: int
 ) -> dict[int, Scored]:
     del ks  # one fit per point: `k` does not apply
@@ -222,17 +193,3 @@ def _fit(
     )
     extra = {"train_top1": train_top1, "train_loss": fitted.loss, "chosen_l2": fitted.l2}
     return {0: Scored(logits, extra)}
-
-
-# Registered by ddsweep/probes/__init__.py, which fixes the order of the built-in kinds.
-LOGREG = ProbeKind(
-    name="logreg",
-    settings=LogregSettings,
-    uses_k=False,
-    metrics=("top1", "top3", "train_top1", "train_loss", "chosen_l2"),
-    plain=("train_loss", "chosen_l2"),
-    fit=_fit,
-    help="logistic regression fitted to convergence (L-BFGS), L2 chosen on held-out train data",
-    check=_check,
-    in_default_axis=False,  # studies that name no probe keep their grid
-)

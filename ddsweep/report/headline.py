@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from ddsweep.model import PIXELS
+from ddsweep.config.model import PIXELS
 from ddsweep.report.fidcurves import FidCurve
 from ddsweep.report.tables import Claim, Epoch, Facet, FacetKey, Spot
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddsweep.model import BLOCKS, PIXELS
+from ddsweep.config.model import BLOCKS, PIXELS
 from ddsweep.report.fidcurves import FidCurve
 from ddsweep.report.tables import Facet
 from ddsweep.report.text import block_label

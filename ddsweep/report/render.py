@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ddsweep.config.model import PIXELS
 from ddsweep.errors import UserError
-from ddsweep.model import PIXELS
 from ddsweep.report import stats
 from ddsweep.report.fidcurves import FidCurve
 from ddsweep.report.headline import SummaryRow

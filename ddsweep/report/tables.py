@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ddsweep import predictions, probes
-from ddsweep.model import PIXELS, block_order
-from ddsweep.points import split_id
+from ddsweep.config.model import PIXELS
+from ddsweep.config.points import split_id
+from ddsweep.model import block_order
 from ddsweep.report import rows as rd
 from ddsweep.report import stats
 from ddsweep.report.fidcurves import FidCurve

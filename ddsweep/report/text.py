@@ -4,7 +4,7 @@ intervals, p-values and "tied with X" verdicts."""
 from __future__ import annotations
 
 from ddsweep import probes
-from ddsweep.model import PIXELS
+from ddsweep.config.model import PIXELS
 from ddsweep.report.tables import Epoch, Spot
 
 

@@ -17,8 +17,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from ddsweep.config.points import id_of
 from ddsweep.errors import UserError, first_line
-from ddsweep.points import id_of
 from ddsweep.scheduler.storage import make_storage
 from ddsweep.scheduler.trials import (
     INTERRUPTED_ATTR,

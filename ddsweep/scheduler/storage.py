@@ -3,12 +3,12 @@ heartbeat) for several."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import optuna
 
+from ddsweep.config import paths
 from ddsweep.errors import UserError, first_line, migration_race, redact
 from ddsweep.scheduler.types import Policy
 
@@ -16,9 +16,8 @@ from ddsweep.scheduler.types import Policy
 
 
 def default_storage_path(study: str) -> Path:
-    """The local journal file of a study: $DDSWEEP_HOME/optuna/NAME.journal (.ddsweep/...)."""
-    root = Path(os.environ.get("DDSWEEP_HOME") or ".ddsweep")
-    return root / "optuna" / f"{study}.journal"
+    """The local journal file of a study: <DDSWEEP_HOME or .ddsweep>/optuna/NAME.journal."""
+    return paths.optuna_dir() / f"{study}.journal"
 
 
 def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ddsweep.points import id_of
+from ddsweep.config.points import id_of
 from ddsweep.scheduler.storage import uses_rdb_heartbeat
 
 HEARTBEAT_ATTR = "heartbeat"  # how many times the trial's worker has beaten

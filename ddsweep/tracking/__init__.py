@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsweep import __version__
+from ddsweep.config.run import DEFAULT_EXPERIMENT
 from ddsweep.errors import UserError, first_line, redact, scrub
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
-DEFAULT_EXPERIMENT = "ddsweep"
 KIND_TAG = "ddsweep.kind"  # train | probe | study | trial | fid
 # (dataset, split, fingerprint, size): one dataset a run read, as `mlflow ui` lists its inputs
 DataInput = tuple[str, str, str, int]

@@ -11,31 +11,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ddsweep import probes
-from ddsweep.errors import UserError
-from ddsweep.evaluate import ProbeConfig, validate_probe_config
-from ddsweep.fid import FIDConfig
-from ddsweep.points import AXES
-from ddsweep.sweep.axes import AXIS_ALLOWED, AXIS_PARSERS, axis_allowed, parse_axis
-from ddsweep.sweep.config import (
-    CLI_SOURCE,
-    FID,
-    FID_AXES,
-    FID_KEYS,
-    KINDS,
-    MAX_NAME,
-    MAX_POINTS,
-    MAX_POINTS_ENV,
-    PROBE_KEYS,
-    PROTOCOL,
-    STUDY_AXES,
-    TOP_KEYS,
-    TRAIN_KEYS,
-    Axes,
-    StudyConfig,
-    max_points,
-)
-from ddsweep.sweep.grid import (
+from ddsweep.config import probekinds as probes
+from ddsweep.config.fid import FIDConfig, check_feature
+from ddsweep.config.fid import validate_config as validate_fid_config
+from ddsweep.config.paths import MAX_POINTS, MAX_POINTS_ENV, max_points
+from ddsweep.config.points import AXES
+from ddsweep.config.probe import ProbeConfig, validate_probe_config
+from ddsweep.config.sweep.axes import AXIS_ALLOWED, AXIS_PARSERS, axis_allowed, parse_axis
+from ddsweep.config.sweep.grid import (
     Backbone3,
     backbones,
     check_grid_size,
@@ -44,7 +27,23 @@ from ddsweep.sweep.grid import (
     grid_size,
     resolutions,
 )
-from ddsweep.sweep.yamlfile import read_yaml
+from ddsweep.config.sweep.study import (
+    CLI_SOURCE,
+    FID,
+    FID_AXES,
+    FID_KEYS,
+    KINDS,
+    MAX_NAME,
+    PROBE_KEYS,
+    PROTOCOL,
+    STUDY_AXES,
+    TOP_KEYS,
+    TRAIN_KEYS,
+    Axes,
+    StudyConfig,
+)
+from ddsweep.config.sweep.yamlfile import read_yaml
+from ddsweep.errors import UserError
 
 __all__ = [
     "AXES",
@@ -312,8 +311,6 @@ def _check_protocol_study(
 
 def parse_fid_section(raw: Any, source: str) -> FIDConfig:
     """The `fid:` section (fid-grid) into a FIDConfig."""
-    from ddsweep import fid
-
     where = f"{source}: fid"
     section = _mapping(raw, where)
     _unknown(section, FID_KEYS, where)
@@ -327,8 +324,8 @@ def parse_fid_section(raw: Any, source: str) -> FIDConfig:
         values[key] = value
     cfg = dataclasses.replace(FIDConfig(), **values)
     try:
-        fid.validate_config(cfg)
-        fid.feature_network(cfg.feature)
+        validate_fid_config(cfg)
+        check_feature(cfg.feature)
     except UserError as err:
         raise UserError(f"{where}: {err}") from err
     return cfg

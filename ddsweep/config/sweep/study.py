@@ -3,16 +3,17 @@ limits on its size."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ddsweep import probes
-from ddsweep.errors import UserError
-from ddsweep.evaluate import ProbeConfig
-from ddsweep.fid import FIDConfig
-from ddsweep.model import BLOCKS
-from ddsweep.points import AXES
+from ddsweep.config import probekinds as probes
+from ddsweep.config.fid import FIDConfig
+from ddsweep.config.model import BLOCKS
+from ddsweep.config.paths import MAX_POINTS_ENV, max_points
+from ddsweep.config.points import AXES
+from ddsweep.config.probe import ProbeConfig
+from ddsweep.config.probesettings import DEFAULT_K
+from ddsweep.config.train import sweep_keys
 
 KINDS: tuple[str, ...] = ("probe-grid", "fid-grid", "train-grid")
 # The axes a sweep file may give: the eight of a point, and `protocol`, which sets several of
@@ -21,55 +22,20 @@ PROTOCOL = "protocol"
 STUDY_AXES: tuple[str, ...] = (*AXES, PROTOCOL)
 CLI_SOURCE = "the command line"  # the `source` of axes given as options
 TOP_KEYS: tuple[str, ...] = ("study", "kind", "axes", "probe", "train", "fid")
-FID_KEYS: tuple[str, ...] = ("samples", "sampler", "steps", "seed", "batch_size", "feature")
+FID_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FIDConfig))
 # A fid-grid has one point per checkpoint: the probe axes do not apply.
 FID_AXES: tuple[str, ...] = ("dataset", "resolution", "attention", "epoch")
 FID = "fid"  # the block and probe of a fid-grid point
-# The `probe:` section's own keys; beside them, one `<kind>:` section per registered probe kind.
-PROBE_KEYS: tuple[str, ...] = (
-    "pool",
-    "weights",
-    "noise_seed",
-    "noise_draws",
-    "flowers_add_val",
-    "val_fraction",
-    "seed",
-)
+# The `probe:` section's own keys (ProbeConfig's fields); beside them, one `<kind>:` section per
+# registered probe kind.
+PROBE_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ProbeConfig) if f.name != "settings")
 # TrainConfig fields a sweep file's `train:` section may set for train-grid.
-TRAIN_KEYS: tuple[str, ...] = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "ema_decay",
-    "grad_clip",
-    "checkpoint_every",
-    "sample_every",
-    "max_steps",
-    "seed",
-    "channels",
-    "device",
-)
+TRAIN_KEYS: tuple[str, ...] = sweep_keys()
 
 
-MAX_POINTS = 100_000  # per axis and per grid, unless DDSWEEP_MAX_POINTS says otherwise
-MAX_POINTS_ENV = "DDSWEEP_MAX_POINTS"
 MAX_NAME = 100  # a study name becomes a file name (and part of others): far below NAME_MAX
 MAX_SWEEP_BYTES = 1 << 20  # a sweep file is a page of YAML, not a data set
 MAX_YAML_DEPTH = 16  # the deepest real sweep file nests 3 levels (probe.linear.lr)
-
-
-def max_points() -> int:
-    """The most points an axis or a grid may have: $DDSWEEP_MAX_POINTS, else 100,000."""
-    raw = os.environ.get(MAX_POINTS_ENV, "").strip()
-    if not raw:
-        return MAX_POINTS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise UserError(f"{MAX_POINTS_ENV}={raw!r} is not a positive integer")
-    return value
 
 
 def _too_many(count: int | None, what: str) -> str:
@@ -92,7 +58,7 @@ class Axes:
     block: tuple[str, ...] = BLOCKS
     noise_step: tuple[int, ...] = (0,)
     probe: tuple[str, ...] = field(default_factory=probes.default_axis)  # linear, knn
-    k: tuple[int, ...] = (50,)
+    k: tuple[int, ...] = (DEFAULT_K,)
     # Named probe protocols (seed, ddae, dino, clip); when given, each sets the probe kinds, k
     # values, probe settings (and DDAE's noise step) of its points, in place of probe and k.
     protocol: tuple[str, ...] = ()

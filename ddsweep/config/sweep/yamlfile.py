@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ddsweep.config.sweep.study import MAX_SWEEP_BYTES, MAX_YAML_DEPTH
 from ddsweep.errors import UserError, first_line
-from ddsweep.sweep.config import MAX_SWEEP_BYTES, MAX_YAML_DEPTH
 
 
 class _YAMLRefused(Exception):

@@ -1,4 +1,5 @@
-"""The probe kinds ddsweep knows: one `ProbeKind` entry each, in registration order.
+"""The probe kinds ddsweep knows: one `ProbeKind` entry each, in registration order (the
+built-in ones, whose settings live in `config.probesettings`, are registered on import).
 
 Validation of sweep files, the `probe` axis, grid expansion, MLflow params, CLI help and report
 ordering are all derived from these entries, so adding a probe kind is one module that defines
@@ -13,11 +14,12 @@ import re
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ddsweep.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "Fit",
@@ -32,7 +34,7 @@ __all__ = [
     "unregister",
 ]
 
-Split = tuple[Tensor, Tensor]  # (N, D) features, (N,) integer labels
+Split: TypeAlias = "tuple[Tensor, Tensor]"  # (N, D) features, (N,) integer labels
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Scored:
 
 # (train, queries, settings, ks, seed) -> {k: Scored}; {0: Scored} when not uses_k. The
 # queries' labels are given for kinds that report metrics of their own; scores never use them.
-Fit = Callable[[Split, Split, Any, tuple[int, ...], int], dict[int, Scored]]
+Fit: TypeAlias = "Callable[[Split, Split, Any, tuple[int, ...], int], dict[int, Scored]]"
 SETTING_TYPES: tuple[type, ...] = (bool, int, float, str)
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -164,3 +166,10 @@ def plain_metrics() -> frozenset[str]:
 def default_axis() -> tuple[str, ...]:
     """The kinds a study without a `probe` axis runs, in registration order."""
     return tuple(n for n, kind in _KINDS.items() if kind.in_default_axis)
+
+
+# The built-in kinds (linear, knn, logreg, in report order) register themselves on import; at
+# the end, since they need the definitions above.
+from ddsweep.config import probesettings as _builtin  # noqa: E402
+
+del _builtin

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ddsweep import data, probes
+from ddsweep.config import datasets, protocols
+from ddsweep.config import probekinds as probes
+from ddsweep.config.model import PIXELS
+from ddsweep.config.points import Point
+from ddsweep.config.sweep.study import FID, Axes, StudyConfig, _too_many, max_points
 from ddsweep.errors import UserError
-from ddsweep.model import PIXELS
-from ddsweep.points import Point
-from ddsweep.probes import protocols
-from ddsweep.sweep.config import FID, Axes, StudyConfig, _too_many, max_points
 
 # --- the grid -----------------------------------------------------------------------------------
 
@@ -18,7 +18,7 @@ Backbone3 = tuple[str, int, bool]  # (dataset, resolution, attention)
 
 def resolutions(axes: Axes, dataset: str) -> tuple[int, ...]:
     """The resolution axis for one dataset (its default when the axis is empty)."""
-    return axes.resolution or (data.dataset_info(dataset).default_resolution,)
+    return axes.resolution or (datasets.dataset_info(dataset).default_resolution,)
 
 
 def backbones(axes: Axes) -> list[Backbone3]:

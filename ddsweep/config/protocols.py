@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ddsweep.config.probekinds import get
+from ddsweep.config.probesettings import DEFAULT_K, DINO_TEMPERATURE
 from ddsweep.errors import UserError
-from ddsweep.probes.knn import DINO_TEMPERATURE
-from ddsweep.probes.registry import get
 
 __all__ = ["PROTOCOLS", "SEED", "Part", "Protocol", "names", "protocol"]
 
@@ -55,7 +55,7 @@ PROTOCOLS: Mapping[str, Protocol] = MappingProxyType(
         for p in (
             Protocol(
                 SEED,
-                (Part("linear"), Part("knn", ks=(50,))),
+                (Part("linear"), Part("knn", ks=(DEFAULT_K,))),
                 "the study: Adam linear probe (30 epochs, lr 1e-3, batch 256) and k-NN "
                 "(cosine, uniform votes, k = 50)",
             ),

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ddsweep import data, probes
+from ddsweep.config import datasets, protocols
+from ddsweep.config import probekinds as probes
+from ddsweep.config.model import ALIASES, BLOCKS, PIXELS
+from ddsweep.config.sweep.study import CLI_SOURCE, STUDY_AXES, _too_many, max_points
 from ddsweep.errors import UserError
-from ddsweep.model import ALIASES, BLOCKS, PIXELS
-from ddsweep.probes import protocols
-from ddsweep.sweep.config import CLI_SOURCE, STUDY_AXES, _too_many, max_points
 
 # --- values -------------------------------------------------------------------------------------
 
@@ -71,10 +71,10 @@ def _int_range(v: Any) -> Sequence[int]:
 def _check_dataset(v: Any) -> str:
     if not isinstance(v, str):
         raise _Bad(f"{v!r} is not a dataset name")
-    if v not in data.KNOWN_DATASETS and not v.startswith(data.FOLDER_PREFIX):
+    if v not in datasets.KNOWN_DATASETS and not v.startswith(datasets.FOLDER_PREFIX):
         raise _Bad(f"unknown dataset {v!r}")  # parse_axis adds the allowed names
     try:
-        return data.dataset_info(v).name
+        return datasets.dataset_info(v).name
     except UserError as err:  # a folder: dataset that is not there or not laid out right
         raise _Bad(str(err)) from err
 
@@ -127,7 +127,7 @@ def _epoch(v: int) -> int:
 
 # What each axis accepts, for error messages (the probe axis: see `axis_allowed`).
 AXIS_ALLOWED: dict[str, str] = {
-    "dataset": ", ".join((*data.KNOWN_DATASETS, "folder:PATH")),
+    "dataset": ", ".join((*datasets.KNOWN_DATASETS, "folder:PATH")),
     "resolution": "positive multiples of 8, e.g. [32]",
     "attention": "true, false",
     "epoch": "integers >= 0, or {start, stop, step} (stop included)",
