@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ddsweep import errors, features, probes, tracking
-from ddsweep.config import paths
 from ddsweep.cli import app
+from ddsweep.config import paths
 from ddsweep.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("workdir")
