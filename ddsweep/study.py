@@ -201,7 +201,12 @@ def _start(
     parent = recorder.open_parent(*_parent_fields(cfg), wait_s=wait)
     board.set_attr(PARENT_ATTR, parent)
     board.set_attr(DEFINITION_ATTR, sweep.to_document(cfg))
-    return Context(cfg, opts, board, objective, recorder)
+    ctx = Context(cfg, opts, board, objective, recorder)
+    # Recorded before any trial: a command killed or interrupted before its finish step leaves
+    # a parent that says how much of its grid is complete (the report's INCOMPLETE line).
+    t = board.tally()
+    recorder.mark_progress(sum(p in t.complete for p in ctx.ids), len(ctx.ids))
+    return ctx
 
 
 def work(ctx: Context, on_point: Callable[[str], None] | None = None) -> Counter[str]:

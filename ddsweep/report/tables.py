@@ -106,6 +106,8 @@ class Cell:
     val_top1: float | None = None
     hits: np.ndarray | None = field(default=None, compare=False, repr=False)
     labels: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Its predictions exist but could not be read: no comparison with it is a finding.
+    untested: bool = field(default=False, compare=False)
 
     def get(self, metric: str) -> float | None:
         """The metric's value, or None when the trial did not report it."""
@@ -160,7 +162,10 @@ def contest(cells: Mapping[Spot, Cell], by: str = "top1") -> Claim | None:
     others = []
     for value, _, spot in ranked[1:]:
         p = paired_p(cells[best], cells[spot])
-        others.append((spot, p, value == top_value if p is None else p >= stats.ALPHA))
+        # Untested against a cell whose predictions were unreadable: no claim of a difference.
+        unknown = cells[best].untested or cells[spot].untested
+        equal = value == top_value or unknown
+        others.append((spot, p, equal if p is None else p >= stats.ALPHA))
     tied = [o for o in others if o[2]]
     pick = tied[0] if tied else others[0] if others else None
     return Claim(
@@ -334,7 +339,8 @@ def _cell(row: Mapping[str, Any], probe: str, top1: float) -> Cell:
     top3, val_top1 = rd.number(row.get("top3")), rd.number(row.get("val_top1"))
     preds = row.get("predictions")
     if not isinstance(preds, Mapping) or "test" not in preds:
-        return Cell(top1, top3, others, val_top1=val_top1)
+        untested = isinstance(preds, str) and preds == "unreadable"  # see loader.UNREADABLE
+        return Cell(top1, top3, others, val_top1=val_top1, untested=untested)
     pred, label = preds["test"]
     hits = predictions.hits(pred, label)
     low, high = stats.bootstrap_interval(hits)
