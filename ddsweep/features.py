@@ -322,7 +322,7 @@ class FeatureCache:
         """An exclusive inter-process lock named after `key` (filelock: POSIX and Windows)."""
         from filelock import FileLock
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        paths.make_folder(self.root, "the feature cache (DDSWEEP_CACHE)")
         with FileLock(self.root / f".lock-{key.digest()}"):
             yield
 
@@ -330,7 +330,7 @@ class FeatureCache:
         """Store an entry atomically (temp file + rename), float16 when that keeps every feature
         (see `_half_is_faithful`), else float32; returns the features as stored (as float32),
         so a miss hands out exactly what a hit will."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        paths.make_folder(self.root, "the feature cache (DDSWEEP_CACHE)")
         stored = features.half() if _half_is_faithful(features) else features.float()
         meta = {k: str(v) for k, v in asdict(key).items()}
         # The temp file is named after its entry: a writer killed before the rename leaves one

@@ -34,7 +34,7 @@ def read_regular(path: Path | str) -> bytes | None:
     Opened without blocking and checked on the open descriptor, so a FIFO never hangs us."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # absent, or no folder to hold it
         return None
     except IsADirectoryError as err:
         raise Damaged("a folder, not a file") from err

@@ -155,3 +155,44 @@ def test_a_tracking_url_with_user_and_password_reaches_its_server(
     host, seen = health_server
     tracking.check_server(f"http://alice:s%40cret@{host}")
     assert seen == ["Basic " + base64.b64encode(b"alice:s@cret").decode()]
+
+
+def test_a_folder_dataset_whose_root_is_a_symlink_loop_is_one_line(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    line = refused(["probe", "--dataset", f"folder:{loop}", "--block", "pixels", "--probe", "knn"])
+    assert "cannot be resolved" in line
+
+
+@pytest.mark.parametrize("target", ["/proc/x", "regular-file"])
+def test_a_cache_folder_that_is_no_folder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    if target == "regular-file":
+        (tmp_path / target).write_text("not a folder")
+        target = str(tmp_path / target)
+    monkeypatch.setenv("DDSWEEP_CACHE", target)
+    args = ["probe", "--dataset", "digits", "--block", "pixels", "--probe", "knn", "--k", "5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_home_or_journal_folder_that_is_a_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "home-file").write_text("not a folder")
+    monkeypatch.setenv("DDSWEEP_HOME", str(tmp_path / "home-file"))
+    args = ["study", "probe-grid", "--study", "h", "--dataset", "digits", "--block", "pixels"]
+    assert "cannot be used as a folder" in refused(args)
+    monkeypatch.delenv("DDSWEEP_HOME")
+    line = refused([*args, "--storage", str(tmp_path / "home-file" / "s.journal")])
+    assert "cannot be used as a folder" in line
+
+
+def test_report_out_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    from ddsweep.report.render import write_files
+
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(UserError, match="cannot be used as a folder"):
+        write_files("s", [], [], tmp_path / "out", {"csv"})

@@ -100,3 +100,15 @@ def max_points() -> int:
     if value <= 0:
         raise UserError(f"{MAX_POINTS_ENV}={raw!r} is not a positive integer")
     return value
+
+
+def make_folder(path: Path, what: str) -> Path:
+    """`path` as a folder, created when missing; UserError (one line) when it cannot be one:
+    a regular file there, or a place no folder can be made (/proc, read-only)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"{what} {path} cannot be used as a folder ({err.strerror or err}): point it elsewhere"
+        ) from err
+    return path

@@ -83,7 +83,7 @@ def load_stats(path: Path, dims: int) -> RealStats | None:
 
 def save_stats(path: Path, stats: RealStats, key: dict[str, str]) -> None:
     """Write `stats` to `path` atomically (temp file + rename), with `key` as metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    paths.make_folder(path.parent, "the FID statistics cache (DDSWEEP_CACHE)")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
@@ -104,7 +104,7 @@ def _lock(path: Path) -> Iterator[None]:
     """An exclusive inter-process lock on `path` (filelock: POSIX and Windows)."""
     from filelock import FileLock
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    paths.make_folder(path.parent, "the FID statistics cache (DDSWEEP_CACHE)")
     with FileLock(path):
         yield
 

@@ -28,7 +28,7 @@ def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:
     url = policy.storage
     if url is None or url.endswith(".journal") or url.startswith("journal:"):
         path = Path(url.removeprefix("journal:")) if url else default_storage_path(study)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        paths.make_folder(path.parent, "the Optuna journal folder (DDSWEEP_HOME or --storage)")
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:") and "mlflow.db" in url:
         raise UserError(
