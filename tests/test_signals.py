@@ -212,6 +212,13 @@ def test_ctrl_c_exits_130_and_the_rerun_finishes_only_what_was_left_even_without
     (cut,) = [t for t in trials if t.state == TrialState.FAIL]
     assert cut.user_attrs["point_id"] == stopped and cut.user_attrs["interrupted"] is True
     assert len(finished_per_point()) == 2
+    # The first run of the grid was cut short: the report's first line says INCOMPLETE.
+    from ddsweep.report import loader, render
+
+    (parent,) = test_study.parents()
+    progress = loader.grid_progress(parent.info.run_id)
+    assert progress is not None and progress[1] == POINTS and progress[0] < POINTS
+    assert "INCOMPLETE" in render.status_line(STUDY, {}, progress)
 
     # --max-retries 0: an interrupted point is no failed one; it is run, and only what was left.
     with warnings.catch_warnings(record=True) as caught:
