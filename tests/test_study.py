@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -368,6 +369,11 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     # A damaged local copy of one checkpoint: only the U-Net points of epoch 1 can fail.
     copy = evaluate.fetch_backbone(backbone.run_id, 1).folder
     (copy / checkpoints.WEIGHTS_FILE).write_bytes(b"not a safetensors file")
+    # ...whose ddsweep.json agrees (else the copy is seen as changed and fetched again): a
+    # checkpoint that was written broken.
+    meta = json.loads((copy / checkpoints.META).read_text())
+    meta[checkpoints.HASHES]["ema"] = checkpoints.content_hash(copy)
+    (copy / checkpoints.META).write_text(json.dumps(meta))
     broken = {p for p in expected_ids() if points.parse_point_id(p).epoch == 1}
     assert len(broken) == 4
 
