@@ -17,13 +17,8 @@ from ddsweep.config.train import TrainConfig
 from ddsweep.distributed import close_distributed, init_distributed
 from ddsweep.errors import UserError
 from ddsweep.tracking import runs
-from ddsweep.train import (
-    config_from_params,
-    identity_params,
-    train,
-    validate,
-    with_dataset_defaults,
-)
+from ddsweep.train import train
+from ddsweep.trainrun import config_from_params, identity_params, validate, with_dataset_defaults
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -165,15 +160,13 @@ def run_training(
 
 # --- following training runs as they write checkpoints: `probe-grid --follow` --------------------
 
-LIVE = ("RUNNING", "SCHEDULED")  # MLflow statuses of a run that may still write checkpoints
-
 
 def followed_run(dataset: str, resolution: int, attention: bool) -> str | None:
     """The training run a --follow study follows for this backbone: the newest one running or
     finished; None while there is none."""
-    for run in tracking.training_runs(dataset, resolution, attention):
-        if run.info.status in (*LIVE, "FINISHED"):
-            return str(run.info.run_id)
+    for run in tracking.training_records(dataset, resolution, attention):
+        if run.live or run.status == "FINISHED":
+            return run.run_id
     return None
 
 
@@ -196,6 +189,6 @@ def resume_epoch(run_id: str) -> int:
 def ready_epochs(run_id: str) -> tuple[tuple[int, ...], bool]:
     """(epochs of run `run_id` whose checkpoints are complete, whether the run has ended). The
     status is read first: once it says ended, the epochs read after it are all there will be."""
-    ended = tracking.get_run(run_id).info.status not in LIVE
+    ended = not tracking.training_run(run_id).live
     last = resume_epoch(run_id)
     return tuple(e for e in runs.saved_epochs(run_id) if e <= last), ended

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -65,7 +66,7 @@ def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> 
     from ddsweep import tracking
     from ddsweep.tracking import runs
 
-    run = tracking.get_run(run_id)
+    run = tracking.training_run(run_id)
     target = checkpoint_store() / run_id / f"epoch_{epoch:04d}"
     wrong = checkpoints.verify(target, epoch) if (target / checkpoints.META).is_file() else None
     if wrong is not None:  # a local copy changed since it was fetched: fetch it again
@@ -96,7 +97,7 @@ def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> 
                 f"the checkpoint of epoch {epoch} that run {run_id} recorded is not what it "
                 f"says: {wrong}"
             )
-    return Backbone(target, run_id, epoch, run.data.tags.get("dataset"))
+    return Backbone(target, run_id, epoch, run.dataset)
 
 
 # --- one point --------------------------------------------------------------------------------
@@ -133,6 +134,14 @@ class _LazyUNet:
         return self.unet
 
 
+class SplitFeatures(NamedTuple):
+    """What `split_features` gives, by name (it still unpacks as a tuple)."""
+
+    features: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # {split: {block: (x, y)}}
+    seconds: float  # spent extracting
+    passes: int  # passes of the backbone over a split
+
+
 def split_features(
     backbone: Backbone | None,
     dataset: str,
@@ -144,9 +153,10 @@ def split_features(
     data_dir: Path,
     *,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], float, int]:
-    """({split: {block: (features, labels)}} for train and test (and a dataset's own val),
-    seconds spent extracting, and the passes of the backbone over a split this call ran).
+) -> SplitFeatures:
+    """`SplitFeatures`: {split: {block: (features, labels)}} for train and test (and a
+    dataset's own val), seconds spent extracting, and the passes of the backbone over a split
+    this call ran.
 
     Every block missing from the cache is filled by one pass over each split. `backbone` may be
     None when only `pixels` is asked for.
@@ -175,11 +185,20 @@ def split_features(
             data.labelled_split, dataset, split, resolution, data_dir, flowers_add_val=add_val
         )
         fp = data.split_fingerprint(dataset, split, resolution, flowers_add_val=add_val)
-        args = (load, ckpt_hash, cfg.weights, ds, fp, resolution, req, cache)
-        out[split], secs, ran = cached_features(*args, on_batch=on_batch)
+        out[split], secs, ran = cached_features(
+            load,
+            checkpoint_hash=ckpt_hash,
+            weights=cfg.weights,
+            dataset=ds,
+            split_fingerprint=fp,
+            resolution=resolution,
+            req=req,
+            cache=cache,
+            on_batch=on_batch,
+        )
         seconds += secs
         passes += int(ran and needs_net)
-    return out, seconds, passes
+    return SplitFeatures(out, seconds, passes)
 
 
 def probe_splits(dataset: str, cfg: ProbeConfig) -> tuple[data.Split, ...]:
@@ -385,12 +404,11 @@ def resolve_point(
             info = data.dataset_info(dataset)
             run = tracking.latest_training_run(
                 dataset, resolution or info.default_resolution, attention
-            ).info.run_id
-        r = tracking.get_run(run)
-        if r.data.tags.get(tracking.KIND_TAG) != "train":
+            ).run_id
+        r = tracking.training_run(run)
+        if not r.is_training or r.resolution is None:
             raise UserError(f"run {run} is not a `ddsweep train` run")
-        res = int(r.data.tags["resolution"])
-        attn = r.data.tags.get("attention") == "True"
+        res, attn = r.resolution, bool(r.attention)
         epochs = saved_epochs(run)
         ep = epoch if epoch is not None else (epochs[-1] if epochs else 0)
         bb = fetch_backbone(run, ep, epochs)
@@ -404,8 +422,15 @@ def resolve_point(
     res = res or resolution or info.default_resolution
     if resolution is not None and resolution != res:
         raise UserError(f"--resolution {resolution} does not match the backbone's {res} px")
-    if block == PIXELS:
-        point = Point(info.name, res, None, None, block, noise_step, probe, k if uses_k else 0)
-    else:
-        point = Point(info.name, res, attn, ep, block, noise_step, probe, k if uses_k else 0)
+    pixels = block == PIXELS  # the baseline of every attention value and epoch
+    point = Point(
+        dataset=info.name,
+        resolution=res,
+        attention=None if pixels else attn,
+        epoch=None if pixels else ep,
+        block=block,
+        noise_step=noise_step,
+        probe=probe,
+        k=k if uses_k else 0,
+    )
     return bb, point

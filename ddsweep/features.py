@@ -416,7 +416,7 @@ def cached_features(
     checkpoint_hash: str,
     weights: str,
     dataset: Dataset[tuple[torch.Tensor, int]] | Callable[[], Dataset[tuple[torch.Tensor, int]]],
-    split: str,
+    split_fingerprint: str,
     resolution: int,
     req: FeatureRequest,
     cache: FeatureCache,
@@ -431,12 +431,14 @@ def cached_features(
     Processes sharing the cache take a lock per (checkpoint, split, noise step, pooling) while
     they extract, so concurrent workers run the backbone once and the others read the result.
     """
-    req = dataclasses.replace(req, split=split)  # the noise of an image depends on its split
+    req = dataclasses.replace(
+        req, split=split_fingerprint
+    )  # the noise of an image depends on its split
     keys = {
         b: CacheKey(
             checkpoint_hash,
             weights,
-            split,
+            split_fingerprint,
             resolution,
             req.noise_step,
             req.noise_seed,

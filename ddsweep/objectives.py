@@ -9,6 +9,7 @@ point) and the FID grid (one Fréchet distance per checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,11 +18,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ddsweep import evaluate, probes
+from ddsweep import evaluate, probes, selection
 from ddsweep.config import datasets, sweep
 from ddsweep.config import probe as probe_config
 from ddsweep.config.model import BLOCKS, PIXELS
-from ddsweep.config.points import Point, id_of, params_of
+from ddsweep.config.points import Point, id_of, params_of, run_name
 from ddsweep.evaluate import Backbone
 from ddsweep.features import FeatureCache
 
@@ -68,6 +69,15 @@ class Objective:
         """The metric that is the trial's value."""
         raise NotImplementedError
 
+    @property
+    def metric_name(self) -> str:
+        """What Optuna calls the trial value (study.set_metric_names)."""
+        return self.metric
+
+    def value(self, point: Point, metrics: Mapping[str, float]) -> tuple[float, dict[str, Any]]:
+        """(the trial's value, trial attributes beside it) of an evaluated point."""
+        return float(metrics[self.metric]), {}
+
     def expand(self) -> list[Point]:
         raise NotImplementedError
 
@@ -103,7 +113,7 @@ class Objective:
 
 
 class ProbeGrid(Objective):
-    """A probe of one block of one checkpoint at one noise step per point; value: top1."""
+    """A probe of one block of one checkpoint at one noise step per point; value: the selection score (`ddsweep.selection`)."""
 
     kind = "probe-grid"
     direction = "maximize"
@@ -118,6 +128,30 @@ class ProbeGrid(Objective):
     @property
     def metric(self) -> str:
         return "top1"
+
+    @property
+    def metric_name(self) -> str:
+        return selection.METRIC_NAME
+
+    def value(self, point: Point, metrics: Mapping[str, float]) -> tuple[float, dict[str, Any]]:
+        """The selection score (`ddsweep.selection`): validation top1 (test top1 when no
+        validation split was scored) of a network block at a trained epoch, with the tie order
+        folded in, so Optuna's best trial is the report's answer; a baseline (pixels, epoch 0)
+        scores BASELINE_VALUE and carries its numbers as attributes only."""
+        score = metrics.get("val_top1", metrics["top1"])
+        trained = (point.dataset, point.resolution, point.attention) in self._trained
+        attrs: dict[str, Any] = {"top1": float(metrics["top1"])}
+        if "val_top1" in metrics:
+            attrs["val_top1"] = float(metrics["val_top1"])
+        if selection.is_baseline(point.block, point.epoch, trained):
+            attrs["baseline"] = "pixels" if point.block == PIXELS else "epoch 0"
+        value = selection.objective_value(float(score), point.block, point.epoch, trained)
+        return value, attrs
+
+    @functools.cached_property
+    def _trained(self) -> set[tuple[str, int, bool | None]]:
+        """The backbones with a trained epoch in the grid: their epoch 0 is a baseline."""
+        return {(p.dataset, p.resolution, p.attention) for p in self.points.values() if p.epoch}
 
     def expand(self) -> list[Point]:
         points = sweep.expand(self.cfg.axes, lambda key: self.pins[key][1])
@@ -174,16 +208,6 @@ def fid_settings(cfg: sweep.StudyConfig) -> tuple[tuple[str, str], ...]:
         return {**values, "steps": str(fid.sampler_steps(c)), "weights": weights}
 
     return _off_default(text(cfg.fid, cfg.probe.weights), text(fid.FIDConfig(), "ema"))
-
-
-def run_name(p: Point) -> str:
-    """A child run's name, e.g. up4-e8-t0-knn-k10 (noattn when without attention)."""
-    parts = [p.block, f"e{p.epoch}" if p.epoch is not None else "", f"t{p.noise_step}", p.probe]
-    if p.k:
-        parts.append(f"k{p.k}")
-    if p.attention is False:
-        parts.append("noattn")
-    return "-".join(x for x in parts if x)
 
 
 class FidGrid(Objective):

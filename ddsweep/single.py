@@ -146,11 +146,13 @@ def fid(
     exp_id = tracking.setup(tracking_uri, experiment)
     unet, backbone = load_checkpoint(ckpt)
     epoch = int(backbone.epoch or 0)
-    meta = tracking.get_run(ckpt.run).data.tags
+    meta = tracking.training_run(ckpt.run)
+    if meta.dataset is None or meta.resolution is None:
+        raise UserError(f"run {ckpt.run} is not a `ddsweep train` run")
     metrics = fid_mod.fid_of_checkpoint(
         unet,
-        meta["dataset"],
-        int(meta["resolution"]),
+        meta.dataset,
+        meta.resolution,
         data_dir or data.default_data_dir(),
         cfg,
         feature=net,
@@ -161,9 +163,9 @@ def fid(
     name = fid_mod.metric_name(net, net_name)
     params = fid_mod.run_params(
         cfg,
-        dataset=meta["dataset"],
-        resolution=int(meta["resolution"]),
-        attention=meta["attention"] == "True",
+        dataset=meta.dataset,
+        resolution=meta.resolution,
+        attention=meta.attention is True,
         epoch=epoch,
         backbone_run=ckpt.run,
         weights=ckpt.weights,

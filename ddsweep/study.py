@@ -24,12 +24,13 @@ from typing import Any
 from ddsweep import evaluate, scheduler, tracking
 from ddsweep.config import sweep
 from ddsweep.config.model import PIXELS
-from ddsweep.config.points import AXES, legacy_id, point_id
+from ddsweep.config.points import AXES, legacy_id, legacy_ids, point_id
 from ddsweep.config.run import FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
 from ddsweep.objectives import OBJECTIVES, Objective, Pins, Record
 from ddsweep.scheduler import GridStudy, Outcome, Tally
-from ddsweep.tracking.recorder import POINT_TAG, STUDY_TAG, StudyRecorder
+from ddsweep.tracking.recorder import StudyRecorder
+from ddsweep.tracking.schema import POINT_TAG, STUDY_TAG, backbone_pin
 
 __all__ = ["POINT_TAG", "STUDY_TAG", "Context", "RunOptions", "prepare", "run_study"]
 
@@ -64,10 +65,10 @@ def pin_backbones(board: GridStudy | None, cfg: sweep.StudyConfig) -> Pins:
     pinned = board.attrs if board is not None else {}
     for key in sweep.backbones(cfg.axes) if _needs_net(cfg) else []:
         d, r, a = key
-        attr = f"backbone:{d}/{r}/{a}"
+        attr = backbone_pin(d, r, a)
         run_id = pinned.get(attr)
         if run_id is None:
-            run_id = tracking.latest_training_run(d, r, a).info.run_id
+            run_id = tracking.latest_training_run(d, r, a).run_id
             if board is not None:
                 board.set_attr(attr, run_id)
         epochs = tuple(evaluate.saved_epochs(run_id))
@@ -94,6 +95,7 @@ class Context:
     board: GridStudy
     objective: Objective
     recorder: StudyRecorder
+    answer: list[str] = dataclasses.field(default_factory=list)  # the answer's lines, once known
 
     @property
     def ids(self) -> list[str]:
@@ -111,8 +113,9 @@ class _Trials:
         self.objective, self.recorder = objective, recorder
         self.legacy = legacy  # the study has trials of ddsweep 0.1, whose children may be adopted
 
-    def _outcome(self, run_id: str, metrics: dict[str, float]) -> Outcome:
-        return Outcome(float(metrics[self.objective.metric]), {"mlflow_run_id": run_id})
+    def _outcome(self, pid: str, run_id: str, metrics: dict[str, float]) -> Outcome:
+        value, attrs = self.objective.value(self.objective.points[pid], metrics)
+        return Outcome(value, {**attrs, "mlflow_run_id": run_id})
 
     # The scheduler knows a point by its trial params (`pid`); MLflow by its readable id, which
     # names every setting by keyword.
@@ -121,14 +124,14 @@ class _Trials:
         found = self.recorder.adopted(point_id(point))
         if found is None and self.legacy and not point.settings:  # logged by ddsweep 0.1
             found = self.recorder.adopted(legacy_id(point))
-        return self._outcome(*found) if found else None
+        return self._outcome(pid, *found) if found else None
 
     def compute(self, pid: str) -> Record:
         return self.objective.evaluate(self.objective.points[pid])
 
     def record(self, pid: str, trial_number: int, result: Record) -> Outcome:
         run_id = self.recorder.log_trial(point_id(self.objective.points[pid]), trial_number, result)
-        return self._outcome(run_id, result.metrics)
+        return self._outcome(pid, run_id, result.metrics)
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
         point = self.objective.points[pid]
@@ -179,7 +182,7 @@ def _use(board: GridStudy, objective: Objective) -> None:
         scheduler.Grid(
             {pid: objective.params(p) for pid, p in objective.points.items()},
             objective.vocabulary(),
-            {legacy_id(p): pid for pid, p in objective.points.items()},
+            legacy_ids(objective.points),
             {pid: point_id(p) for pid, p in objective.points.items()},
         )
     )
@@ -190,6 +193,7 @@ def _start(
 ) -> Context:
     """Run `objective`'s grid on the study and open (or find) its MLflow parent run."""
     _use(board, objective)
+    board.name_metric(objective.metric_name)
     # A study keeps the experiment of its parent run: a plain run and one under `mlflow run`
     # (whose project run, in mlflow run's experiment, became the parent) share one parent.
     pinned = board.attrs.get(PARENT_ATTR)
@@ -292,11 +296,22 @@ def publish_answer(ctx: Context, done: int) -> None:
     ctx.recorder.log_definition(source, sweep.to_document(cfg))
     if cfg.kind != "probe-grid":
         return
-    facets = report.build_tables(report.load_trials(ctx.parent_id))
+    trials = report.load_trials(ctx.parent_id)
+    facets = report.build_tables(report.with_predictions(trials))
     if facets:
         rows = report.summary(facets)
         metrics, tags = answer.headline(facets, rows)
-        ctx.recorder.log_answer(metrics, tags, answer.tables(facets, rows), done)
+        found = report.study_answer(facets, rows)
+        ctx.answer = report.answer_lines(facets, rows)
+        card = report.methods_card(cfg.study, facets, trials, report.split_inputs(trials))
+        ctx.recorder.log_answer(
+            metrics,
+            tags,
+            answer.tables(facets, rows),
+            done,
+            note=answer.note(cfg.study, found),
+            files={report.METHODS_MD: card},
+        )
 
 
 def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:
@@ -310,7 +325,7 @@ def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:
     pinned = board.attrs
     asked = set(cfg.axes.epoch)
     for key in sweep.backbones(cfg.axes) if _needs_net(cfg) else []:
-        attr = f"backbone:{key[0]}/{key[1]}/{key[2]}"
+        attr = backbone_pin(*key)
         run_id = pinned.get(attr) or backbones.followed_run(*key)
         if run_id is None:
             out[key], ended = ("", ()), False
@@ -459,13 +474,11 @@ def status_tables(
         )
     pins: dict[sweep.Backbone3, tuple[str, tuple[int, ...]]] = {}
     for key in sweep.backbones(cfg.axes):
-        run_id = board.attrs.get(f"backbone:{key[0]}/{key[1]}/{key[2]}")
+        run_id = board.attrs.get(backbone_pin(*key))
         pins[key] = (run_id or "", tuple(evaluate.saved_epochs(run_id)) if run_id else ())
     objective = _objective(cfg, opts, pins)
     params = {pid: objective.params(p) for pid, p in objective.points.items()}
-    board.grid = scheduler.Grid(
-        params, legacy={legacy_id(p): i for i, p in objective.points.items()}
-    )
+    board.grid = scheduler.Grid(params, legacy=legacy_ids(objective.points))
     rows = status_rows(params, board.tally())
     table = Table(title=f"study {cfg.study}: {len(params)} points")
     for col in ("", "complete", "running", "failed", "left"):

@@ -69,3 +69,62 @@ importlib.import_module("yaml.loader")
 
 def test_mlflow_only_in_tracking_and_the_report_loader_optuna_only_in_the_scheduler() -> None:
     assert offenders() == {"mlflow": [], "optuna": []}
+
+
+# Where an MLflow run's raw tags and params, and MLflow's entity classes, may be read: the rest
+# of ddsweep reads tracking's typed records (ddsweep.tracking.records).
+RAW_RUN_ALLOWED = ("ddsweep/tracking/", "ddsweep/report/loader.py")
+RAW_ATTRIBUTES = ("tags", "params")
+
+
+def raw_run_reads(tree: ast.AST) -> set[str]:
+    """`.data.tags`, `.data.params` and `mlflow.entities` (imported or named) in `tree`."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in RAW_ATTRIBUTES
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "data"
+        ):
+            found.add(f".data.{node.attr}")
+        elif (
+            (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlflow.entities"))
+            or (
+                isinstance(node, ast.Import)
+                and any(a.name.startswith("mlflow.entities") for a in node.names)
+            )
+            or (
+                isinstance(node, ast.Attribute)
+                and node.attr == "entities"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "mlflow"
+            )
+        ):
+            found.add("mlflow.entities")
+    return found
+
+
+def test_the_raw_run_scan_sees_every_form() -> None:
+    source = """
+from mlflow.entities import Run
+import mlflow.entities
+def f(run, client):
+    run.data.tags.get("x")
+    client.get_run("id").data.params["y"]
+    mlflow.entities.RunStatus
+    run.data.metrics  # metrics are read freely
+"""
+    assert raw_run_reads(ast.parse(source)) == {".data.tags", ".data.params", "mlflow.entities"}
+
+
+def test_raw_mlflow_runs_are_read_only_in_tracking_and_the_report_loader() -> None:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if any(rel.startswith(a) if a.endswith("/") else rel == a for a in RAW_RUN_ALLOWED):
+            continue
+        found = raw_run_reads(ast.parse(path.read_text(), filename=rel))
+        if found:
+            out[rel] = sorted(found)
+    assert out == {}

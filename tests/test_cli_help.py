@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ddsweep import __version__, tracking
 from ddsweep.cli import app
-from ddsweep.tracking.recorder import STUDY_TAG
+from ddsweep.tracking.schema import STUDY_TAG
 
 # Options that do something instead of taking a value: they have no default to show.
 ACTIONS = {"--help", "--version", "--install-completion", "--show-completion"}

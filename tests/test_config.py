@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import ddsweep
 
 PACKAGE = Path(ddsweep.__file__).resolve().parent
@@ -70,3 +72,24 @@ def test_config_imports_only_config_and_errors() -> None:
         if outside:
             bad[path.relative_to(PACKAGE).as_posix()] = sorted(outside)
     assert bad == {}
+
+
+def test_ddsweep_home_moves_the_journals_the_cache_and_the_checkpoints(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from ddsweep.config import paths
+
+    for name in paths.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert paths.cache_dir() == Path(".ddsweep/cache")
+    monkeypatch.setenv(paths.HOME_ENV, str(tmp_path))
+    assert (paths.optuna_dir(), paths.cache_dir(), paths.checkpoints_dir()) == (
+        tmp_path / "optuna",
+        tmp_path / "cache",
+        tmp_path / "checkpoints",
+    )
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "elsewhere"))  # one part alone
+    assert (paths.cache_dir(), paths.checkpoints_dir()) == (
+        tmp_path / "elsewhere",
+        tmp_path / "checkpoints",
+    )

@@ -20,8 +20,8 @@ from ddsweep import backbones, scheduler, tracking
 from ddsweep.cli import app
 from ddsweep.config.model import ModelConfig
 from ddsweep.config.train import TrainConfig
-from ddsweep.study import POINT_TAG, STUDY_TAG
 from ddsweep.tracking import runs
+from ddsweep.tracking.schema import POINT_TAG, STUDY_TAG
 from ddsweep.train import train
 
 pytestmark = pytest.mark.usefixtures("workdir", "one_torch_thread")

@@ -438,7 +438,7 @@ def test_a_study_name_too_long_for_a_file_name_is_refused(
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_training_lr_is_refused(lr: float) -> None:
     from ddsweep.config.train import TrainConfig
-    from ddsweep.train import validate
+    from ddsweep.trainrun import validate
 
     with pytest.raises(UserError, match="--lr must be a positive finite number"):
         validate(TrainConfig(lr=lr))

@@ -11,6 +11,7 @@ import pytest
 from test_mlproject import tiny_backbone, tiny_sweep
 from typer.testing import CliRunner
 
+from ddsweep import selection
 from ddsweep.cli import app
 
 matplotlib.use("Agg")
@@ -19,6 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # before the module's 
 STUDY = "optuna_tools"
 GRID = 2 * 3 * 2  # epochs 0 and 1, three blocks, two k
 VARYING = ["block", "epoch", "k"]
+
+
+def top1_of(trial: Any) -> float:
+    return float(trial.user_attrs["top1"])
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +57,22 @@ def test_optuna_reads_a_finished_study_by_its_axes(study):
     assert {t.params["k"] for t in complete} == {1, 5}
 
     frame = study.trials_dataframe()
-    assert {"params_block", "params_epoch", "params_k", "value"} <= set(frame.columns)
+    value = f"value_{selection.METRIC_NAME}"  # the objective, named by set_metric_names
+    assert {"params_block", "params_epoch", "params_k", value, "user_attrs_top1"} <= set(
+        frame.columns
+    )
 
     # On this study the block decides the accuracy (down4 ~0.75, mid and up4 ~0.5): fANOVA
     # over the axes that vary says so.
     fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
-    importances = optuna.importance.get_param_importances(study, evaluator=fanova, params=VARYING)
+    # (of test top1, a trial attribute: the trial value is the selection score, 0 at epoch 0)
+    importances = optuna.importance.get_param_importances(
+        study, evaluator=fanova, params=VARYING, target=top1_of
+    )
     assert max(importances, key=importances.__getitem__) == "block"
     assert importances["block"] > 0.5
     ax = optuna.visualization.matplotlib.plot_param_importances(
-        study, evaluator=fanova, params=VARYING
+        study, evaluator=fanova, params=VARYING, target=top1_of, target_name="top1"
     )
     assert set(VARYING) <= {t.get_text() for t in ax.get_yticklabels()}
 
@@ -74,5 +85,5 @@ def test_optuna_reads_a_finished_study_by_its_axes(study):
 def test_default_importance_evaluator_finds_the_block(study):
     import optuna
 
-    importances = optuna.importance.get_param_importances(study, params=VARYING)
+    importances = optuna.importance.get_param_importances(study, params=VARYING, target=top1_of)
     assert max(importances, key=importances.__getitem__) == "block"

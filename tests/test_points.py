@@ -10,9 +10,36 @@ import pytest
 from ddsweep.config import points
 from ddsweep.config.points import Point, id_of, params_of, parse_point_id, point_id
 
-KNN = Point("digits", 16, True, 8, "up4", 0, "knn", 10)
-LINEAR_NOISY = Point("cifar10", 32, False, 250, "up3", 50, "linear", 0)
-PIXELS = Point("digits", 16, None, None, "pixels", 0, "knn", 5)
+KNN = Point(
+    dataset="digits",
+    resolution=16,
+    attention=True,
+    epoch=8,
+    block="up4",
+    noise_step=0,
+    probe="knn",
+    k=10,
+)
+LINEAR_NOISY = Point(
+    dataset="cifar10",
+    resolution=32,
+    attention=False,
+    epoch=250,
+    block="up3",
+    noise_step=50,
+    probe="linear",
+    k=0,
+)
+PIXELS = Point(
+    dataset="digits",
+    resolution=16,
+    attention=None,
+    epoch=None,
+    block="pixels",
+    noise_step=0,
+    probe="knn",
+    k=5,
+)
 
 
 def test_an_id_names_settings_by_keyword_in_canonical_order_without_defaults() -> None:
@@ -58,7 +85,16 @@ def test_an_id_is_stable_when_a_setting_with_a_default_is_added(
 
 
 def test_special_characters_in_values_survive() -> None:
-    folder = Point("folder:/data/a&b=c, d", 32, True, 0, "up_blocks.1.resnets.2", 0, "knn", 5)
+    folder = Point(
+        dataset="folder:/data/a&b=c, d",
+        resolution=32,
+        attention=True,
+        epoch=0,
+        block="up_blocks.1.resnets.2",
+        noise_step=0,
+        probe="knn",
+        k=5,
+    )
     assert parse_point_id(point_id(folder)) == folder
 
 

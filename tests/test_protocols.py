@@ -83,7 +83,7 @@ def test_a_protocol_name_expands_to_the_documented_settings(name: str) -> None:
         used = evaluate.config_for(cfg.probe, p).settings_for(p.probe)
         part = next(q for q in protocols.protocol(name).parts if q.probe == p.probe)
         assert used == dataclasses.replace(probes.get(p.probe).defaults(), **part.settings)
-    ddae = evaluate.config_for(cfg.probe, Point("d", 16, True, 4, "mid", 10, "linear", 0, (
+    ddae = evaluate.config_for(cfg.probe, Point(dataset="d", resolution=16, attention=True, epoch=4, block="mid", noise_step=10, probe="linear", k=0, settings=(
         ("protocol", "ddae"),)))  # fmt: skip
     assert ddae.settings_for("linear") == probes.LinearSettings(15, 1e-3, 128, "cosine")
     params = evaluate.point_params(pts[0], cfg.probe, None)

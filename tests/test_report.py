@@ -230,6 +230,7 @@ def test_write_report_files_artifacts_and_overwrite(store: Planted) -> None:
     expected = {f"{s}.{ext}" for s in slugs for ext in ("csv", "png")} | {
         "summary.csv",
         "report.md",
+        "methods.md",
     }
     assert {p.name for p in paths} == expected
     assert (out / "notes.txt").read_text() == "mine"  # other files are never touched

@@ -9,7 +9,7 @@ import pytest
 
 from ddsweep import predictions, report
 from ddsweep.report import build_tables, fid_by_backbone, stats, summary
-from ddsweep.tracking.recorder import POINT_TAG
+from ddsweep.tracking.schema import POINT_TAG
 
 N = 360  # test examples
 LABELS = np.arange(N, dtype=np.int32) % 10
@@ -274,3 +274,41 @@ def test_the_terminal_shows_every_cell_s_interval_whatever_its_width(width: int)
     text = console.export_text()
     # Inline ("50.0 ± 5.5") when wide enough, else a table of the ± values of its own.
     assert text.count("± 5.5") + text.count("±5.5") == 2 * len(epochs)
+
+
+# ------------------------------------------------------------------------------ marks
+
+
+def three_cells() -> list[dict]:
+    """Of 360 test images: A right on 324, B on A's less 7 (significant), C on A's less 12
+    plus 4 others (not significant); every cell with a top3 and a train top1."""
+    a = np.zeros(N, bool)
+    a[:324] = True  # 90 %
+    b = a.copy()
+    b[317:324] = False
+    c = a.copy()
+    c[312:324] = False
+    c[324:328] = True  # A minus 12 plus 4
+    extra = {"top3": 0.99, "train_top1": 0.99}
+    return [trial("down1", 2, a, **extra), trial("mid", 2, b, **extra), trial("up1", 2, c, **extra)]
+
+
+def test_the_runner_up_is_the_second_best_cell_and_ties_come_from_the_paired_test() -> None:
+    (facet,) = build_tables(three_cells())
+    claim = facet.claim()
+    assert claim is not None
+    assert claim.best == ("down1", 2)
+    assert claim.runner_up == ("mid", 2)  # second-best, though up1 is the one tied
+    assert claim.p is not None and claim.p < stats.ALPHA
+    assert claim.tied == {("down1", 2), ("up1", 2)}
+    assert report.render.claim_verdict(claim) == "beats mid @ 2 (p = 0.02) but tied with 1 other"
+
+
+def test_only_top1_tables_carry_marks_and_they_are_the_paired_tests() -> None:
+    (facet,) = build_tables(three_cells())
+    top1 = report.markdown_table(facet, "top1")
+    assert "**" in top1 and "≈" in top1
+    assert "| mid | 88.1 ± 3.5 |" in top1  # significantly worse: not bold, no mark
+    for metric in ("top3", "train_top1"):  # no per-example predictions: no marks at all
+        table = report.markdown_table(facet, metric)
+        assert "**" not in table and "*" not in table and "≈" not in table, table

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ddsweep import predictions, report, tracking
 from ddsweep.errors import UserError
-from ddsweep.tracking.recorder import POINT_TAG
+from ddsweep.tracking.schema import POINT_TAG
 
 if TYPE_CHECKING:
     from conftest import IsolatedStore

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from ddsweep import checkpoints, evaluate, features, scheduler, study, tracking
+from ddsweep import checkpoints, evaluate, features, scheduler, selection, study, tracking
 from ddsweep.cli import app
 from ddsweep.config import points, sweep
 from ddsweep.config.model import ModelConfig
@@ -288,7 +288,12 @@ def test_every_point_is_one_complete_trial_and_one_finished_child(
             for metric in ("top1", "top3", "val_top1", "val_top3"):
                 assert 0.0 <= run.data.metrics[metric] <= 1.0
             assert run.data.metrics["top3"] >= run.data.metrics["top1"]
-            assert trial.value == pytest.approx(run.data.metrics["top1"])
+            # the selection score: val_top1 of a network block at a trained epoch, else 0
+            assert trial.user_attrs["top1"] == run.data.metrics["top1"]
+            if point.block == "pixels" or point.epoch == 0:
+                assert trial.value == selection.BASELINE_VALUE
+            else:
+                assert trial.value == pytest.approx(run.data.metrics["val_top1"], abs=1e-6)
 
 
 def test_every_trial_keeps_its_per_example_predictions_on_test_and_validation(
@@ -503,7 +508,16 @@ def test_a_retry_left_by_another_grid_is_not_evaluated(home: Path) -> None:
     # Regression: a WAITING retry of a point outside the current grid crashed the worker.
     first = grid("--epoch", "0", "--block", "pixels")
     assert first.exit_code == 0, first.output
-    stray_point = points.Point("digits", 8, True, 1, "mid", 0, "linear", 0)
+    stray_point = points.Point(
+        dataset="digits",
+        resolution=8,
+        attention=True,
+        epoch=1,
+        block="mid",
+        noise_step=0,
+        probe="linear",
+        k=0,
+    )
     load().enqueue_trial(points.params_of(stray_point))
     result = grid("--epoch", "0", "--block", "pixels")
     assert result.exit_code == 0, result.output

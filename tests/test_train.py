@@ -26,11 +26,11 @@ from ddsweep.config.train import TrainConfig
 from ddsweep.errors import UserError
 from ddsweep.model import build_unet
 from ddsweep.tracking.training import NullTracker
-from ddsweep.train import (
+from ddsweep.train import train
+from ddsweep.trainrun import (
     config_from_params,
     resolve_device,
     study_batch_size,
-    train,
     validate,
     with_dataset_defaults,
 )

@@ -20,7 +20,9 @@ from ddsweep.config.model import ModelConfig
 from ddsweep.config.train import TrainConfig
 from ddsweep.errors import UserError
 from ddsweep.tracking import runs
-from ddsweep.train import STOP_TAG, config_from_params, train, validate
+from ddsweep.tracking.schema import STOP_TAG
+from ddsweep.train import train
+from ddsweep.trainrun import config_from_params, validate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -166,7 +168,7 @@ def test_a_backbone_s_identity_leaves_out_what_only_watches_training(
     the same run; one that differs in what training does (lr) does not."""
     from ddsweep import backbones
     from ddsweep.config.train import WATCH_FIELDS
-    from ddsweep.train import identity_params
+    from ddsweep.trainrun import identity_params
 
     _, run_id = probed
     assert backbones.matching_run(tiny(probe_every=0)) == (run_id, "FINISHED")

@@ -18,7 +18,7 @@ from ddsweep.cli._options import (
     WeightsOpt,
     bar,
 )
-from ddsweep.config.fid import DDIM_STEPS, FIDConfig
+from ddsweep.config.fid import DDIM_STEPS, NUM_TRAIN_TIMESTEPS, FIDConfig
 from ddsweep.config.run import DEFAULT_EXPERIMENT, Checkpoint, SampleConfig
 
 S, F = SampleConfig, FIDConfig  # the defaults of the options below
@@ -28,7 +28,9 @@ def sample(
     run: RunOpt,
     epoch: EpochOpt = None,
     n: Annotated[int, typer.Option(help="Number of images.")] = S.n,
-    sampler: Annotated[str, typer.Option(help="ddpm (all 1000 steps) or ddim.")] = S.sampler,
+    sampler: Annotated[
+        str, typer.Option(help=f"ddpm (all {NUM_TRAIN_TIMESTEPS} steps) or ddim.")
+    ] = S.sampler,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = S.steps,
     seed: Annotated[int, typer.Option(help="Random seed.")] = S.seed,
     weights: WeightsOpt = Checkpoint.weights,
@@ -62,8 +64,12 @@ def sample(
 def fid(
     run: RunOpt,
     epoch: EpochOpt = None,
-    samples: Annotated[int, typer.Option(help="Generated images (2000 in the study).")] = F.samples,
-    sampler: Annotated[str, typer.Option(help="ddpm (all 1000 steps) or ddim.")] = F.sampler,
+    samples: Annotated[
+        int, typer.Option(help=f"Generated images ({F.samples} in the study).")
+    ] = F.samples,
+    sampler: Annotated[
+        str, typer.Option(help=f"ddpm (all {NUM_TRAIN_TIMESTEPS} steps) or ddim.")
+    ] = F.sampler,
     steps: Annotated[
         int | None,
         typer.Option(help=f"DDIM steps (default: {DDIM_STEPS}).", show_default=False),

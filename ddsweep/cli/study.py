@@ -97,7 +97,7 @@ def run_follow(cfg: Any, opts: Any, interval: float) -> None:
     if ctx is None:
         raise UserError(f"{cfg.study}: the followed training runs ended with nothing to probe")
     out, err = outcome_lines(ctx, outcomes)
-    for line in out:
+    for line in [*ctx.answer, *out]:  # the study's answer first (as the report gives it)
         typer.echo(line)
     for line in err:
         typer.echo(line, err=True)
@@ -128,7 +128,7 @@ def run_grid(cfg: Any, opts: Any) -> None:
     finally:
         progress.stop()
     out, err = outcome_lines(ctx, outcomes)
-    for line in out:
+    for line in [*ctx.answer, *out]:  # the study's answer first (as the report gives it)
         typer.echo(line)
     for line in err:
         typer.echo(line, err=True)

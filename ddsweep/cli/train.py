@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ddsweep.cli._options import DataDir, Experiment, FeatureHelp, TrackingUri, bar, given_fields
+from ddsweep.config.fid import DDIM_STEPS, NUM_TRAIN_TIMESTEPS
 from ddsweep.config.model import ModelConfig
 from ddsweep.config.run import DEFAULT_EXPERIMENT
 from ddsweep.config.train import TrainConfig
@@ -89,7 +90,7 @@ def train(
     ] = D.fid_every,
     fid_samples: Annotated[int, typer.Option(help="Generated images per FID.")] = D.fid_samples,
     fid_sampler: Annotated[
-        str, typer.Option(help="ddpm (1000 steps) or ddim (100).")
+        str, typer.Option(help=f"ddpm ({NUM_TRAIN_TIMESTEPS} steps) or ddim ({DDIM_STEPS}).")
     ] = D.fid_sampler,
     fid_feature: Annotated[str, typer.Option(help=FeatureHelp)] = D.fid_feature,
     probe_every: Annotated[

@@ -34,9 +34,10 @@ INT_AXES = frozenset({"resolution", "epoch", "noise_step", "k"})
 BOOL_AXES = frozenset({"attention"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Point:
-    """One grid point; its fields are the study's axes and the MLflow params of a trial."""
+    """One grid point, built by keyword; its fields are the study's axes and the MLflow params of
+    a trial."""
 
     dataset: str
     resolution: int
@@ -112,6 +113,22 @@ def parse_point_id(text: str) -> Point:
     return Point(**{**DEFAULTS, **values}, settings=others)
 
 
+def run_name(p: Point) -> str:
+    """A child run's name, e.g. up4-e8-t0-knn-k10 (noattn when without attention)."""
+    parts = [p.block, f"e{p.epoch}" if p.epoch is not None else "", f"t{p.noise_step}", p.probe]
+    if p.k:
+        parts.append(f"k{p.k}")
+    if p.attention is False:
+        parts.append("noattn")
+    return "-".join(x for x in parts if x)
+
+
+def legacy_ids(points: Mapping[str, Point]) -> dict[str, str]:
+    """{ddsweep 0.1's positional id: key} of `points` ({key: point}): the one adapter through
+    which trials and child runs of ddsweep 0.1 are read."""
+    return {legacy_id(p): key for key, p in points.items()}
+
+
 def legacy_id(point: Point) -> str:
     """The positional id ddsweep 0.1 gave the point (its trials and child runs carry it)."""
     return "|".join(str(v) for v in _fields(point).values())
@@ -121,7 +138,16 @@ def _parse_legacy(text: str) -> Point:
     d, r, a, e, b, t, p, k = text.split("|")
     attention = None if a == "None" else a == "True"
     epoch = None if e == "None" else int(e)
-    return Point(d, int(r), attention, epoch, b, int(t), p, int(k))
+    return Point(
+        dataset=d,
+        resolution=int(r),
+        attention=attention,
+        epoch=epoch,
+        block=b,
+        noise_step=int(t),
+        probe=p,
+        k=int(k),
+    )
 
 
 def from_params(params: Mapping[str, Any]) -> Point:

@@ -11,7 +11,14 @@ logs the files back (the only module here that imports mlflow).
 from __future__ import annotations
 
 from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
-from ddsweep.report.headline import SummaryRow, attach_fid, choice_metric, summary
+from ddsweep.report.headline import (
+    Answer,
+    SummaryRow,
+    attach_fid,
+    choice_metric,
+    study_answer,
+    summary,
+)
 from ddsweep.report.loader import (
     STUDY_TAG,
     count_trials,
@@ -19,14 +26,17 @@ from ddsweep.report.loader import (
     gather_fid,
     load_fid_runs,
     load_trials,
+    split_inputs,
     with_predictions,
     write_report,
 )
+from ddsweep.report.methods import METHODS_MD, methods_card, read_facts
 from ddsweep.report.plot import plot_facet
 from ddsweep.report.render import (
     FORMATS,
     REPORT_MD,
     SUMMARY_CSV,
+    answer_lines,
     default_out_dir,
     markdown,
     markdown_table,
@@ -58,10 +68,12 @@ __all__ = [
     "DEFAULT_POOL",
     "DEFAULT_WEIGHTS",
     "FORMATS",
+    "METHODS_MD",
     "POINT_TAG",
     "REPORT_MD",
     "STUDY_TAG",
     "SUMMARY_CSV",
+    "Answer",
     "Cell",
     "Claim",
     "Epoch",
@@ -69,6 +81,7 @@ __all__ = [
     "FacetKey",
     "FidCurve",
     "SummaryRow",
+    "answer_lines",
     "attach_fid",
     "block_label",
     "build_tables",
@@ -85,15 +98,19 @@ __all__ = [
     "load_trials",
     "markdown",
     "markdown_table",
+    "methods_card",
     "paired_p",
     "parse_formats",
     "pct",
     "pct_ci",
     "plot_facet",
     "print_report",
+    "read_facts",
     "rich_summary",
     "rich_tables",
+    "split_inputs",
     "status_line",
+    "study_answer",
     "summary",
     "with_predictions",
     "write_csv",

@@ -1,16 +1,20 @@
-"""The study's answer as its MLflow parent run holds it: the headline (best block of the net,
-chosen as the report's summary chooses it: on validation) as metrics and tags, and the report's
-tables as columns for `mlflow.log_table`. Pure: the recorder logs what this returns."""
+"""The study's answer in words and as its MLflow parent run holds it: the headline (the one
+rule of `ddsweep.selection`, applied by `headline.study_answer`) as the terminal's first lines,
+the parent run's description, metrics and tags, and the report's tables as columns for
+`mlflow.log_table`. Pure: the recorder logs what this returns."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 
-from ddsweep.report.headline import SummaryRow
+from ddsweep import selection
+from ddsweep.config.model import PIXELS
+from ddsweep.report.headline import Answer, SummaryRow, study_answer
 from ddsweep.report.render import csv_rows
 from ddsweep.report.summary_views import HEADERS, summary_cells
 from ddsweep.report.tables import Facet
+from ddsweep.report.text import block_label, epoch_label, pct, pct_ci, spot_label, verdict
 
 Columns = dict[str, list[str]]
 
@@ -20,20 +24,14 @@ def _key(facet: Facet) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", facet.key.slug())
 
 
-def _choice(facet: Facet, row: SummaryRow) -> float:
-    """What picks the study's answer among its tables: the value the row was chosen by."""
-    cell = facet.cells[(row.best_block, row.best_epoch)]  # type: ignore[index]
-    value = cell.val_top1 if row.chosen_on == "val" else cell.top1
-    return -1.0 if value is None else value
-
-
 def headline(
     facets: Sequence[Facet], rows: Sequence[SummaryRow]
 ) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) of the answer: per table `<slug>/best_top1` (with `_low`, `_high`) and
-    `<slug>/best_epoch`, tag `<slug>/best_block`; and unprefixed, the table whose best cell
-    scores highest on what the cells were chosen by (validation when every table has it):
-    best_top1 (its test top1), best_epoch, tags best_block, best_epoch, best_table, chosen_on."""
+    `<slug>/best_epoch`, tag `<slug>/best_block`; and unprefixed, the study's answer
+    (`headline.study_answer`): best_top1 (its test top1), best_val_top1, best_epoch, tags
+    best_block, best_epoch, best_table, chosen_on, selection_rule, val_tie (every cell tied
+    with it on validation, or "none") and answer (its first line)."""
     metrics: dict[str, float] = {}
     tags: dict[str, str] = {}
     found = [(f, r) for f, r in zip(facets, rows, strict=True) if r.best_block is not None]
@@ -44,22 +42,75 @@ def headline(
         for name, value in (("", r.best_top1), ("_low", r.best_low), ("_high", r.best_high)):
             if value is not None:
                 metrics[f"{key}/best_top1{name}"] = value
-    if not found:
+    found_answer = study_answer(facets, rows)
+    if found_answer is None:
         return metrics, tags
-    by_val = all(r.chosen_on == "val" for _, r in found)
-    best_f, best_r = max(
-        found, key=lambda fr: _choice(fr[0], fr[1]) if by_val else fr[1].best_top1 or -1.0
-    )
-    metrics["best_epoch"] = float(best_r.best_epoch or 0)
-    if best_r.best_top1 is not None:
-        metrics["best_top1"] = best_r.best_top1
+    best = found_answer.row
+    metrics["best_epoch"] = float(best.best_epoch or 0)
+    if best.best_top1 is not None:
+        metrics["best_top1"] = best.best_top1
+    if best.chosen_on == "val" and best.best_val is not None:
+        metrics["best_val_top1"] = best.best_val
     tags.update(
-        best_block=str(best_r.best_block),
-        best_epoch=str(best_r.best_epoch),
-        best_table=best_f.key.title(),
-        chosen_on="val" if by_val else "test",
+        best_block=str(best.best_block),
+        best_epoch=str(best.best_epoch),
+        best_table=best.key.title(),
+        chosen_on=found_answer.chosen_on,
+        selection_rule=selection.RULE,
+        val_tie=_tie_text(found_answer) or "none",
+        answer=lines(found_answer)[0],
     )
     return metrics, tags
+
+
+def _tie_text(answer: Answer) -> str:
+    """'down3 @ 4, mid @ 8 (k-NN …, t=50)': the tied cells other than the answer."""
+    out = []
+    for key, spot in answer.tied[1:]:
+        where = "" if key == answer.row.key else f" ({key.title()})"
+        out.append(spot_label(spot) + where)
+    return ", ".join(out)
+
+
+def lines(answer: Answer) -> list[str]:
+    """The answer in words, the terminal's first lines and the parent run's description: the
+    cell and its test accuracy, what it was chosen on, any tie on validation and the rule that
+    broke it, the runner-up, and the baselines beside it."""
+    r = answer.row
+    on = "validation" if r.chosen_on == "val" else "test (no validation split: optimistic)"
+    val = f" (validation {pct(r.best_val)} %)" if r.chosen_on == "val" else ""
+    out = [
+        f"answer: {spot_label((str(r.best_block), r.best_epoch))} of {r.key.title()}: "
+        f"{pct_ci(r.best_top1, r.best_low, r.best_high)} % on test, chosen on {on}{val} "
+        "among the network's blocks at trained epochs"
+    ]
+    if answer.tied:
+        out.append(
+            f"  tied on {on.split(' ')[0]} with {_tie_text(answer)}: {selection.TIE_RULE} broke the tie"
+        )
+    said = verdict(r.runner_up, r.p, r.tied, True, r.more_tied)
+    if said:
+        out.append(f"  on test against the runner-up: {said}")
+    base = []
+    if r.pixels_top1 is not None:
+        base.append(f"{block_label(PIXELS)} {pct(r.pixels_top1)} %")
+    if r.epoch0_block is not None and r.best_epoch != 0:
+        how = " chosen on validation" if r.chosen_on == "val" else ""
+        base.append(
+            f"untrained net (epoch {epoch_label(0)}) best block {r.epoch0_block}{how}: "
+            f"{pct(r.epoch0_top1)} %"
+        )
+    if base:
+        out.append("  baselines beside it: " + "; ".join(base))
+    return out
+
+
+def note(study: str, answer: Answer | None) -> str:
+    """The parent run's description (`mlflow.note.content`), in Markdown."""
+    if answer is None:
+        return f"Study {study}: no cell of the network finished yet."
+    text = [f"**Study {study}**", "", *(f"- {line.strip()}" for line in lines(answer))]
+    return "\n".join([*text, "", f"Rule: {selection.RULE}."])
 
 
 def tables(facets: Sequence[Facet], rows: Sequence[SummaryRow]) -> dict[str, Columns]:

@@ -14,15 +14,15 @@ from ddsweep.errors import UserError
 from ddsweep.report import traincurves as tc
 from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
 from ddsweep.report.headline import attach_fid, summary
+from ddsweep.report.methods import methods_card
 from ddsweep.report.render import parse_formats, print_report, status_line, write_files
 from ddsweep.report.tables import build_tables
-from ddsweep.tracking import KIND_TAG
+from ddsweep.tracking.records import study_parent
+from ddsweep.tracking.schema import KIND_TAG, STUDY_TAG
 
 if TYPE_CHECKING:
     import pandas as pd
     from rich.console import Console
-
-STUDY_TAG = "ddsweep.study"
 
 
 def _experiment_ids(experiment: str | None) -> dict[str, Any]:
@@ -94,13 +94,10 @@ def grid_progress(parent_run_id: str) -> tuple[int, int] | None:
     """(points complete, points of the grid) as the study's last run recorded them, or None."""
     from mlflow.tracking import MlflowClient
 
-    from ddsweep.tracking.recorder import DONE_TAG, GRID_TAG
-
-    tags = MlflowClient().get_run(parent_run_id).data.tags
-    try:
-        return int(tags[DONE_TAG]), int(tags[GRID_TAG])
-    except (KeyError, ValueError):
+    parent = study_parent(MlflowClient().get_run(parent_run_id))
+    if parent.points_complete is None or parent.grid_points is None:
         return None
+    return parent.points_complete, parent.grid_points
 
 
 def with_predictions(trials: pd.DataFrame) -> pd.DataFrame:
@@ -141,6 +138,33 @@ def _read_predictions(client: Any, run_id: str, folder: Path) -> Any:
     # report.
     except Exception:
         return UNREADABLE
+
+
+def split_inputs(trials: pd.DataFrame) -> list[tuple[str, str, str, int]]:
+    """(dataset, split, fingerprint, size) of every split the study's trials read, from the
+    dataset inputs of one trial per (dataset, resolution) (see `tracking.log_inputs`)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    seen: set[tuple[Any, Any]] = set()
+    out: set[tuple[str, str, str, int]] = set()
+    for row in trials.to_dict("records") if len(trials) else []:
+        key = (row.get("params.dataset"), row.get("params.resolution"))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            inputs = client.get_run(str(row["run_id"])).inputs
+            for found in inputs.dataset_inputs if inputs else []:
+                name, _, split = found.dataset.name.rpartition(":")
+                source = json.loads(found.dataset.source)
+                source = source.get("tags", source)  # CodeDatasetSource keeps them as tags
+                out.add((name, split, str(source["fingerprint"]), int(source["size"])))
+        except Exception:  # a trial of ddsweep 0.1 logged none: the card says less
+            continue
+    return sorted(out)
 
 
 def load_fid_runs() -> pd.DataFrame:
@@ -208,7 +232,8 @@ def write_report(
     rows = summary(facets)
     if "table" in wanted:
         print_report(console, study, facets, rows)
-    paths = write_files(study, facets, rows, out_dir, wanted, header=header)
+    card = methods_card(study, facets, trials, split_inputs(trials))
+    paths = write_files(study, facets, rows, out_dir, wanted, header=header, card=card)
     curves = tc.curves(load_training_probes(tc.backbone_runs(trials.get("params.backbone", []))))
     if curves and "table" in wanted:
         for table in tc.rich_tables(curves):

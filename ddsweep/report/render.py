@@ -14,9 +14,16 @@ from ddsweep.config.paths import make_folder
 from ddsweep.errors import UserError
 from ddsweep.report import stats
 from ddsweep.report.fidcurves import FidCurve
-from ddsweep.report.headline import SummaryRow
+from ddsweep.report.headline import SummaryRow, study_answer
+from ddsweep.report.methods import METHODS_MD
 from ddsweep.report.plot import plot_facet
-from ddsweep.report.summary_views import markdown_summary, rich_summary, write_summary_csv
+from ddsweep.report.summary_views import (
+    SUMMARY_NOTE,
+    markdown_summary,
+    rich_summary,
+    val_ties,
+    write_summary_csv,
+)
 from ddsweep.report.tables import Cell, Claim, Epoch, Facet
 from ddsweep.report.text import (
     block_label,
@@ -37,13 +44,19 @@ if TYPE_CHECKING:
 FORMATS: tuple[str, ...] = ("table", "csv", "md", "png")
 SUMMARY_CSV, REPORT_MD = "summary.csv", "report.md"
 BEST, TIED = "*", "≈"  # the table's best cell (significantly); the cells tied for best
+MARKS = (
+    "marks only in top1 tables, all from one exact McNemar test on the same test examples (5 %): "
+    "bold: the best block of its epoch column and every block not significantly worse; "
+    f"{BEST} the best cell of the table, significantly better than every other cell; {TIED} "
+    "the best cell and every cell not significantly worse than it, when there is one; the other "
+    "tables (top3, train) keep no per-example predictions to test on and carry no marks"
+)
 LEGEND = (
     "accuracy in % on the test split, ± half the 95 % bootstrap interval over test examples "
-    f"({stats.RESAMPLES} resamples, seed {stats.SEED}); bold: the best block of each epoch and "
-    "any block not significantly worse (exact McNemar test on the same test examples, 5 %); "
-    f"{BEST} the best cell of the table, significantly better than the runner-up; {TIED} cells "
-    f"tied for best; {PIXELS} (baseline): the input image itself, the same in every epoch column"
+    f"({stats.RESAMPLES} resamples, seed {stats.SEED}); {MARKS}; {PIXELS} (baseline): the input "
+    "image itself, the same in every epoch column"
 )
+UNDERFIT = 0.95  # train top1 below this: the probe does not fit its own training split
 NO_VAL = (
     "no trial scored a validation split (trials of ddsweep 0.1): best blocks and epochs were "
     "chosen on the test split itself, so their accuracy is optimistic"
@@ -52,8 +65,9 @@ NO_VAL = (
 
 def claim_verdict(claim: Claim, with_epoch: bool = True) -> str:
     """The claim's verdict against its runner-up (see `text.verdict`)."""
-    more = len(claim.tied) - 2
-    return verdict(claim.runner_up, claim.p, claim.is_tie, with_epoch, more)
+    runner_tied = claim.runner_up in claim.tied
+    more = len(claim.tied) - 1 - int(runner_tied)
+    return verdict(claim.runner_up, claim.p, runner_tied, with_epoch, more)
 
 
 def column_claims(facet: Facet) -> str:
@@ -75,6 +89,22 @@ def table_claim(facet: Facet) -> str:
     value = pct_ci(cell.top1, cell.low, cell.high)
     said = claim_verdict(claim)
     return f"best cell: {spot_label(claim.best, True)}, {value} %" + (f", {said}" if said else "")
+
+
+def fit_note(facet: Facet) -> str:
+    """A warning beside a table whose probe underfits: the median train top1 of the network's
+    cells below UNDERFIT (the probe kind logs train_top1), '' otherwise."""
+    train = sorted(
+        v for (b, _), c in facet.cells.items() if b != PIXELS and (v := c.get("train_top1"))
+    )
+    if not train or (median := train[len(train) // 2]) >= UNDERFIT:
+        return ""
+    more = " (`logreg` fits to convergence)" if facet.key.probe == "linear" else ""
+    return (
+        f"note: this probe underfits: the median train top1 of the network's cells is "
+        f"{pct(median)} % (best {pct(train[-1])} %), below {pct(UNDERFIT)} %, so its test "
+        f"accuracies understate what the features hold{more}"
+    )
 
 
 def _fid_line(curve: FidCurve) -> str:
@@ -122,10 +152,8 @@ def cell_text(facet: Facet, block: str, epoch: Epoch, metric: str, ci: bool) -> 
         if claim is not None and (block, epoch) in claim.tied:
             return text, TIED if claim.is_tie else BEST
         return text, ""
-    if not is_accuracy(metric):  # train_loss, chosen_l2: shown beside, never "best"
-        return metric_value(metric, value), ""
-    best = facet.best(metric)
-    return text, BEST if best is not None and (block, epoch) == best[:2] else ""
+    # Only top1 has per-example predictions to test on: no other table carries a mark.
+    return (text if is_accuracy(metric) else metric_value(metric, value)), ""
 
 
 def rich_tables(facet: Facet, width: int = 200) -> list[Table]:
@@ -176,15 +204,27 @@ def rich_tables(facet: Facet, width: int = 200) -> list[Table]:
     return tables
 
 
+def answer_lines(facets: list[Facet], rows: list[SummaryRow]) -> list[str]:
+    """The study's answer in words (`answer.lines`), or one line saying there is none yet."""
+    from ddsweep.report import answer
+
+    found = study_answer(facets, rows)
+    return answer.lines(found) if found else ["answer: no cell of the network finished yet"]
+
+
 def print_report(console: Console, study: str, facets: list[Facet], rows: list[SummaryRow]) -> None:
-    """Every facet's tables under a rule naming it, its tested claims and FID curves, then the
-    summary."""
+    """The study's answer first, then every facet's tables under a rule naming it, its tested
+    claims and FID curves, then the summary."""
+    for line in answer_lines(facets, rows):
+        console.print(line, highlight=False)
     for f in facets:
         console.rule(f.key.title())
         for table in rich_tables(f, console.width):
             console.print(table)
         console.print(table_claim(f))
         console.print(column_claims(f))
+        if note := fit_note(f):
+            console.print(note)
         for fid in f.fids:
             console.print(_fid_line(fid))
     console.rule()
@@ -192,6 +232,9 @@ def print_report(console: Console, study: str, facets: list[Facet], rows: list[S
     if any(r.chosen_on == "test" for r in rows):
         console.print(NO_VAL)
     console.print(rich_summary(rows, study))
+    console.print(SUMMARY_NOTE, highlight=False)
+    for line in val_ties(rows):
+        console.print(line, highlight=False)
 
 
 def write_csv(facet: Facet, path: Path) -> Path:
@@ -254,16 +297,30 @@ def markdown(
     out += [
         f"Test-set accuracy in %, ± half its 95 % bootstrap interval over test examples "
         f"({stats.RESAMPLES} resamples, seed {stats.SEED}). Rows are blocks in forward order, "
-        "columns training epochs (0 = the untrained net). **Bold**: the best block of the epoch "
-        "and any block not significantly worse (exact McNemar test on the same test examples, "
-        f"5 %); **bold** \\*: the best cell of the table, significantly better than the runner-up; "
-        f"**bold** {TIED}: cells tied for best. `{PIXELS} (baseline)` probes the input image "
-        "itself and reads the same in every epoch column. A blank cell has no finished trial yet.",
+        "columns training epochs (0 = the untrained net). Marks are in top1 tables only and all "
+        "come from one exact McNemar test on the same test examples (5 %): **bold**: the best "
+        "block of its epoch column and every block not significantly worse; **bold** \\*: the "
+        "best cell of the table, significantly better than every other cell; "
+        f"**bold** {TIED}: the best cell and every cell not significantly worse than it, when "
+        "there is one. The top3 and train tables keep no per-example predictions to test on and "
+        f"carry no marks. `{PIXELS} (baseline)` probes the input image itself and reads the same "
+        "in every epoch column. A blank cell has no finished trial yet.",
         "",
     ]
     if any(r.chosen_on == "test" for r in rows):
         out += [NO_VAL[0].upper() + NO_VAL[1:] + ".", ""]
-    out += ["## Summary", "", markdown_summary(rows)]
+    out += ["## Answer", "", *(f"{line.strip()}  " for line in answer_lines(facets, rows))]
+    out += [
+        "",
+        "## Summary",
+        "",
+        markdown_summary(rows),
+        "",
+        SUMMARY_NOTE[0].upper() + SUMMARY_NOTE[1:] + ".",
+        "",
+    ]
+    out += [f"- {line}" for line in val_ties(rows)]
+    out += ["", "How every cell was computed: [methods.md](methods.md)."]
     for f in facets:
         out += ["", f"## {f.key.title()}", ""]
         if plots:
@@ -272,7 +329,7 @@ def markdown(
             if len(f.metrics()) > 1:
                 out += [f"{metric}:", ""]
             out += [markdown_table(f, metric), ""]
-        out += [table_claim(f), "", column_claims(f), ""]
+        out += [table_claim(f), "", column_claims(f), "", fit_note(f), ""]
         out += [line for fid in f.fids for line in (_fid_line(fid), "")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).rstrip() + "\n"
 
@@ -310,8 +367,10 @@ def write_files(
     formats: set[str],
     *,
     header: str = "",
+    card: str = "",
 ) -> list[Path]:
-    """Write the report files; same names each time, so a rerun replaces them and nothing else."""
+    """Write the report files (with the methods card `card` as methods.md beside report.md);
+    same names each time, so a rerun replaces them and nothing else."""
     wanted = formats & {"csv", "md", "png"}
     if not wanted:
         return []
@@ -328,4 +387,7 @@ def write_files(
         md = out_dir / REPORT_MD
         md.write_text(markdown(study, facets, rows, plots="png" in wanted, header=header))
         paths.append(md)
+        if card:
+            (out_dir / METHODS_MD).write_text(card)
+            paths.append(out_dir / METHODS_MD)
     return paths

@@ -79,7 +79,7 @@ def when(row: Mapping[str, Any], position: int) -> tuple[float, int]:
 
 def kept(row: Mapping[str, Any], kind: str) -> bool:
     """A FINISHED run (or one with no status) of the ddsweep kind `kind` (or with no kind tag)."""
-    from ddsweep.tracking import KIND_TAG
+    from ddsweep.tracking.schema import KIND_TAG
 
     return text(row.get("status")) in (None, "FINISHED") and text(row.get(f"tags.{KIND_TAG}")) in (
         None,

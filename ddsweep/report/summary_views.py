@@ -9,8 +9,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ddsweep import selection
 from ddsweep.report.headline import SummaryRow
-from ddsweep.report.text import block_label, epoch_label, pct, pct_ci, verdict
+from ddsweep.report.text import block_label, epoch_label, pct, pct_ci, spot_label, verdict
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -51,6 +52,7 @@ CSV_HEADERS = (
     "best_low %",
     "best_high %",
     "chosen_on",
+    "val_tie",
     "runner_up",
     "p",
     "verdict",
@@ -63,12 +65,39 @@ CSV_HEADERS = (
 )
 
 
+SUMMARY_NOTE = (
+    "best block: " + selection.RULE + ". The epoch-0 block (the untrained net, a baseline) is "
+    "chosen the same way (on validation when 'chosen on' says val) among its network blocks; "
+    "'vs runner-up' tests the chosen cell against the second-best by what chose it, on test"
+)
+
+
 def _settings(row: SummaryRow) -> str:
     return " ".join(f"{n}={v}" for n, v in row.key.settings)
 
 
 def _verdict(row: SummaryRow) -> str:
-    return verdict(row.runner_up, row.p, row.tied)
+    return verdict(row.runner_up, row.p, row.tied, True, row.more_tied)
+
+
+def _chosen(row: SummaryRow) -> str:
+    """'val', or 'val (tie of 3)' when validation could not choose alone (see `val_ties`)."""
+    return row.chosen_on + (f" (tie of {len(row.val_tie)})" if row.val_tie else "")
+
+
+def val_ties(rows: Iterable[SummaryRow]) -> list[str]:
+    """One line per table whose chosen cell was tied on what it was chosen by, naming every
+    tied cell and the rule that broke the tie."""
+    out = []
+    for r in rows:
+        if r.val_tie:
+            cells = ", ".join(spot_label(s) for s in r.val_tie)
+            on = "validation" if r.chosen_on == "val" else "test"
+            out.append(
+                f"{r.key.title()}: {cells} tied on {on} at {pct(r.best_val)} %; "
+                f"{selection.TIE_RULE} chose {spot_label(r.val_tie[0])}"
+            )
+    return out
 
 
 def _on_test(row: SummaryRow) -> str:
@@ -94,7 +123,7 @@ def summary_cells(row: SummaryRow) -> list[str]:
         block_label(row.best_block) if row.best_block is not None else "",
         epoch_label(row.best_epoch) if found else "",
         pct_ci(row.best_top1, row.best_low, row.best_high),
-        row.chosen_on if found else "",
+        _chosen(row) if found else "",
         _verdict(row),
         _on_test(row),
         pct(row.pixels_top1),
@@ -152,6 +181,7 @@ def write_summary_csv(rows: Iterable[SummaryRow], path: Path) -> Path:
                     epoch_label(r.best_epoch) if found else "",
                     *(pct(r.best_top1), pct(r.best_low), pct(r.best_high)),
                     r.chosen_on if found else "",
+                    " ".join(f"{b}@{epoch_label(e)}" for b, e in r.val_tie),
                     ""
                     if r.runner_up is None
                     else f"{r.runner_up[0]}@{epoch_label(r.runner_up[1])}",

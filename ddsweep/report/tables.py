@@ -18,13 +18,13 @@ from ddsweep.model import block_order
 from ddsweep.report import rows as rd
 from ddsweep.report import stats
 from ddsweep.report.fidcurves import FidCurve
+from ddsweep.tracking.schema import POINT_TAG
 
 if TYPE_CHECKING:
     import pandas as pd
 
 # Trials logged before `pool` and `weights` were params used ProbeConfig's defaults.
 DEFAULT_POOL, DEFAULT_WEIGHTS = "avg", "ema"
-POINT_TAG = "ddsweep.point"  # the point id of a trial (ddsweep.tracking.recorder.POINT_TAG)
 
 # A table column: a training epoch (0 = the untrained net). None only in a facet with no trained
 # epoch at all (pixels results alone), as the one column that holds them.
@@ -128,22 +128,32 @@ def paired_p(a: Cell, b: Cell) -> float | None:
 
 @dataclass(frozen=True)
 class Claim:
-    """The best of some cells by `by` (top1, or val_top1 to choose on validation), and its
-    runner-up compared on the same test examples by exact McNemar's test (`stats.mcnemar_p`).
+    """The best of some cells by `by` (top1, or val_top1 to choose on validation), tested
+    against the others on the same test examples by exact McNemar's test (`stats.mcnemar_p`).
 
-    `tied` holds the best cell and every cell not significantly different from it (p >= 5 %;
-    for a cell without predictions: an exactly equal value). The runner-up is the first tied
-    cell when there is one, else the next cell by `by`; `p` is its p-value, None when untested.
+    The runner-up is the second-best cell by `by`; `p` is the best cell's p-value against it,
+    None when untested. `tied` holds the best cell and every cell not significantly different
+    from it on test (p >= 5 %; for a cell without predictions: an exactly equal value), so the
+    best is "significantly better than every other cell" exactly when `tied` is the best alone.
+    `level` holds the cells whose `by` equals the best's exactly (the best first, then in the
+    order that broke the tie): with more than one, `by` itself could not choose.
     """
 
     best: Spot
     runner_up: Spot | None
     p: float | None
     tied: frozenset[Spot]
+    level: tuple[Spot, ...] = ()
 
     @property
     def is_tie(self) -> bool:
         return len(self.tied) > 1
+
+    @property
+    def others_tied(self) -> tuple[Spot, ...]:
+        """The cells tied with the best on test, the runner-up first when it is one."""
+        rest = sorted(self.tied - {self.best}, key=lambda s: s != self.runner_up)
+        return tuple(rest)
 
 
 def contest(cells: Mapping[Spot, Cell], by: str = "top1") -> Claim | None:
@@ -160,19 +170,19 @@ def contest(cells: Mapping[Spot, Cell], by: str = "top1") -> Claim | None:
         return None
     top_value, _, best = ranked[0]
     others = []
-    for value, _, spot in ranked[1:]:
+    for _, _, spot in ranked[1:]:
         p = paired_p(cells[best], cells[spot])
+        same = cells[spot].top1 == cells[best].top1
         # Untested against a cell whose predictions were unreadable: no claim of a difference.
-        unknown = cells[best].untested or cells[spot].untested
-        equal = value == top_value or unknown
-        others.append((spot, p, equal if p is None else p >= stats.ALPHA))
-    tied = [o for o in others if o[2]]
-    pick = tied[0] if tied else others[0] if others else None
+        same = same or cells[best].untested or cells[spot].untested
+        others.append((spot, p, same if p is None else p >= stats.ALPHA))
+    runner = others[0] if others else None
     return Claim(
         best=best,
-        runner_up=pick[0] if pick else None,
-        p=pick[1] if pick else None,
-        tied=frozenset([best, *(o[0] for o in tied)]),
+        runner_up=runner[0] if runner else None,
+        p=runner[1] if runner else None,
+        tied=frozenset([best, *(o[0] for o in others if o[2])]),
+        level=tuple(s for v, _, s in ranked if v == top_value),
     )
 
 
@@ -227,15 +237,12 @@ class Facet:
 
     def best_blocks(self, epoch: Epoch, metric: str = "top1") -> set[str]:
         """The best block(s) of one epoch column, pixels included: for top1, every block not
-        significantly worse than the best (see `Claim`); for other metrics, exact ties."""
-        if metric == "top1":
-            found = self.claim(epoch)
-            return set() if found is None else {b for b, _ in found.tied}
-        column = {b: v for b in self.blocks if (v := self.value(b, epoch, metric)) is not None}
-        if not column:
+        significantly worse than the best (see `Claim`). Other metrics carry no per-example
+        predictions to test on, so none of their cells is marked best."""
+        if metric != "top1":
             return set()
-        top = max(column.values())
-        return {b for b, v in column.items() if v == top}
+        found = self.claim(epoch)
+        return set() if found is None else {b for b, _ in found.tied}
 
     def best(self, metric: str = "top1", *, pixels: bool = True) -> tuple[str, Epoch, float] | None:
         """(block, epoch, value) of the best cell (of the net's blocks only when not `pixels`);

@@ -61,11 +61,16 @@ def spot_label(spot: Spot, with_epoch: bool = True) -> str:
 def verdict(
     runner_up: Spot | None, p: float | None, tied: bool, with_epoch: bool = True, more: int = 0
 ) -> str:
-    """'tied with mid @ 50 (p = 0.41)', 'beats mid @ 50 (p < 0.001)', 'untested vs mid @ 50' or
-    '' (no runner-up); `more` other cells also tied are counted ('tied with mid and 2 more')."""
+    """The best cell against the runner-up (the second-best cell): 'tied with mid @ 50
+    (p = 0.41)', 'beats mid @ 50 (p < 0.001)', 'untested vs mid @ 50' or '' (no runner-up).
+    `tied`: the runner-up is not significantly worse; `more` other cells are tied with the best
+    too ('tied with mid @ 50 and 2 more'; 'beats mid @ 50 (…) but tied with 2 others')."""
     if runner_up is None:
         return ""
-    who = spot_label(runner_up, with_epoch) + (f" and {more} more" if more > 0 else "")
-    if p is None:
-        return f"tied with {who} (equal, untested)" if tied else f"untested vs {who}"
-    return f"tied with {who} ({p_text(p)})" if tied else f"beats {who} ({p_text(p)})"
+    who = spot_label(runner_up, with_epoch)
+    if tied:
+        who += f" and {more} more" if more > 0 else ""
+        said = "(equal, untested)" if p is None else f"({p_text(p)})"
+        return f"tied with {who} {said}"
+    said = f"untested vs {who}" if p is None else f"beats {who} ({p_text(p)})"
+    return said + (f" but tied with {more} other{'s' if more > 1 else ''}" if more > 0 else "")

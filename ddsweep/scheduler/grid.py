@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -128,6 +129,13 @@ class GridStudy:
 
     def set_attr(self, key: str, value: Any) -> None:
         self.study.set_user_attr(key, value)
+
+    def name_metric(self, name: str) -> None:
+        """Name the trial value (Optuna's `set_metric_names`), once: the dashboard shows it."""
+        if self.study.metric_names != [name]:
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, and still there
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.study.set_metric_names([name])
 
     def age(self) -> float:
         """Seconds since the study was created."""

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from ddsweep import __version__
 from ddsweep.config.run import DEFAULT_EXPERIMENT
 from ddsweep.errors import UserError, first_line, redact, scrub
+from ddsweep.tracking.records import TrainingRun
+from ddsweep.tracking.records import training_run as _training_record
+from ddsweep.tracking.schema import ATTENTION_TAG, DATASET_TAG, KIND_TAG, RESOLUTION_TAG, TRAIN_KIND
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
-KIND_TAG = "ddsweep.kind"  # train | probe | study | trial | fid
 # (dataset, split, fingerprint, size): one dataset a run read, as `mlflow ui` lists its inputs
 DataInput = tuple[str, str, str, int]
 
@@ -177,8 +179,14 @@ def code_version() -> str:
     return f"{__version__}+g{sha}{'.dirty' if dirty else ''}" if sha else __version__
 
 
+def training_run(run_id: str) -> TrainingRun:
+    """The record of run `run_id` (check `is_training`), or UserError when there is none."""
+    return _training_record(get_run(run_id))
+
+
 def get_run(run_id: str) -> Run:
-    """The MLflow run `run_id`, or UserError when the tracking store has none."""
+    """The MLflow run `run_id`, or UserError when the tracking store has none (tracking's
+    own: other rooms read `training_run`)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -201,20 +209,30 @@ def training_runs(
     client = MlflowClient()
     exps = [e.experiment_id for e in client.search_experiments()]
     query = (
-        f"tags.`{KIND_TAG}` = 'train' and tags.resolution = '{resolution}' "
-        f"and tags.attention = '{attention}'"
+        f"tags.`{KIND_TAG}` = '{TRAIN_KIND}' and tags.{RESOLUTION_TAG} = '{resolution}' "
+        f"and tags.{ATTENTION_TAG} = '{attention}'"
     )
     # MLflow's filter strings cannot escape a quote, and a folder dataset's path may hold one:
     # such a name is compared here, not in the filter.
     if "'" not in dataset:
-        query += f" and tags.dataset = '{dataset}'"
+        query += f" and tags.{DATASET_TAG} = '{dataset}'"
     if finished:
         query += " and attributes.status = 'FINISHED'"
     runs = client.search_runs(exps, query, order_by=["attributes.start_time DESC"])
-    return [r for r in runs if r.data.tags.get("dataset") == dataset]
+    return [r for r in runs if r.data.tags.get(DATASET_TAG) == dataset]
 
 
-def latest_training_run(dataset: str, resolution: int, attention: bool) -> Run:
+def training_records(
+    dataset: str, resolution: int, attention: bool, *, finished: bool = False
+) -> list[TrainingRun]:
+    """`training_runs` as records."""
+    return [
+        _training_record(r)
+        for r in training_runs(dataset, resolution, attention, finished=finished)
+    ]
+
+
+def latest_training_run(dataset: str, resolution: int, attention: bool) -> TrainingRun:
     """The newest FINISHED `ddsweep train` run for (dataset, resolution, attention)."""
     runs = training_runs(dataset, resolution, attention, finished=True)
     if not runs:
@@ -224,7 +242,7 @@ def latest_training_run(dataset: str, resolution: int, attention: bool) -> Run:
             f"{redact(_uri())}: run `ddsweep train {dataset} --resolution {resolution} {flag}` "
             "or pass --run RUN_ID"
         )
-    return runs[0]
+    return _training_record(runs[0])
 
 
 def _uri() -> str:

@@ -18,20 +18,24 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from ddsweep import predictions
-from ddsweep.tracking import KIND_TAG, code_version, context_tags, log_inputs, project_run_id
+from ddsweep.tracking import code_version, context_tags, log_inputs, project_run_id
+from ddsweep.tracking.records import trial_run
+from ddsweep.tracking.schema import (
+    DONE_TAG,
+    GRID_TAG,
+    KIND_TAG,
+    POINT_TAG,
+    PROJECT_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+)
 
 if TYPE_CHECKING:
     from ddsweep.objectives import Record
 
-STUDY_TAG = "ddsweep.study"
-POINT_TAG = "ddsweep.point"
-TRIAL_TAG = "optuna.trial_number"
-GRID_TAG = "ddsweep.grid_points"  # on the parent: points of the grid last run
-DONE_TAG = "ddsweep.points_complete"  # on the parent: how many of them are complete
-PROJECT_TAG = "ddsweep.study_parent_run"  # on a project run that could not be the parent
 MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -133,18 +137,26 @@ class StudyRecorder:
         tags: Mapping[str, str],
         tables: Mapping[str, Mapping[str, Sequence[Any]]],
         step: int,
+        *,
+        note: str = "",
+        files: Mapping[str, str] | None = None,
     ) -> None:
         """The study's answer so far on its parent run: metrics at `step` (points complete),
-        so their history shows how the answer moved; tags; and tables (artifact path: columns)
-        shown by the UI's artifact view, each replaced by its latest version."""
+        so their history shows how the answer moved; tags; its description (`note`, shown
+        by `mlflow ui` on the run's page); tables (artifact path: columns) shown by the UI's
+        artifact view, each replaced by its latest version; and text files {name: text} at
+        the artifacts' top level (the methods card)."""
         now = _ms(time.time())
+        all_tags = {**tags, **({MLFLOW_RUN_NOTE: note} if note else {})}
         self.client.log_batch(
             self.parent_id,
             metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-            tags=[RunTag(k, v) for k, v in tags.items()],
+            tags=[RunTag(k, v) for k, v in all_tags.items()],
         )
         for path, columns in tables.items():
             self._log_table(path, columns)
+        for name, text in (files or {}).items():
+            self.client.log_text(self.parent_id, text, name)
 
     def _log_table(self, path: str, columns: Mapping[str, Sequence[Any]]) -> None:
         import pandas as pd
@@ -185,7 +197,10 @@ class StudyRecorder:
             "and attributes.status = 'FINISHED'",
             max_results=1,
         )
-        return (runs[0].info.run_id, dict(runs[0].data.metrics)) if runs else None
+        if not runs:
+            return None
+        trial = trial_run(runs[0])
+        return trial.run_id, dict(trial.metrics)
 
     def _child(self, pid: str, trial: int, name: str, kind: str, start: float, **tags: str) -> str:
         all_tags = {

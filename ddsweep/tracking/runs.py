@@ -75,7 +75,8 @@ def log_metric(run_id: str, key: str, value: float, step: int) -> None:
 def training_params(run_id: str) -> dict[str, str]:
     """The params (the recorded config) of `ddsweep train` run `run_id`; UserError for any
     other run, which cannot be resumed."""
-    from ddsweep.tracking import KIND_TAG, get_run
+    from ddsweep.tracking import get_run
+    from ddsweep.tracking.schema import KIND_TAG
 
     run = get_run(run_id)
     if run.data.tags.get(KIND_TAG) != "train":

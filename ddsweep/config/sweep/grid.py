@@ -89,12 +89,36 @@ def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> lis
         for r in resolutions(axes, d):
             for t, p, k, named in combos:
                 if PIXELS in axes.block:
-                    points.append(Point(d, r, None, None, PIXELS, t, p, k, named))
+                    points.append(
+                        Point(
+                            dataset=d,
+                            resolution=r,
+                            attention=None,
+                            epoch=None,
+                            block=PIXELS,
+                            noise_step=t,
+                            probe=p,
+                            k=k,
+                            settings=named,
+                        )
+                    )
                 # Pixels alone need no backbone: do not ask for its epochs.
                 for a in axes.attention if net_blocks else ():
                     for e in axes.epoch or epochs_of((d, r, a)):
                         for b in net_blocks:
-                            points.append(Point(d, r, a, e, b, t, p, k, named))
+                            points.append(
+                                Point(
+                                    dataset=d,
+                                    resolution=r,
+                                    attention=a,
+                                    epoch=e,
+                                    block=b,
+                                    noise_step=t,
+                                    probe=p,
+                                    k=k,
+                                    settings=named,
+                                )
+                            )
                         _bounded(points)
     return points
 
@@ -102,7 +126,9 @@ def expand(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> lis
 def expand_fid(axes: Axes, epochs_of: Callable[[Backbone3], tuple[int, ...]]) -> list[Point]:
     """Every point of a fid-grid: one per (dataset, resolution, attention, epoch)."""
     points = [
-        Point(d, r, a, e, FID, 0, FID, 0)
+        Point(
+            dataset=d, resolution=r, attention=a, epoch=e, block=FID, noise_step=0, probe=FID, k=0
+        )
         for d, r, a in backbones(axes)
         for e in axes.epoch or epochs_of((d, r, a))
     ]
