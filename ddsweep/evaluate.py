@@ -4,15 +4,17 @@ validation split and scored on it (what choices are made on); per-example predic
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -32,6 +34,9 @@ from ddsweep.features import (
     cached_features,
 )
 
+if TYPE_CHECKING:
+    from ddsweep.kinds.loading import Resolved
+
 # --- backbones ----------------------------------------------------------------------------------
 
 
@@ -43,9 +48,12 @@ class Backbone:
     run_id: str | None = None
     epoch: int | None = None
     dataset: str | None = None  # what it was trained on, when known
+    pretrained: Resolved | None = None  # a backbone named by folder or hub id (ddsweep.kinds)
 
     def label(self) -> str:
         """Short description for tables and tags."""
+        if self.pretrained is not None:
+            return self.pretrained.label()
         return f"{self.run_id}@{self.epoch}" if self.run_id else str(self.folder)
 
 
@@ -164,6 +172,11 @@ def split_features(
     needs_net = any(b != PIXELS for b in blocks)
     if needs_net and backbone is None:
         raise UserError("a backbone is needed for U-Net blocks: pass --run or --backbone")
+    if needs_net and backbone is not None and backbone.pretrained is not None:
+        from ddsweep.kinds import features as kind_features
+
+        pre = (backbone.pretrained, dataset, resolution, blocks, noise_step, cfg, cache, data_dir)
+        return SplitFeatures(*kind_features.split_features(*pre, on_batch=on_batch))
     ckpt_hash = _weights_hash(backbone.folder, cfg.weights) if backbone and needs_net else "pixels"
     load = _LazyUNet(backbone if needs_net else None, cfg.weights, resolution)
     # On CUDA the network runs in bf16 autocast; its features are cached apart from float32 ones.
@@ -275,11 +288,32 @@ def evaluate_point(
     `fill_blocks` are extracted alongside on a cache miss, so later points of the same
     checkpoint and noise step read them from the cache instead of running the network again.
     A point that names a protocol is probed with that protocol's settings (`config_for`).
+    At t > 0 with `cfg.noise_seeds`, all of this runs once per noise realisation (features
+    extracted once per seed, so R times the backbone passes) and the point is their mean, with
+    predictions [R, N] per split (`_replicates`).
     """
     cfg = config_for(cfg, point)
     blocks = (
         (PIXELS,) if point.block == PIXELS else tuple(dict.fromkeys((point.block, *fill_blocks)))
     )
+    seeds = cfg.realisations(point.noise_step)
+    runs = []
+    for seed in seeds:
+        one = dataclasses.replace(cfg, noise_seed=seed, noise_seeds=())
+        runs.append(_evaluate_realisation(backbone, point, one, blocks, cache, data_dir, on_batch))
+    return _replicates(runs) if len(runs) > 1 else runs[0]
+
+
+def _evaluate_realisation(
+    backbone: Backbone | None,
+    point: Point,
+    cfg: ProbeConfig,
+    blocks: tuple[str, ...],
+    cache: FeatureCache,
+    data_dir: Path,
+    on_batch: Callable[[int], None] | None,
+) -> Evaluation:
+    """One point under one noise realisation (`cfg.noise_seed`)."""
     feats, extract_s, passes = split_features(
         backbone, point.dataset, point.resolution, blocks, point.noise_step, cfg, cache, data_dir,
         on_batch=on_batch,
@@ -302,6 +336,26 @@ def evaluate_point(
     return Evaluation(
         metrics, predictions, split_inputs(point, cfg, feats, len(val[1]) if val else 0)
     )
+
+
+_SUMMED = ("fit_s", "extract_s", "backbone_passes")  # costs add up over realisations
+
+
+def _replicates(runs: list[Evaluation]) -> Evaluation:
+    """One point's evaluation from its realisations: accuracies averaged (the cell is their
+    mean), costs summed, predictions stacked to [R, N] per split (labels are the same)."""
+    metrics = {
+        m: (sum if m in _SUMMED else statistics.fmean)(r.metrics[m] for r in runs)
+        for m in runs[0].metrics
+    }
+    metrics["noise_realisations"] = float(len(runs))
+    predictions = {}
+    for split, (_, label) in runs[0].predictions.items():
+        for r in runs[1:]:
+            if not torch.equal(r.predictions[split][1], label):
+                raise RuntimeError(f"the {split} labels differ between noise realisations")
+        predictions[split] = (torch.stack([r.predictions[split][0] for r in runs]), label)
+    return Evaluation(metrics, predictions, runs[0].inputs)
 
 
 def split_inputs(
@@ -344,6 +398,10 @@ def point_params(point: Point, cfg: ProbeConfig, backbone: Backbone | None) -> d
 
     params = {**flat_params(point), **config_for(cfg, point).params()}
     params["backbone"] = backbone.label() if backbone else "none"
+    if backbone is not None and backbone.pretrained is not None:
+        from ddsweep.kinds.features import backbone_params
+
+        params.update(backbone_params(backbone.pretrained))
     named = protocol_of(point)
     if named:
         params["protocol"] = named
@@ -366,7 +424,7 @@ def _folder_config(folder: Path) -> tuple[int, bool]:
 def resolve_point(
     *,
     run: str | None,
-    backbone: Path | None,
+    backbone: Path | str | None,
     dataset: str | None,
     resolution: int | None,
     attention: bool,
@@ -388,7 +446,14 @@ def resolve_point(
     if run and backbone:
         raise UserError("give either --run or --backbone, not both")
     bb: Backbone | None = None
+    if backbone is not None and block != PIXELS:
+        from ddsweep.kinds.features import pretrained_point
+
+        found = pretrained_point(str(backbone), dataset, resolution, block, noise_step, probe, k)
+        if found is not None:
+            return found
     if backbone is not None:
+        backbone = Path(backbone)
         res, attn = _folder_config(backbone)
         wrong = checkpoints.verify(backbone)
         if wrong is not None:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -53,8 +54,15 @@ def pixel_pool(pool: str) -> str:
     return "flatten" if pool == "avg" else pool
 
 
-# Part of every cache key: bump when the noise added to an image changes meaning.
-NOISE_SCHEME = "split-index-draw-v2"
+# Part of every cache key: bump when the noise added to an image changes meaning. v3: each
+# image's noise is the SplitMix64 stream of its seed through Box-Muller, computed for a whole
+# batch at once on any device (v2 seeded one torch.Generator per image on the host).
+NOISE_SCHEME = "split-index-draw-splitmix-v3"
+# Part of every cache key: the dtype entries are stored in. Features are float32 as extracted,
+# so a hit is bit for bit what the extraction gave. Until 0.4 entries were float16 when a
+# per-feature check allowed it, which moved k-NN cells by up to 1.1 points on digits (features
+# with mean >> std): with this field every key changed, and no such entry is ever read.
+STORED = "float32"
 
 
 def noise_seed_of(split: str, index: int, noise_seed: int, draw: int = 0) -> int:
@@ -67,17 +75,60 @@ def noise_seed_of(split: str, index: int, noise_seed: int, draw: int = 0) -> int
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
 
 
+def _signed(value: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GAMMA = _signed(0x9E3779B97F4A7C15)  # SplitMix64 (Steele, Lea and Flood 2014; java.util)
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """(B,) int64 seeds -> (B, count) int64: the first `count` outputs of each seed's SplitMix64
+    stream (int64 arithmetic wraps modulo 2^64 on CPU and CUDA, as the algorithm needs)."""
+    steps = torch.arange(1, count + 1, dtype=torch.int64, device=seeds.device)
+    z = steps.mul_(_GAMMA)[None, :] + seeds[:, None]
+    tmp = torch.empty_like(z)  # in place: three (B, count) int64 buffers, not a dozen
+    for shift, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=tmp)
+        z.bitwise_xor_(tmp.bitwise_and_((1 << (64 - shift)) - 1))  # z ^= z >>> shift
+        if factor is not None:
+            z.mul_(factor)
+    return z
+
+
 def noise_for(
-    indices: torch.Tensor, shape: Sequence[int], noise_seed: int, *, split: str, draw: int = 0
+    indices: torch.Tensor,
+    shape: Sequence[int],
+    noise_seed: int,
+    *,
+    split: str,
+    draw: int = 0,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Gaussian noise [B,*shape]: image i of `split` always gets the same noise in draw `draw`,
-    whatever the batch, and a different one in every other split, seed or draw."""
-    out = torch.empty(len(indices), *shape)
-    gen = torch.Generator()
-    for row, i in enumerate(indices.tolist()):
-        gen.manual_seed(noise_seed_of(split, int(i), noise_seed, draw))
-        out[row] = torch.randn(*shape, generator=gen)
-    return out
+    """Gaussian noise [B,*shape] float32: image i of `split` always gets the same noise in draw
+    `draw`, whatever the batch or device, and a different one in every other split, seed or
+    draw. Box-Muller on uniforms from the top 53 bits of each image's SplitMix64 stream, in
+    float64, for the whole batch at once."""
+    seeds = torch.tensor(
+        [noise_seed_of(split, int(i), noise_seed, draw) for i in indices.tolist()],
+        dtype=torch.int64,
+        device=device,
+    )
+    size = math.prod(shape)
+    pairs = (size + 1) // 2
+    bits = splitmix64(seeds, 2 * pairs)
+    u = (_shr(bits, 11).double() + 0.5) * 2.0**-53  # in (0, 1): the log is finite
+    radius = torch.sqrt(-2.0 * torch.log(u[:, :pairs]))
+    angle = (2 * math.pi) * u[:, pairs:]
+    z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :size]
+    return z.float().reshape(len(seeds), *shape)
 
 
 class _Filled(Exception):
@@ -240,9 +291,11 @@ def _batch_features(
     total: dict[str, torch.Tensor] = {}
     for draw in range(req.draws()):
         x_t = x0
-        if req.noise_step > 0:
-            noise = noise_for(idx, x0.shape[1:], req.noise_seed, split=req.split, draw=draw)
-            x_t = diffusion.q_sample(scheduler, x0, noise, t)
+        if req.noise_step > 0:  # drawn where the network runs: no per-image host loop
+            noise = noise_for(
+                idx, x0.shape[1:], req.noise_seed, split=req.split, draw=draw, device=device
+            )
+            x_t = diffusion.q_sample(scheduler, x0.to(device), noise, t.to(device))
         bf16 = req.precision == "bf16" and device.type == "cuda"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             feats = _forward_blocks(unet, x_t.to(device), t, req)
@@ -269,6 +322,7 @@ class CacheKey:
     noise_draws: int = 1
     precision: str = "fp32"  # bf16 (autocast on CUDA) features are never served as float32 ones
     noise: str = NOISE_SCHEME
+    stored: str = STORED  # how the file holds the features: a float16 entry is another key
 
     def digest(self) -> str:
         """A stable file name for this key."""
@@ -291,7 +345,8 @@ class FeatureCache:
         return self.root / f"{key.digest()}.safetensors"
 
     def get(self, key: CacheKey) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(features float32 [N,D], labels [N]) or None on a miss; a hit refreshes its LRU age."""
+        """(features float32 [N,D], labels [N]) or None on a miss (an entry of another dtype is
+        one); a hit refreshes its LRU age."""
         from safetensors import SafetensorError
 
         path = self.path(key)
@@ -302,7 +357,9 @@ class FeatureCache:
             return None
         try:
             tensors = integrity.load_torch(blob)
-            features, labels = tensors["features"].float(), tensors["labels"]
+            features, labels = tensors["features"], tensors["labels"]
+            if features.dtype != torch.float32:  # written by another scheme: never served
+                return None
             if features.ndim != 2 or labels.shape != (len(features),):
                 raise ValueError(f"features {tuple(features.shape)}, labels {tuple(labels.shape)}")
         except (ValueError, RuntimeError, KeyError, SafetensorError) as err:
@@ -327,11 +384,10 @@ class FeatureCache:
             yield
 
     def put(self, key: CacheKey, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Store an entry atomically (temp file + rename), float16 when that keeps every feature
-        (see `_half_is_faithful`), else float32; returns the features as stored (as float32),
-        so a miss hands out exactly what a hit will."""
+        """Store an entry atomically (temp file + rename) in float32 (`STORED`); returns the
+        features as stored, so a miss hands out exactly what a hit will."""
         paths.make_folder(self.root, "the feature cache (DDSWEEP_CACHE)")
-        stored = features.half() if _half_is_faithful(features) else features.float()
+        stored = features.float()
         meta = {k: str(v) for k, v in asdict(key).items()}
         # The temp file is named after its entry: a writer killed before the rename leaves one
         # that the next writer of the entry (under the same lock) removes.
@@ -381,34 +437,6 @@ class FeatureCache:
             except OSError:
                 continue
             total -= size
-
-
-# float16 keeps ~3 significant digits: enough for a feature whose rounding error stays a small
-# fraction of its spread over the images, not for one whose values are tiny (subnormal) or sit
-# far from zero compared with their spread (mean >> std).
-_HALF_MAX_ERROR = 1 / 32  # of a feature's standard deviation over the images
-_HALF_ROWS = 4096  # rows per chunk while checking, to bound the temporaries
-
-
-def _half_is_faithful(features: torch.Tensor) -> bool:
-    """Whether float16 rounds every feature (column of [N,D]) by at most 1/32 of its std;
-    a constant feature (std 0, e.g. a background pixel) stays constant and is exempt."""
-    if features.numel() == 0:
-        return True
-    x = features.reshape(len(features), -1)
-    if len(x) > 1:
-        std = x.float().std(dim=0, unbiased=False)
-        tolerance = torch.where(std > 0, _HALF_MAX_ERROR * std, torch.inf)
-    else:
-        tolerance = _HALF_MAX_ERROR * x[0].float().abs()
-    worst = torch.zeros_like(tolerance)
-    for rows in x.split(_HALF_ROWS):
-        r = rows.float()
-        half = r.half()
-        if not bool(torch.isfinite(half).all()):
-            return False  # overflows float16 (|x| > 65504), or was not finite to begin with
-        worst = torch.maximum(worst, (half.float() - r).abs().amax(dim=0))
-    return bool((worst <= tolerance).all())
 
 
 def cached_features(

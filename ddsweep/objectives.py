@@ -120,10 +120,43 @@ class ProbeGrid(Objective):
     run_kind = "trial"
 
     def __post_init__(self) -> None:
+        self.pretrained: dict[str, Backbone] = {}  # by label: the backbone axis' pretrained ones
         super().__post_init__()
         self.cache = FeatureCache()
         # Every U-Net block of the study is extracted on a checkpoint's first pass.
-        self.fill_blocks = tuple(b for b in self.cfg.axes.block if b != PIXELS)
+        self.fill_blocks = tuple(
+            b for b in self.cfg.axes.block if b != PIXELS and sweep.grid.trained_block(b)
+        )
+
+    @classmethod
+    def check(cls, cfg: sweep.StudyConfig, inception_weights: Path | None) -> None:
+        """Every pretrained backbone is found (a hub id in the cache) before a study is
+        created: a missing one is one line, and nothing is recorded."""
+        if cfg.axes.pretrained():
+            from ddsweep.kinds.loading import resolve
+
+            for spec in cfg.axes.pretrained():
+                resolve(spec)
+
+    def _pretrained_of(self, spec: str) -> sweep.grid.PretrainedInfo:
+        from ddsweep.kinds.features import pretrained_backbone
+
+        backbone, resolved = pretrained_backbone(spec)
+        self.pretrained[resolved.label()] = backbone
+        return resolved.label(), resolved.resolution, resolved.accepts
+
+    def backbone(self, point: Point) -> Backbone:
+        label = dict(point.settings).get(sweep.grid.BACKBONE_SETTING)
+        return self.pretrained[label] if label else super().backbone(point)
+
+    def _fill(self, point: Point) -> tuple[str, ...]:
+        """The blocks extracted beside the point's on a miss: the study's blocks that apply to
+        the point's backbone."""
+        backbone = self.backbone(point) if point.block != PIXELS else None
+        if backbone is None or backbone.pretrained is None:
+            return self.fill_blocks
+        accepts = backbone.pretrained.accepts
+        return tuple(b for b in self.cfg.axes.block if b != PIXELS and accepts(b))
 
     @property
     def metric(self) -> str:
@@ -154,9 +187,20 @@ class ProbeGrid(Objective):
         return {(p.dataset, p.resolution, p.attention) for p in self.points.values() if p.epoch}
 
     def expand(self) -> list[Point]:
-        points = sweep.expand(self.cfg.axes, lambda key: self.pins[key][1])
+        points = sweep.expand(self.cfg.axes, lambda key: self.pins[key][1], self._pretrained_of)
+        named = sweep.grid.BACKBONE_SETTING
         return [
-            dataclasses.replace(p, settings=probe_config.point_settings(self.cfg.probe, p))
+            dataclasses.replace(
+                p,
+                settings=tuple(
+                    sorted(
+                        (
+                            *probe_config.point_settings(self.cfg.probe, p),
+                            *((n, v) for n, v in p.settings if n == named),
+                        )
+                    )
+                ),
+            )
             for p in points
         ]
 
@@ -175,7 +219,7 @@ class ProbeGrid(Objective):
             self.cfg.probe,
             self.cache,
             self.data_dir,
-            fill_blocks=self.fill_blocks,
+            fill_blocks=self._fill(point),
         )
         params = evaluate.point_params(point, self.cfg.probe, backbone)
         predictions = {s: (p.numpy(), y.numpy()) for s, (p, y) in found.predictions.items()}

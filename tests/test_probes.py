@@ -324,3 +324,113 @@ def test_knn_on_cuda_matches_cpu(gaussian: Split) -> None:
         assert torch.equal(gpu[k].argmax(1).cpu(), cpu[k].argmax(1))
     on_gpu = knn_probe(xtr, ytr, xte, yte, device="cuda")[50]
     assert on_gpu == pytest.approx(knn_probe(xtr, ytr, xte, yte)[50])
+
+
+# ------------------------------------------------------------------- float64-faithful k-NN
+
+
+def _large_mean_split(seed: int = 0) -> Split:
+    """Clustered features riding on a common mean 100 times their spread, as deep blocks'."""
+    rng = np.random.default_rng(seed)
+    n, m, d, c = 1500, 300, 48, 5
+    centres = rng.normal(size=(c, d))
+    ytr, yte = rng.integers(0, c, n), rng.integers(0, c, m)
+    mean = 100 * rng.normal(size=d)
+    xtr = mean + 0.3 * centres[ytr] + rng.normal(size=(n, d))
+    xte = mean + 0.3 * centres[yte] + rng.normal(size=(m, d))
+    return xtr.astype(np.float32), ytr, xte.astype(np.float32), yte
+
+
+_SIMILARITIES: dict[tuple[bytes, bytes, str], np.ndarray] = {}
+
+
+def _reference_votes(
+    xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, k: int, metric: str, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(votes, neighbours) of float64 numpy: a stable argsort of the exact distances."""
+    key = (xtr.tobytes(), xte.tobytes(), metric)
+    if key not in _SIMILARITIES:
+        a, b = xtr.astype(np.float64), xte.astype(np.float64)
+        if metric == "cosine":
+            a = a / np.linalg.norm(a, axis=1, keepdims=True)
+            b = b / np.linalg.norm(b, axis=1, keepdims=True)
+            _SIMILARITIES[key] = b @ a.T
+        else:
+            _SIMILARITIES[key] = -np.stack([((a - row) ** 2).sum(-1) for row in b])
+    sim = _SIMILARITIES[key]
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    near = np.take_along_axis(sim, order, 1)
+    if metric == "euclidean":
+        near = -np.sqrt(-near)
+    w = np.exp((near - near[:, :1]) / temperature) if temperature else np.ones_like(near)
+    votes = np.zeros((len(xte), int(ytr.max()) + 1))
+    for i in range(len(xte)):
+        np.add.at(votes[i], ytr[order[i]], w[i])
+    return votes, order
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("k", [10, 200])
+@pytest.mark.parametrize("temperature", [0.0, 0.07])
+def test_knn_with_a_large_common_mean_gives_the_float64_predictions(
+    metric: Metric, k: int, temperature: float
+) -> None:
+    xtr, ytr, xte, _ = _large_mean_split()
+    ref_votes, ref_order = _reference_votes(xtr, ytr, xte, k, metric, temperature)
+    weighting: Weighting = "temperature" if temperature else "uniform"
+    votes = knn_votes(
+        t(xtr), t(ytr), t(xte), ks=(k,), metric=metric, weighting=weighting,
+        temperature=temperature or 0.07, chunk_size=97,
+    )[k]  # fmt: skip
+    np.testing.assert_array_equal(votes.argmax(1).numpy(), ref_votes.argmax(1))
+    np.testing.assert_allclose(votes.numpy(), ref_votes, rtol=1e-9, atol=1e-9)
+    _, idx = knn_search(t(xtr), t(xte), k, metric=metric)
+    np.testing.assert_array_equal(idx.numpy(), ref_order)
+
+
+def test_float32_similarities_would_move_predictions_on_these_features() -> None:
+    # The test above has teeth: the plain float32 search (normalise, matmul, top-k) that
+    # knn.py did before gets neighbours and predictions wrong on the same features.
+    xtr, ytr, xte, _ = _large_mean_split()
+    ref_votes, ref_order = _reference_votes(xtr, ytr, xte, 10, "cosine", 0.0)
+    a, b = (
+        torch.nn.functional.normalize(t(xtr), dim=1),
+        torch.nn.functional.normalize(t(xte), dim=1),
+    )
+    idx = (b @ a.T).topk(10, dim=1).indices
+    assert (idx.numpy() != ref_order).any()
+    votes = torch.zeros(len(xte), 5).scatter_add_(1, t(ytr)[idx], torch.ones(len(xte), 10))
+    assert (votes.argmax(1).numpy() != ref_votes.argmax(1)).sum() > 0
+
+
+def test_knn_center_subtracts_the_train_mean() -> None:
+    xtr, ytr, xte, _ = _large_mean_split(1)
+    mean = xtr.astype(np.float64).mean(axis=0)
+    ref_votes, _ = _reference_votes(xtr - mean, ytr, xte - mean, 20, "cosine", 0.0)
+    votes = knn_votes(t(xtr), t(ytr), t(xte), ks=(20,), center=True)[20]
+    np.testing.assert_array_equal(votes.numpy(), ref_votes)
+    plain = knn_votes(t(xtr), t(ytr), t(xte), ks=(20,))[20]
+    assert not torch.equal(plain, votes)  # centring changes what cosine compares
+
+
+def test_knn_settings_carry_temperature_and_center() -> None:
+    from ddsweep import probes
+    from ddsweep.errors import UserError
+    from ddsweep.probes.knn import KnnSettings
+
+    xtr, ytr, xte, yte = (torch.from_numpy(a) for a in _large_mean_split(2))
+    kind = probes.get("knn")
+    assert KnnSettings().temperature == 0.07 and KnnSettings().center is False
+    scored = {
+        s: kind.fit((xtr, ytr), (xte, yte), s, (50,), 0)[50].scores
+        for s in (
+            KnnSettings(weighting="temperature"),
+            KnnSettings(weighting="temperature", temperature=0.5),
+            KnnSettings(weighting="temperature", center=True),
+        )
+    }
+    values = list(scored.values())
+    assert not torch.equal(values[0], values[1]) and not torch.equal(values[0], values[2])
+    with pytest.raises(UserError, match="temperature"):
+        assert kind.check is not None
+        kind.check(KnnSettings(temperature=0.0))

@@ -104,6 +104,14 @@ ProbeAxis = Annotated[
 KAxis = Annotated[
     list[str] | None, typer.Option(help=f"k axis (knn only) {_AXIS}.", show_default=False)
 ]
+BackboneAxis = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Backbone axis: trained (the study's training runs), a diffusers pipeline folder, "
+        f"or hub:ORG/NAME (Stable Diffusion, DiT, pretrained DDPMs) {_AXIS}.",
+        show_default=False,
+    ),
+]
 
 Workers = Annotated[int, typer.Option(help="Local worker processes.")]
 MaxRetries = Annotated[int, typer.Option(help="Retries of a failed point across runs.")]

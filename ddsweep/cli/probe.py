@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -28,9 +27,11 @@ def probe(
         ),
     ] = None,
     backbone: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="A local diffusers UNet2DModel folder to probe instead of a run (default: none).",
+            help="A backbone to probe instead of a run: a local diffusers folder (a UNet2DModel "
+            "folder, or a pipeline folder of any backbone kind: ddpm, latent-unet = Stable "
+            "Diffusion, dit) or hub:ORG/NAME from the Hugging Face cache (default: none).",
             show_default=False,
         ),
     ] = None,
@@ -59,7 +60,8 @@ def probe(
         str,
         typer.Option(
             help="down1..down4, mid, up4..up1, pixels, ddae_layer (up3's last ResNet, DDAE's "
-            "layer), or a named_modules() path."
+            "layer), or a named_modules() path; a dit backbone: layer1..layerN, ddae_dit_layer; "
+            "a latent-unet: its levels' down/mid/up blocks, dift_layer."
         ),
     ] = DEFAULT_BLOCK,
     noise_step: Annotated[
@@ -89,6 +91,10 @@ def probe(
         float,
         typer.Option(help="Part of the train split held out and scored as validation (0: none)."),
     ] = ProbeConfig.val_fraction,
+    prompt: Annotated[
+        str,
+        typer.Option(help="The one fixed prompt of a latent-unet backbone (default: empty)."),
+    ] = ProbeConfig.prompt,
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = DEFAULT_EXPERIMENT,
@@ -106,6 +112,7 @@ def probe(
         noise_seed=noise_seed,
         noise_draws=noise_draws,
         val_fraction=val_fraction,
+        prompt=prompt,
     )
     where = {"run": run, "backbone": backbone, "dataset": dataset, "resolution": resolution}
     where |= {"attention": attention, "epoch": epoch, "block": block, "noise_step": noise_step}

@@ -10,6 +10,7 @@ import typer
 from ddsweep.cli._options import (
     DEFAULT_RUN,
     AttentionAxis,
+    BackboneAxis,
     BlockAxis,
     DataDir,
     DatasetAxis,
@@ -146,6 +147,7 @@ def probe_grid(
     noise_step: NoiseAxis = None,
     probe_kind: ProbeAxis = None,
     k: KAxis = None,
+    backbone: BackboneAxis = None,
     storage: Storage = None,
     workers: Workers = DEFAULT_RUN.workers,
     max_retries: MaxRetries = DEFAULT_RUN.max_retries,
@@ -177,6 +179,7 @@ def probe_grid(
         noise_step=noise_step,
         probe=probe_kind,
         k=k,
+        backbone=backbone,
     )
     cfg = study_config(study, axes, storage)
     if cfg.kind != "probe-grid":

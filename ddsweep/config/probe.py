@@ -54,6 +54,11 @@ class ProbeConfig:
     seed: int = 0
     noise_draws: int = 1  # features averaged over this many noise draws (noise steps > 0)
     val_fraction: float = 0.1  # of the train split, held out to choose on (0: none)
+    # Noise realisations of a t > 0 point, as replicates: features extracted and the probe
+    # fitted once per seed; the point's metrics are their means, its predictions one row each.
+    # Empty: one realisation, `noise_seed`.
+    noise_seeds: tuple[int, ...] = ()
+    prompt: str = ""  # latent-unet backbones (Stable Diffusion): the one fixed prompt
 
     def __post_init__(self) -> None:
         kept = {}
@@ -87,9 +92,17 @@ class ProbeConfig:
             for f in dataclasses.fields(value):
                 out[f"{name}.{f.name}"] = str(getattr(value, f.name))
         for f in dataclasses.fields(self):
-            if f.name != "settings":
+            if f.name == "noise_seeds":
+                if self.noise_seeds:  # left out when empty, as before it existed
+                    out[f.name] = ",".join(map(str, self.noise_seeds))
+            elif f.name != "settings":
                 out[f.name] = str(getattr(self, f.name))
         return out
+
+    def realisations(self, noise_step: int) -> tuple[int, ...]:
+        """The noise seeds a point at `noise_step` is evaluated under: `noise_seeds` at t > 0
+        (a clean image is the same in every realisation), else `noise_seed` alone."""
+        return self.noise_seeds if self.noise_seeds and noise_step > 0 else (self.noise_seed,)
 
 
 def protocol_of(point: Point) -> str | None:
@@ -121,6 +134,8 @@ def point_settings(cfg: ProbeConfig, point: Point) -> tuple[tuple[str, str], ...
     evaluated with, and its protocol's name when it has one."""
     named = protocol_of(point)
     found = kind_settings(config_for(cfg, point), point.probe)
+    if point.noise_step == 0:  # realisations do not change a clean point: the same id as before
+        found = tuple((n, v) for n, v in found if n != "noise_seeds")
     return tuple(sorted((*found, ("protocol", named)))) if named else found
 
 
@@ -135,5 +150,13 @@ def validate_probe_config(cfg: ProbeConfig) -> None:
             kind.check(cfg.settings_for(name))
     if not 1 <= cfg.noise_draws <= MAX_NOISE_DRAWS:
         raise UserError(f"noise_draws must be 1..{MAX_NOISE_DRAWS}, got {cfg.noise_draws}")
+    seeds = cfg.noise_seeds
+    if seeds and (len(set(seeds)) != len(seeds) or min(seeds) < 0 or len(seeds) > MAX_NOISE_DRAWS):
+        raise UserError(
+            f"noise_seeds must be 1..{MAX_NOISE_DRAWS} distinct integers >= 0, e.g. [0, 1, 2]; "
+            f"got {list(seeds)}"
+        )
+    if seeds and cfg.noise_seed != 0:
+        raise UserError("give noise_seed or noise_seeds, not both (noise_seeds: [0, 1, 2])")
     if not 0 <= cfg.val_fraction <= 0.5:
         raise UserError(f"val_fraction must be in [0, 0.5], got {cfg.val_fraction}")

@@ -104,10 +104,14 @@ LINEAR = ProbeKind(
 
 @dataclass(frozen=True)
 class KnnSettings:
-    """The sweep file's `probe.knn:` section."""
+    """The sweep file's `probe.knn:` section. `temperature` is DINO's T of the `temperature`
+    weighting (its default, 0.07, is DINO's); `center` subtracts the train features' mean
+    before the similarities (off by default: the study's and DINO's k-NN do not)."""
 
     metric: str = "cosine"
     weighting: str = "uniform"
+    temperature: float = DINO_TEMPERATURE
+    center: bool = False
 
 
 def check_knn(s: KnnSettings) -> None:
@@ -117,6 +121,10 @@ def check_knn(s: KnnSettings) -> None:
         raise UserError(
             f"unknown knn weighting {s.weighting!r}: use one of {', '.join(WEIGHTINGS)}"
         )
+    if not (isinstance(s.temperature, float | int) and math.isfinite(s.temperature)) or not (
+        s.temperature > 0
+    ):
+        raise UserError(f"knn temperature must be a number > 0, got {s.temperature!r}")
 
 
 KNN = ProbeKind(

@@ -20,7 +20,7 @@ from ddsweep.config.probesettings import (
     Metric,
     Weighting,
 )
-from ddsweep.probes.common import accuracy, check_pair, compute_dtype, count_classes
+from ddsweep.probes.common import accuracy, check_pair, count_classes
 
 __all__ = [
     "DINO_TEMPERATURE",
@@ -59,41 +59,156 @@ def _check_knn_args(
 
 
 class _Index:
-    """Train features prepared once for chunked nearest-neighbour search."""
+    """Train features prepared once for chunked nearest-neighbour search.
 
-    def __init__(self, train_x: Tensor, metric: Metric, dtype: torch.dtype, block: int) -> None:
+    Features with a large common mean (deep blocks: |mean|/std of 26-175) have cosine
+    similarities near 0.99999, where float32 (about 7 digits) cannot rank neighbours: measured
+    on digits, k-NN cells moved by up to 0.6 points against float64. So the candidates are
+    searched in float32 on residuals that keep the digits that differ, and re-ranked exactly in
+    float64:
+
+    - cosine: x̂ = x/|x| (float64) minus c, the normalised mean direction of the train rows;
+      x̂a·x̂b = c·c + c·ra + c·rb + ra·rb, and per query only c·rb + ra·rb varies.
+    - euclidean: x minus the train mean (distances do not change); 2 ra·rb - |rb|² ranks.
+
+    `scores` gives those float32 scores, `exact` the float64 similarities of chosen pairs.
+    """
+
+    def __init__(self, train_x: Tensor, metric: Metric, block: int, device: torch.device) -> None:
         self.metric = metric
-        self.n = train_x.shape[0]
+        self.n, dim = train_x.shape
         self.block = block
-        x = train_x.to(dtype)
+        self.train = train_x.to(device)  # as given: the float64 re-rank reads it
+        self.alpha = 1.0 if metric == "cosine" else 2.0
+        x = self._prepared(self.train)  # float64 (N, D): a transient copy
+        self.centre = x.mean(dim=0)
         if metric == "cosine":
-            x = F.normalize(x, dim=1)
-        # Pad to whole blocks; the padded columns score -inf so they are never chosen.
+            self.centre = F.normalize(self.centre, dim=0)
         pad = -self.n % block
-        self.bias = torch.zeros(self.n + pad, dtype=dtype, device=x.device)
-        if metric == "euclidean":
-            self.bias[: self.n] = -(x * x).sum(dim=1)
-        self.bias[self.n :] = -math.inf
-        self.t = F.pad(x, (0, 0, 0, pad)).T.contiguous()  # (D, n_padded)
+        bias = torch.full((self.n + pad,), -math.inf, dtype=torch.float64, device=device)
+        residual = torch.empty(self.n + pad, dim, dtype=torch.float32, device=device)
+        residual[self.n :] = 0.0
+        norms = torch.empty(self.n, dtype=torch.float64, device=device)
+        # 1/|x| in float64: the re-rank takes raw rows, so it never normalises a gathered copy
+        self.inv_norm = torch.ones(self.n, dtype=torch.float64, device=device)
+        for rows in _row_slices(self.n, dim):
+            if metric == "cosine":
+                raw = self.train[rows].to(torch.float64).norm(dim=1)
+                self.inv_norm[rows] = torch.where(raw > 0, 1.0 / raw, 0.0)
+            r = x[rows] - self.centre
+            residual[rows] = r.float()
+            norms[rows] = r.norm(dim=1)
+            bias[rows] = r @ self.centre if metric == "cosine" else -(r * r).sum(dim=1)
+        self.bias = bias.float()
+        finite = bias[: self.n]
+        self.bias_max = float(finite.abs().max()) if self.n else 0.0
+        self.residual_max = float(norms.max()) if self.n else 0.0
+        self.dim = dim
+        # Padded columns score -inf (from the bias) so they are never chosen.
+        self.t = residual.T.contiguous()  # (D, n_padded)
+        self._full: Tensor | None = None
+
+    def _prepared(self, x: Tensor) -> Tensor:
+        """(B, D) rows in float64, normalised for cosine."""
+        x = x.to(self.train.device, torch.float64)
+        return F.normalize(x, dim=1) if self.metric == "cosine" else x
+
+    def queries(self, test_x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(B, D) test rows -> (float32 residuals, float64 prepared rows, per-row constant that
+        turns a float32 score into the similarity, per-row bound on the float32 error)."""
+        q = self._prepared(test_x)
+        r = q - self.centre
+        norm = r.norm(dim=1)
+        if self.metric == "cosine":
+            const = (self.centre * self.centre).sum() + r @ self.centre
+        else:
+            const = -norm * norm
+        # Rounding the residuals to float32 (2u), the D-term dot product (D u), the bias (u)
+        # and the addmm's own sum (u): |error| <= (D + 4) u alpha |ra| max|rb| + 2 u max|bias|,
+        # doubled for safety. A bound, not an estimate: a row is re-done in float64 only when a
+        # non-candidate could beat a chosen neighbour within it.
+        u = 2.0**-24
+        bound = 2 * u * ((self.dim + 4) * self.alpha * norm * self.residual_max + 2 * self.bias_max)
+        return r.float(), q, const, bound
 
     def scores(self, q: Tensor, out: Tensor) -> Tensor:
-        """(B, D) queries -> (B, n_padded) scores written into `out`, higher = nearer.
+        """(B, D) float32 residual queries -> (B, n_padded) float32 scores into `out`, higher =
+        nearer: the similarity (cosine) or |ra|² - |ra-rb|² (euclidean), less a per-row constant."""
+        return torch.addmm(self.bias, q, self.t, alpha=self.alpha, out=out)
 
-        cosine: the cosine similarity. euclidean: 2ab - |b|², i.e. |a|² - |a-b|²; ranking on it
-        without the per-row |a|² is what scikit-learn's ArgKmin does too.
-        """
-        if self.metric == "cosine":
-            torch.mm(q, self.t, out=out)
-            out[:, self.n :] = -math.inf
-            return out
-        return torch.addmm(self.bias, q, self.t, alpha=2.0, out=out)
+    def exact(self, q: Tensor, idx: Tensor) -> Tensor:
+        """(B, D) float64 prepared queries, (B, K) train indices -> (B, K) float64 similarities:
+        the cosine similarity, or minus the squared euclidean distance."""
+        out = torch.empty(idx.shape, dtype=torch.float64, device=q.device)
+        per = max(1, _EXACT_BYTES // max(1, idx.shape[1] * self.dim * 8))
+        for start in range(0, idx.shape[0], per):
+            rows = slice(start, start + per)
+            flat = idx[rows].flatten()
+            cand = self.train[flat].to(torch.float64).view(*idx[rows].shape, -1)
+            if self.metric == "cosine":
+                dots = torch.bmm(cand, q[rows, :, None]).squeeze(2)
+                out[rows] = dots * self.inv_norm[flat].view(dots.shape)
+            else:
+                out[rows] = -((cand - q[rows, None, :]) ** 2).sum(dim=2)
+        return out
 
-    def distances(self, q: Tensor, s: Tensor) -> Tensor:
-        """(B, D) prepared queries, (B, k) scores -> (B, k) cosine or euclidean distances."""
+    def full(self, q: Tensor) -> Tensor:
+        """(B, D) float64 prepared queries -> (B, n_padded) float64 similarities to every train
+        row (the rare rows whose float32 candidates cannot be proved complete)."""
+        if self._full is None:
+            x = self._prepared(self.train)
+            if self.metric == "euclidean":
+                x = x - self.centre  # float64 cancellation is small around the mean
+            pad = self.t.shape[1] - self.n
+            self._full = F.pad(x, (0, 0, 0, pad)).T.contiguous()
+            self._sq = F.pad((x * x).sum(dim=1), (0, pad), value=math.inf)
         if self.metric == "cosine":
-            return (1.0 - s).clamp_(0.0, 2.0)
-        # |a-b|² = |a|² - 2ab + |b|² can round below zero for (near) duplicates: clamp.
-        return ((q * q).sum(dim=1, keepdim=True) - s).clamp_(min=0.0).sqrt_()
+            s = q @ self._full
+        else:
+            qc = q - self.centre
+            s = 2 * (qc @ self._full) - self._sq - (qc * qc).sum(dim=1, keepdim=True)
+        s[:, self.n :] = -math.inf
+        return s
+
+    def redo(self, q: Tensor, k: int) -> tuple[list[Tensor], list[Tensor]]:
+        """The k nearest of each (B, D) float64 prepared query against every train row: the
+        columns within float64's rounding of the k-th best, re-ranked by `exact` (so equal
+        distances fall to the smaller index as everywhere else)."""
+        s = self.full(q)
+        kth = s.topk(k, dim=1).values[:, -1]
+        if self.metric == "cosine":
+            scale = torch.ones_like(kth)
+        else:
+            qc = (q - self.centre).norm(dim=1)
+            scale = (qc + float(self._sq[: self.n].max().sqrt())) ** 2
+        tol = (self.dim + 8) * 2.0**-50 * (kth.abs() + scale)
+        sims, idxs = [], []
+        for j in range(len(q)):
+            cols = (s[j] >= kth[j] - tol[j]).nonzero().squeeze(1)[None]
+            found, cols = _stable_order(self.exact(q[j : j + 1], cols), cols)
+            sims.append(found[0, :k])
+            idxs.append(cols[0, :k])
+        return sims, idxs
+
+    def distances(self, sim: Tensor) -> Tensor:
+        """(B, k) float64 similarities -> cosine distances 1 - sim, or euclidean distances."""
+        if self.metric == "cosine":
+            return (1.0 - sim).clamp_(0.0, 2.0)
+        return (-sim).clamp_(min=0.0).sqrt_()
+
+
+_EXACT_BYTES = 32 * 2**20  # the float64 candidate rows gathered at once for the re-rank
+
+
+def _row_slices(n: int, dim: int) -> list[slice]:
+    per = max(1, _EXACT_BYTES // max(1, dim * 8))
+    return [slice(i, min(i + per, n)) for i in range(0, n, per)]
+
+
+def _candidates(k: int, n: int) -> int:
+    # Candidates beyond k whose float32 scores bound what was left out; a few suffice once the
+    # residual scores keep the digits that differ (see BENCHMARKS.md, "float64 k-NN").
+    return min(n, k + 8 + k // 8)
 
 
 def _block_size(n: int, k: int) -> int:
@@ -128,38 +243,71 @@ def _stable_order(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     return vals.gather(1, by_val), idx.gather(1, by_val)
 
 
-def _search_chunk(index: _Index, q: Tensor, k: int, buf: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, D) prepared queries -> (B, k) scores and train indices, nearest first.
+def _search_chunk(
+    index: _Index, test_x: Tensor, k: int, buf: Tensor, sets: Sequence[int] = ()
+) -> tuple[Tensor, Tensor]:
+    """(B, D) test rows -> (B, k) float64 similarities and train indices, nearest first.
 
-    The neighbours are exactly the first k of a stable argsort of the distances: equal
-    distances go to the smaller train index, as in a stable sort. `buf` holds the scores.
+    The neighbours are exactly the first k of a stable argsort of the float64 distances: equal
+    distances go to the smaller train index. float32 scores pick candidates; their float64
+    similarities order them; a row is redone against every train row in float64 unless the
+    k-th chosen one beats every left-out candidate by more than the float32 error bound.
+
+    `sets`: when only which train rows are among the first j matters for each j in `sets`
+    (uniform votes), a row whose float32 scores show every such boundary by more than twice
+    the error bound keeps its float32 order and skips the float64 re-rank; its similarities
+    are then NaN (not computed).
     """
-    s = index.scores(q, out=buf[: q.shape[0]])
-    k1 = min(k + 1, index.n)  # one extra to see whether the k-th place is tied
-    vals, idx = _top_candidates(s, index.n, k1, index.block)
-    # topk orders equal scores arbitrarily: re-sort the (rare) rows that hold equal scores.
-    has_ties = (vals[:, 1:] == vals[:, :-1]).any(dim=1).nonzero().squeeze(1)
-    if has_ties.numel():
-        vals[has_ties], idx[has_ties] = _stable_order(vals[has_ties], idx[has_ties])
-    if k1 > k:
-        # A score tied with the k-th may sit outside the candidates with a smaller index:
-        # redo those (rare) rows with a full stable sort.
-        tied = (vals[:, k - 1] == vals[:, k]).nonzero().squeeze(1)
-        if tied.numel():
-            order = torch.sort(-s[tied], dim=1, stable=True).indices[:, :k1]
-            vals[tied], idx[tied] = s[tied].gather(1, order), order
-    return vals[:, :k], idx[:, :k]
+    q32, q64, const, bound = index.queries(test_x)
+    s = index.scores(q32, out=buf[: q32.shape[0]])
+    n_cand = _candidates(k, index.n)
+    vals32, idx = _top_candidates(s, index.n, n_cand, index.block)  # best first
+    if sets:
+        sure = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
+        for j in sets:
+            if j < n_cand:
+                sure &= (vals32[:, j - 1].double() - vals32[:, j].double()) > 2 * bound
+        rest = (~sure).nonzero().squeeze(1)
+        sim = torch.full(idx[:, :k].shape, math.nan, dtype=torch.float64, device=idx.device)
+        idx = idx[:, :k].clone()
+        if rest.numel():
+            sim[rest], idx[rest] = _rerank(index, s[rest], q64[rest], const[rest], bound[rest], k)
+        return sim, idx
+    return _rerank(index, s, q64, const, bound, k, idx)
+
+
+def _rerank(
+    index: _Index,
+    s: Tensor,
+    q64: Tensor,
+    const: Tensor,
+    bound: Tensor,
+    k: int,
+    idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The exact first k of rows with float32 scores `s` (B, n_padded) and, when given, their
+    candidates `idx` (B, n_cand), by float64 similarity (see `_search_chunk`)."""
+    n_cand = _candidates(k, index.n)
+    if idx is None:
+        _, idx = _top_candidates(s, index.n, n_cand, index.block)
+    sim, idx = _stable_order(index.exact(q64, idx), idx)
+    if n_cand < index.n:
+        floor = s.gather(1, idx).amin(dim=1).double()  # every left-out score is <= this
+        kth = sim[:, k - 1]
+        # float64's own rounding of the similarities and of the shift
+        slack = (index.dim + 8) * 2.0**-52 * (kth.abs() + const.abs() + index.bias_max + 1)
+        unsure = (kth - const - floor <= bound + slack).nonzero().squeeze(1)
+        if unsure.numel():
+            sim, idx = sim[:, :k].clone(), idx[:, :k].clone()
+            for row, s_row, i_row in zip(unsure.tolist(), *index.redo(q64[unsure], k), strict=True):
+                sim[row], idx[row] = s_row, i_row
+    return sim[:, :k], idx[:, :k]
 
 
 def _chunks(n_test: int, n_train_padded: int, itemsize: int, chunk_size: int | None) -> list[slice]:
     """Test-row slices whose (rows, n_train) score matrix fits KNN_CHUNK_BYTES (or chunk_size)."""
     size = chunk_size or max(1, KNN_CHUNK_BYTES // (n_train_padded * itemsize))
     return [slice(i, min(i + size, n_test)) for i in range(0, n_test, size)] or [slice(0, 0)]
-
-
-def _prepare_queries(test_x: Tensor, index: _Index, dtype: torch.dtype) -> Tensor:
-    q = test_x.to(index.t.device, dtype)
-    return F.normalize(q, dim=1) if index.metric == "cosine" else q
 
 
 def _search(
@@ -169,19 +317,19 @@ def _search(
     metric: Metric,
     chunk_size: int | None,
     device: torch.device | str | None,
+    sets: Sequence[int] = (),
 ) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
-    """Yield (test rows, (B, k) scores, (B, k) indices, (B, k) distances) chunk by chunk."""
+    """Yield (test rows, (B, k) float64 similarities, (B, k) indices, (B, k) float64
+    distances) chunk by chunk (with `sets`, see `_search_chunk`)."""
     dev = torch.device(device) if device is not None else train_x.device
-    dtype = compute_dtype(train_x, test_x)
-    index = _Index(train_x.to(dev), metric, dtype, _block_size(train_x.shape[0], k + 1))
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    chunks = _chunks(test_x.shape[0], index.t.shape[1], itemsize, chunk_size)
+    n = train_x.shape[0]
+    index = _Index(train_x, metric, _block_size(n, _candidates(k, n)), dev)
+    chunks = _chunks(test_x.shape[0], index.t.shape[1], 4, chunk_size)
     # One score buffer for all chunks: a fresh 256 MB tensor per chunk costs page faults.
-    buf = torch.empty(chunks[0].stop, index.t.shape[1], dtype=dtype, device=dev)
+    buf = torch.empty(chunks[0].stop, index.t.shape[1], dtype=torch.float32, device=dev)
     for rows in chunks:
-        q = _prepare_queries(test_x[rows], index, dtype)
-        vals, idx = _search_chunk(index, q, k, buf)
-        yield rows, vals, idx, index.distances(q, vals)
+        sim, idx = _search_chunk(index, test_x[rows], k, buf, sets)
+        yield rows, sim, idx, index.distances(sim)
 
 
 def knn_search(
@@ -234,6 +382,7 @@ def knn_votes(
     metric: Metric = "cosine",
     weighting: Weighting = "uniform",
     temperature: float = DINO_TEMPERATURE,
+    center: bool = False,
     n_classes: int | None = None,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
@@ -246,19 +395,28 @@ def knn_votes(
     KNeighborsClassifier(algorithm="brute") (ties of votes go to the smaller class; neighbours
     at equal distance are taken in train order, where scikit-learn's choice is unspecified).
     C is max(n_classes, max label + 1). chunk_size: test rows per chunk, default from a
-    256 MB budget for the chunk's score matrix. Features are compared in float64 if either is
-    float64, else in float32.
+    256 MB budget for the chunk's score matrix. The neighbours and votes are those of float64
+    arithmetic whatever the input dtype (float32 finds candidates, float64 ranks them; see
+    `_Index`). center: subtract the train mean (in float64) from both sides first, so cosine
+    compares directions around the mean rather than from the origin.
     """
     check_pair(train_x, train_y, test_x, None)
     ks = _check_knn_args(ks, train_x.shape[0], metric, weighting, chunk_size)
     if weighting == "temperature" and not temperature > 0:
         raise ValueError(f"temperature={temperature} not allowed; allowed: a float > 0")
     dev = torch.device(device) if device is not None else train_x.device
+    if center:
+        mean = train_x.to(dev, torch.float64).mean(dim=0)
+        train_x = train_x.to(dev, torch.float64) - mean
+        test_x = test_x.to(dev, torch.float64) - mean
     labels = train_y.to(dev, torch.long)
     n_classes = max(n_classes or 0, count_classes(labels))
-    dtype = compute_dtype(train_x, test_x)
-    votes = {k: torch.zeros(test_x.shape[0], n_classes, dtype=dtype, device=dev) for k in ks}
-    for rows, vals, idx, dist in _search(train_x, test_x, ks[-1], metric, chunk_size, dev):
+    votes = {
+        k: torch.zeros(test_x.shape[0], n_classes, dtype=torch.float64, device=dev) for k in ks
+    }
+    # Uniform votes count which neighbours are among the first k, not how near they are.
+    sets = ks if weighting == "uniform" else ()
+    for rows, vals, idx, dist in _search(train_x, test_x, ks[-1], metric, chunk_size, dev, sets):
         w = _weights(vals, dist, metric, weighting, temperature)
         neighbour_labels = labels[idx]
         for k in ks:
@@ -276,6 +434,7 @@ def knn_probe(
     metric: Metric = "cosine",
     weighting: Weighting = "uniform",
     temperature: float = DINO_TEMPERATURE,
+    center: bool = False,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
 ) -> dict[int, dict[str, float]]:
@@ -283,7 +442,7 @@ def knn_probe(
 
     metric: cosine | euclidean. weighting: uniform (one vote each), distance (1/d, as
     scikit-learn's weights="distance"), temperature (DINO's exp(sim / temperature); for
-    euclidean sim = -distance). Top-3: the label is among the 3 classes with the most
+    euclidean sim = -distance); center: subtract the train mean first. Top-3: the label is among the 3 classes with the most
     weighted votes, ties to the smaller class. All ks come from one search for max(ks).
     """
     check_pair(train_x, train_y, test_x, test_y)
@@ -296,6 +455,7 @@ def knn_probe(
         metric=metric,
         weighting=weighting,
         temperature=temperature,
+        center=center,
         n_classes=n_classes,
         chunk_size=chunk_size,
         device=device,
@@ -315,6 +475,8 @@ def fit(
         ks=ks,
         metric=s.metric,  # type: ignore[arg-type]
         weighting=s.weighting,  # type: ignore[arg-type]
+        temperature=float(s.temperature),
+        center=s.center,
         n_classes=count_classes(train[1], test[1]),
     )
     return {k: Scored(v) for k, v in votes.items()}

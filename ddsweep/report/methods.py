@@ -29,7 +29,10 @@ METHODS_MD = "methods.md"
 JSON_FENCE = "```json"
 SplitInput = tuple[str, str, str, int]  # (dataset, split, fingerprint, size)
 # Shared settings read from rows without `params.` columns (plain rows, as in tests).
-SHARED = ("pool", "weights", "noise_seed", "noise_draws", "seed", "val_fraction", "flowers_add_val")
+SHARED = (
+    "pool", "weights", "noise_seed", "noise_seeds", "noise_draws", "seed", "val_fraction",
+    "flowers_add_val",
+)  # fmt: skip
 
 
 def _preprocessing(dataset: str, resolution: int) -> dict[str, Any]:
@@ -167,9 +170,11 @@ def card_facts(
             "(q_sample), the network called with timestep t; t = 0 is the clean image"
         ),
         "noise": (
-            "image i of a split gets Gaussian noise from torch.Generator seeded by "
-            "sha256(split fingerprint, noise_seed, draw, i); features averaged over noise_draws "
-            "draws at t > 0"
+            "image i of a split gets Gaussian noise from the SplitMix64 stream of the seed "
+            "sha256(split fingerprint, noise_seed, draw, i) through Box-Muller (ddsweep.features."
+            "noise_for, scheme split-index-draw-splitmix-v3); features averaged over noise_draws "
+            "draws at t > 0; with noise_seeds, each t > 0 cell is the mean over one such "
+            "realisation per seed"
         ),
         "blocks": {
             b: {"module": e["module"], "dims": sorted(e["dims"])} for b, e in sorted(blocks.items())
@@ -186,14 +191,16 @@ def card_facts(
         ),
         "precision": (
             "the network in float32 on CPU, bfloat16 autocast on CUDA; the feature cache keeps "
-            "float16 where that rounds every feature by at most 1/32 of its column's std, else "
-            "float32; probes compute in float32"
+            "the float32 features as extracted; k-NN neighbours and votes are those of float64 "
+            "arithmetic (float32 candidates, exact float64 re-rank); linear probes compute in "
+            "float32"
         ),
         "shared_settings": shared,
         "probe_settings": probe_settings,
         "intervals": (
             f"percentile bootstrap of test top1, {stats.RESAMPLES} resamples, seed {stats.SEED}, "
-            f"{round(100 * stats.LEVEL)} % (resampled hit counts drawn as Binomial(N, accuracy))"
+            f"{round(100 * stats.LEVEL)} % (resampled hit counts drawn as Binomial(N, accuracy)); "
+            f"cells over several noise realisations: {stats.REALISATIONS_METHOD}"
         ),
         "paired_test": (
             "exact two-sided McNemar test on the same test examples (binomial test of the "

@@ -78,7 +78,8 @@ def column_claims(facet: Facet) -> str:
         if claim is not None:
             said = claim_verdict(claim, with_epoch=False)
             parts.append(f"{epoch_label(epoch)}: {block_label(claim.best[0])} {said}".rstrip())
-    return "best block by epoch: " + "; ".join(parts)
+    by = "noise step" if facet.key.pretrained() else "epoch"  # a pretrained backbone: by t
+    return f"best block by {by}: " + "; ".join(parts)
 
 
 def table_claim(facet: Facet) -> str:
@@ -229,6 +230,8 @@ def print_report(console: Console, study: str, facets: list[Facet], rows: list[S
             console.print(_fid_line(fid))
     console.rule()
     console.print(LEGEND)
+    if any(f.has_realisations() for f in facets):
+        console.print(f"Noise realisations: {stats.REALISATIONS_METHOD}.")
     if any(r.chosen_on == "test" for r in rows):
         console.print(NO_VAL)
     console.print(rich_summary(rows, study))
@@ -307,6 +310,8 @@ def markdown(
         "in every epoch column. A blank cell has no finished trial yet.",
         "",
     ]
+    if any(f.has_realisations() for f in facets):
+        out += [f"Noise realisations: {stats.REALISATIONS_METHOD}.", ""]
     if any(r.chosen_on == "test" for r in rows):
         out += [NO_VAL[0].upper() + NO_VAL[1:] + ".", ""]
     out += ["## Answer", "", *(f"{line.strip()}  " for line in answer_lines(facets, rows))]

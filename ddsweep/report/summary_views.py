@@ -116,7 +116,7 @@ def summary_cells(row: SummaryRow) -> list[str]:
         str(k.resolution),
         {True: "yes", False: "no", None: "any"}[k.attention],
         f"{k.probe} k={k.k}" if k.k else k.probe,
-        str(k.noise_step),
+        "by t" if k.pretrained() else str(k.noise_step),
         k.pool,
         k.weights,
         _settings(row),

@@ -4,6 +4,7 @@ the tested claims of which cell is best. Nothing here reads MLflow or writes fil
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ DEFAULT_POOL, DEFAULT_WEIGHTS = "avg", "ema"
 Epoch = int | None
 Spot = tuple[str, Epoch]  # (block, epoch): one cell of a table
 Settings = tuple[tuple[str, str], ...]  # (name, value as text) of settings off their default
+# A pretrained backbone's trials (their point names it as the setting `backbone`) have no epoch:
+# their table is block x noise step, its columns the noise steps, its key's noise step BY_NOISE.
+PRETRAINED = "backbone"
+BY_NOISE = -1
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,23 @@ class FacetKey:
         )
         return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
 
+    def pretrained(self) -> str | None:
+        """The pretrained backbone (kind:hash) of a block x noise step table, else None."""
+        return dict(self.settings).get(PRETRAINED) if self.noise_step == BY_NOISE else None
+
     def title(self) -> str:
         """Human heading, e.g. 'digits 16 px, attention: linear probe, t=0, avg pool, ema weights'
         then any other setting off its default ('…, knn.metric=cosine')."""
+        backbone = self.pretrained()
+        if backbone is not None:
+            kind = probes.find(self.probe)
+            name = kind.title() if kind else self.probe
+            probe = f"{name} probe (k={self.k})" if self.k else f"{name} probe"
+            rest = "".join(f", {n}={v}" for n, v in self.settings if n != PRETRAINED)
+            return (
+                f"{self.dataset} {self.resolution} px, {backbone}, by t (no epochs): {probe}, "
+                f"{self.pool} pool{rest}; pretrained: columns are noise steps"
+            )
         attn = {True: ", attention", False: ", no attention", None: ""}[self.attention]
         kind = probes.find(self.probe)
         name = kind.title() if kind else self.probe
@@ -96,7 +115,8 @@ class Cell:
     """One grid point's metrics: top1 and top3 (test accuracies, fractions in [0, 1]), the other
     metrics its probe kind reports (e.g. train_top1), in the kind's order; the 95 % bootstrap
     interval (low, high) of top1 and val_top1 when the trial logged them; and its per-example
-    test hits and labels (for paired tests; not part of equality)."""
+    test hits ([N], or [R, N] over R noise realisations) and labels [N] (for paired tests; not
+    part of equality)."""
 
     top1: float
     top3: float | None = None
@@ -117,13 +137,17 @@ class Cell:
 
 
 def paired_p(a: Cell, b: Cell) -> float | None:
-    """Exact McNemar p-value of two cells' top1 on the same test examples; None when either has
-    no per-example predictions or they were scored on different test sets."""
+    """p-value of two cells' top1 on the same test examples (exact McNemar), or on the same
+    examples and noise realisations (paired two-way bootstrap, `stats.paired_p`); None when
+    either has no per-example predictions or they were scored on different test sets or
+    numbers of realisations."""
     if a.hits is None or b.hits is None or a.labels is None or b.labels is None:
         return None
     if a.labels.shape != b.labels.shape or not np.array_equal(a.labels, b.labels):
         return None
-    return stats.mcnemar_p(a.hits, b.hits)
+    if a.hits.shape != b.hits.shape:
+        return None
+    return stats.paired_p(a.hits, b.hits)
 
 
 @dataclass(frozen=True)
@@ -222,6 +246,13 @@ class Facet:
     def has_intervals(self) -> bool:
         return any(c.low is not None for c in self.cells.values())
 
+    def has_realisations(self) -> bool:
+        """Whether some cell is a mean over several noise realisations (hits [R, N], R > 1)."""
+        return any(
+            c.hits is not None and c.hits.ndim == 2 and c.hits.shape[0] > 1
+            for c in self.cells.values()
+        )
+
     def claim(
         self, epoch: Epoch | str = "all", *, pixels: bool = True, by: str = "top1"
     ) -> Claim | None:
@@ -281,6 +312,7 @@ def build_tables(trials: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[Fac
     than once the newest run wins.
     """
     results = [r for i, raw in enumerate(rd.records(trials)) if (r := _result(raw, i)) is not None]
+    results += _pixels_beside_pretrained(results)
     groups: dict[tuple[Any, ...], list[_Result]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
@@ -299,6 +331,27 @@ def build_tables(trials: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[Fac
     return sorted(facets, key=lambda f: f.key.sort_key())
 
 
+def _pixels_beside_pretrained(results: list[_Result]) -> list[_Result]:
+    """Copies of the pixels results into every block x noise step group of a pretrained
+    backbone with the same other settings, one column per noise step: the baseline row."""
+    out = []
+    for g in {r.group for r in results if r.group[4] == BY_NOISE}:
+        others = tuple((n, v) for n, v in g[7] if n != PRETRAINED)
+        for r in results:
+            d, res, probe, k, t, pool, weights, settings = r.group
+            same = (d, res, probe, k) == g[:4] and (pool, weights) == g[5:7]
+            if r.block == PIXELS and settings == others and same:
+                out.append(dataclasses.replace(r, group=g, epoch=t))
+    return out
+
+
+def _block_key(block: str) -> tuple[Any, ...]:
+    """Forward order: the study's blocks, then other names with their numbers as numbers
+    (layer2 before layer10)."""
+    parts = tuple(int(p) if p.isdigit() else p for p in re.split(r"([0-9]+)", block))
+    return (block_order(block), tuple((isinstance(p, str), p) for p in parts))
+
+
 def _facet(key: FacetKey, mine: list[_Result]) -> Facet:
     trained = sorted({r.epoch for r in mine if r.epoch is not None})
     epochs: list[Epoch] = [*trained] or [None]
@@ -309,7 +362,7 @@ def _facet(key: FacetKey, mine: list[_Result]) -> Facet:
             cells[(r.block, epoch)] = r.cell
     return Facet(
         key=key,
-        blocks=sorted({b for b, _ in cells}, key=lambda b: (block_order(b), b)),
+        blocks=sorted({b for b, _ in cells}, key=_block_key),
         epochs=epochs,
         cells=cells,
         backbones=tuple(sorted({r.backbone for r in mine if r.backbone})),
@@ -349,7 +402,7 @@ def _cell(row: Mapping[str, Any], probe: str, top1: float) -> Cell:
         untested = isinstance(preds, str) and preds == "unreadable"  # see loader.UNREADABLE
         return Cell(top1, top3, others, val_top1=val_top1, untested=untested)
     pred, label = preds["test"]
-    hits = predictions.hits(pred, label)
+    hits = predictions.hits(pred, label)  # [N], or [R, N] over noise realisations
     low, high = stats.bootstrap_interval(hits)
     return Cell(top1, top3, others, low, high, val_top1, hits, np.asarray(label))
 
@@ -378,8 +431,11 @@ def _result(raw: Mapping[str, Any], position: int) -> _Result | None:
     if kind is not None and not kind.uses_k:
         k = 0  # k does not multiply this kind: one facet whatever was logged
     backbone = rd.text(row.get("backbone"))
+    settings = point_settings(row)
+    if PRETRAINED in dict(settings):  # no epochs: its columns are the noise steps
+        epoch, noise_step = noise_step, BY_NOISE
     return _Result(
-        group=(dataset, resolution, probe, k, noise_step, pool, weights, point_settings(row)),
+        group=(dataset, resolution, probe, k, noise_step, pool, weights, settings),
         attention=attention,
         epoch=epoch,
         block=block,

@@ -182,7 +182,7 @@ def _probe_settings(kind: probes.ProbeKind, raw: Any, source: str) -> Any:
 
 def parse_probe_section(raw: Any, source: str) -> ProbeConfig:
     """The `probe:` section into a ProbeConfig: one `<kind>:` section per registered probe kind,
-    plus pool, weights, noise_seed and flowers_add_val."""
+    plus pool, weights, noise_seed (or noise_seeds) and flowers_add_val."""
     section = _mapping(raw, f"{source}: probe")
     _unknown(section, (*probes.names(), *PROBE_KEYS), f"{source}: probe")
     defaults = ProbeConfig()
@@ -193,7 +193,9 @@ def parse_probe_section(raw: Any, source: str) -> ProbeConfig:
     )
     values: dict[str, Any] = {}
     for key in PROBE_KEYS:
-        if key in section:
+        if key == "noise_seeds" and key in section:
+            values[key] = _seed_list(section[key], f"{source}: probe.{key}")
+        elif key in section:
             expected = type(getattr(defaults, key))
             values[key] = _typed(section[key], expected, f"{source}: probe.{key}")
     cfg = dataclasses.replace(defaults, settings=settings, **values)
@@ -202,6 +204,13 @@ def parse_probe_section(raw: Any, source: str) -> ProbeConfig:
     except UserError as err:
         raise UserError(f"{source}: probe: {err}") from err
     return cfg
+
+
+def _seed_list(value: Any, where: str) -> tuple[int, ...]:
+    """A list of integer seeds (noise_seeds), or UserError naming `where`."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where} must be a non-empty list of integers, e.g. [0, 1, 2]")
+    return tuple(_typed(v, int, where) for v in value)
 
 
 def parse_train_section(raw: Any, source: str) -> tuple[tuple[str, Any], ...]:
@@ -375,7 +384,12 @@ def to_document(cfg: StudyConfig) -> dict[str, Any]:
     if cfg.axes.protocol:  # the protocols set probe and k; the file may not repeat them
         del axes["probe"], axes["k"]
     probe: dict[str, Any] = {n: dataclasses.asdict(v) for n, v in cfg.probe.settings}
-    probe.update(changed(cfg.probe, ProbeConfig()))
+    probe.update(
+        {
+            k: list(v) if isinstance(v, tuple) else v  # noise_seeds: a YAML list
+            for k, v in changed(cfg.probe, ProbeConfig()).items()
+        }
+    )
     train = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.train}
     doc = {"study": cfg.study, "kind": cfg.kind, "axes": axes, "probe": probe, "train": train}
     return {**doc, "fid": changed(cfg.fid, FIDConfig())}

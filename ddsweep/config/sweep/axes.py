@@ -3,13 +3,15 @@ are built, duplicates dropped."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ddsweep.config import datasets, protocols
 from ddsweep.config import probekinds as probes
 from ddsweep.config.model import ALIASES, BLOCKS, PIXELS
-from ddsweep.config.sweep.study import CLI_SOURCE, STUDY_AXES, _too_many, max_points
+from ddsweep.config.sweep.study import CLI_SOURCE, STUDY_AXES, TRAINED, _too_many, max_points
 from ddsweep.errors import UserError
 
 # --- values -------------------------------------------------------------------------------------
@@ -84,9 +86,34 @@ def _check_block(v: Any) -> str:
         raise _Bad(f"{v!r} is not a block name")
     if v in BLOCKS or v in ALIASES or v == PIXELS or "." in v or v.endswith("_block"):
         return v
+    if _kind_block(v):
+        return v
     raise _Bad(
         f"unknown block {v!r}; allowed: {', '.join((*BLOCKS, *ALIASES))}, {PIXELS} or a module path"
     )
+
+
+def _kind_block(v: str) -> bool:
+    """A block name of a registered backbone kind beyond the study's: a transformer's layerN,
+    or a kind's alias (named *_layer, e.g. dift_layer; ddsweep.kinds checks it applies)."""
+    return bool(re.fullmatch(r"layer[1-9][0-9]*|[a-z][a-z0-9_]*_layer", v))
+
+
+def _check_backbone(v: Any) -> str:
+    from ddsweep.config import hub
+
+    if not isinstance(v, str) or not v.strip():
+        raise _Bad(f"{v!r} is not a backbone")
+    if v == TRAINED or hub.is_hub(v):
+        if hub.is_hub(v):
+            try:
+                hub.repo_id(v)
+            except UserError as err:
+                raise _Bad(str(err)) from err
+        return v
+    if not Path(v).expanduser().is_dir():
+        raise _Bad(f"no backbone folder {v}")
+    return v
 
 
 def _check_probe(v: Any) -> str:
@@ -135,6 +162,7 @@ AXIS_ALLOWED: dict[str, str] = {
     "noise_step": "integers 0..999, or {start, stop, step}",
     "k": "positive integers, e.g. [10, 50]",
     "protocol": ", ".join(protocols.names()),
+    "backbone": f"{TRAINED} (the study's training runs), a diffusers folder, or hub:ORG/NAME",
 }
 
 
@@ -153,6 +181,7 @@ AXIS_PARSERS: dict[str, Callable[[Any], Iterable[Any]]] = {
     "probe": lambda v: [_check_probe(v)],
     "k": lambda v: map(_positive, _int_range(v)),
     "protocol": lambda v: [_check_protocol(v)],
+    "backbone": lambda v: [_check_backbone(v)],
 }
 
 

@@ -19,7 +19,11 @@ KINDS: tuple[str, ...] = ("probe-grid", "fid-grid", "train-grid")
 # The axes a sweep file may give: the eight of a point, and `protocol`, which sets several of
 # them (and probe settings) at once.
 PROTOCOL = "protocol"
-STUDY_AXES: tuple[str, ...] = (*AXES, PROTOCOL)
+# `backbone`: pretrained backbones (a diffusers folder or hub:ORG/NAME, see ddsweep.kinds) and
+# `trained`, the study's own training runs; empty: the training runs alone, as before.
+BACKBONE = "backbone"
+TRAINED = "trained"
+STUDY_AXES: tuple[str, ...] = (*AXES, PROTOCOL, BACKBONE)
 CLI_SOURCE = "the command line"  # the `source` of axes given as options
 TOP_KEYS: tuple[str, ...] = ("study", "kind", "axes", "probe", "train", "fid")
 FID_KEYS: tuple[str, ...] = tuple(f.name for f in fields(FIDConfig))
@@ -62,6 +66,16 @@ class Axes:
     # Named probe protocols (seed, ddae, dino, clip); when given, each sets the probe kinds, k
     # values, probe settings (and DDAE's noise step) of its points, in place of probe and k.
     protocol: tuple[str, ...] = ()
+    # Pretrained backbones beside (or instead of) the training runs; see BACKBONE.
+    backbone: tuple[str, ...] = ()
+
+    def trained(self) -> bool:
+        """Whether the study probes its own training runs (no backbone axis, or `trained`)."""
+        return not self.backbone or TRAINED in self.backbone
+
+    def pretrained(self) -> tuple[str, ...]:
+        """The pretrained backbones of the backbone axis, as named."""
+        return tuple(b for b in self.backbone if b != TRAINED)
 
 
 @dataclass(frozen=True)
