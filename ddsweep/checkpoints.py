@@ -7,10 +7,10 @@ top-level (EMA) weights file first (diffusers 0.42, `_get_model_file`)."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import pickle
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,7 +40,60 @@ def save(folder: Path, ema: UNet2DModel, raw: UNet2DModel, meta: dict[str, Any])
     """Write a diffusers folder with the EMA weights, `raw/` with the raw ones, and meta."""
     ema.save_pretrained(folder, safe_serialization=True)
     raw.save_pretrained(folder / RAW, safe_serialization=True)
+    # What the weights files hold, so that a copy whose files were swapped is caught.
+    hashes = {w: _sha256(folder / (RAW if w == "raw" else "") / WEIGHTS_FILE) for w in WEIGHTS}
+    meta = {**meta, HASHES: hashes}
     (folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+HASHES = "sha256"  # in ddsweep.json: {"ema": ..., "raw": ...}, content_hash of each weights file
+
+
+def verify(folder: Path, epoch: int | None = None) -> str | None:
+    """Why the ddsweep checkpoint `folder` is not what its ddsweep.json says (its weights'
+    content hashes, its epoch, its architecture against config.json); None when it is, or for a
+    folder of ddsweep before hashes or a foreign diffusers folder (nothing to check against)."""
+    meta = read_meta(folder)
+    if not meta:
+        return None
+    if epoch is not None and "epoch" in meta and int(meta["epoch"]) != epoch:
+        return f"its ddsweep.json is of epoch {meta['epoch']}, not {epoch}"
+    recorded = meta.get(HASHES) or {}
+    for weights in ("ema", "raw"):
+        sub = folder / RAW if weights == "raw" else folder
+        if weights in recorded and (sub / WEIGHTS_FILE).is_file():
+            got = content_hash(folder, weights)
+            if got != recorded[weights]:
+                return f"its {weights} weights hash to {got}, its ddsweep.json says {recorded[weights]}"
+    return _architecture_mismatch(folder, meta)
+
+
+def _architecture_mismatch(folder: Path, meta: dict[str, Any]) -> str | None:
+    """How config.json contradicts ddsweep.json (resolution, channels, attention), or None."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        said = {
+            "resolution": str(config["sample_size"]),
+            "channels": ",".join(map(str, config["block_out_channels"])),
+            "attention": str(any("Attn" in t for t in config["down_block_types"])),
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # load_unet names an unreadable config itself
+    for key, value in said.items():
+        if key in meta and str(meta[key]) != value:
+            return f"its config.json has {key} {value}, its ddsweep.json {meta[key]}"
+    return None
+
+
+def check_finite(unet: torch.nn.Module, where: Path) -> None:
+    """UserError when any weight is NaN or infinite: such a network's features are noise, and
+    a probe of them would log chance as a finding."""
+    for name, p in unet.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise UserError(
+                f"the weights in {where} hold NaN or infinite values ({name}): "
+                "not a usable backbone (the training diverged, or the file is damaged)"
+            )
 
 
 def save_resume_state(
@@ -92,6 +145,9 @@ def load_unet(folder: Path | str, weights: Weights = "ema") -> UNet2DModel:
             "written by save_pretrained, e.g. a ddsweep checkpoint"
         )
     _check_config(sub)
+    wrong = _architecture_mismatch(folder, read_meta(folder))
+    if wrong is not None:
+        raise UserError(f"{folder} contradicts itself: {wrong}; it is not the checkpoint it says")
     if not (sub / WEIGHTS_FILE).is_file():
         raise UserError(
             f"{sub} has no {WEIGHTS_FILE}: ddsweep loads safetensors only (never pickles); "
@@ -105,6 +161,7 @@ def load_unet(folder: Path | str, weights: Weights = "ema") -> UNet2DModel:
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"cannot load the U-Net in {sub}: {err}".splitlines()[0]) from err
+    check_finite(unet, sub)
     return unet.eval()
 
 
@@ -141,14 +198,38 @@ def content_hash(folder: Path | str, weights: Weights = "ema") -> str:
     folder = Path(folder)
     sub = folder / RAW if weights == "raw" and (folder / RAW).is_dir() else folder
     path = (sub / WEIGHTS_FILE).resolve()
-    st = path.stat()
     # Every trial of a study asks again; reading 143 MB each time costs ~0.1 s here.
-    return _file_hash(str(path), st.st_size, st.st_mtime_ns)
+    return _file_hash(path)
 
 
-@functools.lru_cache(maxsize=256)
-def _file_hash(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-256 of a file, remembered for as long as its size and mtime stay the same."""
+# path -> (stat it was hashed under, hash). The stat names inode, device and ctime besides size
+# and mtime: a file edited in place with its size and mtime put back (`touch -r`) still gets a
+# new ctime, which no user call can set; a file replaced by a rename gets a new inode.
+_HASHES: dict[str, tuple[tuple[int, ...], str]] = {}
+_RACY_NS = 3 * 10**9  # a file changed more recently than this is hashed on every call
+
+
+def _file_hash(path: Path) -> str:
+    """SHA-256 (16 hex) of a file, remembered while its stat stays the same; a file written in
+    the last seconds is never trusted to its stat (it could change again within one timestamp
+    tick: git's "racy clean" entries), as for the folder fingerprint of `data`."""
+    st = path.stat()
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    memo = _HASHES.get(str(path))
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
+    digest = _sha256(path)
+    if max(st.st_mtime_ns, st.st_ctime_ns) < time.time_ns() - _RACY_NS:
+        if len(_HASHES) >= _MEMO_SIZE:
+            _HASHES.pop(next(iter(_HASHES)))
+        _HASHES[str(path)] = (stamp, digest)
+    return digest
+
+
+_MEMO_SIZE = 256
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

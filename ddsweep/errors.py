@@ -61,8 +61,54 @@ def redact_text(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda m: redact(m[0]), text)
 
 
-def first_line(err: BaseException) -> str:
+def first_line(err: BaseException, url: str | None = None) -> str:
     """The first line of an exception's message, for one-line error reports; a database or
-    server URL in it (SQLAlchemy and MLflow quote the URL they failed on) is redacted."""
+    server URL in it (SQLAlchemy and MLflow quote the URL they failed on) is redacted, and so
+    is any fragment of the password of `url`, the URL the failing call was given."""
     text = str(err).strip().splitlines()
-    return redact_text(text[0]) if text else type(err).__name__
+    line = redact_text(text[0]) if text else type(err).__name__
+    return scrub(line, url) if url else line
+
+
+def password_fragments(url: str) -> list[str]:
+    """What a driver may print of the password of `url` (as `redact` reads it): the password,
+    and, when it holds an unencoded `@`, each part of it on either side of one, which a driver
+    that splits the URL at another `@` shows as user or host; percent-decoded forms too.
+    Longest first; parts shorter than 3 characters are left (they would hide ordinary words)."""
+    from urllib.parse import unquote
+
+    m = _SCHEME.fullmatch(url)
+    if m is None:
+        return []
+    rest = m["rest"]
+    at = rest.rfind("@")
+    if at <= 0 or rest.startswith("/"):
+        return []
+    _, colon, password = rest[:at].partition(":")
+    if not colon or not password:
+        return []
+    pieces = password.split("@")
+    found = {password}
+    for i in range(len(pieces)):
+        found.add("@".join(pieces[i:]))
+        found.add("@".join(pieces[: i + 1]))
+        found.add(pieces[i])
+    found |= {unquote(f) for f in found}
+    return sorted((f for f in found if len(f) >= 3), key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` with every fragment of the password of `url` replaced by ***."""
+    for fragment in password_fragments(url):
+        text = text.replace(fragment, "***")
+    return text
+
+
+_MIGRATION_RACE = ("already exists", "duplicate key value")
+
+
+def migration_race(err: BaseException) -> bool:
+    """Whether `err` is what a database says when two processes created its schema at once
+    (MLflow's and Optuna's first migration): retrying finds the schema made by the other."""
+    text = str(err).lower()
+    return any(s in text for s in _MIGRATION_RACE)

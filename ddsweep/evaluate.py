@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from ddsweep import checkpoints, data, probes
+from ddsweep import checkpoints, data, integrity, probes
 from ddsweep.config import paths
 from ddsweep.config.model import PIXELS
 from ddsweep.config.points import Point
@@ -76,6 +76,10 @@ def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> 
 
     run = tracking.training_run(run_id)
     target = checkpoint_store() / run_id / f"epoch_{epoch:04d}"
+    wrong = checkpoints.verify(target, epoch) if (target / checkpoints.META).is_file() else None
+    if wrong is not None:  # a local copy changed since it was fetched: fetch it again
+        integrity.warn(f"the local copy {target} is damaged ({wrong}): removed, fetched again")
+        shutil.rmtree(target, ignore_errors=True)
     if not (target / checkpoints.META).is_file():
         available = epochs if epochs is not None else saved_epochs(run_id)
         if epoch not in available:
@@ -94,6 +98,13 @@ def fetch_backbone(run_id: str, epoch: int, epochs: list[int] | None = None) -> 
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        wrong = checkpoints.verify(target, epoch)
+        if wrong is not None:
+            shutil.rmtree(target, ignore_errors=True)
+            raise UserError(
+                f"the checkpoint of epoch {epoch} that run {run_id} recorded is not what it "
+                f"says: {wrong}"
+            )
     return Backbone(target, run_id, epoch, run.dataset)
 
 
@@ -457,6 +468,9 @@ def resolve_point(
     if backbone is not None:
         backbone = Path(backbone)
         res, attn = _folder_config(backbone)
+        wrong = checkpoints.verify(backbone)
+        if wrong is not None:
+            raise UserError(f"{backbone} is not the checkpoint it says: {wrong}")
         meta = checkpoints.read_meta(backbone)
         trained_on = meta.get("dataset")
         bb = Backbone(backbone, None, meta.get("epoch"), trained_on)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from ddsweep import data, diffusion
+from ddsweep import data, diffusion, integrity
 from ddsweep.config import paths
 from ddsweep.config.model import PIXELS
 from ddsweep.config.probe import AVG_N, POOLS_HELP, validate_pool
@@ -393,17 +393,22 @@ class FeatureCache:
         """(features float32 [N,D], labels [N]) or None on a miss (an entry of another dtype is
         one); a hit refreshes its LRU age."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         path = self.path(key)
+        # Absent or evicted meanwhile: a miss. Damaged (torn, cut, edited, not a file): named,
+        # removed, and a miss, so the extraction that follows writes it again.
+        blob = integrity.read_sealed(path, "feature-cache entry")
+        if blob is None:
+            return None
         try:
-            tensors = load_file(str(path))
+            tensors = integrity.load_torch(blob)
             features, labels = tensors["features"], tensors["labels"]
             if features.dtype != torch.float32:  # written by another scheme: never served
                 return None
-        # Absent or evicted meanwhile; or damaged from outside (SafetensorError is no OSError):
-        # a miss, and the extraction that follows overwrites it.
-        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError):
+            if features.ndim != 2 or labels.shape != (len(features),):
+                raise ValueError(f"features {tuple(features.shape)}, labels {tuple(labels.shape)}")
+        except (ValueError, RuntimeError, KeyError, SafetensorError) as err:
+            integrity.discard(path, "feature-cache entry", str(err).splitlines()[0])
             return None
         with contextlib.suppress(OSError):  # evicted since it was read: the tensors stand
             os.utime(path)
@@ -419,16 +424,14 @@ class FeatureCache:
         """An exclusive inter-process lock named after `key` (filelock: POSIX and Windows)."""
         from filelock import FileLock
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        paths.make_folder(self.root, "the feature cache (DDSWEEP_CACHE)")
         with FileLock(self.root / f".lock-{key.digest()}"):
             yield
 
     def put(self, key: CacheKey, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Store an entry atomically (temp file + rename) in float32 (`STORED`); returns the
         features as stored, so a miss hands out exactly what a hit will."""
-        from safetensors.torch import save_file
-
-        self.root.mkdir(parents=True, exist_ok=True)
+        paths.make_folder(self.root, "the feature cache (DDSWEEP_CACHE)")
         stored = features.float()
         meta = {k: str(v) for k, v in asdict(key).items()}
         # The temp file is named after its entry: a writer killed before the rename leaves one
@@ -437,11 +440,9 @@ class FeatureCache:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=prefix, suffix=".safetensors")
         os.close(fd)
         try:
-            save_file(
-                {"features": stored.contiguous(), "labels": labels.contiguous()}, tmp, metadata=meta
-            )
-            with open(tmp, "rb") as f:  # on disk before it is named: a power cut tears nothing
-                os.fsync(f.fileno())
+            # Sealed with its digest, and on disk before it is named: a power cut tears nothing.
+            tensors = {"features": stored.contiguous(), "labels": labels.contiguous()}
+            integrity.save_torch(tensors, tmp, meta)
             os.replace(tmp, self.path(key))
         finally:
             if os.path.exists(tmp):

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ddsweep import integrity
+
 FILE = "predictions.safetensors"
 SPLITS = ("test", "val")
 
 
 def save(path: Path, splits: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     """Write {split: (pred [N] or [R, N], label [N])} to `path`."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     tensors = {}
     for split, (pred, label) in splits.items():
@@ -32,20 +34,37 @@ def save(path: Path, splits: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Pat
             raise ValueError(f"bad split {split!r} or shapes {pred.shape} vs {len(label)}")
         tensors[f"{split}.pred"] = np.ascontiguousarray(pred, dtype=np.int32)
         tensors[f"{split}.label"] = np.ascontiguousarray(label, dtype=np.int32)
-    save_file(tensors, str(path))
+    integrity.write(path, integrity.seal(save(tensors)))
     return path
 
 
 def load(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: (pred [N] or [R, N], label [N])} from a file written by `save`."""
-    from safetensors.numpy import load_file
+    """{split: (pred [N] or [R, N], label [N])} from a file written by `save`;
+    integrity.Damaged when it is not one: no regular file, malformed, a content digest that
+    does not match, or splits whose predictions and labels disagree in length. A file of
+    ddsweep before digests (none in its metadata) is checked on its format alone."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
 
-    tensors = load_file(str(path))
-    return {
-        split: (tensors[f"{split}.pred"], tensors[f"{split}.label"])
-        for split in SPLITS
-        if f"{split}.pred" in tensors
-    }
+    blob = integrity.read_regular(path)
+    if blob is None:
+        raise integrity.Damaged("no such file")
+    integrity.check(blob, sealed=False)  # a file of before digests: its format alone
+    try:
+        tensors = load(blob)
+    except (ValueError, RuntimeError, SafetensorError) as err:
+        raise integrity.Damaged(str(err).splitlines()[0]) from err
+    out = {}
+    for split in SPLITS:
+        if f"{split}.pred" not in tensors:
+            continue
+        pred, label = tensors[f"{split}.pred"], tensors.get(f"{split}.label")
+        if label is None or pred.ndim not in (1, 2) or pred.shape[-1:] != label.shape:
+            raise integrity.Damaged(f"its {split} predictions and labels disagree")
+        out[split] = (pred, label)
+    if "test" not in out:
+        raise integrity.Damaged("it holds no test predictions")
+    return out
 
 
 def hits(pred: np.ndarray, label: np.ndarray) -> np.ndarray:

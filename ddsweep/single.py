@@ -4,6 +4,7 @@ tracking package and returns plain values; the CLI only prints them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,18 @@ def probe(
     return point, metrics, run_id
 
 
+def writable_file(path: Path, option: str) -> None:
+    """UserError unless `path` names a new file in a writable folder (checked before any work,
+    so that a long run never ends on a path it cannot write)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{option} {path}: the folder {folder} is not writable")
+    if path.exists():
+        raise UserError(f"{path} exists: pass another {option} (nothing is overwritten)")
+
+
 def sample(
     ckpt: Checkpoint,
     cfg: SampleConfig,
@@ -90,6 +103,8 @@ def sample(
 
     if cfg.n <= 0:
         raise UserError(f"--n must be positive, got {cfg.n}")
+    if out is not None:
+        writable_file(out, "--out")
     tracking.setup(tracking_uri, create=False)
     unet, backbone = load_checkpoint(ckpt)
     path = out or Path(

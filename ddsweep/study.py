@@ -45,9 +45,9 @@ def study_config(
 ) -> sweep.StudyConfig:
     """The study `name`: its sweep file, else the definition stored with it when it was run
     (a study defined on the command line alone), with command-line axes replacing whole axes."""
+    is_file = sweep.check_study_arg(name)
     base = sweep.load_study(name)
-    if base is None and Path(name).suffix not in (".yaml", ".yml"):
-        sweep.check_study_name(name, "--study")
+    if base is None and not is_file:
         board = scheduler.open_study(name, scheduler.Policy(storage), "maximize", create=False)
         stored = board.attrs.get(DEFINITION_ATTR) if board is not None else None
         if stored is not None:
@@ -241,7 +241,12 @@ def _start(
     parent = recorder.open_parent(*_parent_fields(cfg), wait_s=wait)
     board.set_attr(PARENT_ATTR, parent)
     board.set_attr(DEFINITION_ATTR, sweep.to_document(cfg))
-    return Context(cfg, opts, board, objective, recorder)
+    ctx = Context(cfg, opts, board, objective, recorder)
+    # Recorded before any trial: a command killed or interrupted before its finish step leaves
+    # a parent that says how much of its grid is complete (the report's INCOMPLETE line).
+    t = board.tally()
+    recorder.mark_progress(sum(p in t.complete for p in ctx.ids), len(ctx.ids))
+    return ctx
 
 
 def work(ctx: Context, on_point: Callable[[str], None] | None = None) -> Counter[str]:

@@ -84,6 +84,10 @@ def validate(
         raise UserError("--probe-every needs at least one --probe-block")
     if every and not probe_labels:
         raise UserError("--probe-every needs at least one --probe")
+    for option, given in (("--probe-block", blocks), ("--probe", probe_labels)):
+        twice = sorted({v for v in given if list(given).count(v) > 1})
+        if twice:
+            raise UserError(f"{option} {', '.join(twice)} given twice: name each once")
     names = metric_names(blocks, probe_labels)
     diffusion.validate_noise_step(noise_step)
     if patience < 1:

@@ -145,3 +145,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- per-test timeouts (pytest-timeout; the default, 300 s, is in pyproject.toml) --------------
+SLOW_TIMEOUT = 1200  # seconds for a test marked slow that names no timeout of its own
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A `slow` test gets SLOW_TIMEOUT instead of the default, unless it sets its own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))

@@ -32,7 +32,6 @@ SPLIT = "kill-test:test:8"
 WRITER = r"""
 import sys, time
 from pathlib import Path
-import safetensors.torch
 from safetensors.torch import load_file
 from ddsweep import features
 from ddsweep.data import TensorImages
@@ -43,13 +42,11 @@ def stop_here(wait_for_go):
     while not (wait_for_go and (folder / "go").exists()):
         time.sleep(0.01)
 if mode == "writing":
-    real_save = safetensors.torch.save_file
-    def torn(tensors, filename, metadata=None):
-        real_save(tensors, filename, metadata=metadata)
-        whole = Path(filename).read_bytes()
-        Path(filename).write_bytes(whole[: len(whole) // 2])  # the kill lands mid-write
+    from ddsweep import integrity
+    def torn(filename, blob):
+        Path(filename).write_bytes(blob[: len(blob) // 2])  # the kill lands mid-write
         stop_here(False)
-    safetensors.torch.save_file = torn
+    integrity.write = torn
 else:
     real_extract = features.extract
     def held(*a, **k):

@@ -440,13 +440,13 @@ def test_put_writes_a_temp_file_and_renames_it(
 
 
 def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import safetensors.torch
+    from ddsweep import integrity
 
-    def broken(tensors: Any, filename: str, metadata: Any = None) -> None:
+    def broken(filename: str, blob: bytes) -> None:
         Path(filename).write_bytes(b"\x00" * 10)  # a partial file, then the disk is full
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(integrity, "write", broken)
     cache = FeatureCache(tmp_path)
     with pytest.raises(OSError):
         cache.put(key(), spread_features(), torch.zeros(64, dtype=torch.long))

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,26 @@ def test_system_metrics_with_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     # restored after the test: the flag switches MLflow's process-wide setting on
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
-    _, run_id = train("--system-metrics", "--max-steps", "20")
+    # The run ends only once the monitor has published a sample: however slow the machine, the
+    # short run cannot end before the monitor's first one (a hook, not a race against 20 steps).
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.tracking import fluent
+
+    published = threading.Event()
+    real_publish, real_end_run = SystemMetricsMonitor.publish_metrics, fluent.end_run
+
+    def publish(self: Any, metrics: Any) -> None:
+        real_publish(self, metrics)
+        published.set()
+
+    def end_run(*args: Any, **kwargs: Any) -> None:
+        assert published.wait(timeout=120), "no system metrics sample within 120 s"
+        real_end_run(*args, **kwargs)
+
+    monkeypatch.setattr(SystemMetricsMonitor, "publish_metrics", publish)
+    monkeypatch.setattr(fluent, "end_run", end_run)
+    monkeypatch.setattr(mlflow, "end_run", end_run)
+    _, run_id = train("--system-metrics", "--max-steps", "3")
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics
     assert metrics["system/system_memory_usage_megabytes"] > 0

@@ -191,21 +191,48 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def ddsweep(*args: str, env: dict[str, str], cwd: Path, **kw: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ddsweep", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,  # type: ignore[call-overload]
-    )
+    """`python -m ddsweep ARGS`, its output in a file (a pipe nobody reads could block it)."""
+    return start_logged([sys.executable, "-m", "ddsweep", *args], env=env, cwd=cwd, **kw)
+
+
+def start_logged(cmd: list[str], **kw: object) -> subprocess.Popen[str]:
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by finish)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, **kw)  # type: ignore[call-overload]
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def output(proc: subprocess.Popen[str]) -> str:
+    log = proc.log  # type: ignore[attr-defined]
+    log.flush()
+    log.seek(0)
+    return str(log.read())
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
-    out, _ = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    out = output(proc)
+    proc.log.close()  # type: ignore[attr-defined]
     assert proc.returncode == 0, out[-3000:]
     return out
+
+
+# A worker that stops for good inside its first evaluation, having written its marker file
+# (argv[1]): the test kills it there, mid-trial, whatever the speed of the machine.
+STOPPING_WORKER = r"""
+import sys, time
+from pathlib import Path
+marker = Path(sys.argv.pop(1))
+from ddsweep import cli, evaluate
+real = evaluate.evaluate_point
+def stop(*a, **k):
+    marker.write_text("in a trial")
+    while True:
+        time.sleep(1)
+evaluate.evaluate_point = stop
+sys.argv[0] = "ddsweep"
+cli.main()
+"""
 
 
 SWEEP = """
@@ -223,6 +250,7 @@ probe:
 """
 
 
+@pytest.mark.timeout(1800)  # two servers, a training and three workers
 def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
     tmp_path: Path, postgres: Postgres, mlflow_server: str
 ) -> None:
@@ -246,31 +274,31 @@ def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
     )  # fmt: skip
     grid = ["study", "probe-grid", "--study", "scale_out", "--storage", postgres.url]
     grid += ["--grace-period", "3", "--heartbeat-interval", "1"]
-    # Each worker in its own folder: separate feature caches, like separate machines.
-    folders = []
+    # Each worker in its own folder, with its own home, feature cache and checkpoints: separate
+    # machines (the environment alone would give them the test's one cache).
+    folders, envs = [], []
     for i in range(3):
         folder = tmp_path / f"worker{i}"
         shutil.copytree(tmp_path / "sweeps", folder / "sweeps")
         folders.append(folder)
-    workers = [ddsweep(*grid, env=env, cwd=f) for f in folders]
-
-    # Kill the worker that holds a RUNNING trial, in the middle of it.
-    storage = optuna.storages.RDBStorage(postgres.url)
-    victim = None
-    deadline = time.time() + 120
-    while victim is None and time.time() < deadline:
-        with contextlib.suppress(KeyError):
-            study = optuna.load_study(study_name="scale_out", storage=storage)
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                worker = t.user_attrs.get("worker", "")
-                pid = int(worker.rsplit(":", 1)[-1]) if worker else None
-                for w in workers:
-                    if w.pid == pid and w.poll() is None:
-                        victim = w
-        time.sleep(0.2)
-    assert victim is not None, "no worker was seen in the middle of a trial"
+        own = {v: str(folder / v.lower()) for v in ("DDSWEEP_HOME", "DDSWEEP_CACHE")}
+        envs.append({**env, **own, "DDSWEEP_CHECKPOINTS": str(folder / "checkpoints")})
+    # The first stops in its first trial, where it is killed; the others do the rest.
+    marker = tmp_path / "victim-in-a-trial"
+    victim = start_logged(
+        [sys.executable, "-c", STOPPING_WORKER, str(marker), *grid], env=envs[0], cwd=folders[0]
+    )
+    workers = [victim] + [
+        ddsweep(*grid, env=e, cwd=f) for e, f in zip(envs[1:], folders[1:], strict=True)
+    ]
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert victim.poll() is None, output(victim)[-3000:]
+        assert time.monotonic() < deadline, "the victim never reached a trial"
+        time.sleep(0.05)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=60)
+    storage = optuna.storages.RDBStorage(postgres.url)
     outputs = [finish(w) for w in workers if w is not victim]
 
     # Every grid point evaluated exactly once, counted from the server's child runs.

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,6 +212,13 @@ def test_ctrl_c_exits_130_and_the_rerun_finishes_only_what_was_left_even_without
     (cut,) = [t for t in trials if t.state == TrialState.FAIL]
     assert cut.user_attrs["point_id"] == stopped and cut.user_attrs["interrupted"] is True
     assert len(finished_per_point()) == 2
+    # The first run of the grid was cut short: the report's first line says INCOMPLETE.
+    from ddsweep.report import loader, render
+
+    (parent,) = test_study.parents()
+    progress = loader.grid_progress(parent.info.run_id)
+    assert progress is not None and progress[1] == POINTS and progress[0] < POINTS
+    assert "INCOMPLETE" in render.status_line(STUDY, {}, progress)
 
     # --max-retries 0: an interrupted point is no failed one; it is run, and only what was left.
     with warnings.catch_warnings(record=True) as caught:
@@ -278,7 +286,9 @@ def test_a_worker_stopped_past_the_grace_period_never_finishes_its_point_twice(
 # --- liveness, without subprocesses ------------------------------------------------------------
 
 
-def test_liveness_reads_beats_not_clocks_an_hour_off_either_way(tmp_path: Path) -> None:
+def test_liveness_reads_beats_not_clocks_an_hour_off_either_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Stamps as workers with skewed clocks write them: one dead an hour ahead, one alive an
     hour behind. Comparing them with this clock keeps the dead one and fails the live one."""
     policy = scheduler.Policy(storage=str(tmp_path / "s.journal"))
@@ -297,15 +307,17 @@ def test_liveness_reads_beats_not_clocks_an_hour_off_either_way(tmp_path: Path) 
         return storage.create_new_trial(s._study_id, template_trial=template)
 
     dead_ahead, alive_behind = started(+HOUR), started(-HOUR)
+    # The observer's monotonic clock is the test's: 16 beats 0.1 s apart, whatever the load.
+    clock = [1000.0]
+    monkeypatch.setattr(scheduler.trials, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     live = Liveness(s, grace=1.0)
     running = lambda: s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))  # noqa: E731
     assert live.stale_ids(running()) == set()  # a new observer gives each a grace period
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 1.6:
-        stamp = time.time() - HOUR  # the live worker beats on its own (slow) clock
+    for beat in range(16):
+        stamp = now - HOUR + beat / 10  # the live worker beats on its own (slow) clock
         storage.set_trial_user_attr(alive_behind, HEARTBEAT_ATTR, stamp)
         assert alive_behind not in live.stale_ids(running())
-        time.sleep(0.1)
+        clock[0] += 0.1
     assert live.stale_ids(running()) == {dead_ahead}
     assert scheduler.trials.fail_stale(s, live) == 1
     assert storage.get_trial(dead_ahead).state == TrialState.FAIL

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -382,6 +381,11 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     # A damaged local copy of one checkpoint: only the U-Net points of epoch 1 can fail.
     copy = evaluate.fetch_backbone(backbone.run_id, 1).folder
     (copy / checkpoints.WEIGHTS_FILE).write_bytes(b"not a safetensors file")
+    # ...whose ddsweep.json agrees (else the copy is seen as changed and fetched again): a
+    # checkpoint that was written broken.
+    meta = json.loads((copy / checkpoints.META).read_text())
+    meta[checkpoints.HASHES]["ema"] = checkpoints.content_hash(copy)
+    (copy / checkpoints.META).write_text(json.dumps(meta))
     broken = {p for p in expected_ids() if points.parse_point_id(p).epoch == 1}
     assert len(broken) == 4
 
@@ -577,26 +581,17 @@ cli.main()
 @pytest.fixture
 def start_grid() -> Iterator[Any]:
     """start_grid(MODE, PATH, N, *ARGS): a worker process running the tiny grid (see WORKER),
-    one torch thread each; any still alive at the end of the test is killed."""
-    started: list[subprocess.Popen[str]] = []
+    one torch thread each, its output in files (no pipe to fill); any still alive at the end of
+    the test is killed."""
+    import hooked  # pytest puts tests/ on the path
 
-    def start(mode: str, path: Path, n: int, *args: str) -> subprocess.Popen[str]:
-        ddsweep_args = ["study", "probe-grid", "--study", STUDY, *args]
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER, mode, str(path), str(n), *ddsweep_args],
-            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        return proc
+    with hooked.processes() as run:
 
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=60)
+        def start(mode: str, path: Path, n: int, *args: str) -> Any:
+            ddsweep_args = ["study", "probe-grid", "--study", STUDY, *args]
+            return run(WORKER, mode, str(path), str(n), *ddsweep_args)
+
+        yield start
 
 
 def test_two_workers_started_at_once_evaluate_every_point_once(home: Path, start_grid: Any) -> None:

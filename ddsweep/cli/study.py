@@ -65,6 +65,7 @@ def fid_study_config(name: str, overrides: dict[str, list[str]], fid: dict[str, 
     from ddsweep import fid as fid_mod
     from ddsweep.config import sweep
 
+    sweep.check_study_arg(name)
     base = sweep.load_study(name)
     cfg = replace(sweep.with_overrides(base, name, overrides), kind="fid-grid")
     if base is not None and base.kind == "probe-grid":
@@ -83,8 +84,8 @@ def run_follow(cfg: Any, opts: Any, interval: float) -> None:
     from ddsweep.study import missing_epochs, outcome_lines
     from ddsweep.study import run_follow as follow
 
-    if interval <= 0:
-        raise UserError(f"--follow-interval must be positive, got {interval}")
+    if not (0 < interval <= 86400):  # also refuses nan and inf
+        raise UserError(f"--follow-interval must be seconds in (0, 86400], got {interval}")
     console = Console(stderr=True)
     console.print(
         f"{cfg.study}: following the training runs of its backbones (a look every "

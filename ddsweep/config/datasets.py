@@ -49,7 +49,11 @@ def dataset_info(name: str) -> DatasetInfo:
 
 def folder_layout(name: str) -> tuple[Path, list[str]]:
     """Resolve folder:PATH and check its layout: (absolute PATH, class names)."""
-    root = Path(name[len(FOLDER_PREFIX) :]).expanduser().resolve()
+    given = Path(name[len(FOLDER_PREFIX) :]).expanduser()
+    try:
+        root = given.resolve()
+    except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError before 3.13)
+        raise UserError(f"{FOLDER_PREFIX}{given} cannot be resolved: {err}") from err
     layout = f"{FOLDER_PREFIX}{root} must hold train/<class>/<images> and test/<class>/<images>"
     classes: dict[str, list[str]] = {}
     for split in ("train", "test"):

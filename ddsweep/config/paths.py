@@ -82,9 +82,15 @@ def cache_cap_bytes() -> int | None:
     if not raw:
         return None
     try:
-        return int(float(raw) * 2**30)
+        gb = float(raw)
     except ValueError as err:
         raise UserError(f"{CACHE_MAX_GB_ENV}={raw!r} is not a number of gigabytes") from err
+    if not (0 <= gb < 2**33):  # also refuses nan and inf (unset it for no cap)
+        raise UserError(
+            f"{CACHE_MAX_GB_ENV}={raw!r} must be a finite number of gigabytes >= 0 "
+            "(unset it for no cap)"
+        )
+    return int(gb * 2**30)
 
 
 def max_points() -> int:
@@ -99,3 +105,15 @@ def max_points() -> int:
     if value <= 0:
         raise UserError(f"{MAX_POINTS_ENV}={raw!r} is not a positive integer")
     return value
+
+
+def make_folder(path: Path, what: str) -> Path:
+    """`path` as a folder, created when missing; UserError (one line) when it cannot be one:
+    a regular file there, or a place no folder can be made (/proc, read-only)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"{what} {path} cannot be used as a folder ({err.strerror or err}): point it elsewhere"
+        ) from err
+    return path

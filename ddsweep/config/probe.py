@@ -25,6 +25,13 @@ def validate_pool(pool: str) -> None:
     m = AVG_N.match(pool)
     if not m or int(m.group(1)) < 1:
         raise UserError(f"unknown pooling {pool!r}: use {POOLS_HELP}")
+    if int(m.group(1)) > MAX_AVG_N:  # every trial would fail on its memory; refuse it up front
+        raise UserError(
+            f"pooling {pool!r} is finer than any block: at most avg{MAX_AVG_N} (or flatten)"
+        )
+
+
+MAX_AVG_N = 64  # the finest block grid ddsweep's U-Nets have at their largest resolution
 
 
 MAX_NOISE_DRAWS = 64  # each draw is one more pass of the backbone over every split

@@ -67,9 +67,20 @@ class LinearSettings:
     schedule: str = "constant"  # the learning rate: constant | cosine (annealed to 0, per epoch)
 
 
+# Bounds far beyond any sensible probe, so that a typo (`epochs: 1e9`, `lr: 1e39`, which
+# overflows float32) is refused up front instead of running until killed or overflowing.
+MAX_EPOCHS, MAX_LR, MAX_BATCH = 100_000, 1e3, 2**24
+
+
 def check_linear(s: LinearSettings) -> None:
     if s.epochs <= 0 or not (s.lr > 0 and math.isfinite(s.lr)) or s.batch_size <= 0:
         raise UserError("linear probe epochs, lr and batch size must be positive (lr finite)")
+    if s.epochs > MAX_EPOCHS or s.lr > MAX_LR or s.batch_size > MAX_BATCH:
+        raise UserError(
+            f"linear probe settings out of range (epochs <= {MAX_EPOCHS}, lr <= {MAX_LR:g}, "
+            f"batch size <= {MAX_BATCH}): got epochs {s.epochs}, lr {s.lr:g}, batch size "
+            f"{s.batch_size}"
+        )
     if s.schedule not in SCHEDULES:
         raise UserError(
             f"unknown linear schedule {s.schedule!r}: use one of {', '.join(SCHEDULES)}"
@@ -143,11 +154,20 @@ class LogregSettings:
     val_fraction: float = 0.1  # of the training data, held out to choose the L2 strength on
 
 
+MAX_L2_STEPS, MAX_ITER = 100, 100_000
+
+
 def check_logreg(s: LogregSettings) -> None:
     if not (0 < s.l2_min <= s.l2_max and math.isfinite(s.l2_max)):
         raise UserError("logreg l2_min and l2_max must be positive with l2_min <= l2_max")
     if s.l2_steps < 1 or s.max_iter < 1 or not s.tol > 0:
         raise UserError("logreg l2_steps, max_iter and tol must be positive")
+    # Far beyond any sensible search: a typo (`l2_steps: 1e6`) would run until killed.
+    if s.l2_steps > MAX_L2_STEPS or s.max_iter > MAX_ITER:
+        raise UserError(
+            f"logreg l2_steps must be at most {MAX_L2_STEPS} and max_iter at most {MAX_ITER}; "
+            f"got {s.l2_steps} and {s.max_iter}"
+        )
     if not 0 < s.val_fraction <= 0.5:
         raise UserError(f"logreg val_fraction must be in (0, 0.5], got {s.val_fraction}")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ddsweep import data
+from ddsweep import data, integrity
 from ddsweep.config import paths
 from ddsweep.errors import UserError
 
@@ -58,15 +58,23 @@ def _digest(key: dict[str, str]) -> str:
 
 
 def load_stats(path: Path, dims: int) -> RealStats | None:
-    """The statistics in `path`, or None when absent, unreadable or of another size."""
+    """The statistics in `path`, or None when absent, damaged (then named and removed, see
+    `integrity.read_sealed`) or of another size."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
+    blob = integrity.read_sealed(path, "FID statistics file")
+    if blob is None:
+        return None
     try:
-        t = load_file(str(path))
+        t = integrity.load_torch(blob)
         stats = RealStats(t["mean"].double(), t["cov"].double(), int(t["count"]))
+        finite = bool(torch.isfinite(stats.mean).all() and torch.isfinite(stats.cov).all())
     # SafetensorError (a damaged file) is none of the builtin kinds.
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError):
+    except (ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        integrity.discard(path, "FID statistics file", str(err).splitlines()[0])
+        return None
+    if not finite:
+        integrity.discard(path, "FID statistics file", "its statistics are not finite")
         return None
     if stats.mean.shape != (dims,) or stats.cov.shape != (dims, dims) or stats.count < 2:
         return None
@@ -75,9 +83,7 @@ def load_stats(path: Path, dims: int) -> RealStats | None:
 
 def save_stats(path: Path, stats: RealStats, key: dict[str, str]) -> None:
     """Write `stats` to `path` atomically (temp file + rename), with `key` as metadata."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+    paths.make_folder(path.parent, "the FID statistics cache (DDSWEEP_CACHE)")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
@@ -86,7 +92,7 @@ def save_stats(path: Path, stats: RealStats, key: dict[str, str]) -> None:
             "cov": stats.cov.double().cpu().contiguous(),
             "count": torch.tensor([stats.count], dtype=torch.int64),
         }
-        save_file(tensors, tmp, metadata=key)
+        integrity.save_torch(tensors, tmp, key)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -98,7 +104,7 @@ def _lock(path: Path) -> Iterator[None]:
     """An exclusive inter-process lock on `path` (filelock: POSIX and Windows)."""
     from filelock import FileLock
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    paths.make_folder(path.parent, "the FID statistics cache (DDSWEEP_CACHE)")
     with FileLock(path):
         yield
 

@@ -106,9 +106,8 @@ def _hash_of(folders: list[Path]) -> str:
     h = hashlib.sha256()
     for folder in folders:
         for f in _weights_files(folder):
-            st = f.resolve().stat()
             h.update(f"{folder.name}/{f.name}\0".encode())
-            h.update(_file_hash(str(f.resolve()), st.st_size, st.st_mtime_ns).encode())
+            h.update(_file_hash(f.resolve()).encode())  # memo keyed on the full stat
     return h.hexdigest()[:16]
 
 

@@ -133,14 +133,26 @@ def with_predictions(trials: pd.DataFrame) -> pd.DataFrame:
     0.1) or whose file cannot be read. Files pass through a temporary folder, removed after."""
     from mlflow.tracking import MlflowClient
 
+    from ddsweep import integrity
+
     client = MlflowClient()
     found: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="ddsweep-report-") as tmp:
         for run_id in trials.get("run_id", []):
             found.append(_read_predictions(client, str(run_id), Path(tmp) / str(run_id)))
+    bad = [str(r) for r, f in zip(trials.get("run_id", []), found, strict=True) if f is UNREADABLE]
+    if bad:
+        integrity.warn(
+            f"the predictions of {len(bad)} trial(s) cannot be read (run {', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): their cells carry no interval and no claim "
+            "of significance"
+        )
     out = trials.copy()
     out["predictions"] = found if found else None
     return out
+
+
+UNREADABLE = "unreadable"  # in the predictions column: a trial whose file cannot be read
 
 
 def _read_predictions(client: Any, run_id: str, folder: Path) -> Any:
@@ -149,8 +161,10 @@ def _read_predictions(client: Any, run_id: str, folder: Path) -> Any:
             return None
         folder.mkdir(parents=True, exist_ok=True)
         return predictions.load(Path(client.download_artifacts(run_id, predictions.FILE, folder)))
-    except Exception:  # an unreadable artifact costs that cell its interval, not the report
-        return None
+    # An unreadable (or damaged) artifact costs that cell its interval and any claim, not the
+    # report.
+    except Exception:
+        return UNREADABLE
 
 
 def split_inputs(trials: pd.DataFrame) -> list[tuple[str, str, str, int]]:

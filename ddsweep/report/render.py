@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ddsweep.config.model import PIXELS
+from ddsweep.config.paths import make_folder
 from ddsweep.errors import UserError
 from ddsweep.report import stats
 from ddsweep.report.fidcurves import FidCurve
@@ -390,7 +391,7 @@ def write_files(
     wanted = formats & {"csv", "md", "png"}
     if not wanted:
         return []
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "report --out")
     paths: list[Path] = []
     for f in facets:
         if "csv" in wanted:

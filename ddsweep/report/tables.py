@@ -126,6 +126,8 @@ class Cell:
     val_top1: float | None = None
     hits: np.ndarray | None = field(default=None, compare=False, repr=False)
     labels: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Its predictions exist but could not be read: no comparison with it is a finding.
+    untested: bool = field(default=False, compare=False)
 
     def get(self, metric: str) -> float | None:
         """The metric's value, or None when the trial did not report it."""
@@ -195,6 +197,8 @@ def contest(cells: Mapping[Spot, Cell], by: str = "top1") -> Claim | None:
     for _, _, spot in ranked[1:]:
         p = paired_p(cells[best], cells[spot])
         same = cells[spot].top1 == cells[best].top1
+        # Untested against a cell whose predictions were unreadable: no claim of a difference.
+        same = same or cells[best].untested or cells[spot].untested
         others.append((spot, p, same if p is None else p >= stats.ALPHA))
     runner = others[0] if others else None
     return Claim(
@@ -395,7 +399,8 @@ def _cell(row: Mapping[str, Any], probe: str, top1: float) -> Cell:
     top3, val_top1 = rd.number(row.get("top3")), rd.number(row.get("val_top1"))
     preds = row.get("predictions")
     if not isinstance(preds, Mapping) or "test" not in preds:
-        return Cell(top1, top3, others, val_top1=val_top1)
+        untested = isinstance(preds, str) and preds == "unreadable"  # see loader.UNREADABLE
+        return Cell(top1, top3, others, val_top1=val_top1, untested=untested)
     pred, label = preds["test"]
     hits = predictions.hits(pred, label)  # [N], or [R, N] over noise realisations
     low, high = stats.bootstrap_interval(hits)

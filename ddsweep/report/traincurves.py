@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ddsweep.config.paths import make_folder
 from ddsweep.model import block_order
 from ddsweep.report.text import pct
 
@@ -113,7 +114,7 @@ def rich_tables(found: list[TrainCurve]) -> list[Table]:
 def write_files(found: list[TrainCurve], out_dir: Path, formats: set[str]) -> list[Path]:
     """training_probes.csv (every value) and .md (one table per run) as `formats` ask."""
     paths = []
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "report --out")
     if "csv" in formats:
         path = out_dir / CSV_FILE
         with open(path, "w", newline="") as f:

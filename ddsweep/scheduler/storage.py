@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 
 from ddsweep.config import paths
-from ddsweep.errors import UserError, first_line, redact
+from ddsweep.errors import UserError, first_line, migration_race, redact
 from ddsweep.scheduler.types import Policy
 
 # --- storage --------------------------------------------------------------------------------
@@ -37,7 +38,7 @@ def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:
 
     path = journal_path(study, policy)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        paths.make_folder(path.parent, "the Optuna journal folder (DDSWEEP_HOME or --storage)")
         return JournalStorage(_journal_file(str(path)))
     url = str(policy.storage)
     if url.startswith("sqlite:") and "mlflow.db" in url:
@@ -45,12 +46,24 @@ def make_storage(study: str, policy: Policy) -> optuna.storages.BaseStorage:
             "--storage must not be MLflow's database: both keep an alembic_version table; "
             "use another file or the default journal"
         )
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=policy.heartbeat_interval, grace_period=policy.grace_period
-        )
-    except Exception as err:  # bad URL, server down, missing driver: all the user's to fix
-        raise UserError(f"cannot open Optuna storage {redact(url)}: {first_line(err)}") from err
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=policy.heartbeat_interval, grace_period=policy.grace_period
+            )
+        except Exception as err:  # bad URL, server down, missing driver: all the user's to fix
+            # Workers started together on a new database race to create its tables: the
+            # loser's next attempt finds them made.
+            if migration_race(err) and attempt + 1 < _CREATE_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise UserError(
+                f"cannot open Optuna storage {redact(url)}: {first_line(err, url)}"
+            ) from err
+    raise AssertionError("unreachable")
+
+
+_CREATE_ATTEMPTS = 5
 
 
 # Journal operations that change a study or end a trial (Optuna's JournalOperation codes); the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -9,13 +10,13 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsweep import __version__
 from ddsweep.config.run import DEFAULT_EXPERIMENT
-from ddsweep.errors import UserError, first_line, redact
+from ddsweep.errors import UserError, first_line, redact, scrub
 from ddsweep.tracking.records import TrainingRun
 from ddsweep.tracking.records import training_run as _training_record
 from ddsweep.tracking.schema import ATTENTION_TAG, DATASET_TAG, KIND_TAG, RESOLUTION_TAG, TRAIN_KIND
@@ -52,16 +53,37 @@ def setup(
     level = mlflow_logger.level
     mlflow_logger.setLevel(max(level, logging.WARNING))
     try:
-        exp = mlflow.set_experiment(experiment)
+        with first_migration(str(mlflow.get_tracking_uri())):
+            exp = mlflow.set_experiment(experiment)
     except Exception as err:  # an unreachable server or a bad URI is the user's to fix
         uri = redact(mlflow.get_tracking_uri())
         raise UserError(
-            f"cannot use MLflow tracking at {uri}: {first_line(err)} "
+            f"cannot use MLflow tracking at {uri}: {first_line(err, mlflow.get_tracking_uri())} "
             "(check --tracking-uri / MLFLOW_TRACKING_URI)"
         ) from err
     finally:
         mlflow_logger.setLevel(level)
     return str(exp.experiment_id)
+
+
+@contextlib.contextmanager
+def first_migration(uri: str) -> Iterator[None]:
+    """Hold a lock named after a SQLite tracking database while MLflow first opens it: MLflow
+    creates and migrates a new database's tables on first use, and two commands started
+    together on a new folder would race (`table _alembic_tmp_experiments already exists`).
+    The lock lives in the temporary folder, not beside the user's database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import hashlib
+    import tempfile
+
+    from filelock import FileLock
+
+    db = os.path.realpath(uri.removeprefix("sqlite:///").split("?")[0])
+    name = hashlib.sha256(db.encode()).hexdigest()[:16]
+    with FileLock(os.path.join(tempfile.gettempdir(), f"ddsweep-mlflow-{name}.lock")):
+        yield
 
 
 SERVER_TIMEOUT_S = 5.0  # MLflow's own retries take minutes to give up on a dead server
@@ -76,16 +98,34 @@ def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+        with urllib.request.urlopen(_health_request(uri), timeout=timeout):
             return
     except urllib.error.HTTPError:
         return  # it answered: a server is there (some proxies have no /health)
     except (OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
+        reason = scrub(str(getattr(err, "reason", err)), uri)
         raise UserError(
             f"no MLflow server answers at {redact(uri)} within {timeout:.0f} s ({reason}): "
             "start it, or check --tracking-uri / MLFLOW_TRACKING_URI"
         ) from err
+
+
+def _health_request(uri: str) -> Any:
+    """The GET of the server's /health; user:password@ in the URL (which MLflow's own client
+    accepts) becomes basic authentication, as urllib would otherwise read it as the host."""
+    import base64
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri.rstrip("/") + "/health")
+    if "@" not in parts.netloc:
+        return urllib.request.Request(urlunsplit(parts))
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urllib.request.Request(
+        urlunsplit(parts._replace(netloc=host)), headers={"Authorization": f"Basic {token}"}
+    )
 
 
 def flat_params(cfg: Any, prefix: str = "") -> dict[str, str]:
@@ -339,7 +379,7 @@ def check_reachable() -> None:
         MlflowClient().search_experiments(max_results=1)
     except Exception as err:
         raise UserError(
-            f"cannot read MLflow tracking at {redact(_uri())}: {first_line(err)}"
+            f"cannot read MLflow tracking at {redact(_uri())}: {first_line(err, _uri())}"
         ) from err
 
 

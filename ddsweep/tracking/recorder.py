@@ -109,11 +109,16 @@ class StudyRecorder:
         self.client.update_run(project, name=self.study)  # named after the study, as any parent
         return project
 
+    def mark_progress(self, done: int, total: int) -> None:
+        """Say on the parent run that `done` of the `total` points of this run's grid are
+        complete."""
+        self.client.set_tag(self.parent_id, GRID_TAG, str(total))
+        self.client.set_tag(self.parent_id, DONE_TAG, str(done))
+
     def close(self, done: int, total: int) -> None:
         """The parent run is FINISHED once every point is complete, RUNNING while work is left;
         its tags say how far the grid of this run got (the report's first line reads them)."""
-        self.client.set_tag(self.parent_id, GRID_TAG, str(total))
-        self.client.set_tag(self.parent_id, DONE_TAG, str(done))
+        self.mark_progress(done, total)
         if done == total:
             self.client.set_terminated(self.parent_id, "FINISHED")
         elif self.client.get_run(self.parent_id).info.status != "RUNNING":

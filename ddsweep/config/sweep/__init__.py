@@ -68,6 +68,7 @@ __all__ = [
     "axis_allowed",
     "backbones",
     "check_grid_size",
+    "check_study_arg",
     "check_study_name",
     "expand",
     "expand_fid",
@@ -108,8 +109,12 @@ def sweep_dirs() -> list[Path]:
 def find_sweep_file(name: str) -> Path | None:
     """sweeps/NAME.yaml (or NAME itself when it is a path to a YAML file), or None."""
     direct = Path(name)
-    if direct.suffix in (".yaml", ".yml") and direct.is_file():
-        return direct
+    if direct.suffix in (".yaml", ".yml"):
+        try:
+            if direct.is_file():
+                return direct
+        except OSError as err:  # a path too long, or a folder that cannot be read
+            raise UserError(f"--study {name[:80]}...: {err.strerror}") from err
     for folder in sweep_dirs():
         for suffix in (".yaml", ".yml"):
             path = folder / f"{name}{suffix}"
@@ -286,6 +291,15 @@ def check_study_name(name: str, where: str) -> str:
             "(starting with a letter or digit)"
         )
     return name
+
+
+def check_study_arg(name: str) -> bool:
+    """Check a `--study` value once, before it reaches a file system or a server: a path to a
+    sweep file (True), else a study name (False; UserError when it cannot name one)."""
+    if Path(name).suffix in (".yaml", ".yml"):
+        return True
+    check_study_name(name, "--study")
+    return False
 
 
 def parse_study(doc: Any, source: str) -> StudyConfig:
