@@ -138,8 +138,13 @@ def test_a_sample_grid_is_logged(trained: Trained) -> None:
     pngs = [a.path for a in images if a.path.endswith(".png") and "samples" in a.path]
     assert pngs, [a.path for a in images]
     grid = Image.open(trained.download(pngs[0]))
-    # 16 samples of 8 px in a 4x4 grid with 2 px padding.
-    assert grid.size == (4 * 10 + 2, 4 * 10 + 2)
+    # 16 samples of 8 px in a 4x4 grid with 2 px padding (42 px), upscaled by a whole factor
+    # to at least SAMPLE_MIN_PX a side so it reads in `mlflow ui`.
+    from ddsweep.tracking.training import SAMPLE_MIN_PX
+
+    side = 4 * 10 + 2
+    factor = -(-SAMPLE_MIN_PX // side)
+    assert grid.size == (side * factor, side * factor)
     assert grid.mode == "RGB"
 
 

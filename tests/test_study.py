@@ -405,8 +405,9 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     failed = children("FAILED")
     assert {r.data.tags[study.POINT_TAG] for r in failed} == broken
     assert all(r.data.tags["error"] for r in failed)
-    for run in failed:
-        assert set(run.data.params) >= PARAMS
+    for run in failed:  # a probe without neighbours logs no k (only the settings that apply)
+        assert set(run.data.params) >= PARAMS - {"k"}
+        assert ("k" in run.data.params) == run.data.params["probe"].startswith("knn")
     s = load()
     fails = [t for t in s.trials if t.state == TrialState.FAIL]
     assert {t.user_attrs["point_id"] for t in fails} == broken

@@ -143,10 +143,11 @@ def run_grid(cfg: Any, opts: Any, where: Any = DEFAULT_LAUNCH) -> None:
             progress.stop()
     out, err = outcome_lines(ctx, outcomes)
     if not ctx.board.spreads_ints():
-        out.append(
+        out.insert(  # before the outcome lines: the grid's summary stays the last line
+            0,
             f"note: study {cfg.study} began before ddsweep spread integer axes over their values: "
-            "its trials keep the range 0..2^48-1 (optuna-dashboard draws them at 0); a new "
-            f"study (--study {cfg.study}-2) spreads them"
+            "its trials keep the range 0..2^48-1 (optuna-dashboard draws them at 0); a study "
+            "created from now on (a new --study name) spreads them",
         )
     for line in [*ctx.answer, *out]:  # the study's answer first (as the report gives it)
         typer.echo(line)

@@ -195,7 +195,9 @@ def _compute_real_stats(
 ) -> RealStats:
     """One pass of the feature network over the reference split."""
     split = data.labelled_split(dataset, REFERENCE_SPLIT, resolution, data_dir)
-    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(
+        split, batch_size=batch_size, shuffle=False, collate_fn=data.batch_collate(split)
+    )
     metric.reset()
     for images, _ in loader:
         _update(metric, images, real=True, batch_size=batch_size)
