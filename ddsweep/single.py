@@ -15,6 +15,7 @@ from ddsweep.config.points import Point
 from ddsweep.config.run import Checkpoint, SampleConfig
 from ddsweep.errors import UserError
 from ddsweep.features import FeatureCache
+from ddsweep.kinds import hub
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -57,6 +58,9 @@ def probe(
     `where` holds the keyword arguments of `evaluate.resolve_point` (which backbone, which
     point); `probe` without a run searches the training runs of every experiment."""
     probe_config.validate_probe_config(cfg)
+    spec = where.get("backbone")
+    if spec is not None and hub.is_hub(str(spec)):  # missing weights: one line, before any store
+        hub.resolve(str(spec))
     exp_id = tracking.setup(tracking_uri, experiment)
     bb, point = evaluate.resolve_point(**where)
     found = evaluate.evaluate_point(

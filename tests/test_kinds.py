@@ -235,6 +235,8 @@ def test_a_hub_id_missing_offline_is_one_line_naming_the_download(
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "huggingface-cli download google/ddpm-cifar10-32" in lines[0]
     assert "Traceback" not in result.output
+    # Refused before any store is opened: no mlflow.db, no run folder, no .ddsweep.
+    assert {p.name for p in tmp_path.iterdir()} <= {"hf"}
 
 
 def test_the_cost_of_a_split_is_refused_before_it_starts(pipes: dict[str, Path]) -> None:
