@@ -202,6 +202,28 @@ def _forward_blocks(
     if not wanted or unet is None:
         return out
 
+    # Resolve every name before registering any hook, so an unknown one leaves none behind.
+    modules = [(b, resolve_block(unet, b)) for b in wanted]
+    out.update(
+        hooked_pass(
+            modules,
+            lambda: unet(x_t, t.to(x_t.device)),
+            lambda h: pool_features(h.float(), req.pool),  # stays on the device
+        )
+    )
+    return out
+
+
+def hooked_pass(
+    modules: list[tuple[str, torch.nn.Module]],
+    forward: Callable[[], object],
+    pool: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Run `forward` with a hook on each named module: {name: pool(its first output)}, the
+    pass stopped once the last one has fired (every backbone kind's extraction)."""
+    out: dict[str, torch.Tensor] = {}
+    names = [b for b, _ in modules]
+
     def hook(name: str) -> Callable[..., None]:
         def fn(_module: torch.nn.Module, _inp: object, output: object) -> None:
             # A module called more than once in a pass (a ResNet's shared `nonlinearity` runs
@@ -211,23 +233,21 @@ def _forward_blocks(
                 return
             h = output[0] if isinstance(output, tuple) else output  # down blocks: (h, residuals)
             assert isinstance(h, torch.Tensor)
-            out[name] = pool_features(h.float(), req.pool)  # stays on the device
-            if all(b in out for b in wanted):
+            out[name] = pool(h)
+            if all(b in out for b in names):
                 raise _Filled
 
         return fn
 
-    # Resolve every name before registering any hook, so an unknown one leaves none behind.
-    modules = [(b, resolve_block(unet, b)) for b in wanted]
     handles = [m.register_forward_hook(hook(b)) for b, m in modules]
     try:
-        unet(x_t, t.to(x_t.device))
+        forward()
     except _Filled:
         pass
     finally:
         for h in handles:
             h.remove()
-    missing = [b for b in wanted if b not in out]
+    missing = [b for b in names if b not in out]
     if missing:
         raise UserError(f"block(s) {', '.join(missing)} produced no output in a forward pass")
     return out

@@ -22,6 +22,7 @@ from ddsweep.features import (
     FeatureCache,
     FeatureRequest,
     check_memory,
+    hooked_pass,
     noise_for,
     pool_features,
     validate_pool,
@@ -53,10 +54,6 @@ def checkpoint_key(resolved: Resolved, prompt: str) -> str:
     return key
 
 
-class _Filled(Exception):
-    """Ends a forward pass once every requested block has its output."""
-
-
 def pool_tokens(h: torch.Tensor, pool: str) -> torch.Tensor:
     """Pool transformer tokens [B,T,D]: avg = mean over the patches; otherwise the tokens are
     laid out on their square grid [B,D,s,s] and pooled as a feature map."""
@@ -74,35 +71,16 @@ def forward_blocks(
     """Pooled outputs [B,D] of `blocks` for one noised batch x_t at steps t (one pass, stopped
     once the last requested block has fired)."""
     kind = loaded.resolved.kind_of()
-    out: dict[str, torch.Tensor] = {}
 
-    def hook(name: str) -> Callable[..., None]:
-        def fn(_module: torch.nn.Module, _inp: object, output: object) -> None:
-            if name in out:  # a module run twice in a pass gives its first output
-                return
-            h = output[0] if isinstance(output, tuple) else output  # down blocks: (h, res)
-            assert isinstance(h, torch.Tensor)
-            h = h.float()
-            tokens = kind.tokens and h.dim() == 3
-            out[name] = (pool_tokens(h, pool) if tokens else pool_features(h, pool)).cpu()
-            if all(b in out for b in blocks):
-                raise _Filled
-
-        return fn
+    def pooled(h: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        tokens = kind.tokens and h.dim() == 3
+        return (pool_tokens(h, pool) if tokens else pool_features(h, pool)).cpu()
 
     modules = [(b, loaded.module(b)) for b in blocks]  # every name checked before any hook
-    handles = [m.register_forward_hook(hook(b)) for b, m in modules]
-    try:
-        kind.call(loaded.net, x_t, t.to(x_t.device), loaded.condition)
-    except _Filled:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [b for b in blocks if b not in out]
-    if missing:
-        raise UserError(f"block(s) {', '.join(missing)} produced no output in a forward pass")
-    return out
+    return hooked_pass(
+        modules, lambda: kind.call(loaded.net, x_t, t.to(x_t.device), loaded.condition), pooled
+    )
 
 
 @torch.no_grad()
