@@ -17,6 +17,7 @@ from ddsweep.config.model import ModelConfig
 from ddsweep.config.train import TrainConfig
 from ddsweep.distributed import close_distributed, init_distributed
 from ddsweep.errors import UserError, did_you_mean
+from ddsweep.scheduler.types import Grid, Outcome, Policy
 from ddsweep.tracking import runs
 from ddsweep.train import train
 from ddsweep.trainrun import config_from_params, identity_params, validate, with_dataset_defaults
@@ -68,6 +69,89 @@ def ensure_trained(
     return train(cfg, data_dir=data_dir, resume_run_id=run_id, progress=progress), "resumed"
 
 
+TRAIN_STUDY_SUFFIX = ".train"  # train-grid's Optuna study beside the probe grid's own
+# A training's failure is its user's to fix (data, disk, options): every train-grid command
+# tries a failed backbone again, however often it failed before.
+TRAIN_RETRIES = 2**31
+
+
+def train_study_name(study: str) -> str:
+    """The Optuna study that hands out `study`'s backbones, one trial per training."""
+    return study + TRAIN_STUDY_SUFFIX
+
+
+class _Backbones:
+    """The scheduler's view of a study's backbones (its Evaluator): a point is one training
+    config, trained (or resumed) by the one trial that holds it, adopted when a FINISHED
+    training run of the same network exists (trained earlier, or by another command)."""
+
+    def __init__(
+        self,
+        configs: dict[str, TrainConfig],
+        data_dir: Path,
+        progress: Progress | None,
+        on_backbone: Callable[[TrainConfig, str, str], None] | None,
+    ) -> None:
+        self.configs, self.data_dir, self.progress = configs, data_dir, progress
+        self.on_backbone = on_backbone
+        self.done: dict[str, tuple[str, str]] = {}  # pid -> (run id, reused | resumed | trained)
+        self.errors: dict[str, BaseException] = {}  # what this process's trainings raised
+
+    def _ready(self, pid: str, run_id: str, how: str) -> None:
+        if pid not in self.done:
+            self.done[pid] = (run_id, how)
+            if self.on_backbone is not None:
+                self.on_backbone(self.configs[pid], run_id, how)
+
+    def adopt(self, pid: str) -> Outcome | None:
+        found = matching_run(self.configs[pid])
+        if found is None or found[1] != "FINISHED":
+            return None
+        self._ready(pid, found[0], "reused")
+        return Outcome(0.0, {"mlflow_run_id": self.done[pid][0]})
+
+    def compute(self, pid: str) -> tuple[str, str]:
+        try:
+            run_id, how = ensure_trained(self.configs[pid], self.data_dir, self.progress)
+        except Exception as err:
+            self.errors.setdefault(pid, err)
+            raise
+        self._ready(pid, run_id, how)
+        return run_id, how
+
+    def record(self, pid: str, trial_number: int, result: tuple[str, str]) -> Outcome:
+        return Outcome(0.0, {"mlflow_run_id": result[0]})
+
+    def fail(self, pid: str, trial_number: int, message: str) -> None:
+        """Nothing: the training run itself ended FAILED."""
+
+
+def _backbone_grid(configs: dict[str, TrainConfig]) -> Grid:
+    from ddsweep.config.datasets import KNOWN_DATASETS
+
+    params, names = {}, {}
+    for pid, tc in configs.items():
+        params[pid] = _backbone_params(tc)
+        names[pid] = f"{tc.dataset} {tc.model.resolution} px attention={tc.model.attention}"
+    return Grid(params, {"dataset": KNOWN_DATASETS}, names=names)
+
+
+def _backbone_params(tc: TrainConfig) -> dict[str, Any]:
+    """A training's trial params: its backbone axes and a 48-bit digest of every other
+    setting that changes its network (so a changed `train:` section is a new point)."""
+    import hashlib
+    import json
+
+    identity = json.dumps(identity_params(tc)[0], sort_keys=True).encode()
+    digest = int.from_bytes(hashlib.sha256(identity).digest()[:6], "big")
+    return {
+        "dataset": tc.dataset,
+        "resolution": tc.model.resolution,
+        "attention": tc.model.attention,
+        "settings": digest,
+    }
+
+
 def ensure_all(
     cfg: sweep.StudyConfig,
     data_dir: Path,
@@ -77,25 +161,63 @@ def ensure_all(
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     on_backbone: Callable[[TrainConfig, str, str], None] | None = None,
     extra: dict[str, Any] | None = None,
+    policy: Policy | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> list[tuple[TrainConfig, str, str]]:
     """Every backbone of the study trained (reused, resumed or trained anew) in `experiment`:
     (config, run id, what happened) per backbone, each also passed to `on_backbone` as soon as
-    it is ready. `extra`: TrainConfig fields over the study's `train:` section."""
+    it is ready, and each one another command is training named to `on_wait` (one line).
+    `extra`: TrainConfig fields over the study's `train:` section.
+
+    Exactly once, as a probe grid's points are: each training is one trial of the Optuna study
+    `train_study_name(cfg.study)` (in `policy.storage`), so of two commands started together
+    one trains a backbone while the other waits for it and then adopts its run; a trainer
+    that dies (its heartbeat stops) has its backbone resumed by the next command to look."""
+    from ddsweep import scheduler
+    from ddsweep.config.points import id_of
+
     tracking.setup(tracking_uri, experiment)
-    done = []
+    configs = {}
     for tc in configs_for(cfg, **(extra or {})):
-        run_id, how = ensure_trained(tc, data_dir, progress)
-        if on_backbone is not None:
-            on_backbone(tc, run_id, how)
-        done.append((tc, run_id, how))
-    return done
+        configs[id_of(_backbone_params(tc))] = tc
+    base = policy or Policy()
+    policy = dataclasses.replace(base, max_retries=TRAIN_RETRIES)
+    board = scheduler.open_study(train_study_name(cfg.study), policy, "maximize")
+    assert board is not None
+    board.use(_backbone_grid(configs))
+    trials = _Backbones(configs, data_dir, progress, on_backbone)
+    running = board.tally().running
+    for pid in configs:
+        if pid in running and on_wait is not None:
+            on_wait(f"{board.grid.name(pid)}: another command is training it; waiting for it")
+    board.work(trials)
+    for pid in configs:  # trained by another command while this one waited
+        if pid not in trials.done and pid not in trials.errors:
+            trials.adopt(pid)
+    if trials.errors:  # as it would have been without the scheduler: UserError is one line
+        raise next(iter(trials.errors.values()))
+    missing = [board.grid.name(p) for p in configs if p not in trials.done]
+    if missing:
+        t = board.tally()
+        why = t.last_error.get(next(p for p in configs if p not in trials.done), "unknown")
+        raise UserError(
+            f"{cfg.study}: {len(missing)} backbones not trained ({missing[0]}: {why}); "
+            "re-run the same command to train them"
+        )
+    return [(tc, *trials.done[pid]) for pid, tc in configs.items()]
 
 
 def array_trainer(
-    cfg: sweep.StudyConfig, data_dir: Path, tracking_uri: str | None, experiment: str
+    cfg: sweep.StudyConfig,
+    data_dir: Path,
+    tracking_uri: str | None,
+    experiment: str,
+    storage: str | None = None,
 ) -> Counter[str]:
     """One task of a train-grid job array (ddsweep.launch): the study's one backbone."""
-    done = ensure_all(cfg, data_dir, tracking_uri=tracking_uri, experiment=experiment)
+    done = ensure_all(
+        cfg, data_dir, tracking_uri=tracking_uri, experiment=experiment, policy=Policy(storage)
+    )
     return Counter(how for _, _, how in done)
 
 

@@ -123,7 +123,9 @@ def probe_job(cfg: Any, opts: Any) -> Job:
     return Job(str(Path.cwd()), [(study.array_worker, (cfg, one))] * opts.workers)
 
 
-def train_job(cfg: Any, data_dir: Path, tracking_uri: str | None, experiment: str) -> Job:
+def train_job(
+    cfg: Any, data_dir: Path, tracking_uri: str | None, experiment: str, storage: str | None = None
+) -> Job:
     """One array task per backbone of the study (dataset, resolution, attention)."""
     from ddsweep import backbones
     from ddsweep.config import sweep
@@ -133,7 +135,7 @@ def train_job(cfg: Any, data_dir: Path, tracking_uri: str | None, experiment: st
         axes = replace(cfg.axes, dataset=(d,), resolution=(r,), attention=(a,))
         one = replace(cfg, axes=axes)
         bodies.append(
-            (backbones.array_trainer, (one, data_dir.resolve(), tracking_uri, experiment))
+            (backbones.array_trainer, (one, data_dir.resolve(), tracking_uri, experiment, storage))
         )
     return Job(str(Path.cwd()), bodies)
 

@@ -303,6 +303,7 @@ def train_grid(
     data_dir: DataDir = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = DEFAULT_EXPERIMENT,
+    storage: Storage = None,
     launcher: LauncherOpt = DEFAULT_LAUNCH.launcher,
     slurm_partition: SlurmPartition = None,
     gpus_per_worker: GpusPerWorker = DEFAULT_LAUNCH.gpus_per_worker,
@@ -317,7 +318,7 @@ def train_grid(
     axes = axis_overrides(dataset=dataset, resolution=resolution, attention=attention)
     cfg = study_config(study, axes)
     if where.launcher != "local":
-        job = launch.train_job(cfg, data_dir or paths.data_dir(), tracking_uri, experiment)
+        job = launch.train_job(cfg, data_dir or paths.data_dir(), tracking_uri, experiment, storage)
         handles = launch.submit(where, cfg.study, job)
         typer.echo(
             f"{cfg.study}: {len(handles)} backbones submitted as job array "
@@ -341,6 +342,8 @@ def train_grid(
             tracking_uri=tracking_uri,
             experiment=experiment,
             on_backbone=show,
+            policy=RunOptions(storage=storage).policy(),
+            on_wait=progress.console.print,
         )
 
 
