@@ -96,22 +96,54 @@ def check_finite(unet: torch.nn.Module, where: Path) -> None:
             )
 
 
+# resume/ holds two slots of optimizer and RNG files, written in turn: a save writes the slot
+# the state does not name, then the state that names it, so a save cut short (a full disk, a
+# kill) leaves the previous slot and the state naming it whole.
+SLOTS = ("", "b")
+_SLOT, _DIGESTS = "slot", "sha256"  # state.json's own keys (not returned as loop counters)
+
+
+def _slot_files(slot: str) -> dict[str, str]:
+    tail = f".{slot}" if slot else ""
+    return {"optimizer": f"optimizer{tail}.pt", "rng": f"rng{tail}.pt"}
+
+
+def next_slot(current: str | None) -> str:
+    """The slot a save writes when the latest state names `current` (None: none yet)."""
+    return SLOTS[1] if current == SLOTS[0] else SLOTS[0]
+
+
 def save_resume_state(
-    folder: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    folder: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any], slot: str = ""
 ) -> None:
-    """Write the optimizer state (tensors only) and the loop counters needed to resume."""
+    """Write the optimizer state (tensors only) and the CPU RNG state into `slot`, then the
+    loop counters needed to resume, naming the slot and the files' SHA-256 digests."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    torch.save({"cpu_rng": torch.get_rng_state()}, folder / "rng.pt")
-    (folder / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    names = _slot_files(slot)
+    torch.save(optimizer.state_dict(), folder / names["optimizer"])
+    torch.save({"cpu_rng": torch.get_rng_state()}, folder / names["rng"])
+    digests = {n: _sha256(folder / n) for n in names.values()}
+    meta = {**state, _SLOT: slot, _DIGESTS: digests}
+    (folder / STATE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def state_slot(folder: Path) -> str:
+    """The slot the resume state in `folder` names ("" for states written before slots)."""
+    return str(json.loads((folder / STATE).read_text()).get(_SLOT, ""))
 
 
 def load_resume_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor]:
-    """(state, optimizer state dict, CPU RNG state) from a resume folder; weights_only loads."""
+    """(state, optimizer state dict, CPU RNG state) from a resume folder; weights_only loads,
+    of files whose digests match what the state recorded (a torn write is refused)."""
     try:
         state = json.loads((folder / STATE).read_text())
-        optim = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)["cpu_rng"]
+        names = _slot_files(str(state.pop(_SLOT, "")))
+        digests = state.pop(_DIGESTS, None) or {}
+        for name in names.values():
+            if name in digests and _sha256(folder / name) != digests[name]:
+                raise ValueError(f"{name} is not the file its {STATE} recorded (a torn write?)")
+        optim = torch.load(folder / names["optimizer"], map_location="cpu", weights_only=True)
+        rng = torch.load(folder / names["rng"], map_location="cpu", weights_only=True)["cpu_rng"]
         missing = {"epoch", "step", "ema_step"} - set(state)
         if missing:
             raise KeyError(f"state.json lacks {', '.join(sorted(missing))}")
@@ -123,6 +155,7 @@ def load_resume_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any], tor
         KeyError,
         TypeError,
         EOFError,
+        AttributeError,
         pickle.UnpicklingError,
     ) as err:
         raise UserError(f"cannot read the resume state in {folder}: {first_line(err)}") from err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -112,6 +113,7 @@ class Job:
     seconds: float = 0.0  # spent in the epochs' training passes
     stop_reason: str | None = None  # why --stop-when-probe-plateaus stopped it
     images: torch.utils.data.Dataset[tuple[torch.Tensor, int]] | None = None  # (on the device)
+    resume_slot: str | None = None  # the slot of resume/ its latest state names (None: none)
 
 
 def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
@@ -331,10 +333,14 @@ def save_checkpoint(job: Job, epoch: int, step: int, *, with_resume_state: bool 
         if with_resume_state:
             # After the checkpoint: once the resume state names an epoch, that epoch's
             # checkpoint is complete (the tracker sends the state file itself last).
+            # Into the slot the run's state does not name: a save cut short (ENOSPC) leaves
+            # the last complete one whole, and the state naming it.
             state = {"epoch": epoch, "step": step, "ema_step": int(ema.optimization_step)}
             resume = Path(tmp) / "resume"
-            checkpoints.save_resume_state(resume, job.optimizer, state)
+            slot = checkpoints.next_slot(job.resume_slot)
+            checkpoints.save_resume_state(resume, job.optimizer, state, slot)
             job.tracker.log_resume_state(resume)
+            job.resume_slot = slot
 
 
 def log_samples(job: Job, epoch: int) -> None:
@@ -458,7 +464,10 @@ def train(
             reason = job.stop_reason or "no plateau in the epochs trained"
             tracker.log_config({}, {STOP_TAG: reason})
     except BaseException:
-        tracker.fail()
+        # A store that cannot record the failure (the same full disk) must not hide the
+        # error that ended the training; the run is then left RUNNING, and --resume takes it.
+        with contextlib.suppress(Exception):
+            tracker.fail()
         raise
     tracker.finish(last_epoch)
     if d.world_size > 1:
@@ -485,6 +494,7 @@ def restore(job: Job, run_id: str) -> tuple[int, int]:
     with tempfile.TemporaryDirectory(prefix="ddsweep-resume-") as tmp:
         folder = job.tracker.download_resume_state(run_id, Path(tmp))
         state, optim_state, rng = checkpoints.load_resume_state(folder)
+        job.resume_slot = checkpoints.state_slot(folder)
         epoch = int(state["epoch"])
         ckpt = job.tracker.download_checkpoint(run_id, epoch, Path(tmp))
         raw = checkpoints.load_unet(ckpt, "raw")

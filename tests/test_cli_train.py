@@ -3,7 +3,6 @@ killed with SIGKILL, and the one-line errors (exit 2, no run) for every bad inpu
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -169,7 +168,7 @@ def test_every_epoch_has_a_checkpoint_that_diffusers_loads(trained: Trained) -> 
     assert not all(torch.equal(ema0[k], ema3[k]) for k in ema0)
     assert not all(torch.equal(ema3[k], raw3[k]) for k in ema3)  # EMA lags the raw weights
     # The latest epoch also carries what resume needs.
-    state = json.loads((trained.download(checkpoints.RESUME) / "state.json").read_text())
+    state, _, _ = checkpoints.load_resume_state(trained.download(checkpoints.RESUME))
     assert state == {"epoch": EPOCHS, "step": STEPS, "ema_step": STEPS}
 
 
@@ -177,9 +176,9 @@ def test_every_epoch_has_a_checkpoint_that_diffusers_loads(trained: Trained) -> 
 
 
 def resume_state(folder: Path) -> dict[str, int] | None:
-    """The resume/state.json of the only run under folder/mlruns."""
+    """The loop counters of the resume state of the only run under folder/mlruns."""
     for path in folder.glob("mlruns/*/*/artifacts/resume/state.json"):
-        return dict(json.loads(path.read_text()))
+        return checkpoints.load_resume_state(path.parent)[0]
     return None
 
 

@@ -261,9 +261,59 @@ def test_a_damaged_resume_state_is_a_user_error(tiny_folder: str, tmp_path: Path
     cfg = tiny_config(tiny_folder, epochs=1)
     run_id = train(cfg, data_dir=tmp_path)
     root = Path(urlparse(MlflowClient().get_run(run_id).info.artifact_uri).path)
-    (root / checkpoints.RESUME / "optimizer.pt").write_bytes(b"not a torch file")
+    for slot in (root / checkpoints.RESUME).glob("optimizer*.pt"):  # whichever slot is named
+        slot.write_bytes(b"not a torch file")
     with pytest.raises(UserError, match="cannot read the resume state"):
         train(cfg, data_dir=tmp_path, resume_run_id=run_id)
+
+
+def test_a_disk_full_inside_the_resume_state_resumes_the_last_whole_one_bit_for_bit(
+    tiny_folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC after epoch 4's optimizer file reached the store but before its RNG file and
+    state: the run ends FAILED, and --resume continues from epoch 2's whole state (not epoch
+    2's weights with epoch 4's optimizer), reaching the uninterrupted run's weights exactly."""
+    import errno
+
+    tracking.setup()
+    data_dir = tmp_path / "data"
+    cfg = tiny_config(tiny_folder, epochs=6)
+    full = train(cfg, data_dir=data_dir)
+
+    real_log = mlflow.log_artifact
+    sent: list[str] = []
+
+    def disk_full(local_path: str, artifact_path: str | None = None, **kw: object) -> None:
+        name = Path(local_path).name
+        if name.startswith("rng"):
+            sent.append(name)
+            if len(sent) == 3:  # epochs 0, 2, then 4: its optimizer file is already sent
+                raise OSError(errno.ENOSPC, "No space left on device", local_path)
+        real_log(local_path, artifact_path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mlflow, "log_artifact", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, data_dir=data_dir)
+    monkeypatch.setattr(mlflow, "log_artifact", real_log)
+    cut = next(r for r in all_runs() if r != full)
+    run = MlflowClient().get_run(cut)
+    assert run.info.status == "FAILED"
+    state = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=cut,
+                artifact_path=f"{checkpoints.RESUME}/{checkpoints.STATE}",
+                dst_path=str(tmp_path / "state"),
+            )
+        ).read_text()
+    )
+    assert state["epoch"] == 2
+
+    resumed = train(config_from_params(run.data.params), data_dir=data_dir, resume_run_id=cut)
+    assert resumed == cut and MlflowClient().get_run(cut).info.status == "FINISHED"
+    cut_weights = raw_weights(cut, 6, tmp_path / "cut")
+    full_weights = raw_weights(full, 6, tmp_path / "full")
+    assert all(torch.equal(cut_weights[k], full_weights[k]) for k in full_weights)
 
 
 # --- checkpoints ----------------------------------------------------------------------------
