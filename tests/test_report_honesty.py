@@ -32,3 +32,34 @@ def test_a_cell_without_predictions_keeps_the_old_rule() -> None:
     [facet] = build_tables([trial("up4", 50, clean), {**trial("mid", 50), "top1": 0.7}])
     claim = facet.claim()
     assert claim is not None and not claim.is_tie  # ddsweep 0.1 rows: equal values only tie
+
+
+def test_an_incomplete_study_claims_no_cell_beats_another() -> None:
+    """A grid cut short (Ctrl-C at 5 of 54 points): the cells there are shown, the best so far
+    named, but no "beats" (its peers may be among the missing points) in the answer, the
+    compact answer table, the claims under each table or the summary."""
+    import io
+
+    from rich.console import Console
+
+    from ddsweep.report.render import column_claims, print_report, table_claim
+    from ddsweep.report.tables import withhold_claims
+
+    strong = np.arange(N) % 10 != 0  # 90 %
+    weak = np.arange(N) % 2 == 0  # 50 %
+    rows = [trial(b, e, strong if b == "up4" else weak) for b in ("mid", "up4") for e in (1, 2)]
+
+    def printed(withheld: bool) -> str:
+        facets = build_tables(rows)
+        if withheld:
+            withhold_claims(facets)
+        out = io.StringIO()
+        console = Console(file=out, width=200)
+        print_report(console, "cut", facets, report.summary(facets), full=True)
+        [facet] = facets
+        return "\n".join([out.getvalue(), table_claim(facet), column_claims(facet)])
+
+    assert "beats" in printed(False)  # the same cells in a complete study: a tested claim
+    said = printed(True)
+    assert "beats" not in said and "tied with" not in said, said
+    assert "up4 @ 2" in said or "up4 @ 1" in said  # the best cell so far is still named

@@ -401,6 +401,8 @@ def test_a_failing_trial_is_recorded_retried_and_then_given_up(
     assert report.exit_code == 0, report.output
     head = f"study {STUDY}: INCOMPLETE, {GRID - 4} of {GRID} points of its last grid complete"
     assert report.stdout.splitlines()[0].startswith(head)
+    # ...and claims no cell beats another: the failed points may be the cells' peers.
+    assert "compared with no other" in report.stdout and "beats" not in report.stdout
     assert head in (home / "reports" / STUDY / "report.md").read_text()
     failed = children("FAILED")
     assert {r.data.tags[study.POINT_TAG] for r in failed} == broken

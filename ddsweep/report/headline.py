@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from ddsweep import selection
 from ddsweep.config.model import PIXELS
 from ddsweep.report.fidcurves import FidCurve
-from ddsweep.report.tables import Cell, Claim, Epoch, Facet, FacetKey, Spot, contest
+from ddsweep.report.tables import (
+    Cell,
+    Claim,
+    Epoch,
+    Facet,
+    FacetKey,
+    Spot,
+    contest,
+    withhold,
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,8 @@ def summary(facets: Iterable[Facet]) -> list[SummaryRow]:
 def _row(f: Facet) -> SummaryRow:
     by = choice_metric(f)
     claim: Claim | None = contest(candidates(f), by)
+    if f.withheld:
+        claim = withhold(claim)
     e0 = f.claim(0, pixels=False, by=by)
     on_test = f.best("top1", pixels=False)
     pixels = [v for e in f.epochs if (v := f.value(PIXELS, e)) is not None]

@@ -15,8 +15,15 @@ from ddsweep.report import traincurves as tc
 from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
 from ddsweep.report.headline import attach_fid, summary
 from ddsweep.report.methods import methods_card
-from ddsweep.report.render import REPORT_MD, parse_formats, print_report, status_line, write_files
-from ddsweep.report.tables import build_tables
+from ddsweep.report.render import (
+    REPORT_MD,
+    incomplete_line,
+    parse_formats,
+    print_report,
+    status_line,
+    write_files,
+)
+from ddsweep.report.tables import build_tables, withhold_claims
 from ddsweep.tracking.records import study_parent
 from ddsweep.tracking.schema import KIND_TAG, STUDY_TAG
 
@@ -248,7 +255,8 @@ def write_report(
     wanted = parse_formats(formats)
     console = console or Console()
     parent = find_study(study, experiment)
-    header = status_line(study, count_trials(parent), grid_progress(parent))
+    progress = grid_progress(parent)
+    header = status_line(study, count_trials(parent), progress)
     console.print(header)
     trials = load_trials(parent)
     facets = build_tables(with_predictions(trials))
@@ -258,6 +266,9 @@ def write_report(
             f"(`ddsweep study status --study {study}` shows progress)"
         )
         return []
+    if progress is not None and progress[0] < progress[1]:
+        withhold_claims(facets)
+        console.print(incomplete_line(study, *progress), highlight=False)
     attach_fid(facets, fid_by_backbone(load_fid_runs()))
     rows = summary(facets)
     if "table" in wanted:

@@ -134,6 +134,16 @@ def status_line(
     return f"study {study}: {state}; {trials}"
 
 
+def incomplete_line(study: str, done: int, total: int) -> str:
+    """What an incomplete study's report says before its answer: a best cell so far, no claim
+    that it beats any other (the cells it would be compared with may be among those missing)."""
+    return (
+        f"study {study} is INCOMPLETE ({done} of {total} points): the best cells so far are "
+        "shown, compared with no other; no cell is claimed to beat another until the grid is "
+        f"complete (`ddsweep study probe-grid --study {study}` finishes it)"
+    )
+
+
 # The pseudo-metric of a terminal table that holds each top1 cell's interval (half its width).
 HALF_WIDTH = "top1 ±"
 

@@ -210,6 +210,22 @@ def contest(cells: Mapping[Spot, Cell], by: str = "top1") -> Claim | None:
     )
 
 
+def withhold(claim: Claim | None) -> Claim | None:
+    """`claim` as an incomplete study may state it: its best cell so far, compared with no
+    other (no runner-up, no test, no tie)."""
+    if claim is None:
+        return None
+    return dataclasses.replace(claim, runner_up=None, p=None, tied=frozenset({claim.best}))
+
+
+def withhold_claims(facets: list[Facet]) -> None:
+    """Mark every facet of an incomplete study: its claims name a best cell so far and compare
+    it with nothing (see `withhold`)."""
+    for f in facets:
+        f.withheld = True
+        f._claims.clear()
+
+
 @dataclass
 class Facet:
     """One block × epoch table: `blocks` in forward order (pixels first), `epochs` ascending;
@@ -221,6 +237,8 @@ class Facet:
     cells: dict[tuple[str, Epoch], Cell]
     fids: list[FidCurve] = field(default_factory=list)
     backbones: tuple[str, ...] = ()
+    # The study is incomplete: cells' peers may be missing, so no comparison is claimed.
+    withheld: bool = field(default=False, compare=False)
     _claims: dict[tuple[Any, ...], Claim | None] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -263,7 +281,8 @@ class Facet:
             epochs = self.epochs if isinstance(epoch, str) else [epoch]
             blocks = self.blocks if pixels else [b for b in self.blocks if b != PIXELS]
             cells = {(b, e): c for e in epochs for b in blocks if (c := self.cells.get((b, e)))}
-            self._claims[memo] = contest(cells, by)
+            found = contest(cells, by)
+            self._claims[memo] = withhold(found) if self.withheld else found
         return self._claims[memo]
 
     def best_blocks(self, epoch: Epoch, metric: str = "top1") -> set[str]:
