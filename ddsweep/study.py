@@ -204,12 +204,77 @@ def _open(
     # What would fail every point (no FID weights offline) is one line now, not N failed trials.
     make.check(cfg, opts.inception_weights)
     board = scheduler.open_study(cfg.study, opts.policy(), make.direction, create=False)
-    if board is None:  # a new study: check its backbones before recording anything
-        if not follow:  # a followed study's checkpoints are still to come
-            pin_backbones(None, cfg)
+    if not follow:  # a followed study's checkpoints are still to come
+        # A new study's backbones are checked before anything is recorded (found, not pinned).
+        check_points(cfg, opts, pin_backbones(board, cfg))
+    if board is None:
         board = scheduler.open_study(cfg.study, opts.policy(), make.direction)
         assert board is not None
     return exp_id, board
+
+
+def check_points(cfg: sweep.StudyConfig, opts: RunOptions, pins: Pins) -> None:
+    """UserError, before any point runs, for what would fail every point it touches: a k-NN
+    `k` larger than the train images its probe is fitted on, or a block path (a
+    `named_modules()` path) that the backbone does not have."""
+    if cfg.kind != "probe-grid":
+        return
+    _check_k(cfg, opts)
+    from ddsweep.config.model import ALIASES, BLOCKS
+
+    paths = [b for b in cfg.axes.block if b not in (*BLOCKS, *ALIASES, PIXELS)]
+    for (d, r, a), (run_id, epochs) in pins.items() if paths else []:
+        from diffusers import UNet2DModel
+
+        from ddsweep.model import resolve_block
+
+        net = UNet2DModel.from_config(_unet_config(run_id, epochs[0]))
+        for block in paths:
+            try:
+                resolve_block(net, block)
+            except UserError as err:
+                raise UserError(
+                    f"{cfg.source}: axes.block: {block!r} is no module of training run {run_id} "
+                    f"({d}, {r} px, attention {a}): {err}"
+                ) from err
+
+
+def _unet_config(run_id: str, epoch: int) -> dict[str, Any]:
+    """The U-Net config of a checkpoint, read without copying the checkpoint anywhere."""
+    import tempfile
+
+    from ddsweep import checkpoints
+    from ddsweep.tracking import runs
+
+    with tempfile.TemporaryDirectory(prefix="ddsweep-config-") as tmp:
+        path = f"{checkpoints.epoch_dir(epoch)}/config.json"
+        return dict(json.loads(runs.download(run_id, path, Path(tmp)).read_text()))
+
+
+def _check_k(cfg: sweep.StudyConfig, opts: RunOptions) -> None:
+    import math
+
+    from ddsweep import data, probes
+
+    ks = [k for k in cfg.axes.k if k]
+    if not ks or not any(probes.get(p).uses_k for p in cfg.axes.probe):
+        return
+    k, add_val = max(ks), cfg.probe.flowers_add_val
+    for dataset in cfg.axes.dataset:
+        for res in cfg.axes.resolution:
+            images = data.probe_images(
+                dataset, "train", res, opts.data_dir, flowers_add_val=add_val
+            )
+            n = len(images)  # type: ignore[arg-type]
+            fraction = cfg.probe.val_fraction
+            carved = fraction > 0 and not data.has_own_val(dataset)
+            fit = n - math.ceil(fraction * n) if carved else n
+            if k > fit:
+                held = f", less the {fraction:g} held out for validation" if carved else ""
+                raise UserError(
+                    f"{cfg.source}: axes.k: k = {k} is larger than the {fit} {dataset} train "
+                    f"images ({res} px{held}) a k-NN probe is fitted on; use k <= {fit}"
+                )
 
 
 def _use(board: GridStudy, objective: Objective) -> None:
@@ -348,6 +413,7 @@ def publish_answer(ctx: Context, done: int) -> None:
     `done` points complete."""
     from ddsweep import report
     from ddsweep.report import answer
+    from ddsweep.report.tables import withhold_claims
 
     cfg = ctx.cfg
     source = None if cfg.source == sweep.CLI_SOURCE else Path(cfg.source)
@@ -356,6 +422,8 @@ def publish_answer(ctx: Context, done: int) -> None:
         return
     trials = report.load_trials(ctx.parent_id)
     facets = report.build_tables(report.with_predictions(trials))
+    if done < len(ctx.ids):  # an incomplete grid claims no comparison (see withhold_claims)
+        withhold_claims(facets)
     if facets:
         rows = report.summary(facets)
         metrics, tags = answer.headline(facets, rows)
