@@ -337,9 +337,37 @@ def resume_epoch(run_id: str) -> int:
             return -1
 
 
-def ready_epochs(run_id: str) -> tuple[tuple[int, ...], bool]:
+def ready_epochs(run_id: str, watch: TrainerWatch | None = None) -> tuple[tuple[int, ...], bool]:
     """(epochs of run `run_id` whose checkpoints are complete, whether the run has ended). The
-    status is read first: once it says ended, the epochs read after it are all there will be."""
-    ended = not tracking.training_run(run_id).live
+    status is read first: once it says ended, the epochs read after it are all there will be.
+    With `watch`, a run whose trainer has died (see TrainerWatch) counts as ended too."""
+    run = tracking.training_run(run_id)
+    ended = not run.live or (watch is not None and watch.dead(run_id, run.heartbeat))
     last = resume_epoch(run_id)
     return tuple(e for e in runs.saved_epochs(run_id) if e <= last), ended
+
+
+class TrainerWatch:
+    """Which followed training runs have lost their trainer (SIGKILL, a lost machine, a run
+    left RUNNING by a crash): judged as the scheduler judges trials (`scheduler.trials.
+    Liveness`), on this process's own clock, never against stamps another machine wrote. A
+    run whose heartbeat count has not moved for `grace` seconds is dead; one first seen now
+    gets the benefit of the doubt for one grace period."""
+
+    def __init__(self, grace: float, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.grace, self.clock = grace, clock or time.monotonic
+        self._seen: dict[str, tuple[str | None, float]] = {}  # run id -> (beat, first seen)
+        self.gone: list[str] = []  # the runs found dead, in the order found
+
+    def dead(self, run_id: str, beat: str | None) -> bool:
+        now = self.clock()
+        seen = self._seen.get(run_id)
+        if seen is None or seen[0] != beat:
+            self._seen[run_id] = seen = (beat, now)
+        if now - seen[1] <= self.grace:
+            return False
+        if run_id not in self.gone:
+            self.gone.append(run_id)
+        return True

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddsweep import devices, evaluate, scheduler, tracking
 from ddsweep.config import sweep
@@ -32,6 +32,9 @@ from ddsweep.scheduler import GridStudy, Outcome, Tally
 from ddsweep.tracking import schema
 from ddsweep.tracking.recorder import StudyRecorder
 from ddsweep.tracking.schema import POINT_TAG, STUDY_TAG, backbone_pin
+
+if TYPE_CHECKING:
+    from ddsweep.backbones import TrainerWatch
 
 __all__ = ["POINT_TAG", "STUDY_TAG", "Context", "RunOptions", "prepare", "run_study"]
 
@@ -440,7 +443,9 @@ def publish_answer(ctx: Context, done: int) -> None:
         )
 
 
-def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:
+def follow_pins(
+    board: GridStudy, cfg: sweep.StudyConfig, watch: TrainerWatch | None = None
+) -> tuple[Pins, bool]:
     """({backbone: (training run id, epochs whose checkpoints are complete and asked for)},
     whether every followed training run has ended). A backbone whose run has not started yet
     has no epochs; the run found first is pinned in the study, as `pin_backbones` does."""
@@ -458,7 +463,7 @@ def follow_pins(board: GridStudy, cfg: sweep.StudyConfig) -> tuple[Pins, bool]:
             continue
         if attr not in pinned:
             board.set_attr(attr, run_id)
-        epochs, done = backbones.ready_epochs(run_id)
+        epochs, done = backbones.ready_epochs(run_id, watch)
         ended = ended and done
         out[key] = (run_id, tuple(e for e in epochs if not asked or e in asked))
     return out, ended
@@ -474,11 +479,17 @@ def run_follow(
     *,
     interval: float = FOLLOW_INTERVAL,
     progress: Progress | None = None,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[Context | None, Counter[str]]:
     """Evaluate every checkpoint of the study's backbones as their training runs write it:
     look every `interval` seconds (sleeping between looks), run the points found, and return
     once every followed run has ended and its points are done. The scheduler's exactly-once
-    rules hold as in `run_study`: Ctrl-C and re-running lose and double nothing."""
+    rules hold as in `run_study`: Ctrl-C and re-running lose and double nothing. A run whose
+    trainer stops beating for `opts.grace_period` (on `clock`) counts as ended: what it saved
+    is probed, then UserError says which run to resume."""
+    from ddsweep import backbones
+
     if opts.workers > 1:
         raise UserError("--follow runs one worker: start more followers in other shells")
     exp_id, board = _open(cfg, opts, follow=True)
@@ -486,8 +497,9 @@ def run_follow(
     grid_cfg = dataclasses.replace(cfg, axes=dataclasses.replace(cfg.axes, epoch=()))
     ctx: Context | None = None
     outcomes: Counter[str] = Counter()
+    watch = backbones.TrainerWatch(opts.grace_period, clock)
     while True:
-        pins, ended = follow_pins(board, cfg)
+        pins, ended = follow_pins(board, cfg, watch)
         objective = _objective(grid_cfg, opts, pins)
         if objective.points:
             if ctx is None:
@@ -498,9 +510,17 @@ def run_follow(
             outcomes += work(ctx, _shown(ctx, progress))
         if ended:
             break
-        time.sleep(interval)
+        sleep(interval)
     if ctx is not None:
         finish(ctx)
+    if watch.gone:
+        run_id = watch.gone[0]
+        raise UserError(
+            f"training run {run_id} is RUNNING but its trainer has shown no life for "
+            f"{opts.grace_period:g} s (killed, or its machine lost?): the checkpoints it "
+            f"completed are probed; resume it with `ddsweep train --resume {run_id}`, then "
+            "run this command again"
+        )
     return ctx, outcomes
 
 

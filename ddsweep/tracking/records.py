@@ -12,6 +12,7 @@ from ddsweep.tracking.schema import (
     DATASET_TAG,
     DONE_TAG,
     GRID_TAG,
+    HEARTBEAT_TAG,
     KIND_TAG,
     POINT_TAG,
     RESOLUTION_TAG,
@@ -45,6 +46,7 @@ class TrainingRun:
     resolution: int | None
     attention: bool | None
     stop_reason: str | None = None
+    heartbeat: str | None = None  # a count its trainer moves while it lives (None: never)
 
     @property
     def live(self) -> bool:
@@ -85,6 +87,7 @@ def training_run(run: Run) -> TrainingRun:
         resolution=_int(tags.get(RESOLUTION_TAG)),
         attention=None if attention is None else attention == "True",
         stop_reason=tags.get(STOP_TAG),
+        heartbeat=tags.get(HEARTBEAT_TAG),
     )
 
 

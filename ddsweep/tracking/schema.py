@@ -18,6 +18,7 @@ DATASET_TAG = "dataset"
 RESOLUTION_TAG = "resolution"
 ATTENTION_TAG = "attention"
 STOP_TAG = "stop_reason"  # why a training stopped before its last epoch
+HEARTBEAT_TAG = "ddsweep.heartbeat"  # on a training run: how often its trainer has beaten
 DEVICE_TAG = "device"  # on a trial child run: where it ran (cpu, cuda:N; ddsweep.devices)
 TRAIN_KIND = "train"
 

@@ -92,6 +92,49 @@ def training_description(params: Mapping[str, str], last_epoch: int, loss: float
     return f"{head}: {last_epoch} of {p('epochs', '?')} epochs trained{final}"
 
 
+# How often a trainer tells its run it lives (the scheduler's trials beat as often); a follower
+# judges it dead once the count has not moved for its --grace-period.
+TRAINER_BEAT_S = 10.0
+
+
+class TrainerBeat:
+    """A thread that moves the training run's HEARTBEAT_TAG every `interval` seconds while the
+    trainer lives: a count, not a time, so a follower on another machine judges it on its own
+    clock (as the scheduler's Liveness does trials). A SIGKILL, a lost machine or a run left
+    RUNNING stops the count."""
+
+    def __init__(self, run_id: str, interval: float = TRAINER_BEAT_S) -> None:
+        import threading
+
+        self.run_id, self.interval = run_id, interval
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def beat(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from ddsweep.tracking.schema import HEARTBEAT_TAG
+
+        self.beats += 1
+        try:
+            MlflowClient().set_tag(self.run_id, HEARTBEAT_TAG, str(self.beats))
+        except Exception:  # a busy or lost store: the next beat tries again
+            return
+
+    def start(self) -> TrainerBeat:
+        self.beat()  # at once: a follower never waits a whole interval for the first
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+
 class TrainingTracker:
     """One MLflow run per training: config as params, tags to find it again, the loss of every
     step (sent `log_every` at a time), epoch metrics, sample grids, checkpoints, resume state."""
@@ -104,6 +147,7 @@ class TrainingTracker:
         self._pending: list[Any] = []  # mlflow Metric rows not yet sent
         self._params: dict[str, str] = {}
         self._loss: float | None = None  # the last epoch's loss, for the description
+        self._beat: TrainerBeat | None = None
 
     def start(self, name: str | None, resume_run_id: str | None = None) -> str:
         """Start run `name` (or continue `resume_run_id`) as MLflow's active run; its id.
@@ -119,6 +163,7 @@ class TrainingTracker:
             run_id=resume_run_id, run_name=name, tags=context_tags() if new else None
         )
         self.run_id = str(run.info.run_id)
+        self._beat = TrainerBeat(self.run_id).start()
         return self.run_id
 
     def log_config(self, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
@@ -203,6 +248,8 @@ class TrainingTracker:
     def _end(self, status: str) -> None:
         import mlflow
 
+        if self._beat is not None:
+            self._beat.stop()
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status)
