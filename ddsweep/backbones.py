@@ -191,9 +191,12 @@ def ensure_all(
         if pid in running and on_wait is not None:
             on_wait(f"{board.grid.name(pid)}: another command is training it; waiting for it")
     board.work(trials)
-    for pid in configs:  # trained by another command while this one waited
-        if pid not in trials.done and pid not in trials.errors:
-            trials.adopt(pid)
+    complete = board.tally().complete
+    for pid, tc in configs.items():  # trained by another command while this one waited
+        if pid in trials.done or pid in trials.errors or trials.adopt(pid) is not None:
+            continue
+        if pid in complete:  # its run was deleted since it was trained: train it again
+            trials._ready(pid, *ensure_trained(tc, data_dir, progress))
     if trials.errors:  # as it would have been without the scheduler: UserError is one line
         raise next(iter(trials.errors.values()))
     missing = [board.grid.name(p) for p in configs if p not in trials.done]
@@ -201,7 +204,8 @@ def ensure_all(
         t = board.tally()
         why = t.last_error.get(next(p for p in configs if p not in trials.done), "unknown")
         raise UserError(
-            f"{cfg.study}: {len(missing)} backbones not trained ({missing[0]}: {why}); "
+            f"{cfg.study}: {len(missing)} of {len(configs)} backbones not trained "
+            f"({missing[0]}: {why}); "
             "re-run the same command to train them"
         )
     return [(tc, *trials.done[pid]) for pid, tc in configs.items()]

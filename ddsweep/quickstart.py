@@ -75,6 +75,7 @@ def run(
         experiment=opts.experiment,
         on_backbone=show,
         extra=probe_options(cfg),
+        policy=opts.policy(),
     )
     run_study(cfg, opts, progress=study_progress)
     return cfg
