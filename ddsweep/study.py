@@ -207,9 +207,9 @@ def _open(
     # What would fail every point (no FID weights offline) is one line now, not N failed trials.
     make.check(cfg, opts.inception_weights)
     board = scheduler.open_study(cfg.study, opts.policy(), make.direction, create=False)
-    if not follow:  # a followed study's checkpoints are still to come
-        # A new study's backbones are checked before anything is recorded (found, not pinned).
-        check_points(cfg, opts, pin_backbones(board, cfg))
+    # A new study's backbones are checked before anything is recorded (found, not pinned); a
+    # followed study's checkpoints are still to come (its k is checked all the same).
+    check_points(cfg, opts, {} if follow else pin_backbones(board, cfg))
     if board is None:
         board = scheduler.open_study(cfg.study, opts.policy(), make.direction)
         assert board is not None

@@ -25,9 +25,10 @@ def no_study(folder: Path, name: str) -> None:
 
 def test_a_k_larger_than_the_fitted_train_split_is_refused(tmp_path: Path) -> None:
     # digits: 1,437 train images, 10 % held out for validation: the probe fits on 1,293.
-    line = refused([*GRID, "--study", "kbig", "--block", "pixels", "--k", "1294"])
-    assert "k = 1294 is larger than the 1293 digits train images" in line, line
-    no_study(tmp_path, "kbig")
+    for follow in ([], ["--follow"]):  # a follower too, before it waits for any checkpoint
+        line = refused([*GRID, "--study", "kbig", "--block", "pixels", "--k", "1294", *follow])
+        assert "k = 1294 is larger than the 1293 digits train images" in line, line
+        no_study(tmp_path, "kbig")
 
 
 def test_a_block_path_the_backbone_lacks_is_refused(tmp_path: Path) -> None:
