@@ -28,12 +28,6 @@ if TYPE_CHECKING:
 DataInput = tuple[str, str, str, int]
 
 
-# `mlflow ui` (3.x) opens an experiment without this tag in its GenAI view ("Overview",
-# "Traces"), where ddsweep's runs are a click on "Model training" away; with it, on "Runs".
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING = "custom_model_development"
-
-
 def setup(
     tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, *, create: bool = True
 ) -> str:
@@ -61,8 +55,6 @@ def setup(
     try:
         with first_migration(str(mlflow.get_tracking_uri())):
             exp = mlflow.set_experiment(experiment)
-        if EXPERIMENT_KIND_TAG not in exp.tags:  # a kind the user gave it stays
-            mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     except Exception as err:  # an unreachable server or a bad URI is the user's to fix
         uri = redact(mlflow.get_tracking_uri())
         raise UserError(
