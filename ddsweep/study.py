@@ -367,7 +367,7 @@ def publish_answer(ctx: Context, done: int) -> None:
             tags,
             answer.tables(facets, rows),
             done,
-            note=answer.note(cfg.study, found),
+            note=answer.note(cfg.study, found, rows),
             files={report.METHODS_MD: card},
         )
 

@@ -243,6 +243,22 @@ def epochs_grid(*epochs: int) -> object:
     return Grid({id_of(p): p for p in params})
 
 
+def test_an_integer_axis_keeps_its_grid_s_step_and_a_value_off_it_widens_the_lattice() -> None:
+    from optuna.distributions import IntDistribution
+
+    from ddsweep.scheduler.grid import _distribution, int_ranges
+
+    ranges = int_ranges(epochs_grid(0, 2, 8))  # type: ignore[arg-type]
+    assert ranges == {"epoch": (0, 8, 2), "resolution": (16, 16, 0)}
+    assert _distribution("epoch", 4, {}, ranges) == IntDistribution(0, 8, step=2)
+    assert _distribution("resolution", 16, {}, ranges) == IntDistribution(16, 16)
+    # a retry from another grid: the distribution holds its value, on a step that fits both
+    assert _distribution("epoch", 5, {}, ranges) == IntDistribution(0, 8, step=1)
+    assert _distribution("epoch", 12, {}, ranges) == IntDistribution(0, 12, step=2)
+    assert _distribution("epoch", -2, {}, ranges) == IntDistribution(-2, 8, step=2)
+    assert _distribution("k", 50, {}, ranges) == IntDistribution(50, 50)  # not in this grid
+
+
 def test_integer_axes_span_their_values_in_a_new_study_and_an_old_one_keeps_its_range(
     tmp_path: Path,
 ) -> None:
@@ -259,7 +275,8 @@ def test_integer_axes_span_their_values_in_a_new_study_and_an_old_one_keeps_its_
     for _ in range(3):
         new.run_trial(Echo(), None)
     dists = [t.distributions for t in new.study.get_trials()]
-    assert {d["epoch"] for d in dists} == {IntDistribution(0, 8)}  # spread over its values
+    # spread over its values, on their step (PED-ANOVA's importance reads the step)
+    assert {d["epoch"] for d in dists} == {IntDistribution(0, 8, step=2)}
     assert all(d["resolution"].single() for d in dists)  # constant: out of importance rankings
 
     # A study begun by an earlier ddsweep, trials at 0..INT_HIGH: it keeps that range.

@@ -179,6 +179,36 @@ def _answer_cells(row: SummaryRow, key: str) -> list[str]:
     ]
 
 
+def _answer_table(
+    rows: list[SummaryRow], study: str
+) -> tuple[str, list[list[str]], list[int], str]:
+    """(title, ANSWER_COLUMNS cells of each row, the columns any row fills, caption)."""
+    full = [summary_cells(r) for r in rows]
+    keep, same = shown_columns(full)
+    varying = [i for i in keep if i < HEADERS.index("best block")]
+    words = [[_key_text(HEADERS[i], c[i]) for i in varying] for c in full]
+    keys = [" ".join(w for w in said if w) or "all" for said in words]
+    cells = [_answer_cells(r, key) for r, key in zip(rows, keys, strict=True)]
+    used = [j for j in range(len(ANSWER_COLUMNS)) if any(c[j] for c in cells)]
+    fixed = ", ".join(_key_text(HEADERS[i], v) for i, v in same)
+    chosen = {r.chosen_on for r in rows if r.best_block is not None}
+    on = {"val": "chosen on validation", "test": "chosen on test (optimistic)"}
+    title = f"study {study}: the answer" + (f" ({fixed})" if fixed else "")
+    return title, cells, used, "; ".join(on[c] for c in sorted(chosen))
+
+
+def answer_markdown(rows: Iterable[SummaryRow], study: str) -> str:
+    """The terminal's compact answer table as Markdown (the parent run's description): its
+    title, one row per table of the study, every column any row fills, its caption."""
+    title, cells, used, caption = _answer_table(list(rows), study)
+    head = [ANSWER_COLUMNS[j] for j in used]
+    align = ["---:" if h in ("top1 % (test)", "pixels %") else "---" for h in head]
+    out = [f"**{title[0].upper()}{title[1:]}**", "", "| " + " | ".join(head) + " |"]
+    out.append("|" + "|".join(align) + "|")
+    out += ["| " + " | ".join(c[j].replace("|", "\\|") for j in used) + " |" for c in cells]
+    return "\n".join([*out, "", caption] if caption else out)
+
+
 def answer_view(rows: Iterable[SummaryRow], study: str, width: int = 80) -> list[RenderableType]:
     """The study's answer first, compact: one line per table of the study (its key: only what
     differs between tables), its best block @ epoch, that cell's test top1 ± half its 95 %
@@ -189,18 +219,7 @@ def answer_view(rows: Iterable[SummaryRow], study: str, width: int = 80) -> list
     from rich.table import Table
     from rich.text import Text
 
-    rows = list(rows)
-    full = [summary_cells(r) for r in rows]
-    keep, same = shown_columns(full)
-    varying = [i for i in keep if i < HEADERS.index("best block")]
-    keys = [" ".join(_key_text(HEADERS[i], c[i]) for i in varying) or "all" for c in full]
-    cells = [_answer_cells(r, key) for r, key in zip(rows, keys, strict=True)]
-    used = [j for j in range(len(ANSWER_COLUMNS)) if any(c[j] for c in cells)]
-    fixed = ", ".join(_key_text(HEADERS[i], v) for i, v in same)
-    chosen = {r.chosen_on for r in rows if r.best_block is not None}
-    on = {"val": "chosen on validation", "test": "chosen on test (optimistic)"}
-    title = f"study {study}: the answer" + (f" ({fixed})" if fixed else "")
-    caption = "; ".join(on[c] for c in sorted(chosen))
+    title, cells, used, caption = _answer_table(list(rows), study)
 
     def table(columns: list[int]) -> Table:
         t = Table(box=None, pad_edge=False)
