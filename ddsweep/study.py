@@ -198,15 +198,17 @@ def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
 def _open(
     cfg: sweep.StudyConfig, opts: RunOptions, *, follow: bool = False
 ) -> tuple[str, GridStudy]:
-    """(MLflow experiment id, the study, created if new)."""
-    exp_id = tracking.setup(opts.tracking_uri, opts.experiment)
+    """(MLflow experiment id, the study, created if new). A new study's backbones are
+    checked before any store is opened: with none trained, one line and nothing left behind."""
+    tracking.setup(opts.tracking_uri, create=False)  # the URI only: nothing created yet
     make = OBJECTIVES[cfg.kind]
     # What would fail every point (no FID weights offline) is one line now, not N failed trials.
     make.check(cfg, opts.inception_weights)
     board = scheduler.open_study(cfg.study, opts.policy(), make.direction, create=False)
-    if board is None:  # a new study: check its backbones before recording anything
-        if not follow:  # a followed study's checkpoints are still to come
-            pin_backbones(None, cfg)
+    if board is None and not follow:  # a followed study's checkpoints are still to come
+        pin_backbones(None, cfg)
+    exp_id = tracking.setup(opts.tracking_uri, opts.experiment)
+    if board is None:
         board = scheduler.open_study(cfg.study, opts.policy(), make.direction)
         assert board is not None
     return exp_id, board

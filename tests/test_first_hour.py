@@ -77,6 +77,10 @@ def fails(*args: str) -> str:
         (["train", "digits", "--probe-every", "1", "--probe-block", "mdi"], "'mid'?"),
         (["train", "--resume", "nosuch"], "no MLflow run 'nosuch'"),
         (["sample", "--run", "nosuch"], "no MLflow run 'nosuch'"),
+        # no trained backbone yet: refused before any store is opened
+        (["probe", "--dataset", "digits"], "no finished training run for digits"),
+        (["probe", "--run", "nosuch"], "no MLflow run 'nosuch'"),
+        (["study", "probe-grid", "--study", "digits_blocks"], "study train-grid --study digits"),
     ],
 )
 def test_mistakes_and_looks_leave_the_folder_as_they_found_it(
