@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ddsweep import devices, evaluate, scheduler, tracking
-from ddsweep.config import sweep
+from ddsweep.config import stores, sweep
 from ddsweep.config.model import PIXELS
 from ddsweep.config.points import AXES, legacy_id, legacy_ids, point_id
 from ddsweep.config.run import FOLLOW_INTERVAL, RunOptions
@@ -527,12 +527,7 @@ def status_tables(
     make = OBJECTIVES[cfg.kind]
     board = scheduler.open_study(cfg.study, opts.policy(), make.direction, create=False)
     if board is None:
-        steps = (
-            sweep.study_steps(cfg.study)
-            if cfg.kind == "probe-grid"
-            else f"`ddsweep study {cfg.kind} --study {cfg.study}`"
-        )
-        raise UserError(f"study {cfg.study!r} has not been started: run {steps}")
+        raise stores.not_started(cfg)
     tracking.setup(tracking_uri, create=False)  # read only: no experiment is created
     if tracking.missing_store() is not None:
         raise UserError(

@@ -359,9 +359,7 @@ def status(
     experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """Complete / running / failed / left, in total and per axis value."""
-    from rich.console import Console
-
-    from ddsweep.study import status_tables
+    from ddsweep.config import stores
 
     axes = axis_overrides(
         dataset=dataset,
@@ -373,6 +371,13 @@ def status(
         probe=probe_kind,
         k=k,
     )
+    unstarted = stores.unstarted_study(study, axes, storage)
+    if unstarted is not None:  # no journal: said before Optuna (or MLflow) is even imported
+        raise unstarted
+    from rich.console import Console
+
+    from ddsweep.study import status_tables
+
     cfg = study_config(study, axes, storage)
     for table in status_tables(
         cfg, storage=storage, tracking_uri=tracking_uri, experiment=experiment

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsweep import predictions
+from ddsweep.config.stores import no_study
 from ddsweep.errors import UserError
 from ddsweep.report import traincurves as tc
 from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
@@ -42,19 +43,6 @@ def _experiment_ids(experiment: str | None) -> dict[str, Any]:
     return {"experiment_ids": [found.experiment_id]}
 
 
-def _no_study(study: str, where: str, also: Iterable[str] = ()) -> UserError:
-    """'no study X at URI: run ...' with the commands that run it, or a did-you-mean when no
-    sweep file names it."""
-    from ddsweep.config import sweep
-
-    if sweep.find_sweep_file(study) is not None:
-        return UserError(f"no study {study!r} {where}: to run it, {sweep.study_steps(study)}")
-    return UserError(
-        f"no study {study!r} {where}{sweep.unknown_study_hint(study, also)} (or check "
-        "--tracking-uri)"
-    )
-
-
 def check_store(study: str) -> None:
     """UserError, before MLflow opens anything, when the tracking store is a sqlite file that
     does not exist: reading it would create it (and an empty mlflow.db would be left behind)."""
@@ -62,7 +50,7 @@ def check_store(study: str) -> None:
 
     path = missing_store()
     if path is not None:
-        raise _no_study(study, f"here ({path} does not exist)")
+        raise no_study(study, f"here ({path} does not exist)")
 
 
 def find_study(study: str, experiment: str | None = None) -> str:
@@ -91,7 +79,7 @@ def find_study(study: str, experiment: str | None = None) -> str:
             **where,
         )
         known = {r.data.tags.get(STUDY_TAG, "") for r in studies} - {""}
-        raise _no_study(study, f"{within}at {redact(mlflow.get_tracking_uri())}", sorted(known))
+        raise no_study(study, f"{within}at {redact(mlflow.get_tracking_uri())}", sorted(known))
     return str(runs[0].info.run_id)
 
 
