@@ -16,6 +16,7 @@ from ddsweep.report.text import block_label, epoch_label, pct, pct_ci, spot_labe
 if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.table import Table
+    from rich.text import Text
 
 HEADERS = (
     "dataset",
@@ -159,7 +160,7 @@ ANSWER_COLUMNS = (
     "on test",
 )
 _SAID = {  # a column's words when it is said below the table
-    "vs runner-up": "",
+    "vs runner-up": "vs runner-up (on test)",
     "pixels %": "pixels baseline %",
     "on test": "best on test (optimistic)",
 }
@@ -193,14 +194,14 @@ def answer_view(rows: Iterable[SummaryRow], study: str, width: int = 80) -> list
     full = [summary_cells(r) for r in rows]
     keep, same = shown_columns(full)
     varying = [i for i in keep if i < HEADERS.index("best block")]
-    keys = [" ".join(_key_text(HEADERS[i], c[i]) for i in varying) or "all" for c in full]
+    keys = [" ".join(w for i in varying if (w := _key_text(HEADERS[i], c[i]))) for c in full]
+    keys = [key or "all" for key in keys]  # an empty cell (no settings) adds no space
     cells = [_answer_cells(r, key) for r, key in zip(rows, keys, strict=True)]
     used = [j for j in range(len(ANSWER_COLUMNS)) if any(c[j] for c in cells)]
     fixed = ", ".join(_key_text(HEADERS[i], v) for i, v in same)
     chosen = {r.chosen_on for r in rows if r.best_block is not None}
     on = {"val": "chosen on validation", "test": "chosen on test (optimistic)"}
-    title = f"study {study}: the answer" + (f" ({fixed})" if fixed else "")
-    caption = "; ".join(on[c] for c in sorted(chosen))
+    title = ", ".join([f"study {study}: the answer", *(on[c] for c in sorted(chosen))])
 
     def table(columns: list[int]) -> Table:
         t = Table(box=None, pad_edge=False)
@@ -216,15 +217,23 @@ def answer_view(rows: Iterable[SummaryRow], study: str, width: int = 80) -> list
     for j in used[3:]:  # the most wanted columns that fit, in their order
         if probe.measure(table(sorted([*columns, j]))).maximum <= width:
             columns = sorted([*columns, j])
-    out: list[RenderableType] = [Text(title, style="bold", overflow="fold"), table(columns)]
-    left = [j for j in used if j not in columns]
-    for c in cells:
-        said = "; ".join(f"{_SAID[ANSWER_COLUMNS[j]]} {c[j]}".strip() for j in left if c[j])
-        if said:
-            out.append(Text(f"{c[0]}: {said}", overflow="fold"))
-    if caption:
-        out.append(Text(caption))
+    out: list[RenderableType] = [Text(title, style="bold", overflow="fold")]
+    if fixed:
+        out.append(Text(f"every table: {fixed}", overflow="fold"))
+    out.append(table(columns))
+    for j in (j for j in used if j not in columns):  # each column left out, under its name
+        out.append(Text(f"{_SAID[ANSWER_COLUMNS[j]]}:", style="bold"))
+        out += [_said(c[0], c[j], width) for c in cells if c[j]]
     return out
+
+
+def _said(key: str, value: str, width: int) -> Text:
+    """'  key: value' under a left-out column's name; the value on a line of its own when the
+    two would not fit `width` together (never a line broken mid-phrase by the terminal)."""
+    from rich.text import Text
+
+    line = f"  {key}: {value}"
+    return Text(line if len(line) <= width else f"  {key}:\n    {value}", overflow="fold")
 
 
 def _key_text(header: str, value: str) -> str:
