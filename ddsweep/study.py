@@ -98,7 +98,7 @@ class Context:
     board: GridStudy
     objective: Objective
     recorder: StudyRecorder
-    answer: list[str] = dataclasses.field(default_factory=list)  # the answer's lines, once known
+    answer: tuple[Any, Any] | None = None  # the answer's (facets, summary rows), once known
 
     @property
     def ids(self) -> list[str]:
@@ -356,13 +356,11 @@ def publish_answer(ctx: Context, done: int) -> None:
     ctx.recorder.log_definition(source, sweep.to_document(cfg))
     if cfg.kind != "probe-grid":
         return
-    trials = report.load_trials(ctx.parent_id)
-    facets = report.build_tables(report.with_predictions(trials))
+    trials, facets, rows = report.study_results(ctx.parent_id)
     if facets:
-        rows = report.summary(facets)
         metrics, tags = answer.headline(facets, rows)
         found = report.study_answer(facets, rows)
-        ctx.answer = report.answer_lines(facets, rows)
+        ctx.answer = (facets, rows)
         card = report.methods_card(cfg.study, facets, trials, report.split_inputs(trials))
         ctx.recorder.log_answer(
             metrics,

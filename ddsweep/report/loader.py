@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     import pandas as pd
     from rich.console import Console
 
+    from ddsweep.report.headline import SummaryRow
+    from ddsweep.report.tables import Facet
+
 
 def _experiment_ids(experiment: str | None) -> dict[str, Any]:
     """search_runs' arguments for one experiment by name, or for every one (None)."""
@@ -216,6 +219,16 @@ def load_training_probes(run_ids: Iterable[str]) -> dict[str, dict[str, dict[int
     return out
 
 
+def study_results(parent_run_id: str) -> tuple[pd.DataFrame, list[Facet], list[SummaryRow]]:
+    """(finished trials, their tables with predictions and FID curves, the summary) of a study:
+    what `report`, the end of `probe-grid` and the parent run all state the answer from."""
+    trials = load_trials(parent_run_id)
+    facets = build_tables(with_predictions(trials))
+    if facets:
+        attach_fid(facets, fid_by_backbone(load_fid_runs()))
+    return trials, facets, summary(facets)
+
+
 def write_report(
     study: str,
     out_dir: Path,
@@ -238,16 +251,13 @@ def write_report(
     parent = find_study(study, experiment)
     header = status_line(study, count_trials(parent), grid_progress(parent))
     console.print(header)
-    trials = load_trials(parent)
-    facets = build_tables(with_predictions(trials))
+    trials, facets, rows = study_results(parent)
     if not facets:
         console.print(
             f"study {study}: no finished trials yet, nothing to report "
             f"(`ddsweep study status --study {study}` shows progress)"
         )
         return []
-    attach_fid(facets, fid_by_backbone(load_fid_runs()))
-    rows = summary(facets)
     if "table" in wanted:
         print_report(console, study, facets, rows, full)
     card = methods_card(study, facets, trials, split_inputs(trials))

@@ -219,7 +219,7 @@ def answer_view(rows: Iterable[SummaryRow], study: str, width: int = 80) -> list
             columns = sorted([*columns, j])
     out: list[RenderableType] = [Text(title, style="bold", overflow="fold")]
     if fixed:
-        out.append(Text(f"every table: {fixed}", overflow="fold"))
+        out.append(Text(f"all tables: {fixed}", overflow="fold"))
     out.append(table(columns))
     for j in (j for j in used if j not in columns):  # each column left out, under its name
         out.append(Text(f"{_SAID[ANSWER_COLUMNS[j]]}:", style="bold"))
