@@ -390,7 +390,7 @@ def status(
         raise unstarted
     from rich.console import Console
 
-    from ddsweep.study import status_tables
+    from ddsweep.studystatus import status_tables
 
     cfg = study_config(study, axes, storage)
     for table in status_tables(
