@@ -77,6 +77,10 @@ def fails(*args: str) -> str:
         (["train", "digits", "--probe-every", "1", "--probe-block", "mdi"], "'mid'?"),
         (["train", "--resume", "nosuch"], "no MLflow run 'nosuch'"),
         (["sample", "--run", "nosuch"], "no MLflow run 'nosuch'"),
+        # no trained backbone yet: refused before any store is opened
+        (["probe", "--dataset", "digits"], "no finished training run for digits"),
+        (["probe", "--run", "nosuch"], "no MLflow run 'nosuch'"),
+        (["study", "probe-grid", "--study", "digits_blocks"], "study train-grid --study digits"),
     ],
 )
 def test_mistakes_and_looks_leave_the_folder_as_they_found_it(
@@ -166,9 +170,19 @@ def test_the_hints_of_a_fresh_folder_lead_to_the_answer(
     for command in commands:
         result = CliRunner().invoke(app, shlex.split(command))
         assert result.exit_code == 0, (command, result.output, result.exception)
+    grid_end = result.stdout
     result = CliRunner().invoke(app, ["report", "--study", "tiny", "--format", "table"])
     assert result.exit_code == 0, result.output
     assert "study tiny: the answer" in result.output
+    # probe-grid's end prints the report's answer block, word for word and line for line:
+    # from its first line ("answer: ...") to the end of the table at a glance
+    lines = result.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("answer: "))
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("every table: `"))
+    block = "\n".join(lines[start:end])
+    assert "study tiny: the answer" in block and "untested" not in block, block
+    assert block in grid_end, (block, grid_end)
+    assert grid_end.startswith(block), grid_end  # first, before the outcome lines
 
 
 # --- MLflow at a glance ---------------------------------------------------------------------

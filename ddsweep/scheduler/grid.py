@@ -19,7 +19,6 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from ddsweep.config.points import id_of
 from ddsweep.errors import UserError, first_line
 from ddsweep.scheduler.storage import journal_path, make_storage
 from ddsweep.scheduler.trials import (
@@ -72,7 +71,8 @@ class GridSampler(BaseSampler):
 
     def unclaimed(self, study: optuna.Study) -> list[str]:
         """Points of the grid with no trial at all (in any state), in hand-out order."""
-        held = {trial_point(t, self._grid.legacy) for t in study.get_trials(deepcopy=False)}
+        grid = self._grid
+        held = {trial_point(t, grid.legacy, grid.key_of) for t in study.get_trials(deepcopy=False)}
         return [p for p in self._order if p not in held]
 
     def is_exhausted(self, study: optuna.Study) -> bool:
@@ -282,7 +282,7 @@ class GridStudy:
         params = self.grid.params[pid]
         choices = self._choices
         dists = {n: _distribution(n, v, choices, self.ranges) for n, v in params.items()}
-        attrs = {"point_id": self.grid.name(pid), WORKER_ATTR: self.me, HEARTBEAT_ATTR: 1}
+        attrs = {"point_id": pid, WORKER_ATTR: self.me, HEARTBEAT_ATTR: 1}
         storage = self.study._storage
         tid = storage.create_new_trial(self.study._study_id, template(params, dists, attrs))
         return optuna.Trial(self.study, tid)
@@ -313,7 +313,7 @@ class GridStudy:
                 assert isinstance(dist, IntDistribution)
                 trial.suggest_int(name, dist.low, dist.high, step=dist.step)
         # The point is what the storage now holds for the trial, whatever handed it out.
-        return id_of(trial.params)
+        return self.grid.key_of(trial.params)
 
     def _run_claimed(
         self,
@@ -331,14 +331,14 @@ class GridStudy:
             self._tell(trial, state=TrialState.PRUNED)
             return "duplicate"
         if claimed is None:
-            trial.set_user_attr("point_id", self.grid.name(pid))
+            trial.set_user_attr("point_id", pid)
         reason = self._step_back_reason(trial, pid)
         if reason:
             trial.set_user_attr("duplicate_of", reason)
             self._tell(trial, state=TrialState.PRUNED)
             return "duplicate"
         if on_point:
-            on_point(self.grid.name(pid))
+            on_point(pid)
         if claimed is None:
             # Which process holds the point: `study status` and operators can tell who died.
             trial.set_user_attr(WORKER_ATTR, self.me)
