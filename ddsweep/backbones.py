@@ -129,11 +129,12 @@ class _Backbones:
 def _backbone_grid(configs: dict[str, TrainConfig]) -> Grid:
     from ddsweep.config.datasets import KNOWN_DATASETS
 
-    params, names = {}, {}
-    for pid, tc in configs.items():
-        params[pid] = _backbone_params(tc)
-        names[pid] = f"{tc.dataset} {tc.model.resolution} px attention={tc.model.attention}"
-    return Grid(params, {"dataset": KNOWN_DATASETS}, names=names)
+    params = {pid: _backbone_params(tc) for pid, tc in configs.items()}
+    return Grid(params, {"dataset": KNOWN_DATASETS})
+
+
+def _backbone_name(tc: TrainConfig) -> str:
+    return f"{tc.dataset} {tc.model.resolution} px attention={tc.model.attention}"
 
 
 def _backbone_params(tc: TrainConfig) -> dict[str, Any]:
@@ -187,9 +188,9 @@ def ensure_all(
     board.use(_backbone_grid(configs))
     trials = _Backbones(configs, data_dir, progress, on_backbone)
     running = board.tally().running
-    for pid in configs:
+    for pid, tc in configs.items():
         if pid in running and on_wait is not None:
-            on_wait(f"{board.grid.name(pid)}: another command is training it; waiting for it")
+            on_wait(f"{_backbone_name(tc)}: another command is training it; waiting for it")
     board.work(trials)
     complete = board.tally().complete
     for pid, tc in configs.items():  # trained by another command while this one waited
@@ -199,7 +200,7 @@ def ensure_all(
             trials._ready(pid, *ensure_trained(tc, data_dir, progress))
     if trials.errors:  # as it would have been without the scheduler: UserError is one line
         raise next(iter(trials.errors.values()))
-    missing = [board.grid.name(p) for p in configs if p not in trials.done]
+    missing = [_backbone_name(tc) for p, tc in configs.items() if p not in trials.done]
     if missing:
         t = board.tally()
         why = t.last_error.get(next(p for p in configs if p not in trials.done), "unknown")
@@ -298,7 +299,7 @@ def run_training(
             data.training_set(cfg.dataset, cfg.model.resolution, data_dir)
         if resume is not None:  # an unknown run: one line, and no store created to say so
             tracking.setup(tracking_uri, create=False)
-            tracking.get_run(resume)
+            tracking.training_run(resume)
         tracking.setup(tracking_uri, experiment, create=dist.is_main)
         if resume is not None:
             cfg = resumed_config(resume, runs.training_params(resume), cfg, dataset)
@@ -319,7 +320,7 @@ def run_training(
 def followed_run(dataset: str, resolution: int, attention: bool) -> str | None:
     """The training run a --follow study follows for this backbone: the newest one running or
     finished; None while there is none."""
-    for run in tracking.training_records(dataset, resolution, attention):
+    for run in tracking.training_runs(dataset, resolution, attention):
         if run.live or run.status == "FINISHED":
             return run.run_id
     return None
