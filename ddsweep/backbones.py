@@ -352,6 +352,15 @@ def ready_epochs(run_id: str, watch: TrainerWatch | None = None) -> tuple[tuple[
     return tuple(e for e in runs.saved_epochs(run_id) if e <= last), ended
 
 
+def trainer_grace(grace_period: float) -> float:
+    """How long a follower waits for a trainer's heartbeat to move: --grace-period, but never
+    under three of the trainer's beats (it beats every TRAINER_BEAT_S, whatever the
+    follower's --heartbeat-interval)."""
+    from ddsweep.tracking.training import TRAINER_BEAT_S
+
+    return max(float(grace_period), 3 * TRAINER_BEAT_S)
+
+
 class TrainerWatch:
     """Which followed training runs have lost their trainer (SIGKILL, a lost machine, a run
     left RUNNING by a crash): judged as the scheduler judges trials (`scheduler.trials.

@@ -479,7 +479,8 @@ def run_follow(
     look every `interval` seconds (sleeping between looks), run the points found, and return
     once every followed run has ended and its points are done. The scheduler's exactly-once
     rules hold as in `run_study`: Ctrl-C and re-running lose and double nothing. A run whose
-    trainer stops beating for `opts.grace_period` (on `clock`) counts as ended: what it saved
+    trainer stops beating for `trainer_grace(opts.grace_period)` (on `clock`) counts as
+    ended: what it saved
     is probed, then UserError says which run to resume."""
     from ddsweep import backbones
 
@@ -490,7 +491,7 @@ def run_follow(
     grid_cfg = dataclasses.replace(cfg, axes=dataclasses.replace(cfg.axes, epoch=()))
     ctx: Context | None = None
     outcomes: Counter[str] = Counter()
-    watch = backbones.TrainerWatch(opts.grace_period, clock)
+    watch = backbones.TrainerWatch(backbones.trainer_grace(opts.grace_period), clock)
     while True:
         pins, ended = follow_pins(board, cfg, watch)
         objective = make_objective(grid_cfg, opts, pins)
@@ -510,7 +511,7 @@ def run_follow(
         run_id = watch.gone[0]
         raise UserError(
             f"training run {run_id} is RUNNING but its trainer has shown no life for "
-            f"{opts.grace_period:g} s (killed, or its machine lost?): the checkpoints it "
+            f"{watch.grace:g} s (killed, or its machine lost?): the checkpoints it "
             f"completed are probed; resume it with `ddsweep train --resume {run_id}`, then "
             "run this command again"
         )
