@@ -322,3 +322,117 @@ def test_a_follower_interrupted_while_it_waits_for_a_training_exits_130(
     """No training run yet: the follower waits (sleeps between looks) and Ctrl-C ends it."""
     interrupt("sleep", 1, signal.SIGINT, tmp_path / "hook", *STUDIES["follow"])
     assert_nothing_running()
+
+
+# --- a follower between a checkpoint's files and its resume state ------------------------------
+
+# `python -c HELD MARKERS ddsweep train ...`: holds the training twice, each time writing a marker
+# and waiting for a "go" file: once epoch 1's checkpoint files are logged but not the resume state
+# that vouches for them (MARKERS/held, MARKERS/go), and once more before the run ends, its
+# checkpoints all complete (MARKERS/ending, MARKERS/go2).
+HELD = r"""
+import json, sys, time
+from pathlib import Path
+markers = Path(sys.argv[1])
+del sys.argv[1]
+from ddsweep import cli
+from ddsweep.tracking.training import TrainingTracker
+def hold(name, go):
+    (markers / f"{name}.tmp").touch()
+    (markers / f"{name}.tmp").rename(markers / name)
+    while not (markers / go).exists():
+        time.sleep(0.01)
+real_resume, real_finish = TrainingTracker.log_resume_state, TrainingTracker.finish
+def log_resume_state(self, folder):
+    if json.loads((folder / "state.json").read_text())["epoch"] == 1:
+        hold("held", "go")
+    return real_resume(self, folder)
+def finish(self, last_epoch):
+    hold("ending", "go2")
+    return real_finish(self, last_epoch)
+TrainingTracker.log_resume_state, TrainingTracker.finish = log_resume_state, finish
+cli.main()
+"""
+# `python -c LOOKS MARKERS ddsweep study probe-grid --follow ...`: a follower that appends one line
+# per look at the training run (backbones.ready_epochs) to MARKERS/looks: the epochs it found
+# ready, and whether the trainer was held between the files and the state for the whole look.
+LOOKS = r"""
+import json, sys
+from pathlib import Path
+markers = Path(sys.argv[1])
+del sys.argv[1]
+from ddsweep import backbones, cli
+real = backbones.ready_epochs
+def held():
+    return (markers / "held").exists() and not (markers / "go").exists()
+def ready_epochs(run_id):
+    before = held()
+    epochs, ended = real(run_id)
+    with open(markers / "looks", "a") as f:
+        f.write(json.dumps({"epochs": list(epochs), "held": before and held()}) + "\n")
+    return epochs, ended
+backbones.ready_epochs = ready_epochs
+cli.main()
+"""
+FOLLOW = [
+    "study", "probe-grid", "--study", STUDY, "--dataset", "digits", "--resolution", "8",
+    "--block", "mid", "--probe", "knn", "--k", "5", "--follow", "--follow-interval", "0.2",
+]  # fmt: skip
+FOLLOWED_TRAINING = ["train", "digits", "--device", "cpu", "--resolution", "8", "--channels",
+                     "32,32,32", "--epochs", "2", "--batch-size", "1024", "--checkpoint-every",
+                     "1", "--sample-every", "0"]  # fmt: skip
+
+
+def looks(markers: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = markers / "looks"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def probed_epochs() -> list[int]:
+    found = all_runs(f"tags.`{STUDY_TAG}` = '{STUDY}' and attributes.status = 'FINISHED'")
+    return sorted(int(r.data.params["epoch"]) for r in found if POINT_TAG in r.data.tags)
+
+
+def until(what: Callable[[], bool], *procs: Any, timeout: float = 600) -> None:
+    """Wait until `what()` holds (each process still running), at most `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not what():
+        for p in procs:
+            assert p.poll() is None, p.output()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_follower_probes_no_checkpoint_before_its_resume_state_then_probes_it_in_time(
+    workdir: str, tmp_path: Path
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    with hooked.processes() as start:
+        trainer = start(HELD, str(markers), *FOLLOWED_TRAINING)
+        follower = start(LOOKS, str(markers), *FOLLOW)
+        hooked.reach(trainer, markers / "held", timeout=600)
+        (run,) = all_runs(f"tags.`{KIND_TAG}` = 'train'")
+        assert tracking.runs.saved_epochs(run.info.run_id) == [0, 1]  # epoch 1's files are there
+        # Epoch 0 probed, and two more whole looks taken while the trainer is held.
+        until(lambda: probed_epochs() == [0] and sum(x["held"] for x in looks(markers)) >= 2,
+              trainer, follower)  # fmt: skip
+        assert all(x["epochs"] == [0] for x in looks(markers) if x["held"])
+        assert probed_epochs() == [0]  # epoch 1 not probed: its resume state is not there
+
+        (markers / "go").touch()
+        hooked.reach(trainer, markers / "ending", timeout=600)
+        # The training has not ended (the trainer is held before it ends its run): the follower
+        # probes epochs 1 and 2 now, not once the training is over.
+        until(lambda: probed_epochs() == [0, 1, 2], trainer, follower)
+        (run,) = all_runs(f"tags.`{KIND_TAG}` = 'train'")
+        assert run.info.status == "RUNNING"
+        (markers / "go2").touch()
+        for proc in (trainer, follower):
+            _out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+    assert probed_epochs() == [0, 1, 2]

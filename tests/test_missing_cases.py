@@ -13,8 +13,10 @@ from typing import Any
 import hooked  # pytest puts tests/ on the path
 import numpy as np
 import pytest
+import test_scale_out
 import test_study
 import torch
+from test_scale_out import DECODED, Postgres
 from test_study import (
     STUDY,
     assert_each_point_evaluated_once,
@@ -31,6 +33,7 @@ from ddsweep.features import FeatureCache
 
 # The tiny trained backbone of test_study, and a fresh working folder per test.
 backbone = test_study.backbone
+postgres = test_scale_out.postgres  # a throwaway PostgreSQL cluster on 127.0.0.1
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- a kill inside trial logging, after the child run exists --------------------------------
@@ -199,3 +202,35 @@ def test_the_cache_cap_evicts_the_oldest_entries_and_they_are_recomputed_the_sam
         for a, b in zip(first.predictions[split], again.predictions[split], strict=True):
             assert torch.equal(a, b)
     assert again.metrics["top1"] == first.metrics["top1"]
+
+
+# --- ~/.pgpass ----------------------------------------------------------------------------------
+
+
+def test_a_postgres_url_without_a_password_works_with_a_pgpass_in_home(
+    postgres: Postgres, workdir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from ddsweep.cli import app
+
+    home = tmp_path / "user-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.delenv("PGPASSFILE", raising=False)
+    port = postgres.bare_url.rsplit(":", 1)[1].split("/")[0]
+    # A pixels-only study needs no backbone: one trial, in this process.
+    grid = ["study", "probe-grid", "--study", "pgpassfile", "--dataset", "digits"]
+    grid += ["--block", "pixels", "--probe", "knn", "--k", "3", "--storage", postgres.bare_url]
+    refused = CliRunner().invoke(app, grid)  # no ~/.pgpass yet: no password at all
+    assert refused.exit_code == 2, refused.output
+    assert "cannot open Optuna storage" in refused.output
+
+    pgpass = home / ".pgpass"
+    pgpass.write_text(f"127.0.0.1:{port}:optuna:postgres:{DECODED}\n")
+    pgpass.chmod(0o600)  # libpq ignores a password file others can read
+    result = CliRunner().invoke(app, grid)
+    assert result.exit_code == 0, result.output
+    assert "1/1 points complete" in result.output
+    assert DECODED not in result.output
