@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,13 @@ import pytest
 Start = Callable[..., "Logged"]
 
 
+def _ctrl_c_on() -> None:
+    """In the child before Python starts: SIGINT at its default, so that Python turns it into
+    KeyboardInterrupt even when the suite runs in the background of a shell (`pytest &`), whose
+    jobs inherit SIGINT ignored, and Python leaves an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Logged:
     """A subprocess whose stdout and stderr go to files, not pipes: a chatty process never blocks
     on a full pipe that nobody reads. Everything but `communicate` is the Popen's own."""
@@ -28,7 +36,9 @@ class Logged:
         folder.mkdir(parents=True, exist_ok=True)
         self._out = (folder / "stdout").open("w+")
         self._err = (folder / "stderr").open("w+")
-        self.popen = subprocess.Popen(args, env=env, stdout=self._out, stderr=self._err, text=True)
+        self.popen = subprocess.Popen(
+            args, env=env, stdout=self._out, stderr=self._err, text=True, preexec_fn=_ctrl_c_on
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.popen, name)

@@ -21,6 +21,7 @@ from typing import Any
 
 import hooked  # pytest puts tests/ on the path
 import pytest
+import test_study
 import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -28,10 +29,7 @@ from typer.testing import CliRunner
 
 from ddsweep import checkpoints, tracking
 from ddsweep.cli import app
-from ddsweep.config.model import ModelConfig
-from ddsweep.config.train import TrainConfig
 from ddsweep.tracking.schema import KIND_TAG, POINT_TAG, STUDY_TAG
-from ddsweep.train import train
 
 IsolatedStore = Callable[[Path], AbstractContextManager[str]]  # conftest's isolated_store
 
@@ -221,24 +219,8 @@ def test_an_interrupted_training_exits_130_and_resumes_to_the_uninterrupted_weig
 # --- studies: fid-grid and probe-grid --follow -----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory: pytest.TempPathFactory, isolated_store: IsolatedStore) -> Path:
-    """A folder whose mlflow.db holds one ended tiny digits training (epochs 0, 1 and 2)."""
-    folder = tmp_path_factory.mktemp("backbone")
-    with isolated_store(folder):
-        tracking.setup(None, tracking.DEFAULT_EXPERIMENT)
-        cfg = TrainConfig(
-            dataset="digits",
-            model=ModelConfig(resolution=8, channels=(32, 32, 32)),
-            epochs=2,
-            batch_size=1024,  # one step an epoch
-            checkpoint_every=1,
-            sample_every=0,
-            sample_count=0,
-            device="cpu",
-        )
-        train(cfg, data_dir=folder / "data")
-    return folder
+# The tiny trained backbone of test_study: an ended training with epochs 0 and 1.
+backbone = test_study.backbone
 
 
 FID = ["--feature", "randconv", "--samples", "16", "--sampler", "ddim", "--steps", "3"]
@@ -246,24 +228,24 @@ STUDIES = {
     "fid-grid": ["study", "fid-grid", "--study", STUDY, "--dataset", "digits", "--resolution", "8",
                  *FID],
     "follow": ["study", "probe-grid", "--study", STUDY, "--dataset", "digits", "--resolution",
-               "8", "--block", "mid", "--block", "up2", "--probe", "knn", "--k", "5", "--follow",
+               "8", "--block", "mid", "--block", "up4", "--probe", "knn", "--k", "5", "--follow",
                "--follow-interval", "0.5", "--heartbeat-interval", "1", "--grace-period", "3"],
 }  # fmt: skip
-POINTS = {"fid-grid": 3, "follow": 6}  # epochs 0, 1, 2 (x 2 blocks for the probe grid)
+POINTS = {"fid-grid": 2, "follow": 4}  # epochs 0 and 1 (x 2 blocks for the probe grid)
 METRIC = {"fid-grid": "fd_randconv", "follow": "top1"}
 
 
 @contextlib.contextmanager
-def home_from(backbone: Path, folder: Path, isolated_store: IsolatedStore) -> Iterator[Path]:
+def home_from(backbone: Any, folder: Path, isolated_store: IsolatedStore) -> Iterator[Path]:
     """Work in `folder` on a copy of the backbone's store (its artifacts stay where they are)."""
     folder.mkdir(parents=True, exist_ok=True)
     with isolated_store(folder):
-        shutil.copyfile(backbone / "mlflow.db", folder / "mlflow.db")
+        shutil.copyfile(backbone.folder / "mlflow.db", folder / "mlflow.db")
         yield folder
 
 
 @pytest.fixture
-def study_home(backbone: Path, tmp_path: Path, isolated_store: IsolatedStore) -> Iterator[Path]:
+def study_home(backbone: Any, tmp_path: Path, isolated_store: IsolatedStore) -> Iterator[Path]:
     with home_from(backbone, tmp_path / "home", isolated_store) as folder:
         yield folder
 
@@ -281,7 +263,7 @@ def point_values(kind: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted_values(
-    backbone: Path, tmp_path_factory: pytest.TempPathFactory, isolated_store: IsolatedStore,
+    backbone: Any, tmp_path_factory: pytest.TempPathFactory, isolated_store: IsolatedStore,
     one_torch_thread: None,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     out = {}

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import hooked  # pytest puts tests/ on the path
 import numpy as np
 import pytest
 import test_scale_out
+import test_signals
 import test_study
 import torch
 from test_scale_out import DECODED, Postgres
+from test_signals import FAST, POINTS
 from test_study import (
     STUDY,
     assert_each_point_evaluated_once,
@@ -33,14 +33,11 @@ from ddsweep.features import FeatureCache
 
 # The tiny trained backbone of test_study, and a fresh working folder per test.
 backbone = test_study.backbone
+home = test_signals.home  # test_study's working folder, with epoch 1's 4 points
 postgres = test_scale_out.postgres  # a throwaway PostgreSQL cluster on 127.0.0.1
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- a kill inside trial logging, after the child run exists --------------------------------
-
-# Epoch 1, blocks pixels and mid, probes linear and k-NN: 4 points.
-POINTS = 4
-FAST = ("--epoch", "1", "--heartbeat-interval", "1", "--grace-period", "2")
 
 # `python -c IN_LOGGING N MARKER study probe-grid ...`: in its N-th trial's logging, once the
 # child run of the point exists (RUNNING, its metrics logged, not its inputs and predictions),
@@ -64,15 +61,6 @@ def log_inputs(run_id, inputs):
 recorder.log_inputs = log_inputs
 cli.main()
 """
-
-
-@pytest.fixture
-def home(tmp_path: Path, backbone: Any) -> Iterator[Path]:
-    folder = test_study.make_home(tmp_path / "home", backbone)
-    path = folder / "sweeps" / f"{STUDY}.yaml"
-    path.write_text(path.read_text().replace("[pixels, mid, up4]", "[pixels, mid]"))
-    with test_study.inside(folder):
-        yield folder
 
 
 @pytest.mark.slow  # a fresh Python process importing torch, MLflow and Optuna
