@@ -27,8 +27,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ddsweep import checkpoints, tracking
+from ddsweep import checkpoints
 from ddsweep.cli import app
+from ddsweep.tracking import runs
 from ddsweep.tracking.schema import KIND_TAG, POINT_TAG, STUDY_TAG
 
 IsolatedStore = Callable[[Path], AbstractContextManager[str]]  # conftest's isolated_store
@@ -160,7 +161,7 @@ COMMANDS = {
 
 def last_weights(run_id: str, dst: Path) -> dict[str, Any]:
     """Every tensor of the EMA and raw safetensors files of the run's last checkpoint."""
-    folder = Path(tracking.runs.download_checkpoint(run_id, EPOCHS, dst))
+    folder = Path(runs.download_checkpoint(run_id, EPOCHS, dst))
     sub = {"ema": folder, "raw": folder / checkpoints.RAW}
     return {w: load_file(str(p / checkpoints.WEIGHTS_FILE)) for w, p in sub.items()}
 
@@ -399,7 +400,7 @@ def test_a_follower_probes_no_checkpoint_before_its_resume_state_then_probes_it_
         follower = start(LOOKS, str(markers), *FOLLOW)
         hooked.reach(trainer, markers / "held", timeout=600)
         (run,) = all_runs(f"tags.`{KIND_TAG}` = 'train'")
-        assert tracking.runs.saved_epochs(run.info.run_id) == [0, 1]  # epoch 1's files are there
+        assert runs.saved_epochs(run.info.run_id) == [0, 1]  # epoch 1's files are there
         # Epoch 0 probed, and two more whole looks taken while the trainer is held.
         until(lambda: probed_epochs() == [0] and sum(x["held"] for x in looks(markers)) >= 2,
               trainer, follower)  # fmt: skip
