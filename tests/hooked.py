@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,11 +20,9 @@ import pytest
 Start = Callable[..., "Logged"]
 
 
-def _ctrl_c_on() -> None:
-    """In the child before Python starts: SIGINT at its default, so that Python turns it into
-    KeyboardInterrupt even when the suite runs in the background of a shell (`pytest &`), whose
-    jobs inherit SIGINT ignored, and Python leaves an ignored SIGINT ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# First in every script: Ctrl-C as KeyboardInterrupt even when the suite runs in the background
+# of a shell (`pytest &`), whose jobs inherit SIGINT ignored, which Python then leaves ignored.
+CTRL_C_ON = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
 
 class Logged:
@@ -36,9 +33,7 @@ class Logged:
         folder.mkdir(parents=True, exist_ok=True)
         self._out = (folder / "stdout").open("w+")
         self._err = (folder / "stderr").open("w+")
-        self.popen = subprocess.Popen(
-            args, env=env, stdout=self._out, stderr=self._err, text=True, preexec_fn=_ctrl_c_on
-        )
+        self.popen = subprocess.Popen(args, env=env, stdout=self._out, stderr=self._err, text=True)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.popen, name)
@@ -70,7 +65,7 @@ def processes() -> Iterator[Start]:
 
     def start(script: str, *args: str) -> Logged:
         proc = Logged(
-            [sys.executable, "-c", script, *args],
+            [sys.executable, "-c", CTRL_C_ON + script, *args],
             {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
             logs / str(len(started)),
         )

@@ -195,6 +195,7 @@ def test_the_cache_cap_evicts_the_oldest_entries_and_they_are_recomputed_the_sam
 # --- ~/.pgpass ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a PostgreSQL cluster of its own: initdb and a server start
 def test_a_postgres_url_without_a_password_works_with_a_pgpass_in_home(
     postgres: Postgres, workdir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
