@@ -342,14 +342,17 @@ def resume_epoch(run_id: str) -> int:
             return -1
 
 
-def ready_epochs(run_id: str, watch: TrainerWatch | None = None) -> tuple[tuple[int, ...], bool]:
+def ready_epochs(run_id: str) -> tuple[tuple[int, ...], bool]:
     """(epochs of run `run_id` whose checkpoints are complete, whether the run has ended). The
-    status is read first: once it says ended, the epochs read after it are all there will be.
-    With `watch`, a run whose trainer has died (see TrainerWatch) counts as ended too."""
-    run = tracking.training_run(run_id)
-    ended = not run.live or (watch is not None and watch.dead(run_id, run.heartbeat))
+    status is read first: once it says ended, the epochs read after it are all there will be."""
+    ended = not tracking.training_run(run_id).live
     last = resume_epoch(run_id)
     return tuple(e for e in runs.saved_epochs(run_id) if e <= last), ended
+
+
+def trainer_gone(run_id: str, watch: TrainerWatch) -> bool:
+    """Whether the live-looking run `run_id` has lost its trainer (see TrainerWatch)."""
+    return watch.dead(run_id, tracking.training_run(run_id).heartbeat)
 
 
 def trainer_grace(grace_period: float) -> float:

@@ -456,7 +456,9 @@ def follow_pins(
             continue
         if attr not in pinned:
             board.set_attr(attr, run_id)
-        epochs, done = backbones.ready_epochs(run_id, watch)
+        epochs, done = backbones.ready_epochs(run_id)
+        if not done and watch is not None:  # a run left RUNNING by a dead trainer has ended
+            done = backbones.trainer_gone(run_id, watch)
         ended = ended and done
         out[key] = (run_id, tuple(e for e in epochs if not asked or e in asked))
     return out, ended
@@ -473,7 +475,7 @@ def run_follow(
     interval: float = FOLLOW_INTERVAL,
     progress: Progress | None = None,
     clock: Callable[[], float] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
 ) -> tuple[Context | None, Counter[str]]:
     """Evaluate every checkpoint of the study's backbones as their training runs write it:
     look every `interval` seconds (sleeping between looks), run the points found, and return
@@ -504,7 +506,7 @@ def run_follow(
             outcomes += work(ctx, _shown(ctx, progress))
         if ended:
             break
-        sleep(interval)
+        (sleep or time.sleep)(interval)  # looked up now: tests may replace `time`
     if ctx is not None:
         finish(ctx)
     if watch.gone:
