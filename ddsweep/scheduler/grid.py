@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import socket
 import time
 import warnings
@@ -31,7 +30,6 @@ from ddsweep.scheduler.trials import (
     Tally,
     fail_stale,
     trial_params,
-    trial_point,
 )
 from ddsweep.scheduler.types import Evaluator, Grid, Outcome, Policy
 from ddsweep.scheduler.view import WORKER_ATTR, Handout, View, template
@@ -55,38 +53,18 @@ Direction = Literal["minimize", "maximize"]
 
 
 class GridSampler(BaseSampler):
-    """Hands each new trial a point of the grid that no trial holds yet, known by its params.
+    """Gives a trial from Optuna's `ask` the params of the point its claim chose (`_chosen`,
+    by trial number): which point that is, the study's `Handout` decides.
 
     Written by hand because Optuna's GridSampler fits a fixed grid only: it stores the whole
     grid in every trial and compares it with every trial's copy on each ask (measured here:
     0.6 s of bookkeeping a trial at 800 points, growing with the cube of the grid), and when
     the grid changes (a sweep gains an epoch) it forgets every point already done and hands
-    each out again. Here only points without a trial are handed out.
+    each out again.
     """
 
-    def __init__(self, grid: Grid, seed: int = 0) -> None:
-        self._grid = grid
-        self._order = grid.ids
-        random.Random(seed).shuffle(self._order)  # the same order in every worker
+    def __init__(self) -> None:
         self._chosen: dict[int, dict[str, Any]] = {}
-
-    def unclaimed(self, study: optuna.Study) -> list[str]:
-        """Points of the grid with no trial at all (in any state), in hand-out order."""
-        held = {trial_point(t, self._grid.legacy) for t in study.get_trials(deepcopy=False)}
-        return [p for p in self._order if p not in held]
-
-    def is_exhausted(self, study: optuna.Study) -> bool:
-        """Whether every point has a trial; what is left is retries."""
-        return not self.unclaimed(study)
-
-    def choose(self, study: optuna.Study, number: int) -> dict[str, Any]:
-        """The params of the point trial `number` takes."""
-        free = self.unclaimed(study) or self._order  # exhausted: a duplicate that steps back
-        # Workers reading the storage at the same moment see the same list; their trial
-        # numbers differ, so they take different points.
-        params = self._grid.params[free[number % len(free)]]
-        self._chosen[number] = params
-        return params
 
     def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
         return {}
@@ -158,6 +136,7 @@ class GridStudy:
         self._stale_checked = float("-inf")
         self._choices: dict[str, list[Any]] = {}  # CHOICES_ATTR, read once by `use`
         self._pulse = Pulse()  # the heartbeat thread of this study's trials
+        self.ranges: dict[str, tuple[int, int]] | None = None  # set by `use`
 
     @property
     def view(self) -> View:
@@ -173,7 +152,6 @@ class GridStudy:
         if self._handout is None or self._handout.view is not view:
             self._handout = Handout(self.grid, view, worker=hash(self.me) & 0xFFFFFFF)
         return self._handout
-        self.ranges: dict[str, tuple[int, int]] | None = None
 
     # study-wide attributes: pinned backbones, the MLflow parent run, ...
     @property
@@ -212,7 +190,7 @@ class GridStudy:
         self._fix_choices(grid)
         self.grid = grid
         self._handout = None  # a new grid: a new order
-        self.study.sampler = GridSampler(grid)
+        self.study.sampler = GridSampler()
         if RANGES_ATTR not in self.study.user_attrs and not self.study.get_trials(deepcopy=False):
             self.study.set_user_attr(RANGES_ATTR, SPREAD)  # no trial holds another range yet
         self.ranges = int_ranges(grid) if self.spreads_ints() else None
