@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ddsweep.config.points import id_of
 from ddsweep.errors import UserError, first_line
+from ddsweep.scheduler import writes
 from ddsweep.scheduler.storage import journal_path, make_storage
 from ddsweep.scheduler.trials import (
     HEARTBEAT_ATTR,
@@ -118,6 +119,17 @@ def _choices(grid: Grid) -> dict[str, list[Any]]:
                 if value not in values:
                     values.append(value)
     return out
+
+
+def claimed_trial(study: optuna.Study, frozen: FrozenTrial) -> optuna.Trial:
+    """The optuna.Trial of a trial this worker has just created as `frozen` (its id and number
+    set): what optuna.Trial() sets, without its read of the whole trial back (six queries on an
+    RDB) and with our sampler's no-op `before_trial` skipped."""
+    trial = optuna.Trial.__new__(optuna.Trial)
+    trial.study, trial.storage, trial._trial_id = study, study._storage, frozen._trial_id
+    trial._cached_frozen_trial = frozen
+    trial.relative_search_space, trial._relative_params, trial._fixed_params = None, None, {}
+    return trial
 
 
 # --- a study of a grid ------------------------------------------------------------------------
@@ -230,9 +242,9 @@ class GridStudy:
         interval = self.policy.heartbeat_interval
         beaten = pid is not None
         pulse = self._pulse
-        with Heartbeat(self.study, trial._trial_id, interval, beaten=beaten, pulse=pulse) as beat:
+        with Heartbeat(self.study, trial._trial_id, interval, beaten=beaten, pulse=pulse):
             try:
-                return self._run_claimed(trial, evaluator, on_point, beat, pid)
+                return self._run_claimed(trial, evaluator, on_point, pid)
             except (KeyboardInterrupt, SystemExit) as stop:
                 # Ctrl-C or SIGTERM says nothing about the point: FAIL, but marked so that it
                 # is retried whatever --max-retries says (a point is never lost to a Ctrl-C).
@@ -249,9 +261,9 @@ class GridStudy:
         choices = self._choices
         dists = {n: _distribution(n, v, choices, self.ranges) for n, v in params.items()}
         attrs = {"point_id": self.grid.name(pid), WORKER_ATTR: self.me, HEARTBEAT_ATTR: 1}
-        storage = self.study._storage
-        tid = storage.create_new_trial(self.study._study_id, template(params, dists, attrs))
-        return optuna.Trial(self.study, tid)
+        made = template(params, dists, attrs)
+        made._trial_id, made.number = writes.claim(self.study._storage, self.study._study_id, made)
+        return claimed_trial(self.study, made)
 
     def _claim(self, trial: optuna.Trial, evaluator: Evaluator) -> str | None:
         """Write the point's params into a trial from `ask` (the claim, visible before we read)."""
@@ -286,7 +298,6 @@ class GridStudy:
         trial: optuna.Trial,
         evaluator: Evaluator,
         on_point: Callable[[str], None] | None,
-        beat: Heartbeat,
         claimed: str | None,
     ) -> str:
         pid = claimed if claimed is not None else self._claim(trial, evaluator)
@@ -315,10 +326,10 @@ class GridStudy:
         try:
             result = evaluator.compute(pid)
             # A worker paused past the grace period (SIGSTOP, a suspended machine) finds its
-            # trial judged stale and its point handed on: it records nothing (the beat is a
-            # write that fails on an ended trial). And a result recorded meanwhile by a worker
-            # judged stale just after its own check is adopted, not recorded twice.
-            if not beat.beat():
+            # trial judged stale and its point handed on: it records nothing (one read of
+            # the trial's state says so). And a result recorded meanwhile by a worker judged
+            # stale just after its own check is adopted, not recorded twice.
+            if not writes.is_running(self.study._storage, trial._trial_id):
                 return "superseded"
             adopted = evaluator.adopt(pid)
             if adopted is not None:
@@ -338,21 +349,26 @@ class GridStudy:
         return "complete"
 
     def _finish(self, trial: optuna.Trial, outcome: Outcome) -> None:
-        with contextlib.suppress(UpdateFinishedTrialError):
-            for key, value in outcome.attrs.items():
-                trial.set_user_attr(key, value)
-        self._tell(trial, outcome.value)
+        self._tell(trial, outcome.value, attrs=outcome.attrs)
 
-    def _tell(self, trial: optuna.Trial, value: float | None = None, **kw: Any) -> None:
-        """Tell a trial's end, unless another worker has already ended it (judged it stale)."""
-        # The storage's own write rather than Study.tell, which reads the trial twice first
-        # (two queries a trial on an RDB): the checks it adds are ours to make.
-        state = kw.get("state") or TrialState.COMPLETE
+    def _tell(
+        self,
+        trial: optuna.Trial,
+        value: float | None = None,
+        *,
+        state: TrialState | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write `attrs` and tell a trial's end, in one write, unless another worker has
+        already ended it (judged it stale)."""
+        # Not Study.tell, which reads the trial twice first (two queries a trial on an RDB):
+        # the checks it adds are ours to make.
+        state = state or TrialState.COMPLETE
         if value is not None and not math.isfinite(value):  # as tell: no such value is kept
             state, value = TrialState.FAIL, None
         values = [float(value)] if value is not None and state == TrialState.COMPLETE else None
         with contextlib.suppress(UpdateFinishedTrialError):  # ended between check and write
-            self.study._storage.set_trial_state_values(trial._trial_id, state, values)
+            writes.finish(self.study._storage, trial._trial_id, state, values, attrs or {})
 
     def _step_back_reason(self, trial: optuna.Trial, pid: str) -> str | None:
         """Why this trial must not evaluate point `pid` (another trial has it), or None. Read
