@@ -13,6 +13,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from ddsweep import scheduler
+from ddsweep.config.points import id_of
 from ddsweep.scheduler import writes
 from ddsweep.scheduler.storage import make_storage
 from ddsweep.scheduler.view import template
@@ -97,3 +98,32 @@ def test_a_journal_trial_ended_by_another_worker_mid_finish_keeps_that_end(
         (t,) = study.get_trials(deepcopy=False)
         assert t.state == TrialState.FAIL and t.value is None
         assert "mlflow_run_id" not in t.user_attrs
+
+
+def test_the_rdb_view_sees_another_workers_claim_and_its_end(tmp_path: Path) -> None:
+    # The RDB view reads an open trial again only when its state changed (one query of states).
+    points = {}
+    for k in (10, 50):
+        p = {"block": "mid", "epoch": 3, "probe": "knn", "k": k}
+        points[id_of(p)] = p
+    grid = scheduler.Grid(points)
+    policy = scheduler.Policy(storage=f"sqlite:///{tmp_path / 'o.db'}")
+    boards = []
+    for me in ("a:1", "b:2"):
+        board = scheduler.open_study("s", policy, "maximize")
+        assert board is not None
+        board.use(grid)
+        board.me = me
+        boards.append(board)
+    a, b = boards
+    pid = a.handout.next(a.me)
+    assert pid is not None
+    trial = a._create(pid)
+    b.view.refresh()
+    assert b.view.holding[pid] == {trial._trial_id} and pid not in b.view.complete
+    assert b.tally().running == {pid}
+    a._tell(trial, 0.5, attrs={"mlflow_run_id": "r1"})
+    b.view.refresh()
+    assert b.view.complete_in == {pid: 0} and not b.view.open
+    (done,) = b.study.get_trials(deepcopy=False)
+    assert done.user_attrs["mlflow_run_id"] == "r1" and done.value == 0.5
