@@ -16,6 +16,7 @@ Reported per configuration (medians over workers):
   the trials the worker evaluated (the JSON also keeps `ms_per_trial_with_tail`: up to the end
   of `work`, which waits for the other workers' last trials);
 - lost: points without a COMPLETE trial at the end; doubled: points computed more than once;
+  stepped back: trials that found their point claimed by another worker (PRUNED, not computed);
 - writes / trial: journal appends (each one an fsync) or PostgreSQL rows written
   (pg_stat_database tup_inserted + tup_updated + tup_deleted), per evaluated point;
 - fsync ms / trial (journal): time spent in os.fsync; and, after the table, os.fsync alone on
@@ -373,6 +374,7 @@ def measure(
     lost = sum(1 for p in board.grid.ids if p not in t.complete)
     doubled = sum(1 for c in computed.values() if c > 1)
     evaluated = sum(r["computed"] for r in results)
+    stepped_back = sum(r["outcomes"].get("duplicate", 0) for r in results)
     if journal is not None:
         writes = journal.read_bytes().count(b"\n") - lines0
         commits = 0
@@ -394,6 +396,7 @@ def measure(
         "points": n,
         "workers": workers,
         "evaluated": evaluated,
+        "stepped_back": stepped_back,
         "fill_s": fill_s,
         "ms_per_trial": statistics.median(per_trial) if per_trial else float("nan"),
         "ms_per_trial_max": max(per_trial) if per_trial else float("nan"),
@@ -433,7 +436,8 @@ def row(m: dict[str, Any]) -> str:
         else f"{m['commits_per_trial']:.1f} commits"
     )
     return (
-        f"| {m['storage']} | {m['points']:,} | {m['workers']} | {m['evaluated']} | "
+        f"| {m['storage']} | {m['points']:,} | {m['workers']} | {m['evaluated']} "
+        f"(+{m['stepped_back']}) | "
         f"{m['ms_per_trial']:.1f} (max {m['ms_per_trial_max']:.1f}) | "
         f"{m['cpu_ms_per_trial']:.1f} | {m['lost']} | "
         f"{m['doubled']} | {m['writes_per_trial']:.1f} | {fs} | {m['load']:.1f} |"
@@ -459,7 +463,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     print(
-        "| storage | points | workers | evaluated | scheduler ms / trial (median over workers) "
+        "| storage | points | workers | evaluated (+ stepped back) | scheduler ms / trial (median over workers) "
         "| worker CPU ms / trial | lost | doubled | writes / trial "
         "| fsyncs / trial (journal) or commits | load |"
     )

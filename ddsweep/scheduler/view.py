@@ -230,8 +230,8 @@ class Handout:
     """Which point a worker claims next. Points sharing a feature pass (`Grid.groups`) go to one
     worker, in grid order: it keeps to its group until the group has no point without a trial,
     then takes a group its cache holds (`holds`, even one another worker sharing the cache is
-    on), else a group nobody has begun (each worker starts at its own place in one shared
-    order), else one no live worker is in, else (the tail) joins the busy group with the most
+    on), else a group nobody has begun (drawn at random, each worker by its own generator),
+    else one no live worker is in, else (the tail) joins the busy group with the most
     points left. None: no point is without a trial."""
 
     def __init__(self, grid: Grid, view: View, seed: int = 0, worker: int = 0) -> None:
@@ -245,9 +245,8 @@ class Handout:
         self._cursor = dict.fromkeys(self.groups, 0)
         self._touched: set[str] = set()
         self._seen = 0  # how much of view.visits is folded into _touched
-        self._fresh_at = worker % max(1, len(self.groups))
-        self._skip = list(range(1, len(self.groups) + 1))  # see _untouched_from
-        self._no_fresh = False
+        self._rng = random.Random(worker)
+        self._pool = list(range(len(self.groups)))  # see _fresh
         self._open_groups = list(self.groups)
         self._dirty = True
         self.current: str | None = None
@@ -320,30 +319,19 @@ class Handout:
         return chosen[0] if chosen else None
 
     def _fresh(self) -> str | None:
-        """A group with no trial yet, searched from this worker's own place in the order."""
-        if self._no_fresh:  # groups are only ever touched, never untouched
-            return None
-        n = len(self.groups)
-        i = self._untouched_from(self._fresh_at)
-        if i == n:  # wrap around
-            i = self._untouched_from(0)
-        if i == n:
-            self._no_fresh = True
-            return None
-        self._fresh_at = i
-        return self.groups[i]
-
-    def _untouched_from(self, i: int) -> int:
-        """The first index >= i of a group with no trial, or len(groups). Touched groups are
-        skipped through pointers that each search shortens (a group never becomes untouched
-        again): a scan of every group a trial cost 0.2 ms at 50,000 points."""
-        n, path = len(self.groups), []
-        while i < n and self.groups[i] in self._touched:
-            path.append(i)
-            i = self._skip[i]
-        for j in path:
-            self._skip[j] = i
-        return i
+        """A group with no trial yet, drawn at random by this worker's own generator: workers
+        that walked one shared order from their own places caught up with each other and then
+        raced for the same groups (measured: 409 stepped-back claims for 160 points with 16
+        workers on PostgreSQL)."""
+        pool = self._pool  # indices of groups that had no trial when last looked at
+        while pool:
+            j = self._rng.randrange(len(pool))
+            g = self.groups[pool[j]]
+            if g not in self._touched:
+                return g
+            pool[j] = pool[-1]  # touched for good: dropped in O(1)
+            pool.pop()
+        return None
 
     def _idle(self, busy: set[str]) -> str | None:
         """A begun group no live worker is on, else (the grid's tail) the busy one with the
