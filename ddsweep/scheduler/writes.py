@@ -21,6 +21,8 @@ read it unchanged.
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -55,6 +57,21 @@ def claim(
     if rdb is None:  # the journal: Optuna's create is already one append
         tid = storage.create_new_trial(study_id, template)
         return tid, storage.get_trial(tid).number
+    for attempt in range(_CLAIM_ATTEMPTS):
+        try:
+            return _rdb_claim(rdb, study_id, template)
+        except optuna.exceptions.StorageInternalError:
+            # A deadlock between servers' transactions, as Optuna's create retries it.
+            if attempt + 1 == _CLAIM_ATTEMPTS:
+                raise
+            time.sleep(random.random() * 2.0)
+    raise AssertionError("unreachable")
+
+
+_CLAIM_ATTEMPTS = 5
+
+
+def _rdb_claim(rdb: Any, study_id: int, template: FrozenTrial) -> tuple[int, int]:
     from optuna.distributions import distribution_to_json
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
