@@ -172,7 +172,7 @@ def run_training(
             data.training_set(cfg.dataset, cfg.model.resolution, data_dir)
         if resume is not None:  # an unknown run: one line, and no store created to say so
             tracking.setup(tracking_uri, create=False)
-            tracking.get_run(resume)
+            tracking.training_run(resume)
         tracking.setup(tracking_uri, experiment, create=dist.is_main)
         if resume is not None:
             cfg = resumed_config(resume, runs.training_params(resume), cfg, dataset)
@@ -193,7 +193,7 @@ def run_training(
 def followed_run(dataset: str, resolution: int, attention: bool) -> str | None:
     """The training run a --follow study follows for this backbone: the newest one running or
     finished; None while there is none."""
-    for run in tracking.training_records(dataset, resolution, attention):
+    for run in tracking.training_runs(dataset, resolution, attention):
         if run.live or run.status == "FINISHED":
             return run.run_id
     return None

@@ -23,7 +23,7 @@ from ddsweep import evaluate, probes, selection
 from ddsweep.config import datasets, sweep
 from ddsweep.config import probe as probe_config
 from ddsweep.config.model import BLOCKS, PIXELS
-from ddsweep.config.points import Point, id_of, params_of, run_name
+from ddsweep.config.points import Point, id_of, params_of, point_id, run_name
 from ddsweep.evaluate import Backbone
 from ddsweep.features import FeatureCache
 
@@ -63,7 +63,7 @@ class Objective:
 
     def __post_init__(self) -> None:
         found = self.expand()
-        self.points = {id_of(self.params(p)): p for p in found}
+        self.points = {point_id(p): p for p in found}  # the one key of a point
 
     @property
     def metric(self) -> str:

@@ -28,7 +28,7 @@ def load_checkpoint(ckpt: Checkpoint) -> tuple[UNet2DModel, evaluate.Backbone]:
 
     from ddsweep import checkpoints, tracking
 
-    tracking.get_run(ckpt.run)  # an unknown --run: one line, not MLflow's traceback
+    tracking.training_run(ckpt.run)  # an unknown --run: one line, not MLflow's traceback
     epochs = evaluate.saved_epochs(ckpt.run)
     ep = ckpt.epoch if ckpt.epoch is not None else (epochs[-1] if epochs else 0)
     backbone = evaluate.fetch_backbone(ckpt.run, ep, epochs)
@@ -61,8 +61,11 @@ def probe(
     spec = where.get("backbone")
     if spec is not None and hub.is_hub(str(spec)):  # missing weights: one line, before any store
         hub.resolve(str(spec))
-    exp_id = tracking.setup(tracking_uri, experiment)
+    # The backbone is found before any store is opened: with none trained, one line and
+    # nothing left behind (no mlflow.db, no experiment).
+    tracking.setup(tracking_uri, create=False)
     bb, point = evaluate.resolve_point(**where)
+    exp_id = tracking.setup(tracking_uri, experiment)
     found = evaluate.evaluate_point(
         bb, point, cfg, FeatureCache(), data_dir or data.default_data_dir()
     )

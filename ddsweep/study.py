@@ -24,7 +24,7 @@ from typing import Any
 from ddsweep import devices, evaluate, scheduler, tracking
 from ddsweep.config import sweep
 from ddsweep.config.model import PIXELS
-from ddsweep.config.points import AXES, legacy_id, legacy_ids, point_id
+from ddsweep.config.points import legacy_id, legacy_ids
 from ddsweep.config.run import FOLLOW_INTERVAL, RunOptions
 from ddsweep.errors import UserError
 from ddsweep.objectives import OBJECTIVES, Objective, Pins, Record
@@ -98,7 +98,7 @@ class Context:
     board: GridStudy
     objective: Objective
     recorder: StudyRecorder
-    answer: list[str] = dataclasses.field(default_factory=list)  # the answer's lines, once known
+    answer: tuple[Any, Any] | None = None  # the answer's (facets, summary rows), once known
 
     @property
     def ids(self) -> list[str]:
@@ -110,7 +110,8 @@ class Context:
 
 
 class _Trials:
-    """The scheduler's view of a study: evaluate with the objective, log with the recorder."""
+    """The scheduler's view of a study: evaluate with the objective, log with the recorder. A
+    point is known everywhere by its canonical id (`pid`, `config.points.point_id`)."""
 
     def __init__(self, objective: Objective, recorder: StudyRecorder, legacy: bool) -> None:
         self.objective, self.recorder = objective, recorder
@@ -120,11 +121,9 @@ class _Trials:
         value, attrs = self.objective.value(self.objective.points[pid], metrics)
         return Outcome(value, {**attrs, "mlflow_run_id": run_id})
 
-    # The scheduler knows a point by its trial params (`pid`); MLflow by its readable id, which
-    # names every setting by keyword.
     def adopt(self, pid: str) -> Outcome | None:
         point = self.objective.points[pid]
-        found = self.recorder.adopted(point_id(point))
+        found = self.recorder.adopted(pid)
         if found is None and self.legacy and not point.settings:  # logged by ddsweep 0.1
             found = self.recorder.adopted(legacy_id(point))
         return self._outcome(pid, *found) if found else None
@@ -134,12 +133,9 @@ class _Trials:
 
     def record(self, pid: str, trial_number: int, result: Record) -> Outcome:
         device = devices.label()
-        point = self.objective.points[pid]
-        note = trial_description(point_id(point), self.objective.metric, result)
+        note = trial_description(pid, self.objective.metric, result)
         tags = {schema.DEVICE_TAG: device}
-        run_id = self.recorder.log_trial(
-            point_id(point), trial_number, result, tags=tags, description=note
-        )
+        run_id = self.recorder.log_trial(pid, trial_number, result, tags=tags, description=note)
         outcome = self._outcome(pid, run_id, result.metrics)
         return Outcome(outcome.value, {**outcome.attrs, schema.DEVICE_TAG: device})
 
@@ -147,10 +143,9 @@ class _Trials:
         return self.objective.holds(group)
 
     def fail(self, pid: str, trial_number: int, message: str) -> None:
-        point = self.objective.points[pid]
-        name, params = self.objective.failure(point)
+        name, params = self.objective.failure(self.objective.points[pid])
         kind = self.objective.run_kind
-        self.recorder.log_failure(point_id(point), trial_number, name, kind, params, message)
+        self.recorder.log_failure(pid, trial_number, name, kind, params, message)
 
 
 def trial_description(pid: str, metric: str, record: Record) -> str:
@@ -173,7 +168,8 @@ def trial_description(pid: str, metric: str, record: Record) -> str:
     return f"**{said}**\n\n{point}" if said else point
 
 
-def _objective(cfg: sweep.StudyConfig, opts: RunOptions, pins: Pins) -> Objective:
+def make_objective(cfg: sweep.StudyConfig, opts: RunOptions, pins: Pins) -> Objective:
+    """The study kind's objective over `cfg`'s grid, with its backbones pinned as `pins`."""
     make = OBJECTIVES[cfg.kind]
     fetch = evaluate.fetch_backbone
     return make(cfg, pins, fetch, opts.data_dir, inception_weights=opts.inception_weights)
@@ -192,21 +188,23 @@ def _parent_fields(cfg: sweep.StudyConfig) -> tuple[dict[str, str], dict[str, st
 def prepare(cfg: sweep.StudyConfig, opts: RunOptions) -> Context:
     """Open the study, pin backbones, expand the grid, find the MLflow parent."""
     exp_id, board = _open(cfg, opts)
-    return _start(cfg, opts, exp_id, board, _objective(cfg, opts, pin_backbones(board, cfg)))
+    return _start(cfg, opts, exp_id, board, make_objective(cfg, opts, pin_backbones(board, cfg)))
 
 
 def _open(
     cfg: sweep.StudyConfig, opts: RunOptions, *, follow: bool = False
 ) -> tuple[str, GridStudy]:
-    """(MLflow experiment id, the study, created if new)."""
-    exp_id = tracking.setup(opts.tracking_uri, opts.experiment)
+    """(MLflow experiment id, the study, created if new). A new study's backbones are
+    checked before any store is opened: with none trained, one line and nothing left behind."""
+    tracking.setup(opts.tracking_uri, create=False)  # the URI only: nothing created yet
     make = OBJECTIVES[cfg.kind]
     # What would fail every point (no FID weights offline) is one line now, not N failed trials.
     make.check(cfg, opts.inception_weights)
     board = scheduler.open_study(cfg.study, opts.policy(), make.direction, create=False)
-    if board is None:  # a new study: check its backbones before recording anything
-        if not follow:  # a followed study's checkpoints are still to come
-            pin_backbones(None, cfg)
+    if board is None and not follow:  # a followed study's checkpoints are still to come
+        pin_backbones(None, cfg)
+    exp_id = tracking.setup(opts.tracking_uri, opts.experiment)
+    if board is None:
         board = scheduler.open_study(cfg.study, opts.policy(), make.direction)
         assert board is not None
     return exp_id, board
@@ -218,7 +216,6 @@ def _use(board: GridStudy, objective: Objective) -> None:
             {pid: objective.params(p) for pid, p in objective.points.items()},
             objective.vocabulary(),
             legacy_ids(objective.points),
-            {pid: point_id(p) for pid, p in objective.points.items()},
             {pid: g for pid, p in objective.points.items() if (g := objective.group(p))},
         )
     )
@@ -354,20 +351,18 @@ def publish_answer(ctx: Context, done: int) -> None:
     ctx.recorder.log_definition(source, sweep.to_document(cfg))
     if cfg.kind != "probe-grid":
         return
-    trials = report.load_trials(ctx.parent_id)
-    facets = report.build_tables(report.with_predictions(trials))
+    trials, facets, rows = report.study_results(ctx.parent_id)
     if facets:
-        rows = report.summary(facets)
         metrics, tags = answer.headline(facets, rows)
         found = report.study_answer(facets, rows)
-        ctx.answer = report.answer_lines(facets, rows)
+        ctx.answer = (facets, rows)
         card = report.methods_card(cfg.study, facets, trials, report.split_inputs(trials))
         ctx.recorder.log_answer(
             metrics,
             tags,
             answer.tables(facets, rows),
             done,
-            note=answer.note(cfg.study, found),
+            note=answer.note(cfg.study, found, rows),
             files={report.METHODS_MD: card},
         )
 
@@ -420,7 +415,7 @@ def run_follow(
     outcomes: Counter[str] = Counter()
     while True:
         pins, ended = follow_pins(board, cfg)
-        objective = _objective(grid_cfg, opts, pins)
+        objective = make_objective(grid_cfg, opts, pins)
         if objective.points:
             if ctx is None:
                 ctx = _start(cfg, opts, exp_id, board, objective)
@@ -477,7 +472,7 @@ def outcome_lines(ctx: Context, outcomes: Counter[str]) -> tuple[list[str], list
     given_up = [p for p in failed if t.failures[p] > ctx.opts.max_retries]
     err = [f"ddsweep: {len(failed)} of {total} points failed, {total - done - len(failed)} left"]
     if failed:
-        err.append(f"first error ({ctx.board.grid.name(failed[0])}): {t.last_error[failed[0]]}")
+        err.append(f"first error ({failed[0]}): {t.last_error[failed[0]]}")
     if given_up:
         more = max(t.failures[p] for p in given_up)
         err.append(
@@ -488,69 +483,3 @@ def outcome_lines(ctx: Context, outcomes: Counter[str]) -> tuple[list[str], list
         err.append("re-run the same command to retry them")
     err.append(f"`ddsweep study status --study {name}` shows what is left")
     return out, err
-
-
-# --- status -------------------------------------------------------------------------------------
-
-
-def status_rows(params: dict[str, dict[str, Any]], t: Tally) -> dict[str, Counter[str]]:
-    """{"axis=value": Counter(complete, running, failed, left)} plus a "total" row, rows in
-    axis order and values in grid order."""
-    rows: dict[str, Counter[str]] = {"total": Counter()}
-    for axis in AXES:
-        for values in params.values():
-            if axis in values:
-                rows.setdefault(f"{axis}={_text(values[axis])}", Counter())
-    for pid, values in params.items():
-        state = t.state(pid)
-        rows["total"][state] += 1
-        for axis, value in values.items():
-            if axis not in AXES:
-                continue  # the digest of other settings: no row of its own
-            rows.setdefault(f"{axis}={_text(value)}", Counter())[state] += 1
-    return rows
-
-
-def _text(value: Any) -> str:
-    return str(value)
-
-
-def status_tables(
-    cfg: sweep.StudyConfig, *, storage: str | None, tracking_uri: str | None, experiment: str
-) -> list[Any]:
-    """Rich tables of a study's progress, read from its storage."""
-    from rich.table import Table
-
-    opts = RunOptions(storage=storage, tracking_uri=tracking_uri, experiment=experiment)
-    make = OBJECTIVES[cfg.kind]
-    board = scheduler.open_study(cfg.study, opts.policy(), make.direction, create=False)
-    if board is None:
-        steps = (
-            sweep.study_steps(cfg.study)
-            if cfg.kind == "probe-grid"
-            else f"`ddsweep study {cfg.kind} --study {cfg.study}`"
-        )
-        raise UserError(f"study {cfg.study!r} has not been started: run {steps}")
-    tracking.setup(tracking_uri, create=False)  # read only: no experiment is created
-    if tracking.missing_store() is not None:
-        raise UserError(
-            f"study {cfg.study!r} has no MLflow store here ({tracking.missing_store()} does not "
-            "exist): check --tracking-uri (or MLFLOW_TRACKING_URI)"
-        )
-    pins: dict[sweep.Backbone3, tuple[str, tuple[int, ...]]] = {}
-    for key in sweep.backbones(cfg.axes):
-        run_id = board.attrs.get(backbone_pin(*key))
-        pins[key] = (run_id or "", tuple(evaluate.saved_epochs(run_id)) if run_id else ())
-    objective = _objective(cfg, opts, pins)
-    params = {pid: objective.params(p) for pid, p in objective.points.items()}
-    board.grid = scheduler.Grid(params, legacy=legacy_ids(objective.points))
-    rows = status_rows(params, board.tally())
-    table = Table(title=f"study {cfg.study}: {len(params)} points")
-    for col in ("", "complete", "running", "failed", "left"):
-        table.add_column(col, justify="left" if not col else "right")
-    for name, c in rows.items():
-        style = "bold" if name == "total" else None
-        table.add_row(
-            name, *(str(c[s]) for s in ("complete", "running", "failed", "left")), style=style
-        )
-    return [table]

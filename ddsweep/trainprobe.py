@@ -1,6 +1,6 @@
 """Probing while training: every N epochs the EMA weights' features of a few blocks, extracted in
 one pass over the labelled train and test splits and probed as `ddsweep probe` would, logged on
-the training run as `probe.<block>.<probe>.top1` (the labels are used here only, never by
+the training run as `probe/<probe>/top1/<block>` (the labels are used here only, never by
 training); and the rule that stops a training whose probe metric has stopped improving."""
 
 from __future__ import annotations
@@ -53,17 +53,20 @@ def label(kind: str, k: int) -> str:
 
 
 def metric_name(block: str, kind: str, k: int) -> str:
-    """e.g. probe/up3/knn50/top1: `mlflow ui` groups its charts by what comes before a `/`, so
-    the curves of one block sit together (a block may be a module path with dots of its own)."""
-    return f"probe/{block}/{label(kind, k)}/top1"
+    """e.g. probe/knn50/top1/up3: `mlflow ui` puts a metric's chart in the section named by
+    what comes before its last `/`, so one section (probe/knn50/top1) holds every block's
+    curve, each chart named by its block (a block may be a module path with dots of its own).
+    Checked in a browser: `probe/up3/knn50/top1` gave one section per block of one chart."""
+    return f"probe/{label(kind, k)}/top1/{block}"
 
 
 def canonical_metric(name: str) -> str:
-    """A probe metric as this version names it: the dotted probe.up3.knn50.top1 of runs logged
-    before is read as probe/up3/knn50/top1 (so an old --stop-when-probe-plateaus still works)."""
-    parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "probe" and "/" not in name:
-        return "/".join(parts)
+    """A probe metric as this version names it: probe/up3/knn50/top1 and the dotted
+    probe.up3.knn50.top1 of runs logged before are read as probe/knn50/top1/up3 (so an old
+    --stop-when-probe-plateaus still works)."""
+    parts = name.split("/") if "/" in name else name.split(".")
+    if len(parts) == 4 and parts[0] == "probe" and parts[3] == "top1":
+        return f"probe/{parts[2]}/top1/{parts[1]}"  # probe, block: the names' old order
     return name
 
 

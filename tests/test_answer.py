@@ -70,7 +70,8 @@ def test_the_terminal_report_parent_run_and_optuna_give_one_answer(ran: Ran) -> 
         probe = "knn" if "k-NN" in table else "linear"
         # 1. the terminal: the grid's end and the report both start with the same answer
         first = f"answer: {block} @ {epoch} of {table}:"
-        assert ran.grid_output.startswith(first), ran.grid_output[:400]
+        grid = " ".join(ran.grid_output.split())  # Rich wraps at the terminal's width
+        assert grid.startswith(first), ran.grid_output[:400]
         shown = " ".join(ran.report_output.split())  # Rich wraps at the terminal's width
         tables = [i for i in (shown.find(c) for c in "│┃┏━─") if i >= 0]  # Rich's rules
         assert first in shown, shown[:400]
@@ -247,3 +248,33 @@ def test_the_methods_card_states_rules_settings_and_dims_of_what_was_run() -> No
     assert facts["backbones"][0]["run"] == "runA" and facts["backbones"][0]["epoch"] == 2
     for words in ("random_state=0", "antialias=False", "test_size=0.1", "McNemar", "output[0]"):
         assert words in card, words
+
+
+def test_the_parent_run_description_holds_the_answer_then_every_table_s_best_cell() -> None:
+    rows = [
+        {"dataset": "digits", "resolution": "8", "attention": "True", "epoch": str(e),
+         "block": b, "noise_step": "0", "probe": p, "k": "5" if p == "knn" else "0",
+         "top1": t, "val_top1": v}
+        for p in ("linear", "knn")
+        for b, e, t, v in [
+            ("mid", 1, 0.90, 0.95 if p == "knn" else 0.6), ("up4", 2, 0.80, 0.7),
+            ("pixels", 0, 0.5, 0.5),
+        ]
+    ]  # fmt: skip
+    facets = report.build_tables(rows)
+    summary = report.summary(facets)
+    text = answer_mod.note(STUDY, report.study_answer(facets, summary), summary)
+    lines = text.splitlines()
+    assert lines[:3] == [f"**Study {STUDY}**", "", lines[2]]
+    assert lines[2].startswith("- answer: mid @ 1 of digits 8 px")  # the answer comes first
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0].startswith("| table | best block @ epoch | top1 % (test) |")
+    assert table[1].startswith("|---|---|---:|")
+    body = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert set(body) == {"linear", "knn k=5"}, table  # every table, its key never cut
+    assert "up4 @ 2" in body["linear"] and "mid @ 1" in body["knn k=5"]
+    assert lines[-1].startswith("Rule: ")
+    # one table: its row would only repeat the answer's line
+    one = report.build_tables([r for r in rows if r["probe"] == "knn"])
+    alone = report.summary(one)
+    assert "|" not in answer_mod.note(STUDY, report.study_answer(one, alone), alone)

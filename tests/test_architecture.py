@@ -128,3 +128,48 @@ def test_raw_mlflow_runs_are_read_only_in_tracking_and_the_report_loader() -> No
         if found:
             out[rel] = sorted(found)
     assert out == {}
+
+
+# tracking's own functions that hand out MLflow's runs: every other room gets a record.
+RUN_GIVERS_ALLOWED = {"run_entity", "training_entities"}
+
+
+def raw_run_returns(tree: ast.AST) -> set[str]:
+    """Functions in `tree` whose return annotation names MLflow's `Run` (as `Run`,
+    `mlflow.entities.Run`, or inside a container such as `list[Run]`)."""
+    found = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.returns is None:
+            continue
+        returns = node.returns
+        if isinstance(returns, ast.Constant) and isinstance(returns.value, str):
+            returns = ast.parse(returns.value, mode="eval").body  # a quoted annotation
+        names = {n.id for n in ast.walk(returns) if isinstance(n, ast.Name)}
+        names |= {n.attr for n in ast.walk(returns) if isinstance(n, ast.Attribute)}
+        if "Run" in names:
+            found.add(node.name)
+    return found
+
+
+def test_the_return_scan_sees_every_form() -> None:
+    source = """
+def a() -> Run: ...
+def b() -> list[Run]: ...
+def c() -> "mlflow.entities.Run | None": ...
+async def d() -> dict[str, Run]: ...
+def e() -> TrainingRun: ...
+def f(run: Run) -> str: ...
+"""
+    assert raw_run_returns(ast.parse(source)) == {"a", "b", "c", "d"}
+
+
+def test_no_function_hands_out_a_raw_mlflow_run_but_trackings_own_two() -> None:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        found = raw_run_returns(ast.parse(path.read_text(), filename=rel))
+        if rel.startswith("ddsweep/tracking/"):
+            found -= RUN_GIVERS_ALLOWED
+        if found:
+            out[rel] = sorted(found)
+    assert out == {}

@@ -5,12 +5,17 @@ process after the command has answered)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import ddsweep
+
 HEAVY = ("torch", "mlflow", "optuna", "diffusers", "torchvision")
+CLEARED = ("MLFLOW_TRACKING_URI", "DDSWEEP_HOME")
 # Runs the CLI in-process, then prints the heavy libraries it imported as the last line.
 _RUN = """
 import json, sys
@@ -24,9 +29,15 @@ print("CODE=" + json.dumps(code))
 """
 
 
-def _heavy_after(*argv: str) -> tuple[list[str], object]:
+def _heavy_after(*argv: str, cwd: Path | None = None) -> tuple[list[str], object]:
+    env = None
+    if cwd is not None:  # a fresh folder: no store of the caller's is found
+        env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+        env["PYTHONPATH"] = str(Path(ddsweep.__file__).resolve().parent.parent)
     out = subprocess.run(
         [sys.executable, "-c", f"HEAVY = {HEAVY!r}\n{_RUN}", *argv],
+        cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -64,3 +75,30 @@ def test_the_check_sees_a_command_that_imports_torch() -> None:
     # `train` with a bad option value past parsing reaches the library, which needs torch.
     heavy, _ = _heavy_after("train", "digits", "--epochs", "0", "--max-steps", "1")
     assert "torch" in heavy
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("study", "status", "--study", "digits_blocks"),
+        ("study", "status", "--study", "missing"),
+        ("study", "status", "--study", "x", "--dataset", "digits"),
+        ("report", "--study", "digits_blocks"),
+        ("report", "--study", "missing", "--tracking-uri", "sqlite:///other.db"),
+    ],
+)
+def test_status_and_report_of_a_study_never_run_answer_from_the_file_system(
+    tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    """No journal, no mlflow.db: the one-line answer comes before Optuna or MLflow is imported,
+    and nothing is left behind."""
+    assert _heavy_after(*argv, cwd=tmp_path) == ([], 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_started_study_s_status_still_asks_optuna(tmp_path: Path) -> None:
+    journal = tmp_path / ".ddsweep" / "optuna" / "digits_blocks.journal"
+    journal.parent.mkdir(parents=True)
+    journal.touch()
+    heavy, _ = _heavy_after("study", "status", "--study", "digits_blocks", cwd=tmp_path)
+    assert "optuna" in heavy

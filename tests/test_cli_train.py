@@ -218,6 +218,7 @@ def epoch_losses(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "epoch_loss"))
 
 
+@pytest.mark.slow  # two trainings and a kill: ~15 s idle; .ci/run runs it
 def test_a_training_killed_mid_epoch_resumes_in_the_same_run_to_the_same_weights(
     trained: Trained, workdir: str, tmp_path: Path
 ) -> None:

@@ -77,6 +77,10 @@ def fails(*args: str) -> str:
         (["train", "digits", "--probe-every", "1", "--probe-block", "mdi"], "'mid'?"),
         (["train", "--resume", "nosuch"], "no MLflow run 'nosuch'"),
         (["sample", "--run", "nosuch"], "no MLflow run 'nosuch'"),
+        # no trained backbone yet: refused before any store is opened
+        (["probe", "--dataset", "digits"], "no finished training run for digits"),
+        (["probe", "--run", "nosuch"], "no MLflow run 'nosuch'"),
+        (["study", "probe-grid", "--study", "digits_blocks"], "study train-grid --study digits"),
     ],
 )
 def test_mistakes_and_looks_leave_the_folder_as_they_found_it(
@@ -166,9 +170,19 @@ def test_the_hints_of_a_fresh_folder_lead_to_the_answer(
     for command in commands:
         result = CliRunner().invoke(app, shlex.split(command))
         assert result.exit_code == 0, (command, result.output, result.exception)
+    grid_end = result.stdout
     result = CliRunner().invoke(app, ["report", "--study", "tiny", "--format", "table"])
     assert result.exit_code == 0, result.output
     assert "study tiny: the answer" in result.output
+    # probe-grid's end prints the report's answer block, word for word and line for line:
+    # from its first line ("answer: ...") to the end of the table at a glance
+    lines = result.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("answer: "))
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("every table: `"))
+    block = "\n".join(lines[start:end])
+    assert "study tiny: the answer" in block and "untested" not in block, block
+    assert block in grid_end, (block, grid_end)
+    assert grid_end.startswith(block), grid_end  # first, before the outcome lines
 
 
 # --- MLflow at a glance ---------------------------------------------------------------------
@@ -243,6 +257,22 @@ def epochs_grid(*epochs: int) -> object:
     return Grid({id_of(p): p for p in params})
 
 
+def test_an_integer_axis_keeps_its_grid_s_step_and_a_value_off_it_widens_the_lattice() -> None:
+    from optuna.distributions import IntDistribution
+
+    from ddsweep.scheduler.grid import _distribution, int_ranges
+
+    ranges = int_ranges(epochs_grid(0, 2, 8))  # type: ignore[arg-type]
+    assert ranges == {"epoch": (0, 8, 2), "resolution": (16, 16, 0)}
+    assert _distribution("epoch", 4, {}, ranges) == IntDistribution(0, 8, step=2)
+    assert _distribution("resolution", 16, {}, ranges) == IntDistribution(16, 16)
+    # a retry from another grid: the distribution holds its value, on a step that fits both
+    assert _distribution("epoch", 5, {}, ranges) == IntDistribution(0, 8, step=1)
+    assert _distribution("epoch", 12, {}, ranges) == IntDistribution(0, 12, step=2)
+    assert _distribution("epoch", -2, {}, ranges) == IntDistribution(-2, 8, step=2)
+    assert _distribution("k", 50, {}, ranges) == IntDistribution(50, 50)  # not in this grid
+
+
 def test_integer_axes_span_their_values_in_a_new_study_and_an_old_one_keeps_its_range(
     tmp_path: Path,
 ) -> None:
@@ -259,7 +289,8 @@ def test_integer_axes_span_their_values_in_a_new_study_and_an_old_one_keeps_its_
     for _ in range(3):
         new.run_trial(Echo(), None)
     dists = [t.distributions for t in new.study.get_trials()]
-    assert {d["epoch"] for d in dists} == {IntDistribution(0, 8)}  # spread over its values
+    # spread over its values, on their step (PED-ANOVA's importance reads the step)
+    assert {d["epoch"] for d in dists} == {IntDistribution(0, 8, step=2)}
     assert all(d["resolution"].single() for d in dists)  # constant: out of importance rankings
 
     # A study begun by an earlier ddsweep, trials at 0..INT_HIGH: it keeps that range.

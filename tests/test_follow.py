@@ -147,7 +147,7 @@ def test_a_follower_started_before_training_probes_each_checkpoint_once(tmp_path
     wait(follower, tmp_path / "follow.log")
     ended = time.time() - t_end
     (run,) = tracking.training_runs("digits", 8, True)
-    assert_every_checkpoint_once(run.info.run_id)
+    assert_every_checkpoint_once(run.run_id)
     print(f"the follower ended {ended:.1f} s after the training")
 
 
@@ -167,4 +167,4 @@ def test_a_killed_follower_started_again_loses_and_doubles_nothing(tmp_path: Pat
     wait(trainer, tmp_path / "train.log")
     wait(follower, tmp_path / "follow.log")
     (run,) = tracking.training_runs("digits", 8, True)
-    assert_every_checkpoint_once(run.info.run_id)
+    assert_every_checkpoint_once(run.run_id)

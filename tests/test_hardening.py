@@ -581,9 +581,9 @@ def test_a_folder_dataset_with_a_quote_in_its_path_finds_its_training_runs(
         tags = {tracking.KIND_TAG: "train", "dataset": name, "resolution": "8", "attention": "True"}
         client.set_terminated(client.create_run(exp.experiment_id, tags=tags).info.run_id)
     (found,) = tracking.training_runs("folder:/data/it's", 8, True, finished=True)
-    assert found.data.tags["dataset"] == "folder:/data/it's"
+    assert found.dataset == "folder:/data/it's"
     (other,) = tracking.training_runs("folder:/data/its", 8, True)
-    assert other.info.run_id != found.info.run_id
+    assert other.run_id != found.run_id
 
 
 @pytest.mark.parametrize("meta", [b"{not json", b"\xff\xfe", b"[1, 2]"])

@@ -233,3 +233,33 @@ def test_under_mlflow_run_the_project_run_is_the_studys_parent(
     kids = runs(f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.params["k"] for r in kids) == ["3", "5"]
     assert len(runs("tags.`ddsweep.kind` = 'study'")) == 1
+
+
+def readme_filters() -> dict[str, str]:
+    """The search-box filters of the README's "Browsing results", by what they find."""
+    section = (REPO / "README.md").read_text().split("## Browsing results", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    study = re.search(r"`(tags\.ddsweep\.study = '[^']+')`", section)
+    trials = re.search(r"add `and (tags\.ddsweep\.kind = 'trial')`", section)
+    train = re.search(r"\*\*The training run\*\*: `([^`]+)`", section)
+    assert study and trials and train, section
+    mine = study.group(1).replace("digits_blocks", STUDY)
+    return {"study": mine, "trials": f"{mine} and {trials.group(1)}", "train": train.group(1)}
+
+
+def test_the_readmes_filters_find_the_training_run_and_the_studys_runs(studied: Path) -> None:
+    """Typed as the README gives them into `mlflow ui`'s search box (mlflow.search_runs)."""
+    import mlflow
+
+    from ddsweep.tracking import schema
+
+    found = {
+        what: mlflow.search_runs(filter_string=q, search_all_experiments=True, output_format="list")
+        for what, q in readme_filters().items()
+    }
+    (trained,) = found["train"]
+    assert trained.data.tags[schema.KIND_TAG] == schema.TRAIN_KIND
+    assert trained.data.tags[schema.DATASET_TAG] == "digits"
+    assert len(found["trials"]) == 5  # pixels + 2 blocks x 2 epochs
+    assert len(found["study"]) == 6  # and the parent
+    assert trained.info.run_id not in {r.info.run_id for r in found["study"]}

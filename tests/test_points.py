@@ -117,3 +117,52 @@ def test_params_are_typed_axis_values() -> None:
     }
     assert "k" not in params_of(LINEAR_NOISY)
     assert {"epoch", "attention"}.isdisjoint(params_of(PIXELS))
+
+
+def test_the_scheduler_knows_a_point_by_its_canonical_id_alone(tmp_path: Any) -> None:
+    """A grid keyed by canonical ids, points with settings off their defaults (whose trial
+    params hold a digest, so the params' own id differs): the evaluator is handed canonical ids,
+    each trial's `point_id` is that id, and the tally counts the grid's own keys; a retry (an
+    enqueued trial, claimed through Optuna's ask) comes back to the same id."""
+    from ddsweep import scheduler
+    from ddsweep.scheduler.types import Grid, Outcome
+
+    grid_points = [
+        dataclasses.replace(KNN, settings=(("knn.metric", "euclidean"),)),
+        dataclasses.replace(KNN, block="mid", settings=(("pool", "avg2"),)),
+        KNN,
+    ]
+    keys = [point_id(p) for p in grid_points]
+    assert any(id_of(params_of(p)) != point_id(p) for p in grid_points)  # the case that matters
+    grid = Grid({point_id(p): params_of(p) for p in grid_points})
+    seen: list[str] = []
+    fail_once = {keys[0]}
+
+    class Recorder:
+        def adopt(self, pid: str) -> None:
+            return None
+
+        def compute(self, pid: str) -> str:
+            seen.append(pid)
+            if pid in fail_once:
+                fail_once.discard(pid)
+                raise RuntimeError("once")
+            return pid
+
+        def record(self, pid: str, trial_number: int, result: object) -> Outcome:
+            return Outcome(1.0)
+
+        def fail(self, pid: str, trial_number: int, message: str) -> None:
+            pass
+
+    board = scheduler.open_study("ids", scheduler.Policy(str(tmp_path / "s.journal")), "maximize")
+    assert board is not None
+    board.use(grid)
+    board.work(Recorder())
+    assert board.tally().complete == set(keys[1:])  # the first failed once
+    board.work(Recorder())  # a re-run enqueues its retry
+    assert board.tally().complete == set(keys)
+    assert set(seen) == set(keys) and seen.count(keys[0]) == 2  # failed once, retried
+    trials = board.study.get_trials()
+    assert {t.user_attrs["point_id"] for t in trials} == set(keys)
+    assert all(grid.key_of(t.params) == t.user_attrs["point_id"] for t in trials)

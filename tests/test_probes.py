@@ -434,3 +434,60 @@ def test_knn_settings_carry_temperature_and_center() -> None:
     with pytest.raises(UserError, match="temperature"):
         assert kind.check is not None
         kind.check(KnnSettings(temperature=0.0))
+
+
+def _ordinary_split(seed: int, d: int = 32, ties: bool = False, grid: bool = False) -> Split:
+    """Clustered features with no common mean; `ties`: repeated train rows (equal distances);
+    `grid`: rounded to a coarse grid, so many euclidean distances are exactly equal too
+    (not cosine ones: equal in exact arithmetic, they round differently in different
+    float64 formulas, so no order is "the float64 one" there)."""
+    rng = np.random.default_rng(seed)
+    n, m, c = 1200, 250, 6
+    centres = rng.normal(size=(c, d))
+    ytr, yte = rng.integers(0, c, n), rng.integers(0, c, m)
+    xtr = 0.5 * centres[ytr] + rng.normal(size=(n, d))
+    xte = 0.5 * centres[yte] + rng.normal(size=(m, d))
+    if grid:
+        xtr, xte = np.round(xtr * 2) / 2, np.round(xte * 2) / 2
+    if ties:
+        xtr[1::7] = xtr[::7][: len(xtr[1::7])]
+    return xtr.astype(np.float32), ytr, xte.astype(np.float32), yte
+
+
+@pytest.mark.parametrize(
+    ("metric", "ties", "grid"),
+    [("cosine", False, False), ("cosine", True, False), ("euclidean", False, False),
+     ("euclidean", True, True)],
+)  # fmt: skip
+def test_uniform_knn_with_several_k_gives_the_float64_neighbour_sets(
+    metric: Metric, ties: bool, grid: bool
+) -> None:
+    # Uniform votes rank float64 similarities only near each k's boundary (the window path);
+    # every k's votes must still be those of the float64 stable argsort.
+    xtr, ytr, xte, _ = _ordinary_split(3, ties=ties, grid=grid)
+    ks = (1, 10, 11, 200)
+    votes = knn_votes(t(xtr), t(ytr), t(xte), ks=ks, metric=metric, chunk_size=61)
+    for k in ks:
+        ref_votes, _ = _reference_votes(xtr, ytr, xte, k, metric, 0.0)
+        np.testing.assert_array_equal(votes[k].numpy(), ref_votes)
+
+
+def test_the_window_path_decides_rows_the_float32_scores_cannot() -> None:
+    # The test above has teeth only if rows go through the window and it decides something:
+    # with repeated train rows, equal float32 scores sit on the k-th boundary, where only the
+    # float64 similarities and the train index can say which rows are among the first k.
+    from ddsweep.probes import knn
+
+    xtr, _, xte, _ = _ordinary_split(3, ties=True)
+    index = knn._Index(t(xtr), "cosine", 1, torch.device("cpu"))
+    q32, q64, const, bound = index.queries(t(xte))
+    s = index.scores(q32, out=torch.empty(len(xte), index.t.shape[1]))
+    vals, idx = knn._top_candidates(s, index.n, knn._candidates(200, index.n), 1)
+    order, done = knn._window_order(index, vals, idx, q64, const, bound, (10, 200))
+    assert done.sum() > len(xte) // 2
+    moved = [
+        set(order[i, :j].tolist()) != set(idx[i, :j].tolist())
+        for i in done.nonzero().squeeze(1).tolist()
+        for j in (10, 200)
+    ]
+    assert sum(moved) > 0

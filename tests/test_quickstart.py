@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.mark.slow  # `mlflow run` of a whole study: ~25 s idle; .ci/run runs it
 def test_mlflow_run_study_entry_point(
     workdir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

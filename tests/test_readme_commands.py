@@ -27,7 +27,8 @@ from ddsweep.config import sweep
 
 IsolatedStore = Callable[[Path], AbstractContextManager[str]]  # conftest's isolated_store
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# The README's commands run end to end on a trained study: ~30 s idle; .ci/run runs them.
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 STUDY = quickstart.STUDY
 BLOCKS = ("pixels", "mid", "up4")

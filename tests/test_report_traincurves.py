@@ -13,8 +13,8 @@ HISTORIES = {
     "runB": {"probe.up3.knn50.top1": {2: 0.5, 1: 0.4}},
     "runA": {
         "probe.up3.knn50.top1": {1: 0.30, 2: 0.70, 3: 0.70},
-        "probe.down4.knn50.top1": {1: 0.2, 2: 0.25, 3: 0.3},
-        "probe.mid.linear.top1": {2: 0.9},
+        "probe/down4/knn50/top1": {1: 0.2, 2: 0.25, 3: 0.3},  # the naming of 0.1.x runs
+        "probe/linear/top1/mid": {2: 0.9},  # today's
         "epoch_loss": {1: 0.1},  # not a probe curve
         "probe_s": {1: 2.0},  # nor this
     },

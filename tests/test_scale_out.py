@@ -251,6 +251,7 @@ probe:
 
 
 @pytest.mark.timeout(1800)  # two servers, a training and three workers
+@pytest.mark.slow  # PostgreSQL, an MLflow server, three workers: ~1 min idle; .ci/run runs it
 def test_three_workers_on_postgres_and_mlflow_server_with_one_killed(
     tmp_path: Path, postgres: Postgres, mlflow_server: str
 ) -> None:

@@ -79,8 +79,12 @@ def test_probe_labels_and_bad_options() -> None:
     assert trainprobe.parse_probe("knn") == ("knn", trainprobe.DEFAULT_K)
     assert trainprobe.parse_probe("knn20") == ("knn", 20)
     assert trainprobe.parse_probe("linear") == ("linear", 0)
-    assert trainprobe.metric_name("up3", "knn", 50) == "probe/up3/knn50/top1"
-    assert trainprobe.canonical_metric("probe.up3.knn50.top1") == "probe/up3/knn50/top1"
+    # `mlflow ui` makes a section of what precedes a metric's last `/`: one per probe, the
+    # blocks' charts in it (as a browser showed: probe/up3/knn50/top1 made one per block).
+    assert trainprobe.metric_name("up3", "knn", 50) == "probe/knn50/top1/up3"
+    assert trainprobe.metric_name("down_blocks.1", "linear", 0) == "probe/linear/top1/down_blocks.1"
+    for old in ("probe.up3.knn50.top1", "probe/up3/knn50/top1", "probe/knn50/top1/up3"):
+        assert trainprobe.canonical_metric(old) == "probe/knn50/top1/up3"
     for bad in ("svm", "linear3", "knn0", "Knn"):
         with pytest.raises(UserError, match="--probe"):
             trainprobe.parse_probe(bad)
@@ -225,7 +229,7 @@ def test_a_plateau_stops_training_keeps_its_checkpoint_and_resume_goes_on(
 ) -> None:
     # The raw pixels' accuracy never changes, so with patience 1 the rule must fire at the
     # second evaluation: epoch 2, with checkpoints every 3 epochs (epoch 2's is the stop's own).
-    metric = "probe/pixels/knn10/top1"
+    metric = "probe/knn10/top1/pixels"
     cfg = tiny(
         dataset=image_folder(tmp_path / "images"), batch_size=16, epochs=4, checkpoint_every=3, probe_block=("pixels",), probe=("knn10",),
         stop_when_probe_plateaus=metric, patience=1,

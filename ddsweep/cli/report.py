@@ -55,6 +55,11 @@ def report(
     full: Full = False,
 ) -> None:
     """Block x epoch tables of a study from MLflow: terminal, CSV, Markdown and PNG plots."""
+    from ddsweep.config import stores
+
+    missing = stores.unreported_study(study, tracking_uri) if formats is None else None
+    if missing is not None:  # no store: said before MLflow is even imported
+        raise missing
     from ddsweep import report as report_mod
     from ddsweep import tracking
 

@@ -76,6 +76,18 @@ def fid_study_config(name: str, overrides: dict[str, list[str]], fid: dict[str, 
     return cfg
 
 
+def echo_answer(ctx: Any) -> None:
+    """The study's answer first, by the report's own code (in words, then at a glance), so the
+    end of a grid, `ddsweep report` and the quickstart say the same."""
+    if ctx.answer is None:
+        return
+    from rich.console import Console
+
+    from ddsweep import report
+
+    report.print_report(Console(), ctx.cfg.study, *ctx.answer)
+
+
 def run_follow(cfg: Any, opts: Any, interval: float) -> None:
     """`probe-grid --follow`: evaluate checkpoints as training writes them, then say how it
     ended (exit 1 when a point failed, 2 when an asked-for epoch never came)."""
@@ -106,7 +118,8 @@ def run_follow(cfg: Any, opts: Any, interval: float) -> None:
     if ctx is None:
         raise UserError(f"{cfg.study}: the followed training runs ended with nothing to probe")
     out, err = outcome_lines(ctx, outcomes)
-    for line in [*ctx.answer, *out]:  # the study's answer first (as the report gives it)
+    echo_answer(ctx)
+    for line in out:
         typer.echo(line)
     for line in err:
         typer.echo(line, err=True)
@@ -149,7 +162,8 @@ def run_grid(cfg: Any, opts: Any, where: Any = DEFAULT_LAUNCH) -> None:
             "its trials keep the range 0..2^48-1 (optuna-dashboard draws them at 0); a study "
             "created from now on (a new --study name) spreads them",
         )
-    for line in [*ctx.answer, *out]:  # the study's answer first (as the report gives it)
+    echo_answer(ctx)
+    for line in out:
         typer.echo(line)
     for line in err:
         typer.echo(line, err=True)
@@ -359,9 +373,7 @@ def status(
     experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """Complete / running / failed / left, in total and per axis value."""
-    from rich.console import Console
-
-    from ddsweep.study import status_tables
+    from ddsweep.config import stores
 
     axes = axis_overrides(
         dataset=dataset,
@@ -373,6 +385,13 @@ def status(
         probe=probe_kind,
         k=k,
     )
+    unstarted = stores.unstarted_study(study, axes, storage)
+    if unstarted is not None:  # no journal: said before Optuna (or MLflow) is even imported
+        raise unstarted
+    from rich.console import Console
+
+    from ddsweep.studystatus import status_tables
+
     cfg = study_config(study, axes, storage)
     for table in status_tables(
         cfg, storage=storage, tracking_uri=tracking_uri, experiment=experiment

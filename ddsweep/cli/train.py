@@ -97,7 +97,7 @@ def train(
         int,
         typer.Option(
             help="Probe the EMA weights every N epochs on the labelled train/test splits and log "
-            "probe/BLOCK/PROBE/top1 (epoch as step); 0 = off."
+            "probe/PROBE/top1/BLOCK (epoch as step); 0 = off."
         ),
     ] = D.probe_every,
     probe_block: Annotated[
@@ -122,7 +122,7 @@ def train(
     stop_when_probe_plateaus: Annotated[
         str | None,
         typer.Option(
-            help="Stop when this probe metric (e.g. probe/up3/knn50/top1) has not beaten its "
+            help="Stop when this probe metric (e.g. probe/knn50/top1/up3) has not beaten its "
             "own 95 % bootstrap interval for --patience evaluations; none by default.",
             show_default=False,
         ),

@@ -48,6 +48,11 @@ def optuna_dir() -> Path:
     return home() / "optuna"
 
 
+def journal_file(study: str) -> Path:
+    """The local journal file of a study: <home>/optuna/NAME.journal."""
+    return optuna_dir() / f"{study}.journal"
+
+
 def cache_dir() -> Path:
     """The feature cache: $DDSWEEP_CACHE, else <home>/cache."""
     given = _env(CACHE_ENV)

@@ -152,6 +152,21 @@ class _Index:
                 out[rows] = -((cand - q[rows, None, :]) ** 2).sum(dim=2)
         return out
 
+    def exact_pairs(self, q: Tensor, idx: Tensor) -> Tensor:
+        """(M, D) float64 prepared queries, (M,) train indices -> (M,) float64 similarities of
+        each pair, as `exact` computes them."""
+        out = torch.empty(idx.shape, dtype=torch.float64, device=q.device)
+        per = max(1, _EXACT_BYTES // max(1, self.dim * 8))
+        for start in range(0, len(idx), per):
+            rows = slice(start, start + per)
+            cand = self.train[idx[rows]].to(torch.float64)
+            if self.metric == "cosine":
+                dots = torch.bmm(cand[:, None, :], q[rows, :, None]).view(-1)
+                out[rows] = dots * self.inv_norm[idx[rows]]
+            else:
+                out[rows] = -((cand - q[rows]) ** 2).sum(dim=1)
+        return out
+
     def full(self, q: Tensor) -> Tensor:
         """(B, D) float64 prepared queries -> (B, n_padded) float64 similarities to every train
         row (the rare rows whose float32 candidates cannot be proved complete)."""
@@ -267,13 +282,70 @@ def _search_chunk(
         for j in sets:
             if j < n_cand:
                 sure &= (vals32[:, j - 1].double() - vals32[:, j].double()) > 2 * bound
-        rest = (~sure).nonzero().squeeze(1)
         sim = torch.full(idx[:, :k].shape, math.nan, dtype=torch.float64, device=idx.device)
+        rest = (~sure).nonzero().squeeze(1)
+        if rest.numel():
+            order, done = _window_order(index, vals32[rest], idx[rest], q64[rest], const[rest],
+                                        bound[rest], sets)  # fmt: skip
+            idx[rest[done]] = order[done]
+            rest = rest[~done]
         idx = idx[:, :k].clone()
         if rest.numel():
             sim[rest], idx[rest] = _rerank(index, s[rest], q64[rest], const[rest], bound[rest], k)
         return sim, idx
     return _rerank(index, s, q64, const, bound, k, idx)
+
+
+def _window_order(
+    index: _Index,
+    vals32: Tensor,
+    idx: Tensor,
+    q64: Tensor,
+    const: Tensor,
+    bound: Tensor,
+    sets: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """Candidates reordered so that each first j (j in `sets`) is the exact float64 first j,
+    computing float64 similarities only near each boundary; and which rows that holds for.
+
+    Scores are float32 estimates within b of the truth. With L the j-th best estimate, a
+    candidate estimated above L + 2b beats every candidate estimated at or below L (surely
+    in); one below L - 2b is beaten by the j candidates at or above L (surely out). Only the
+    window between is ranked by its float64 similarities, clamped into the window (rounding
+    keeps the sure ones on their side of it, ties at its edges between sure ones only). A row is left to the full re-rank (done = False) when two
+    boundaries' windows meet or a boundary's window reaches the left-out candidates.
+    """
+    v = vals32.double()
+    n_cand = v.shape[1]
+    slack = (
+        (index.dim + 8) * 2.0**-52 * (v[:, :1].abs() + const.abs()[:, None] + index.bias_max + 1)
+    )
+    half = 2 * bound[:, None] + slack  # (R, 1)
+    key = v + const[:, None]  # in similarity space: the float64 ones are not shifted
+    done = torch.ones(len(v), dtype=torch.bool, device=v.device)
+    window = torch.zeros_like(v, dtype=torch.bool)
+    edges = []
+    for j in sorted(set(sets)):
+        if j >= n_cand:  # every candidate is among the first j: nothing to decide
+            continue
+        level = v[:, j - 1 : j]
+        lo, hi = level - half, level + half
+        inside = (v >= lo) & (v <= hi)
+        done &= ~(window & inside).any(dim=1)  # windows meet
+        if n_cand < index.n:
+            done &= lo[:, 0] > v[:, -1]  # the window reaches what was left out
+        window |= inside
+        edges.append((inside, lo, hi))
+    rows, cols = window.nonzero(as_tuple=True)
+    if rows.numel():
+        exact = index.exact_pairs(q64[rows], idx[rows, cols])
+        for inside, lo, hi in edges:
+            pick = inside[rows, cols]
+            r = rows[pick]
+            top, bottom = hi[r, 0] + const[r], lo[r, 0] + const[r]
+            key[r, cols[pick]] = torch.maximum(torch.minimum(exact[pick], top), bottom)
+    _, order = _stable_order(key, idx)
+    return order, done
 
 
 def _rerank(

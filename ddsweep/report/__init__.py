@@ -28,6 +28,7 @@ from ddsweep.report.loader import (
     load_fid_runs,
     load_trials,
     split_inputs,
+    study_results,
     with_predictions,
     write_report,
 )
@@ -115,6 +116,7 @@ __all__ = [
     "split_inputs",
     "status_line",
     "study_answer",
+    "study_results",
     "summary",
     "with_predictions",
     "write_csv",

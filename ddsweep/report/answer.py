@@ -12,7 +12,7 @@ from ddsweep import selection
 from ddsweep.config.model import PIXELS
 from ddsweep.report.headline import Answer, SummaryRow, study_answer
 from ddsweep.report.render import csv_rows
-from ddsweep.report.summary_views import HEADERS, summary_cells
+from ddsweep.report.summary_views import HEADERS, answer_markdown, summary_cells
 from ddsweep.report.tables import Facet
 from ddsweep.report.text import block_label, epoch_label, pct, pct_ci, spot_label, verdict
 
@@ -105,12 +105,14 @@ def lines(answer: Answer) -> list[str]:
     return out
 
 
-def note(study: str, answer: Answer | None) -> str:
-    """The parent run's description (`mlflow.note.content`), in Markdown."""
+def note(study: str, answer: Answer | None, rows: Sequence[SummaryRow] = ()) -> str:
+    """The parent run's description (`mlflow.note.content`), in Markdown: the answer in words,
+    then the terminal's compact table of every table's best cell (`rows`), then the rule."""
     if answer is None:
         return f"Study {study}: no cell of the network finished yet."
     text = [f"**Study {study}**", "", *(f"- {line.strip()}" for line in lines(answer))]
-    return "\n".join([*text, "", f"Rule: {selection.RULE}."])
+    summary = ["", answer_markdown(rows, study)] if len(rows) > 1 else []
+    return "\n".join([*text, *summary, "", f"Rule: {selection.RULE}."])
 
 
 def tables(facets: Sequence[Facet], rows: Sequence[SummaryRow]) -> dict[str, Columns]:

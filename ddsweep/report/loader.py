@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddsweep import predictions
+from ddsweep.config.stores import no_study
 from ddsweep.errors import UserError
 from ddsweep.report import traincurves as tc
 from ddsweep.report.fidcurves import FidCurve, fid_by_backbone, fid_curves
@@ -23,6 +24,9 @@ from ddsweep.tracking.schema import KIND_TAG, STUDY_TAG
 if TYPE_CHECKING:
     import pandas as pd
     from rich.console import Console
+
+    from ddsweep.report.headline import SummaryRow
+    from ddsweep.report.tables import Facet
 
 
 def _experiment_ids(experiment: str | None) -> dict[str, Any]:
@@ -42,19 +46,6 @@ def _experiment_ids(experiment: str | None) -> dict[str, Any]:
     return {"experiment_ids": [found.experiment_id]}
 
 
-def _no_study(study: str, where: str, also: Iterable[str] = ()) -> UserError:
-    """'no study X at URI: run ...' with the commands that run it, or a did-you-mean when no
-    sweep file names it."""
-    from ddsweep.config import sweep
-
-    if sweep.find_sweep_file(study) is not None:
-        return UserError(f"no study {study!r} {where}: to run it, {sweep.study_steps(study)}")
-    return UserError(
-        f"no study {study!r} {where}{sweep.unknown_study_hint(study, also)} (or check "
-        "--tracking-uri)"
-    )
-
-
 def check_store(study: str) -> None:
     """UserError, before MLflow opens anything, when the tracking store is a sqlite file that
     does not exist: reading it would create it (and an empty mlflow.db would be left behind)."""
@@ -62,7 +53,7 @@ def check_store(study: str) -> None:
 
     path = missing_store()
     if path is not None:
-        raise _no_study(study, f"here ({path} does not exist)")
+        raise no_study(study, f"here ({path} does not exist)")
 
 
 def find_study(study: str, experiment: str | None = None) -> str:
@@ -91,7 +82,7 @@ def find_study(study: str, experiment: str | None = None) -> str:
             **where,
         )
         known = {r.data.tags.get(STUDY_TAG, "") for r in studies} - {""}
-        raise _no_study(study, f"{within}at {redact(mlflow.get_tracking_uri())}", sorted(known))
+        raise no_study(study, f"{within}at {redact(mlflow.get_tracking_uri())}", sorted(known))
     return str(runs[0].info.run_id)
 
 
@@ -228,6 +219,16 @@ def load_training_probes(run_ids: Iterable[str]) -> dict[str, dict[str, dict[int
     return out
 
 
+def study_results(parent_run_id: str) -> tuple[pd.DataFrame, list[Facet], list[SummaryRow]]:
+    """(finished trials, their tables with predictions and FID curves, the summary) of a study:
+    what `report`, the end of `probe-grid` and the parent run all state the answer from."""
+    trials = load_trials(parent_run_id)
+    facets = build_tables(with_predictions(trials))
+    if facets:
+        attach_fid(facets, fid_by_backbone(load_fid_runs()))
+    return trials, facets, summary(facets)
+
+
 def write_report(
     study: str,
     out_dir: Path,
@@ -250,16 +251,13 @@ def write_report(
     parent = find_study(study, experiment)
     header = status_line(study, count_trials(parent), grid_progress(parent))
     console.print(header)
-    trials = load_trials(parent)
-    facets = build_tables(with_predictions(trials))
+    trials, facets, rows = study_results(parent)
     if not facets:
         console.print(
             f"study {study}: no finished trials yet, nothing to report "
             f"(`ddsweep study status --study {study}` shows progress)"
         )
         return []
-    attach_fid(facets, fid_by_backbone(load_fid_runs()))
-    rows = summary(facets)
     if "table" in wanted:
         print_report(console, study, facets, rows, full)
     card = methods_card(study, facets, trials, split_inputs(trials))

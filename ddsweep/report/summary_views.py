@@ -16,6 +16,7 @@ from ddsweep.report.text import block_label, epoch_label, pct, pct_ci, spot_labe
 if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.table import Table
+    from rich.text import Text
 
 HEADERS = (
     "dataset",
@@ -159,7 +160,7 @@ ANSWER_COLUMNS = (
     "on test",
 )
 _SAID = {  # a column's words when it is said below the table
-    "vs runner-up": "",
+    "vs runner-up": "vs runner-up (on test)",
     "pixels %": "pixels baseline %",
     "on test": "best on test (optimistic)",
 }
@@ -179,6 +180,39 @@ def _answer_cells(row: SummaryRow, key: str) -> list[str]:
     ]
 
 
+def _answer_table(
+    rows: list[SummaryRow], study: str
+) -> tuple[str, str, list[list[str]], list[int]]:
+    """(title, the settings every table shares, ANSWER_COLUMNS cells of each row, the columns
+    any row fills)."""
+    full = [summary_cells(r) for r in rows]
+    keep, same = shown_columns(full)
+    varying = [i for i in keep if i < HEADERS.index("best block")]
+    keys = [" ".join(w for i in varying if (w := _key_text(HEADERS[i], c[i]))) for c in full]
+    keys = [key or "all" for key in keys]  # an empty cell (no settings) adds no space
+    cells = [_answer_cells(r, key) for r, key in zip(rows, keys, strict=True)]
+    used = [j for j in range(len(ANSWER_COLUMNS)) if any(c[j] for c in cells)]
+    fixed = ", ".join(_key_text(HEADERS[i], v) for i, v in same)
+    chosen = {r.chosen_on for r in rows if r.best_block is not None}
+    on = {"val": "chosen on validation", "test": "chosen on test (optimistic)"}
+    title = ", ".join([f"study {study}: the answer", *(on[c] for c in sorted(chosen))])
+    return title, fixed, cells, used
+
+
+def answer_markdown(rows: Iterable[SummaryRow], study: str) -> str:
+    """The terminal's compact answer table as Markdown (the parent run's description): its
+    title, one row per table of the study, every column any row fills, its caption."""
+    title, fixed, cells, used = _answer_table(list(rows), study)
+    head = [ANSWER_COLUMNS[j] for j in used]
+    align = ["---:" if h in ("top1 % (test)", "pixels %") else "---" for h in head]
+    out = [f"**{title[0].upper()}{title[1:]}**", ""]
+    if fixed:
+        out += [f"All tables: {fixed}.", ""]
+    out += ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(c[j].replace("|", "\\|") for j in used) + " |" for c in cells]
+    return "\n".join(out)
+
+
 def answer_view(rows: Iterable[SummaryRow], study: str, width: int = 80) -> list[RenderableType]:
     """The study's answer first, compact: one line per table of the study (its key: only what
     differs between tables), its best block @ epoch, that cell's test top1 ± half its 95 %
@@ -189,18 +223,7 @@ def answer_view(rows: Iterable[SummaryRow], study: str, width: int = 80) -> list
     from rich.table import Table
     from rich.text import Text
 
-    rows = list(rows)
-    full = [summary_cells(r) for r in rows]
-    keep, same = shown_columns(full)
-    varying = [i for i in keep if i < HEADERS.index("best block")]
-    keys = [" ".join(_key_text(HEADERS[i], c[i]) for i in varying) or "all" for c in full]
-    cells = [_answer_cells(r, key) for r, key in zip(rows, keys, strict=True)]
-    used = [j for j in range(len(ANSWER_COLUMNS)) if any(c[j] for c in cells)]
-    fixed = ", ".join(_key_text(HEADERS[i], v) for i, v in same)
-    chosen = {r.chosen_on for r in rows if r.best_block is not None}
-    on = {"val": "chosen on validation", "test": "chosen on test (optimistic)"}
-    title = f"study {study}: the answer" + (f" ({fixed})" if fixed else "")
-    caption = "; ".join(on[c] for c in sorted(chosen))
+    title, fixed, cells, used = _answer_table(list(rows), study)
 
     def table(columns: list[int]) -> Table:
         t = Table(box=None, pad_edge=False)
@@ -216,15 +239,23 @@ def answer_view(rows: Iterable[SummaryRow], study: str, width: int = 80) -> list
     for j in used[3:]:  # the most wanted columns that fit, in their order
         if probe.measure(table(sorted([*columns, j]))).maximum <= width:
             columns = sorted([*columns, j])
-    out: list[RenderableType] = [Text(title, style="bold", overflow="fold"), table(columns)]
-    left = [j for j in used if j not in columns]
-    for c in cells:
-        said = "; ".join(f"{_SAID[ANSWER_COLUMNS[j]]} {c[j]}".strip() for j in left if c[j])
-        if said:
-            out.append(Text(f"{c[0]}: {said}", overflow="fold"))
-    if caption:
-        out.append(Text(caption))
+    out: list[RenderableType] = [Text(title, style="bold", overflow="fold")]
+    if fixed:
+        out.append(Text(f"all tables: {fixed}", overflow="fold"))
+    out.append(table(columns))
+    for j in (j for j in used if j not in columns):  # each column left out, under its name
+        out.append(Text(f"{_SAID[ANSWER_COLUMNS[j]]}:", style="bold"))
+        out += [_said(c[0], c[j], width) for c in cells if c[j]]
     return out
+
+
+def _said(key: str, value: str, width: int) -> Text:
+    """'  key: value' under a left-out column's name; the value on a line of its own when the
+    two would not fit `width` together (never a line broken mid-phrase by the terminal)."""
+    from rich.text import Text
+
+    line = f"  {key}: {value}"
+    return Text(line if len(line) <= width else f"  {key}:\n    {value}", overflow="fold")
 
 
 def _key_text(header: str, value: str) -> str:

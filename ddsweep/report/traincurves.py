@@ -1,5 +1,5 @@
 """The probe curves a training logged while it ran (`ddsweep train --probe-every`), for the
-backbones a study probed: one row per `probe.<block>.<probe>.top1` metric, one column per probed
+backbones a study probed: one row per `probe/<probe>/top1/<block>` metric, one column per probed
 epoch. Pure: metric histories in, a Rich table, CSV and Markdown out."""
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ from ddsweep.report.text import pct
 if TYPE_CHECKING:
     from rich.table import Table
 
-PREFIX = "probe"  # probe/<block>/<probe>/top1 (earlier runs: probe.<block>.<probe>.top1)
+PREFIX = "probe"  # probe/<probe>/top1/<block> (earlier runs: probe/<block>/<probe>/top1 and
+# probe.<block>.<probe>.top1)
 
 
 def split_metric(metric: str) -> tuple[str, str] | None:
-    """(block, probe) of a probe metric of a training run, in either naming, else None."""
+    """(block, probe) of a probe metric of a training run, in any of its namings, else None."""
     parts = metric.split("/")
-    if len(parts) == 4 and parts[0] == PREFIX:
+    if len(parts) == 4 and parts[0] == PREFIX and parts[2] == "top1":
+        return parts[3], parts[1]
+    if len(parts) == 4 and parts[0] == PREFIX and parts[3] == "top1":
         return parts[1], parts[2]
     parts = metric.split(".")
     if len(parts) == 4 and parts[0] == PREFIX:
@@ -40,7 +43,7 @@ class TrainCurve:
     """One probe metric of one training run against its epoch."""
 
     run_id: str
-    metric: str  # probe.up3.knn50.top1
+    metric: str  # probe/knn50/top1/up3
     values: dict[int, float]
 
     @property

@@ -21,7 +21,7 @@ from ddsweep.scheduler.types import Policy
 
 def default_storage_path(study: str) -> Path:
     """The local journal file of a study: <DDSWEEP_HOME or .ddsweep>/optuna/NAME.journal."""
-    return paths.optuna_dir() / f"{study}.journal"
+    return paths.journal_file(study)
 
 
 def journal_path(study: str, policy: Policy) -> Path | None:

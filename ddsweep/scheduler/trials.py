@@ -7,7 +7,7 @@ import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +30,20 @@ def trial_params(t: FrozenTrial) -> dict[str, Any]:
     return dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
 
 
-def trial_point(t: FrozenTrial, legacy: Mapping[str, str] | None = None) -> str | None:
-    """The id of the point a trial holds, None when it holds none (yet). A trial of ddsweep 0.1
-    holds one opaque `point` param and its id as attribute: `legacy` maps those ids."""
+def trial_point(
+    t: FrozenTrial,
+    legacy: Mapping[str, str] | None = None,
+    key_of: Callable[[Mapping[str, Any]], str] | None = None,
+) -> str | None:
+    """The id of the point a trial holds, None when it holds none (yet): `key_of` its params
+    (`Grid.key_of`), else the params' id. A trial of ddsweep 0.1 holds one opaque `point` param
+    and its id as attribute: `legacy` maps those ids."""
     params = trial_params(t)
     if "point" in params:
         return (legacy or {}).get(str(t.user_attrs.get("point_id")))
-    return _id(tuple(params.items())) if params else None
+    if not params:
+        return None
+    return key_of(params) if key_of is not None else _id(tuple(params.items()))
 
 
 @functools.lru_cache(maxsize=2**20)

@@ -3,11 +3,17 @@ what evaluating a point returned (Outcome), asked of an Evaluator."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ddsweep.config.points import id_of
 from ddsweep.config.run import RunOptions  # the defaults, written once
+
+
+def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any, type], ...]:
+    return tuple(sorted((n, v, type(v)) for n, v in params.items()))  # True is not 1
 
 
 @dataclass(frozen=True)
@@ -22,7 +28,8 @@ class Policy:
 
 @dataclass(frozen=True)
 class Grid:
-    """The points to run: {point id: trial params} in hand-out order, and for each categorical
+    """The points to run: {point id: trial params} in hand-out order (the id is the one key of a
+    point; its params are a function of it, `key_of` the way back), and for each categorical
     param the values it may take beyond the grid's own (so a grid that grows within them keeps
     one Optuna distribution)."""
 
@@ -30,14 +37,19 @@ class Grid:
     vocabulary: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Ids of ddsweep 0.1's trials, which held one opaque `point` param and the id as attribute.
     legacy: Mapping[str, str] = field(default_factory=dict)
-    # How people read a point (the trial attribute `point_id`), when not its params' id.
-    names: Mapping[str, str] = field(default_factory=dict)
     # The feature pass of each point (points of one backbone pass: backbone, epoch, noise step,
     # realisation): a group is handed to one worker. A point not named is a group of its own.
     groups: Mapping[str, str] = field(default_factory=dict)
 
-    def name(self, pid: str) -> str:
-        return self.names.get(pid, pid)
+    def key_of(self, params: Mapping[str, Any]) -> str:
+        """The id of the point whose trial params are `params`: the grid's own key (ddsweep
+        passes canonical point ids, `config.points.point_id`), else the params' id."""
+        found = self._by_params.get(_params_key(params))
+        return found if found is not None else id_of(params)
+
+    @functools.cached_property
+    def _by_params(self) -> dict[tuple[tuple[str, Any, type], ...], str]:
+        return {_params_key(p): pid for pid, p in self.params.items()}
 
     @property
     def ids(self) -> list[str]:

@@ -181,10 +181,10 @@ def code_version() -> str:
 
 def training_run(run_id: str) -> TrainingRun:
     """The record of run `run_id` (check `is_training`), or UserError when there is none."""
-    return _training_record(get_run(run_id))
+    return _training_record(run_entity(run_id))
 
 
-def get_run(run_id: str) -> Run:
+def run_entity(run_id: str) -> Run:
     """The MLflow run `run_id`, or UserError when the tracking store has none (tracking's
     own: other rooms read `training_run`)."""
     from mlflow.exceptions import MlflowException
@@ -204,13 +204,15 @@ def get_run(run_id: str) -> Run:
         ) from err
 
 
-def training_runs(
+def training_entities(
     dataset: str, resolution: int, attention: bool, *, finished: bool = False
 ) -> list[Run]:
-    """`ddsweep train` runs for (dataset, resolution, attention), newest first, in every
-    experiment; only FINISHED ones when `finished`."""
+    """The MLflow runs of `training_runs` (tracking's own: other rooms read the records).
+    Empty when the store is a sqlite file not created yet: reading it would create it."""
     from mlflow.tracking import MlflowClient
 
+    if missing_store() is not None:
+        return []
     client = MlflowClient()
     exps = [e.experiment_id for e in client.search_experiments()]
     query = (
@@ -227,13 +229,14 @@ def training_runs(
     return [r for r in runs if r.data.tags.get(DATASET_TAG) == dataset]
 
 
-def training_records(
+def training_runs(
     dataset: str, resolution: int, attention: bool, *, finished: bool = False
 ) -> list[TrainingRun]:
-    """`training_runs` as records."""
+    """`ddsweep train` runs for (dataset, resolution, attention), newest first, in every
+    experiment; only FINISHED ones when `finished`; none from a store not created yet."""
     return [
         _training_record(r)
-        for r in training_runs(dataset, resolution, attention, finished=finished)
+        for r in training_entities(dataset, resolution, attention, finished=finished)
     ]
 
 
@@ -250,7 +253,7 @@ def latest_training_run(
             f"no finished training run for {dataset} at {resolution} px ({flag}) at "
             f"{redact(_uri())}: run {hint or cmd}"
         )
-    return _training_record(runs[0])
+    return runs[0]
 
 
 def _uri() -> str:

@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 from ddsweep import checkpoints
 from ddsweep.errors import UserError
-from ddsweep.tracking import training_runs
+from ddsweep.tracking import training_entities
 
 
 def saved_epochs(run_id: str) -> list[int]:
@@ -51,7 +51,7 @@ def matching_training_run(
     """(run id, status) of the newest `ddsweep train` run for (dataset, resolution, attention)
     whose params include exactly `params` (any status but deleted), or None. A key of
     `optional` (with its value in `params`) may also be missing from the run."""
-    for run in training_runs(dataset, resolution, attention):
+    for run in training_entities(dataset, resolution, attention):
         held = run.data.params
         if all(held.get(k) == v or (k not in held and k in optional) for k, v in params.items()):
             return str(run.info.run_id), str(run.info.status)
@@ -75,10 +75,10 @@ def log_metric(run_id: str, key: str, value: float, step: int) -> None:
 def training_params(run_id: str) -> dict[str, str]:
     """The params (the recorded config) of `ddsweep train` run `run_id`; UserError for any
     other run, which cannot be resumed."""
-    from ddsweep.tracking import get_run
-    from ddsweep.tracking.schema import KIND_TAG
+    from ddsweep.tracking import run_entity
+    from ddsweep.tracking.schema import KIND_TAG, TRAIN_KIND
 
-    run = get_run(run_id)
-    if run.data.tags.get(KIND_TAG) != "train":
+    run = run_entity(run_id)
+    if run.data.tags.get(KIND_TAG) != TRAIN_KIND:
         raise UserError(f"run {run_id} is not a `ddsweep train` run and cannot be resumed")
     return dict(run.data.params)

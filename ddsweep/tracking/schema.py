@@ -19,6 +19,8 @@ RESOLUTION_TAG = "resolution"
 ATTENTION_TAG = "attention"
 STOP_TAG = "stop_reason"  # why a training stopped before its last epoch
 DEVICE_TAG = "device"  # on a trial child run: where it ran (cpu, cuda:N; ddsweep.devices)
+# KIND_TAG of a `ddsweep train` run: the tag that finds training runs, in `training_runs` and
+# in the README's filter for `mlflow ui` (tags.ddsweep.kind = 'train').
 TRAIN_KIND = "train"
 
 
