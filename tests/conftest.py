@@ -43,6 +43,9 @@ def isolate_environment(mp: pytest.MonkeyPatch, root: Path) -> None:
             mp.delenv(name)
     for name, sub in FOLDER_VARIABLES.items():
         mp.setenv(name, str(root / sub))
+    # No test reaches the network: MLflow's telemetry thread would look up its server (a
+    # getaddrinfo in a thread of its own, which once crashed a test process here).
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,6 +20,11 @@ import pytest
 Start = Callable[..., "Logged"]
 
 
+# First in every script: Ctrl-C as KeyboardInterrupt even when the suite runs in the background
+# of a shell (`pytest &`), whose jobs inherit SIGINT ignored, which Python then leaves ignored.
+CTRL_C_ON = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 class Logged:
     """A subprocess whose stdout and stderr go to files, not pipes: a chatty process never blocks
     on a full pipe that nobody reads. Everything but `communicate` is the Popen's own."""
@@ -60,7 +65,7 @@ def processes() -> Iterator[Start]:
 
     def start(script: str, *args: str) -> Logged:
         proc = Logged(
-            [sys.executable, "-c", script, *args],
+            [sys.executable, "-c", CTRL_C_ON + script, *args],
             {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
             logs / str(len(started)),
         )

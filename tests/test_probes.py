@@ -476,14 +476,14 @@ def test_the_window_path_decides_rows_the_float32_scores_cannot() -> None:
     # The test above has teeth only if rows go through the window and it decides something:
     # with repeated train rows, equal float32 scores sit on the k-th boundary, where only the
     # float64 similarities and the train index can say which rows are among the first k.
-    from ddsweep.probes import knn
+    from ddsweep.probes import knnindex as knn
 
     xtr, _, xte, _ = _ordinary_split(3, ties=True)
-    index = knn._Index(t(xtr), "cosine", 1, torch.device("cpu"))
+    index = knn.Index(t(xtr), "cosine", 1, torch.device("cpu"))
     q32, q64, const, bound = index.queries(t(xte))
     s = index.scores(q32, out=torch.empty(len(xte), index.t.shape[1]))
-    vals, idx = knn._top_candidates(s, index.n, knn._candidates(200, index.n), 1)
-    order, done = knn._window_order(index, vals, idx, q64, const, bound, (10, 200))
+    vals, idx = knn.top_candidates(s, index.n, knn.candidates(200, index.n), 1)
+    order, done = knn.window_order(index, vals, idx, q64, const, bound, (10, 200))
     assert done.sum() > len(xte) // 2
     moved = [
         set(order[i, :j].tolist()) != set(idx[i, :j].tolist())

@@ -9,6 +9,7 @@ fluent API's active-run stack is neither.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -233,23 +234,44 @@ class StudyRecorder:
         """One FINISHED child run for an evaluated point (with `tags`, e.g. its device, and
         `description` as the run's description in `mlflow ui`); returns its id."""
         notes = {MLFLOW_RUN_NOTE: description} if description else {}
+        # A trial of this point that died inside this method (SIGKILL) left its child RUNNING,
+        # half written: it is no result (it never reached FINISHED) and goes before ours.
+        self._remove_partial(pid)
         run_id = self._child(
             pid, trial, record.name, record.kind, record.start, **(tags or {}), **notes
         )
         end = _ms(record.end)
-        self.client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), end, 0) for k, v in record.metrics.items()],
-            params=[Param(k, v) for k, v in record.params.items()],
-        )
-        log_inputs(run_id, record.inputs)
-        if record.predictions:
-            with tempfile.TemporaryDirectory(prefix="ddsweep-pred-") as tmp:
-                path = predictions.save(Path(tmp) / predictions.FILE, record.predictions)
-                self.client.log_artifact(run_id, str(path))
+        try:
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), end, 0) for k, v in record.metrics.items()],
+                params=[Param(k, v) for k, v in record.params.items()],
+            )
+            log_inputs(run_id, record.inputs)
+            if record.predictions:
+                with tempfile.TemporaryDirectory(prefix="ddsweep-pred-") as tmp:
+                    path = predictions.save(Path(tmp) / predictions.FILE, record.predictions)
+                    self.client.log_artifact(run_id, str(path))
+        except BaseException:  # Ctrl-C, SIGTERM or an error half way: no half-written child
+            with contextlib.suppress(Exception):
+                self.client.delete_run(run_id)
+            raise
         # FINISHED last: an adopted child has everything, predictions included.
         self.client.set_terminated(run_id, "FINISHED", end_time=end)
         return run_id
+
+    def _remove_partial(self, pid: str) -> None:
+        """Delete the RUNNING children of point `pid`: each was left by a trial killed while it
+        logged (a live trial of the point is this one, which has not created its child yet)."""
+        if "'" in pid:  # only a positional id of ddsweep 0.1 can hold one; no filter can
+            return
+        left = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{POINT_TAG}` = '{pid}' "
+            "and attributes.status = 'RUNNING'",
+        )
+        for run in left:
+            self.client.delete_run(run.info.run_id)
 
     def log_failure(
         self, pid: str, trial: int, name: str, kind: str, params: Mapping[str, Any], error: str
