@@ -11,12 +11,20 @@ written as ddsweep writes them (params, point_id, worker, heartbeat, mlflow_run_
 workers run the T points left: their per-trial cost is the cost at a study of N trials.
 
 Reported per configuration (medians over workers):
-- scheduler ms / trial: the wall time of `GridStudy.work` minus the time spent inside the
-  evaluator's compute (the stub's sleep), divided by the trials the worker evaluated;
+- scheduler ms / trial: the wall time of `GridStudy.work` up to the end of the worker's last
+  compute, minus the time spent inside the evaluator's compute (the stub's sleep), divided by
+  the trials the worker evaluated (the JSON also keeps `ms_per_trial_with_tail`: up to the end
+  of `work`, which waits for the other workers' last trials);
 - lost: points without a COMPLETE trial at the end; doubled: points computed more than once;
+  stepped back: trials that found their point claimed by another worker (PRUNED, not computed);
 - writes / trial: journal appends (each one an fsync) or PostgreSQL rows written
   (pg_stat_database tup_inserted + tup_updated + tup_deleted), per evaluated point;
-- fsync s / trial (journal): time spent in os.fsync.
+- fsync ms / trial (journal): time spent in os.fsync; and, after the table, os.fsync alone on
+  the same disk (the floor of a journal trial, which ends with one fsync);
+- worker CPU ms / trial: the worker process's CPU time in `GridStudy.work` per evaluated point
+  (the stub sleeps: it costs no CPU); with W workers on C cores, scheduler time cannot fall
+  below about W x CPU / C once the cores are full;
+- load: the 1-minute load average when the configuration ended.
 
 PostgreSQL: a throwaway cluster on 127.0.0.1 (initdb/pg_ctl, as tests/test_scale_out.py), one
 database per configuration. `PYTHONPATH` chooses which ddsweep's scheduler is measured.
@@ -93,6 +101,7 @@ class Stub:
         self.rng = random.Random(seed)
         self.computed = 0
         self.compute_s = 0.0
+        self.last_end = (0.0, 0.0)  # perf_counter, process_time when the last compute ended
 
     def adopt(self, pid: str) -> Any:
         return None
@@ -106,6 +115,7 @@ class Stub:
         self.log.flush()
         self.computed += 1
         self.compute_s += time.perf_counter() - start
+        self.last_end = time.perf_counter(), time.process_time()
         return None
 
     def record(self, pid: str, trial_number: int, result: Any) -> Any:
@@ -160,9 +170,46 @@ def fill(study_name: str, storage_url: str | None, journal: Path | None, n: int,
         study = optuna.load_study(
             study_name=study_name, storage=JournalStorage(Quick(str(journal)))
         )
-    else:
-        study = board.study
-    study.add_trials([trial(i, pid) for i, pid in enumerate(done)])
+        study.add_trials([trial(i, pid) for i, pid in enumerate(done)])
+    else:  # Optuna's add_trials costs ~30 statements a trial: rows in one transaction instead
+        _fill_rdb(str(storage_url), study_name, [trial(i, pid) for i, pid in enumerate(done)])
+
+
+def _fill_rdb(url: str, study_name: str, trials: list[Any]) -> None:
+    """Write finished trials as Optuna's RDB schema holds them, in one transaction."""
+    import optuna
+    from optuna.distributions import distribution_to_json
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    rdb = optuna.storages.RDBStorage(url)
+    sid = rdb.get_study_id_from_name(study_name)
+    start = len(rdb.get_all_trials(sid, deepcopy=False))
+    with _create_scoped_session(rdb.scoped_session) as session:
+        for i, t in enumerate(trials):
+            m = models.TrialModel(
+                number=start + i,
+                study_id=sid,
+                state=t.state,
+                datetime_start=t.datetime_start,
+                datetime_complete=t.datetime_complete,
+            )
+            m.params = [
+                models.TrialParamModel(
+                    param_name=k,
+                    param_value=t.distributions[k].to_internal_repr(v),
+                    distribution_json=distribution_to_json(t.distributions[k]),
+                )
+                for k, v in t.params.items()
+            ]
+            stored, kind = models.TrialValueModel.value_to_stored_repr(t.value)
+            m.values = [models.TrialValueModel(objective=0, value=stored, value_type=kind)]
+            m.user_attributes = [
+                models.TrialUserAttributeModel(key=k, value_json=json.dumps(v))
+                for k, v in t.user_attrs.items()
+            ]
+            session.add(m)
+    rdb.engine.dispose()
 
 
 # --- one worker --------------------------------------------------------------------------------
@@ -189,19 +236,25 @@ def worker(spec: dict[str, Any], index: int, out: str) -> None:
     assert board is not None
     board.use(grid)
     board.tally()  # a worker reads the study once when it starts: not a trial's cost
-    if hasattr(board, "handout"):  # nor does it order the grid's groups per trial
-        board.handout.next(board.me)
+    if hasattr(board, "handout"):  # nor does it order the grid's groups per trial, nor does
+        board.handout.next(board.me)  # its first pass over the groups (once per worker, O(G))
+        board.handout.open_groups()
     stub = Stub(Path(out).with_suffix(".points"), tuple(spec["sleep_ms"]), index)  # type: ignore[arg-type]
     ready = Path(spec["folder"]) / f"ready-{index}"
     ready.touch()
     while len(list(Path(spec["folder"]).glob("ready-*"))) < spec["workers"]:
         time.sleep(0.05)
     fsync["n"], fsync["s"] = 0, 0.0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     outcomes = board.work(stub)
-    wall = time.perf_counter() - start
+    end, cpu_end = time.perf_counter(), time.process_time()
+    # Up to the last point this worker computed: a worker whose points are done waits for the
+    # others' last trials, which is no cost of its own trials (the tail of a short run).
+    busy, cpu_busy = stub.last_end if stub.computed else (end, cpu_end)
     result = {
-        "wall": wall,
+        "wall": busy - start,
+        "cpu": cpu_busy - cpu,
+        "wall_with_tail": end - start,
         "compute": stub.compute_s,
         "computed": stub.computed,
         "outcomes": dict(outcomes),
@@ -321,6 +374,7 @@ def measure(
     lost = sum(1 for p in board.grid.ids if p not in t.complete)
     doubled = sum(1 for c in computed.values() if c > 1)
     evaluated = sum(r["computed"] for r in results)
+    stepped_back = sum(r["outcomes"].get("duplicate", 0) for r in results)
     if journal is not None:
         writes = journal.read_bytes().count(b"\n") - lines0
         commits = 0
@@ -330,15 +384,25 @@ def measure(
     per_trial = [
         (r["wall"] - r["compute"]) / r["computed"] * 1000 for r in results if r["computed"]
     ]
+    cpu_per_trial = [r["cpu"] / r["computed"] * 1000 for r in results if r["computed"]]
+    with_tail = [
+        (r["wall_with_tail"] - r["compute"]) / r["computed"] * 1000
+        for r in results
+        if r["computed"]
+    ]
     shutil.rmtree(folder, ignore_errors=True)
     return {
         "storage": storage,
         "points": n,
         "workers": workers,
         "evaluated": evaluated,
+        "stepped_back": stepped_back,
         "fill_s": fill_s,
         "ms_per_trial": statistics.median(per_trial) if per_trial else float("nan"),
         "ms_per_trial_max": max(per_trial) if per_trial else float("nan"),
+        "cpu_ms_per_trial": statistics.median(cpu_per_trial) if cpu_per_trial else float("nan"),
+        "ms_per_trial_with_tail": statistics.median(with_tail) if with_tail else float("nan"),
+        "load": os.getloadavg()[0],
         "lost": lost,
         "doubled": doubled,
         "writes_per_trial": writes / max(1, evaluated),
@@ -348,6 +412,23 @@ def measure(
     }
 
 
+def fsync_alone(n: int = 50) -> tuple[float, float]:
+    """(median, 90th percentile) ms of one os.fsync after a one-line append, as the journal
+    writes, on the disk the journals of this run are on (tempfile's folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="ddsweep-bench-fsync-"))
+    times = []
+    with (folder / "f").open("ab") as f:
+        for _ in range(n):
+            f.write(b'{"op_code":6,"trial_id":1,"state":1}\n')
+            f.flush()
+            start = time.perf_counter()
+            os.fsync(f.fileno())
+            times.append((time.perf_counter() - start) * 1000)
+    shutil.rmtree(folder, ignore_errors=True)
+    times.sort()
+    return statistics.median(times), times[int(0.9 * (n - 1))]
+
+
 def row(m: dict[str, Any]) -> str:
     fs = (
         f"{m['fsyncs_per_trial']:.1f} ({m['fsync_ms_per_trial']:.1f} ms)"
@@ -355,9 +436,11 @@ def row(m: dict[str, Any]) -> str:
         else f"{m['commits_per_trial']:.1f} commits"
     )
     return (
-        f"| {m['storage']} | {m['points']:,} | {m['workers']} | {m['evaluated']} | "
-        f"{m['ms_per_trial']:.1f} (max {m['ms_per_trial_max']:.1f}) | {m['lost']} | "
-        f"{m['doubled']} | {m['writes_per_trial']:.1f} | {fs} |"
+        f"| {m['storage']} | {m['points']:,} | {m['workers']} | {m['evaluated']} "
+        f"(+{m['stepped_back']}) | "
+        f"{m['ms_per_trial']:.1f} (max {m['ms_per_trial_max']:.1f}) | "
+        f"{m['cpu_ms_per_trial']:.1f} | {m['lost']} | "
+        f"{m['doubled']} | {m['writes_per_trial']:.1f} | {fs} | {m['load']:.1f} |"
     )
 
 
@@ -380,10 +463,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     print(
-        "| storage | points | workers | evaluated | scheduler ms / trial (median over workers) "
-        "| lost | doubled | writes / trial | fsyncs / trial (journal) or commits |"
+        "| storage | points | workers | evaluated (+ stepped back) | scheduler ms / trial (median over workers) "
+        "| worker CPU ms / trial | lost | doubled | writes / trial "
+        "| fsyncs / trial (journal) or commits | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     found = []
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(postgres_cluster()) if "postgres" in args.storage else None
@@ -393,6 +477,13 @@ def main() -> None:
                     m = measure(storage, n, w, args.trials, tuple(args.sleep_ms), pg)
                     found.append(m)
                     print(row(m), flush=True)
+    if "journal" in args.storage:
+        median, p90 = fsync_alone()
+        print(
+            f"\nos.fsync alone on {tempfile.gettempdir()}: median {median:.2f} ms, p90 {p90:.2f} ms"
+        )
+        for m in found:
+            m["fsync_alone_ms"] = median
     if args.json:
         args.json.write_text(json.dumps(found, indent=1))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import socket
 import time
 import warnings
@@ -20,6 +19,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from ddsweep.errors import UserError, first_line
+from ddsweep.scheduler import writes
 from ddsweep.scheduler.storage import journal_path, make_storage
 from ddsweep.scheduler.trials import (
     HEARTBEAT_ATTR,
@@ -30,7 +30,6 @@ from ddsweep.scheduler.trials import (
     Tally,
     fail_stale,
     trial_params,
-    trial_point,
 )
 from ddsweep.scheduler.types import Evaluator, Grid, Outcome, Policy
 from ddsweep.scheduler.view import WORKER_ATTR, Handout, View, template
@@ -54,39 +53,18 @@ Direction = Literal["minimize", "maximize"]
 
 
 class GridSampler(BaseSampler):
-    """Hands each new trial a point of the grid that no trial holds yet, known by its params.
+    """Gives a trial from Optuna's `ask` the params of the point its claim chose (`_chosen`,
+    by trial number): which point that is, the study's `Handout` decides.
 
     Written by hand because Optuna's GridSampler fits a fixed grid only: it stores the whole
     grid in every trial and compares it with every trial's copy on each ask (measured here:
     0.6 s of bookkeeping a trial at 800 points, growing with the cube of the grid), and when
     the grid changes (a sweep gains an epoch) it forgets every point already done and hands
-    each out again. Here only points without a trial are handed out.
+    each out again.
     """
 
-    def __init__(self, grid: Grid, seed: int = 0) -> None:
-        self._grid = grid
-        self._order = grid.ids
-        random.Random(seed).shuffle(self._order)  # the same order in every worker
+    def __init__(self) -> None:
         self._chosen: dict[int, dict[str, Any]] = {}
-
-    def unclaimed(self, study: optuna.Study) -> list[str]:
-        """Points of the grid with no trial at all (in any state), in hand-out order."""
-        grid = self._grid
-        held = {trial_point(t, grid.legacy, grid.key_of) for t in study.get_trials(deepcopy=False)}
-        return [p for p in self._order if p not in held]
-
-    def is_exhausted(self, study: optuna.Study) -> bool:
-        """Whether every point has a trial; what is left is retries."""
-        return not self.unclaimed(study)
-
-    def choose(self, study: optuna.Study, number: int) -> dict[str, Any]:
-        """The params of the point trial `number` takes."""
-        free = self.unclaimed(study) or self._order  # exhausted: a duplicate that steps back
-        # Workers reading the storage at the same moment see the same list; their trial
-        # numbers differ, so they take different points.
-        params = self._grid.params[free[number % len(free)]]
-        self._chosen[number] = params
-        return params
 
     def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
         return {}
@@ -154,6 +132,17 @@ def _choices(grid: Grid) -> dict[str, list[Any]]:
     return out
 
 
+def claimed_trial(study: optuna.Study, frozen: FrozenTrial) -> optuna.Trial:
+    """The optuna.Trial of a trial this worker has just created as `frozen` (its id and number
+    set): what optuna.Trial() sets, without its read of the whole trial back (six queries on an
+    RDB) and with our sampler's no-op `before_trial` skipped."""
+    trial = optuna.Trial.__new__(optuna.Trial)
+    trial.study, trial.storage, trial._trial_id = study, study._storage, frozen._trial_id
+    trial._cached_frozen_trial = frozen
+    trial.relative_search_space, trial._relative_params, trial._fixed_params = None, None, {}
+    return trial
+
+
 # --- a study of a grid ------------------------------------------------------------------------
 
 
@@ -170,6 +159,7 @@ class GridStudy:
         self._stale_checked = float("-inf")
         self._choices: dict[str, list[Any]] = {}  # CHOICES_ATTR, read once by `use`
         self._pulse = Pulse()  # the heartbeat thread of this study's trials
+        self.ranges: dict[str, IntRange] | None = None  # set by `use`
 
     @property
     def view(self) -> View:
@@ -185,7 +175,6 @@ class GridStudy:
         if self._handout is None or self._handout.view is not view:
             self._handout = Handout(self.grid, view, worker=hash(self.me) & 0xFFFFFFF)
         return self._handout
-        self.ranges: dict[str, IntRange] | None = None
 
     # study-wide attributes: pinned backbones, the MLflow parent run, ...
     @property
@@ -224,7 +213,7 @@ class GridStudy:
         self._fix_choices(grid)
         self.grid = grid
         self._handout = None  # a new grid: a new order
-        self.study.sampler = GridSampler(grid)
+        self.study.sampler = GridSampler()
         if RANGES_ATTR not in self.study.user_attrs and not self.study.get_trials(deepcopy=False):
             self.study.set_user_attr(RANGES_ATTR, SPREAD)  # no trial holds another range yet
         self.ranges = int_ranges(grid) if self.spreads_ints() else None
@@ -264,9 +253,9 @@ class GridStudy:
         interval = self.policy.heartbeat_interval
         beaten = pid is not None
         pulse = self._pulse
-        with Heartbeat(self.study, trial._trial_id, interval, beaten=beaten, pulse=pulse) as beat:
+        with Heartbeat(self.study, trial._trial_id, interval, beaten=beaten, pulse=pulse):
             try:
-                return self._run_claimed(trial, evaluator, on_point, beat, pid)
+                return self._run_claimed(trial, evaluator, on_point, pid)
             except (KeyboardInterrupt, SystemExit) as stop:
                 # Ctrl-C or SIGTERM says nothing about the point: FAIL, but marked so that it
                 # is retried whatever --max-retries says (a point is never lost to a Ctrl-C).
@@ -283,9 +272,9 @@ class GridStudy:
         choices = self._choices
         dists = {n: _distribution(n, v, choices, self.ranges) for n, v in params.items()}
         attrs = {"point_id": pid, WORKER_ATTR: self.me, HEARTBEAT_ATTR: 1}
-        storage = self.study._storage
-        tid = storage.create_new_trial(self.study._study_id, template(params, dists, attrs))
-        return optuna.Trial(self.study, tid)
+        made = template(params, dists, attrs)
+        made._trial_id, made.number = writes.claim(self.study._storage, self.study._study_id, made)
+        return claimed_trial(self.study, made)
 
     def _claim(self, trial: optuna.Trial, evaluator: Evaluator) -> str | None:
         """Write the point's params into a trial from `ask` (the claim, visible before we read)."""
@@ -320,7 +309,6 @@ class GridStudy:
         trial: optuna.Trial,
         evaluator: Evaluator,
         on_point: Callable[[str], None] | None,
-        beat: Heartbeat,
         claimed: str | None,
     ) -> str:
         pid = claimed if claimed is not None else self._claim(trial, evaluator)
@@ -349,10 +337,10 @@ class GridStudy:
         try:
             result = evaluator.compute(pid)
             # A worker paused past the grace period (SIGSTOP, a suspended machine) finds its
-            # trial judged stale and its point handed on: it records nothing (the beat is a
-            # write that fails on an ended trial). And a result recorded meanwhile by a worker
-            # judged stale just after its own check is adopted, not recorded twice.
-            if not beat.beat():
+            # trial judged stale and its point handed on: it records nothing (one read of
+            # the trial's state says so). And a result recorded meanwhile by a worker judged
+            # stale just after its own check is adopted, not recorded twice.
+            if not writes.is_running(self.study._storage, trial._trial_id):
                 return "superseded"
             adopted = evaluator.adopt(pid)
             if adopted is not None:
@@ -372,21 +360,26 @@ class GridStudy:
         return "complete"
 
     def _finish(self, trial: optuna.Trial, outcome: Outcome) -> None:
-        with contextlib.suppress(UpdateFinishedTrialError):
-            for key, value in outcome.attrs.items():
-                trial.set_user_attr(key, value)
-        self._tell(trial, outcome.value)
+        self._tell(trial, outcome.value, attrs=outcome.attrs)
 
-    def _tell(self, trial: optuna.Trial, value: float | None = None, **kw: Any) -> None:
-        """Tell a trial's end, unless another worker has already ended it (judged it stale)."""
-        # The storage's own write rather than Study.tell, which reads the trial twice first
-        # (two queries a trial on an RDB): the checks it adds are ours to make.
-        state = kw.get("state") or TrialState.COMPLETE
+    def _tell(
+        self,
+        trial: optuna.Trial,
+        value: float | None = None,
+        *,
+        state: TrialState | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write `attrs` and tell a trial's end, in one write, unless another worker has
+        already ended it (judged it stale)."""
+        # Not Study.tell, which reads the trial twice first (two queries a trial on an RDB):
+        # the checks it adds are ours to make.
+        state = state or TrialState.COMPLETE
         if value is not None and not math.isfinite(value):  # as tell: no such value is kept
             state, value = TrialState.FAIL, None
         values = [float(value)] if value is not None and state == TrialState.COMPLETE else None
         with contextlib.suppress(UpdateFinishedTrialError):  # ended between check and write
-            self.study._storage.set_trial_state_values(trial._trial_id, state, values)
+            writes.finish(self.study._storage, trial._trial_id, state, values, attrs or {})
 
     def _step_back_reason(self, trial: optuna.Trial, pid: str) -> str | None:
         """Why this trial must not evaluate point `pid` (another trial has it), or None. Read

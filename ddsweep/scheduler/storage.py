@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,14 @@ def _journal_file(path: str) -> Any:
     from optuna.storages.journal._file import get_lock_file
 
     class JournalFile(JournalFileBackend):
+        def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+            # Optuna opens and reads the file on every storage call, several a trial; when the
+            # file ends where the last read did, one stat says there is nothing new.
+            end = self._log_number_offset.get(log_number_from)
+            if end is not None and os.stat(self._file_path).st_size == end:
+                return
+            yield from super().read_logs(log_number_from)
+
         def append_logs(self, logs: list[dict[str, Any]]) -> None:
             text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
             with get_lock_file(self._lock), open(self._file_path, "ab") as f:

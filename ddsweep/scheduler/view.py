@@ -54,7 +54,7 @@ class View:
     def refresh(self) -> None:
         """Read the trials that are new or were unfinished, and fold them in."""
         with self.lock:
-            for t in self._read(set(self.open)):
+            for t in self._read({tid: t.state for tid, t in self.open.items()}):
                 self._fold(t)
 
     def _point(self, t: FrozenTrial) -> str | None:
@@ -139,52 +139,88 @@ def _key(params: Mapping[str, Any]) -> tuple[tuple[str, Any, type], ...]:
     return tuple(sorted((n, v, type(v)) for n, v in params.items()))
 
 
-Reader = Callable[[set[int]], list[FrozenTrial]]
+# Given the open trials ({trial id: state as last read}), the trials to fold in again.
+Reader = Callable[[dict[int, TrialState]], list[FrozenTrial]]
 
 
 def _reader(study: optuna.Study) -> Reader:
     """A function giving the trials created since its last call plus the given (unfinished)
-    ones, in the cheapest way the storage allows."""
+    ones (on an RDB: those whose state changed), in the cheapest way the storage allows."""
     from optuna.storages import RDBStorage
     from optuna.storages.journal import JournalStorage
 
     storage, study_id = study._storage, study._study_id
     backend = getattr(storage, "_backend", None)
     if isinstance(backend, RDBStorage):
-        # One query for what changed, as Optuna's own cache reads it (`_CachedStorage`). Trials
-        # of a study are created under a lock on its row, so ids grow in commit order: no trial
-        # can appear later below an id already read.
-        last = [-1]
-
-        def rdb(open_ids: set[int]) -> list[FrozenTrial]:
-            found = backend._get_trials(study_id, None, open_ids, last[0])
-            last[0] = max([last[0], *(t._trial_id for t in found)])
-            return sorted(found, key=lambda t: t.number)
-
-        return rdb
+        return _rdb_reader(backend, study_id)
     if isinstance(storage, JournalStorage):
         nxt = [0]
 
-        def journal(open_ids: set[int]) -> list[FrozenTrial]:
-            out = [storage.get_trial(i) for i in sorted(open_ids)]
-            while True:
-                try:
-                    tid = storage.get_trial_id_from_study_id_trial_number(study_id, nxt[0])
-                except KeyError:
-                    return out
-                out.append(storage.get_trial(tid))
-                nxt[0] += 1
+        def journal(open_ids: dict[int, TrialState]) -> list[FrozenTrial]:
+            # One sync with the file, then the replayed trials as they are (Optuna's get_trial
+            # syncs on every call: one file read per open trial and per new one).
+            with storage._thread_lock:
+                storage._sync_with_backend()
+                replay = storage._replay_result
+                ids = replay._study_id_to_trial_ids.get(study_id, [])
+                new, nxt[0] = ids[nxt[0] :], len(ids)
+                return [replay._trials[i] for i in sorted(open_ids)] + [
+                    replay._trials[i] for i in new
+                ]
 
         return journal
     seen = [0]
 
-    def whole(open_ids: set[int]) -> list[FrozenTrial]:  # any other storage: read it all
+    def whole(open_ids: dict[int, TrialState]) -> list[FrozenTrial]:  # any other: read it all
         trials = storage.get_all_trials(study_id, deepcopy=False)
         out = [t for t in trials[: seen[0]] if t._trial_id in open_ids] + trials[seen[0] :]
         seen[0] = len(trials)
         return out
 
     return whole
+
+
+def _rdb_reader(backend: Any, study_id: int) -> Reader:
+    """The RDB's reader: in one transaction, the open trials' states (one query), then the
+    trials that are new or changed state, as Optuna's own cache reads them (`_CachedStorage`).
+    An open trial's attributes are not read again until its state changes: on an RDB its
+    worker's liveness is Optuna's heartbeat table, not the trial's beat count. Re-reading every
+    open trial whole was ~1,000 rows a refresh with 64 workers."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import or_
+    from sqlalchemy.orm import selectinload
+
+    trial = models.TrialModel
+    last = [-1]
+
+    def rdb(open_ids: dict[int, TrialState]) -> list[FrozenTrial]:
+        # Trials of a study are created under a lock on its row, so ids grow in commit order:
+        # no trial can appear later below an id already read.
+        with _create_scoped_session(backend.scoped_session) as session:
+            changed: list[int] = []
+            if open_ids:
+                rows = session.query(trial.trial_id, trial.state).filter(
+                    trial.trial_id.in_(list(open_ids))
+                )
+                changed = [i for i, state in rows if state != open_ids[i]]
+            query = (
+                session.query(trial)
+                .options(
+                    selectinload(trial.params),
+                    selectinload(trial.values),
+                    selectinload(trial.user_attributes),
+                    selectinload(trial.system_attributes),
+                    selectinload(trial.intermediate_values),
+                )
+                .filter(trial.study_id == study_id)
+                .filter(or_(trial.trial_id.in_(changed), trial.trial_id > last[0]))
+            )
+            found = [backend._build_frozen_trial_from_trial_model(m) for m in query]
+        last[0] = max([last[0], *(t._trial_id for t in found)])
+        return sorted(found, key=lambda t: t.number)
+
+    return rdb
 
 
 # --- hand-out ------------------------------------------------------------------------------------
@@ -194,8 +230,8 @@ class Handout:
     """Which point a worker claims next. Points sharing a feature pass (`Grid.groups`) go to one
     worker, in grid order: it keeps to its group until the group has no point without a trial,
     then takes a group its cache holds (`holds`, even one another worker sharing the cache is
-    on), else a group nobody has begun (each worker starts at its own place in one shared
-    order), else one no live worker is in, else (the tail) joins the busy group with the most
+    on), else a group nobody has begun (drawn at random, each worker by its own generator),
+    else one no live worker is in, else (the tail) joins the busy group with the most
     points left. None: no point is without a trial."""
 
     def __init__(self, grid: Grid, view: View, seed: int = 0, worker: int = 0) -> None:
@@ -209,8 +245,8 @@ class Handout:
         self._cursor = dict.fromkeys(self.groups, 0)
         self._touched: set[str] = set()
         self._seen = 0  # how much of view.visits is folded into _touched
-        self._fresh_at = worker % max(1, len(self.groups))
-        self._no_fresh = False
+        self._rng = random.Random(worker)
+        self._pool = list(range(len(self.groups)))  # see _fresh
         self._open_groups = list(self.groups)
         self._dirty = True
         self.current: str | None = None
@@ -283,17 +319,18 @@ class Handout:
         return chosen[0] if chosen else None
 
     def _fresh(self) -> str | None:
-        """A group with no trial yet, searched from this worker's own place in the order."""
-        if self._no_fresh:  # groups are only ever touched, never untouched
-            return None
-        n = len(self.groups)
-        for step in range(n):
-            i = (self._fresh_at + step) % n
-            g = self.groups[i]
+        """A group with no trial yet, drawn at random by this worker's own generator: workers
+        that walked one shared order from their own places caught up with each other and then
+        raced for the same groups (measured: 409 stepped-back claims for 160 points with 16
+        workers on PostgreSQL)."""
+        pool = self._pool  # indices of groups that had no trial when last looked at
+        while pool:
+            j = self._rng.randrange(len(pool))
+            g = self.groups[pool[j]]
             if g not in self._touched:
-                self._fresh_at = i
                 return g
-        self._no_fresh = True
+            pool[j] = pool[-1]  # touched for good: dropped in O(1)
+            pool.pop()
         return None
 
     def _idle(self, busy: set[str]) -> str | None:
