@@ -222,8 +222,11 @@ def check_points(cfg: sweep.StudyConfig, opts: RunOptions, pins: Pins) -> None:
         return
     _check_k(cfg, opts)
     from ddsweep.config.model import ALIASES, BLOCKS
+    from ddsweep.config.sweep.grid import trained_block
 
-    paths = [b for b in cfg.axes.block if b not in (*BLOCKS, *ALIASES, PIXELS)]
+    # Only the names the grid gives the trained U-Nets: a transformer's layerN goes to DiT.
+    named = (*BLOCKS, *ALIASES, PIXELS)
+    paths = [b for b in cfg.axes.block if b not in named and trained_block(b)]
     for (d, r, a), (run_id, epochs) in pins.items() if paths else []:
         from diffusers import UNet2DModel
 
