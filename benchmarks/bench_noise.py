@@ -10,11 +10,10 @@ For a batch of 256 images at several image shapes: the median time of `features.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+from bench_cache_precision import median  # this folder is on sys.path when run as a script
 
 from ddsweep.features import noise_for, noise_seed_of
 
@@ -29,15 +28,6 @@ def noise_v2(
         gen.manual_seed(noise_seed_of(split, int(i), noise_seed, 0))
         out[row] = torch.randn(*shape, generator=gen)
     return out
-
-
-def median(fn: Callable[[], object], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
