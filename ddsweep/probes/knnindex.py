@@ -252,10 +252,12 @@ def _search_chunk(
                                         bound[rest], sets)  # fmt: skip
             idx[rest[done]] = order[done]
             rest = rest[~done]
-        idx = idx[:, :k].clone()
-        if rest.numel():
-            sim[rest], idx[rest] = _rerank(index, s[rest], q64[rest], const[rest], bound[rest], k)
-        return sim, idx
+        first = idx[:, :k].clone()
+        if rest.numel():  # the full re-rank, on the candidates already found
+            sim[rest], first[rest] = _rerank(
+                index, s[rest], q64[rest], const[rest], bound[rest], k, idx[rest]
+            )
+        return sim, first
     return _rerank(index, s, q64, const, bound, k, idx)
 
 
